@@ -1,0 +1,1 @@
+"""The `sage` terminal face: argparse commands that translate options into engine calls, nothing more."""

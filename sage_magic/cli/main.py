@@ -1,0 +1,49 @@
+"""Entry point of the `sage` command.
+
+Each command module exposes ``register(subparsers)``, adding its parsers with ``set_defaults(run=...)``
+where ``run(args, settings) -> int``. Expected failures are :class:`SageError`: printed as one paragraph,
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from ..config import Settings
+from ..errors import SageError
+from . import chat, finetune, index, servers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sage",
+        description="Serve and chat with your fine-tuned models on real vLLM; ground answers in your documents.",
+    )
+    parser.add_argument("--home", help="root of fine-tunes, models and indexes (env SAGE_HOME, default ~/.sage)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (chat, finetune, servers, index):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        settings = Settings.from_env(home=args.home)
+        return int(args.run(args, settings) or 0)
+    except SageError as error:
+        print(f"sage: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sage: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Errors a person can act on.
+
+Every failure the engine expects is a :class:`SageError` whose message is one paragraph: what went wrong
+and what to do next. Faces print ``str(error)`` and nothing else; a raw traceback means a bug in sage_magic.
+"""
+
+from __future__ import annotations
+
+
+class SageError(Exception):
+    """A failure explained for the user; the message says what to do next."""
+
+
+class NotFound(SageError):
+    """A fine-tune, model, server or index that does not exist."""
+
+
+class IncompatibleAdapter(SageError):
+    """A LoRA adapter that does not fit its base model or the server's limits."""
+
+
+class ServerFailed(SageError):
+    """A model server that exited or never became ready; the message carries its log tail."""
+
+
+class MergeFailed(SageError):
+    """A LoRA merge that did not complete; nothing half-written is left behind."""
+
+
+class Cancelled(SageError):
+    """The user stopped an answer; whatever streamed so far is kept by the caller."""

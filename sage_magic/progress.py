@@ -1,0 +1,26 @@
+"""Progress events: the one channel through which long operations talk to whichever face is showing them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a long operation.
+
+    ``phase`` is a short stable word faces can switch on (``merge``, ``launch``, ``load``, ``ready``,
+    ``port``, ``index``...); ``fraction`` is 0..1 when the operation knows how far it is, else ``None``.
+    """
+
+    phase: str
+    message: str
+    fraction: Optional[float] = None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def silent(_: Progress) -> None:
+    """The default callback: report nothing."""
