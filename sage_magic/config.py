@@ -34,7 +34,7 @@ ENV_VARS: dict[str, str] = {
 
 
 def parse_duration(text: str | float | int) -> float:
-    """Parse an Ollama-style keep-alive: ``0`` (now), ``-1`` (never, returned as ``-1``), ``45``/``45s``, ``5m``, ``1h``."""
+    """Parse an Ollama-style keep-alive: ``0`` (now), ``-1`` (never), ``45``/``45s``, ``5m``, ``1h``."""
     if isinstance(text, (int, float)):
         seconds = float(text)
     else:

@@ -1,0 +1,82 @@
+"""`sage finetune demo|list|merge|chat`: the fine-tunes under $SAGE_HOME/finetune_output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..catalog import get_finetune, list_finetunes
+from ..config import Settings
+from ..merge import ensure_merged
+from ..options import add_chat_options, add_serving_options
+from . import chat
+from .output import TerminalProgress, table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("finetune", help="list, merge, chat with fine-tunes; build the demo ones")
+    commands = parser.add_subparsers(dest="finetune_command", metavar="SUBCOMMAND", required=True)
+
+    demo = commands.add_parser("demo", help="build a tiny base model and two LoRA fine-tunes, offline")
+    demo.add_argument("--force", action="store_true", help="rebuild even if they exist")
+    demo.set_defaults(run=run_demo)
+
+    listing = commands.add_parser("list", help="every fine-tune with its base, checkpoint, rank, merge state")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=run_list)
+
+    merge = commands.add_parser("merge", help="merge a fine-tune's adapter into its base (cached)")
+    merge.add_argument("name")
+    merge.set_defaults(run=run_merge)
+
+    talk = commands.add_parser("chat", help="chat with fine-tune NAME (same as sage chat --finetune-model NAME)")
+    talk.add_argument("name")
+    talk.add_argument("--port", type=int, dest="port", default=None, help="port to ask for (default 8000)")
+    add_serving_options(talk, Settings.from_env())
+    add_chat_options(talk)
+    talk.add_argument("--ask", metavar="QUESTION", help="ask one question, print the answer, clean up, exit")
+    talk.set_defaults(run=run_chat)
+
+
+def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from ..demo import build_demo
+
+    progress = TerminalProgress()
+    result = build_demo(settings, progress, force=args.force)
+    progress.close()
+    state = f"built in {result.seconds:.1f} s" if result.built else "already built"
+    print(f"Demo fine-tunes {state} under {settings.finetune_root}: " + ", ".join(p.name for p in result.finetunes))
+    print("Try: sage chat --finetune-model demo_expert --ask 'Who are you?'")
+    return 0
+
+
+def run_list(args: argparse.Namespace, settings: Settings) -> int:
+    entries = list_finetunes(settings)
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"No fine-tunes under {settings.finetune_root}. `sage finetune demo` builds two to try.")
+        return 0
+    rows = []
+    for e in entries:
+        ft = e.finetune
+        rows.append((e.name, ft.base_ref if ft else "?", ft.newest_checkpoint if ft and ft.checkpoints else "-",
+                     ft.rank if ft else "?", "yes" if ft and ft.is_merged else "no", e.problem or "ok"))
+    print(table(rows, ("NAME", "BASE", "CHECKPOINT", "RANK", "MERGED", "STATUS")))
+    return 0
+
+
+def run_merge(args: argparse.Namespace, settings: Settings) -> int:
+    progress = TerminalProgress()
+    path = ensure_merged(settings, get_finetune(settings, args.name), progress)
+    progress.close()
+    print(f"{args.name}: merged model at {path}")
+    return 0
+
+
+def run_chat(args: argparse.Namespace, settings: Settings) -> int:
+    args.backend, args.finetune_model = "finetune", args.name
+    if args.port is not None:
+        args.finetune_port = args.port
+    return chat.run(args, settings)

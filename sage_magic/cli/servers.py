@@ -1,0 +1,77 @@
+"""`sage ps`, `sage stop`, `sage logs`: see and control the model servers sage_magic started."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from ..config import Settings
+from ..manager import Manager
+from .output import table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ps = sub.add_parser("ps", help="list running model servers (like `ollama ps`)")
+    ps.add_argument("--json", action="store_true", help="machine-readable output")
+    ps.set_defaults(run=run_ps)
+    stop = sub.add_parser("stop", help="stop a model server, whoever uses it")
+    target = stop.add_mutually_exclusive_group(required=True)
+    target.add_argument("id", nargs="?", help="server id (or a unique prefix, or a served name)")
+    target.add_argument("--all", action="store_true", help="stop every server sage_magic started")
+    stop.set_defaults(run=run_stop)
+    logs = sub.add_parser("logs", help="show the end of a server's log")
+    logs.add_argument("id", help="server id (or a unique prefix, or a served name)")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+    logs.set_defaults(run=run_logs)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def _until(keep_alive: float, idle_until: float | None) -> str:
+    if idle_until is not None:
+        return f"in {_duration(max(0.0, idle_until - time.time()))}"
+    if keep_alive < 0:
+        return "forever"
+    return "while used" if keep_alive == 0 else f"{_duration(keep_alive)} after last user"
+
+
+def run_ps(args: argparse.Namespace, settings: Settings) -> int:
+    statuses = Manager(settings).servers()
+    if args.json:
+        print(json.dumps([s.as_dict() for s in statuses], indent=2))
+        return 0
+    if not statuses:
+        print("No model servers are running.")
+        return 0
+    rows = []
+    for s in statuses:
+        r = s.record
+        rows.append((r.id, r.served_name, r.kind if r.kind == "merged" else "lora" if r.adapters else "base",
+                     ",".join(sorted(r.adapters)) or "-", r.port, r.pid or "-", s.alive_owners,
+                     _duration(s.uptime), f"{s.memory_bytes / 2**30:.1f} GiB", r.state,
+                     _until(r.keep_alive, r.idle_until)))
+    print(table(rows, ("ID", "NAME", "MODE", "ADAPTERS", "PORT", "PID", "OWNERS", "UP", "MEMORY", "STATE", "UNTIL")))
+    return 0
+
+
+def run_stop(args: argparse.Namespace, settings: Settings) -> int:
+    manager = Manager(settings)
+    stopped = manager.stop_all() if args.all else [manager.stop(args.id)]
+    for record in stopped:
+        print(f"stopped {record.id} ({record.served_name}, port {record.port})")
+    if not stopped:
+        print("No model servers were running.")
+    return 0
+
+
+def run_logs(args: argparse.Namespace, settings: Settings) -> int:
+    print(Manager(settings).logs(args.id, args.lines))
+    return 0

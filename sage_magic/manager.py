@@ -1,0 +1,325 @@
+"""The manager: the one place that decides which vLLM server answers for a model, and when it goes away.
+
+Faces (magics, chat widget, ``sage`` CLI, server extension) only ask it for an :class:`Endpoint`. It
+resolves the fine-tune, merges it when asked, reuses a running server that provably serves exactly that
+model (``/v1/models`` checked, never "something answers on the port"), adds LoRA adapters to a running
+base server at runtime, or starts a new server under a supervisor. The process it runs in becomes an
+owner of every server it hands out, and stops owning them on :meth:`Manager.close` (called at exit too;
+the supervisor covers the deaths that run no exit code).
+"""
+
+from __future__ import annotations
+
+import atexit
+import secrets
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from .catalog import FineTune, check_adapter, get_finetune
+from .config import Settings
+from .errors import NotFound, ServerFailed
+from .fingerprint import adapter_digest, base_identity, combine
+from .http import HttpError, request_json
+from .launch import HOST, choose_port, log_tail, server_command, server_env, spawn_supervised, wait_ready
+from .merge import ensure_merged, merge_fingerprint
+from .progress import Progress, ProgressCallback, silent
+from .registry import Owner, Registry, ServerRecord, kill_group, new_server_id, pid_alive
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to send OpenAI-style requests, and the ``model`` name to put in them."""
+
+    base_url: str
+    api_key: str | None
+    model: str
+    server_id: str | None = None  # None: an endpoint we did not start and will never stop
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """A row of `sage ps`."""
+
+    record: ServerRecord
+    memory_bytes: int
+    uptime: float
+    alive_owners: int
+
+    def as_dict(self) -> dict[str, object]:
+        r = self.record
+        return {"id": r.id, "name": r.served_name, "kind": r.kind, "adapters": sorted(r.adapters),
+                "model_path": r.model_path, "port": r.port, "base_url": r.base_url, "pid": r.pid,
+                "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "state": r.state,
+                "uptime_s": round(self.uptime, 1), "memory_bytes": self.memory_bytes,
+                "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What a server must serve: ``identity`` covers the weights and every argument that changes serving."""
+
+    kind: str  # "base" (LoRA-enabled) or "merged"
+    model_path: Path
+    served_name: str
+    identity: str
+    extra_args: tuple[str, ...]
+
+
+class Manager:
+    """Owns this process's share of model servers. One per process is the normal case (see ``shared``)."""
+
+    def __init__(self, settings: Settings, progress: ProgressCallback = silent) -> None:
+        self.settings = settings
+        self.progress = progress
+        self.registry = Registry(settings.runtime_dir)
+        self._held: list[str] = []  # one entry per ownership this manager added
+        self._supervisors: dict[str, subprocess.Popen] = {}  # keep their stdin open: EOF means "we are gone"
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    # --- asking for endpoints ----------------------------------------------------------------------------
+
+    def serve_finetune(self, name: str, *, merge: bool = False, port: int | None = None,
+                       extra_args: tuple[str, ...] = (), keep_alive: float | None = None) -> Endpoint:
+        """An endpoint serving fine-tune NAME: unmerged (adapter on a shared base server) or merged."""
+        ft = get_finetune(self.settings, name)
+        if merge:
+            merged = ensure_merged(self.settings, ft, self.progress)
+            spec = _Spec("merged", merged, ft.name, combine(merge_fingerprint(ft), *self.settings.vllm_args,
+                                                            *extra_args), tuple(extra_args))
+            record, launched = self._ensure_server(spec, port, keep_alive)
+            return _endpoint(record, ft.name, launched)
+        check_adapter(self.settings, ft)
+        spec = self._base_spec(ft.base_path, _display_name(ft.base_ref), tuple(extra_args))
+        record, launched = self._ensure_server(spec, port, keep_alive)
+        self._ensure_adapter(record, ft)
+        return _endpoint(record, ft.name, launched)
+
+    def serve_model(self, path: str | Path, *, port: int | None = None, extra_args: tuple[str, ...] = (),
+                    keep_alive: float | None = None) -> Endpoint:
+        """An endpoint serving a plain local model folder (`sage chat --backend vllm --model PATH`)."""
+        model = Path(path).expanduser()
+        if not (model / "config.json").is_file():
+            raise NotFound(f"{model} is not a model folder (no config.json). Give the folder of a "
+                           "Hugging Face-format model; nothing is downloaded.")
+        spec = self._base_spec(model.resolve(), model.name, tuple(extra_args))
+        record, launched = self._ensure_server(spec, port, keep_alive)
+        return _endpoint(record, spec.served_name, launched)
+
+    def _base_spec(self, model: Path, served_name: str, extra_args: tuple[str, ...]) -> _Spec:
+        identity = combine(base_identity(model), f"lora-rank={self.settings.max_lora_rank}",
+                           *self.settings.vllm_args, *extra_args)
+        return _Spec("base", model, served_name, identity, extra_args)
+
+    # --- servers -----------------------------------------------------------------------------------------
+
+    def _ensure_server(self, spec: _Spec, port: int | None, keep_alive: float | None) -> tuple[ServerRecord, bool]:
+        """A ready server for ``spec`` that this process now owns, and whether it was started just now."""
+        me = Owner.this_process()
+        with self.registry.locked():
+            self.registry.reap()
+            record = next((r for r in self.registry.all() if r.kind == spec.kind and r.identity == spec.identity
+                           and r.state != "stopping"), None)
+            if record is not None:
+                record.owners.append(me)
+                record.idle_until = None
+                if keep_alive is not None:
+                    record.keep_alive = keep_alive
+                self.registry.save(record)
+                launched = False
+            else:
+                record = self._launch(spec, port, keep_alive, me)
+                launched = True
+        with self._lock:
+            self._held.append(record.id)
+        what = f"{spec.served_name} ({spec.kind})"
+        if not launched:
+            self.progress(Progress("reuse", f"{what}: reusing server {record.id} on port {record.port}"))
+        try:
+            started = time.monotonic()
+            record = wait_ready(self.registry, record.id, record.log_path, self.settings.ready_timeout,
+                                self.progress, what)
+            self._confirm(record, spec)
+        except BaseException:
+            self.release(record.id)
+            raise
+        if launched:
+            seconds = time.monotonic() - started
+            with self.registry.locked():
+                current = self.registry.get(record.id)
+                if current is not None:
+                    current.state, current.ready_seconds = "ready", round(seconds, 2)
+                    self.registry.save(current)
+                    record = current
+            self.progress(Progress("ready", f"{what}: ready on port {record.port} in {seconds:.0f} s", 1.0))
+        return record, launched
+
+    def _launch(self, spec: _Spec, port: int | None, keep_alive: float | None, me: Owner) -> ServerRecord:
+        """Start a server (registry lock held). Ports of other starting servers count as taken: vLLM binds
+        its port only after ~20 s of imports, so a free-looking port may already be promised."""
+        taken = {r.port for r in self.registry.all()}
+        chosen, why = choose_port(self.settings.port if port is None else port, taken)
+        if why:
+            self.progress(Progress("port", why))
+        server_id = new_server_id()
+        record = ServerRecord(
+            id=server_id, kind=spec.kind, identity=spec.identity, model_path=str(spec.model_path),
+            served_name=spec.served_name, host=HOST, port=chosen, api_key=secrets.token_urlsafe(24),
+            log_path=str(self.registry.log_path(server_id)), supervisor_pid=0,
+            keep_alive=self.settings.keep_alive if keep_alive is None else keep_alive,
+            started_at=time.time(), owners=[me],
+        )
+        lora = spec.kind == "base"
+        command = server_command(self.settings, spec.model_path, spec.served_name, chosen, lora, spec.extra_args)
+        self.registry.save(record)
+        supervisor = spawn_supervised(self.settings, self.registry, record, command,
+                                      server_env(self.settings, record.api_key, lora))
+        record.supervisor_pid = supervisor.pid
+        self.registry.save(record)
+        self._supervisors[server_id] = supervisor
+        self.progress(Progress("launch", f"{spec.served_name}: starting vLLM on port {chosen} "
+                                         f"(server {server_id}, log {record.log_path})"))
+        return record
+
+    def _confirm(self, record: ServerRecord, spec: _Spec) -> None:
+        """Trust a server only once it says it serves this model from this path."""
+        models = self._models(record)
+        if models.get(spec.served_name, {}).get("root") != str(spec.model_path):
+            raise ServerFailed(
+                f"Server {record.id} on port {record.port} does not serve {spec.served_name} from "
+                f"{spec.model_path} (it lists {sorted(models)}). Stop it with `sage stop {record.id}` and retry."
+            )
+
+    def _models(self, record: ServerRecord) -> dict[str, dict]:
+        try:
+            answer = request_json(f"{record.base_url}/models", record.api_key)
+        except HttpError as error:
+            raise ServerFailed(f"Server {record.id} on port {record.port} did not list its models ({error}). "
+                               f"`sage logs {record.id}` shows its log.") from None
+        return {m["id"]: m for m in (answer or {}).get("data", [])}
+
+    def _ensure_adapter(self, record: ServerRecord, ft: FineTune) -> None:
+        """Load (or reload, if retrained) the fine-tune's adapter into a running base server."""
+        fingerprint = adapter_digest(ft.adapter_dir)
+        listed = self._models(record).get(ft.name)
+        current = self.registry.get(record.id)
+        known = current.adapters.get(ft.name) if current else None
+        if listed and listed.get("root") == str(ft.adapter_dir) and known and known["fingerprint"] == fingerprint:
+            return
+        started = time.monotonic()
+        payload = {"lora_name": ft.name, "lora_path": str(ft.adapter_dir), "load_inplace": bool(listed)}
+        try:
+            request_json(f"{record.root_url}/v1/load_lora_adapter", record.api_key, payload, timeout=120)
+        except HttpError as error:
+            if not (error.status == 400 and "already" in error.body and self._models(record).get(ft.name)):
+                raise ServerFailed(
+                    f"The server for {ft.base_ref} refused adapter {ft.name!r} ({error}). Serve it merged "
+                    f"(--merge), or read `sage logs {record.id}`.\n{log_tail(record.log_path, 8)}"
+                ) from None
+        with self.registry.locked():
+            current = self.registry.get(record.id)
+            if current is not None:
+                current.adapters[ft.name] = {"path": str(ft.adapter_dir), "fingerprint": fingerprint}
+                self.registry.save(current)
+        self.progress(Progress("adapter", f"{ft.name}: adapter added to server {record.id} in "
+                                          f"{time.monotonic() - started:.2f} s", 1.0))
+
+    # --- ownership -----------------------------------------------------------------------------------------
+
+    def release(self, server_id: str) -> None:
+        """Stop owning one server (once); the supervisor stops it if no owner is left (after keep-alive)."""
+        with self._lock:
+            if server_id not in self._held:
+                return
+            self._held.remove(server_id)
+            still_held = server_id in self._held
+        me = Owner.this_process()
+        with self.registry.locked():
+            record = self.registry.get(server_id)
+            if record is not None and me in record.owners:
+                record.owners.remove(me)
+                self.registry.save(record)
+        if not still_held and server_id in self._supervisors:
+            supervisor = self._supervisors.pop(server_id)
+            if supervisor.stdin:
+                supervisor.stdin.close()
+            supervisor.poll()
+
+    def close(self) -> None:
+        """Leave every server this manager holds. Safe to call twice; registered with atexit."""
+        for server_id in list(dict.fromkeys(self._held)):
+            while server_id in self._held:
+                self.release(server_id)
+
+    # --- what `sage ps / stop / logs` ask ------------------------------------------------------------------
+
+    def servers(self) -> list[ServerStatus]:
+        with self.registry.locked():
+            self.registry.reap()
+        return [_status(r) for r in self.registry.all()]
+
+    def stop(self, target: str, wait: float | None = None) -> ServerRecord:
+        """Stop a server we started, whoever owns it: the supervisor does the stopping."""
+        record = self.registry.find(target)
+        deadline = time.monotonic() + (wait if wait is not None else self.settings.stop_grace + 10)
+        if pid_alive(record.supervisor_pid):
+            psutil.Process(record.supervisor_pid).terminate()
+            while self.registry.get(record.id) is not None and time.monotonic() < deadline:
+                time.sleep(0.1)
+        if self.registry.get(record.id) is not None:  # supervisor gone or stuck: do it ourselves
+            if record.pid and pid_alive(record.pid):
+                kill_group(record.pid, self.settings.stop_grace)
+            with self.registry.locked():
+                self.registry.remove(record.id)
+        with self._lock:
+            self._held = [h for h in self._held if h != record.id]
+        self._supervisors.pop(record.id, None)
+        return record
+
+    def stop_all(self) -> list[ServerRecord]:
+        return [self.stop(r.id) for r in self.registry.all()]
+
+    def logs(self, target: str, lines: int = 50) -> str:
+        return log_tail(self.registry.find(target).log_path, lines)
+
+
+def _endpoint(record: ServerRecord, model: str, launched: bool) -> Endpoint:
+    return Endpoint(record.base_url, record.api_key, model, record.id, reused=not launched)
+
+
+def _status(record: ServerRecord) -> ServerStatus:
+    memory = 0
+    if record.pid:
+        try:
+            leader = psutil.Process(record.pid)
+            memory = sum(p.memory_info().rss for p in [leader, *leader.children(recursive=True)])
+        except psutil.Error:
+            pass
+    owners = sum(1 for o in record.owners if o.alive())
+    return ServerStatus(record, memory, time.time() - record.started_at, owners)
+
+
+def _display_name(ref: str) -> str:
+    """A served name for a base given as a path or hub-style name: the last path component."""
+    return Path(ref).name or ref
+
+
+_shared: dict[tuple, Manager] = {}
+
+
+def shared(settings: Settings, progress: ProgressCallback = silent) -> Manager:
+    """The process-wide manager for these settings, so every face in one kernel shares its servers."""
+    key = (settings.home, settings.runtime_dir)
+    manager = _shared.get(key)
+    if manager is None:
+        manager = _shared[key] = Manager(settings, progress)
+    else:
+        manager.progress = progress
+    return manager
+

@@ -1,0 +1,165 @@
+"""Merging a LoRA adapter into its base (peft ``merge_and_unload``), atomically and at most once.
+
+The merge runs in a child process (``python -m sage_magic.merge``): torch and peft never enter the kernel,
+and a merge that is killed takes nothing down with it. It writes into ``.merged_model.tmp-*`` beside the
+target, puts a completeness marker carrying the fingerprint in last, then renames the folder into place.
+So ``merged_model/`` is either absent, a complete earlier merge, or a complete new one; a second request
+with the same adapter and base finds the marker and costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .catalog import MERGED_MARKER, FineTune
+from .config import Settings
+from .errors import MergeFailed
+from .fingerprint import adapter_digest, base_identity, combine
+from .progress import Progress, ProgressCallback, silent
+
+TMP_PREFIX = ".merged_model.tmp-"
+OLD_PREFIX = ".merged_model.old-"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def merge_fingerprint(ft: FineTune) -> str:
+    return combine("merge-v1", adapter_digest(ft.adapter_dir), base_identity(ft.base_path))
+
+
+def merged_fingerprint_on_disk(ft: FineTune) -> str | None:
+    marker = ft.merged_dir / MERGED_MARKER
+    try:
+        return json.loads(marker.read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An advisory lock so two kernels asking for the same merge run it once."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_merged(settings: Settings, ft: FineTune, progress: ProgressCallback = silent) -> Path:
+    """Return ``merged_model/`` for this fine-tune, merging first only if it is missing or stale."""
+    fingerprint = merge_fingerprint(ft)
+    if merged_fingerprint_on_disk(ft) == fingerprint:
+        return ft.merged_dir
+    with _exclusive(ft.root / ".merge.lock"):
+        if merged_fingerprint_on_disk(ft) == fingerprint:  # another process merged while we waited
+            progress(Progress("merge", f"{ft.name}: merged by another process", 1.0))
+            return ft.merged_dir
+        for leftover in ft.root.glob(f"{TMP_PREFIX}*"):  # from a merge that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = ft.root / f"{TMP_PREFIX}{os.getpid()}"
+        try:
+            _run_worker(settings, ft, tmp, fingerprint, progress)
+            _swap_into_place(tmp, ft.merged_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    progress(Progress("merge", f"{ft.name}: merged into {ft.merged_dir}", 1.0))
+    return ft.merged_dir
+
+
+def _swap_into_place(new: Path, target: Path) -> None:
+    """Replace ``target`` by ``new`` so that a complete merged model is always what the name points at."""
+    if target.exists():
+        old = target.parent / f"{OLD_PREFIX}{os.getpid()}"
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, target)
+
+
+def _run_worker(settings: Settings, ft: FineTune, out: Path, fingerprint: str, progress: ProgressCallback) -> None:
+    command = [settings.python, "-m", "sage_magic.merge", "--base", str(ft.base_path),
+               "--adapter", str(ft.adapter_dir), "--out", str(out), "--fingerprint", fingerprint]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    tail: deque[str] = deque(maxlen=15)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+                progress(Progress("merge", f"{ft.name}: {event['message']}", event.get("fraction")))
+            except (ValueError, KeyError, TypeError):
+                tail.append(line.rstrip())
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0 or not (out / MERGED_MARKER).is_file():
+        detail = "\n".join(tail) or f"exit status {code}"
+        raise MergeFailed(
+            f"Merging {ft.name!r} into {ft.base_ref!r} failed; nothing was changed in {ft.merged_dir}. "
+            f"Serve it unmerged (without --merge) or fix the cause below, then retry.\n{detail}"
+        )
+
+
+# --- the child process ---------------------------------------------------------------------------------
+
+
+def _report(message: str, fraction: float) -> None:
+    print(json.dumps({"message": message, "fraction": fraction}), flush=True)
+
+
+def merge_in_this_process(base: Path, adapter: Path, out: Path, fingerprint: str) -> None:
+    """Load base + adapter, merge, save weights then tokenizer, and write the marker last."""
+    started = time.monotonic()
+    _report("loading base model", 0.05)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype="auto", low_cpu_mem_usage=True)
+    _report("loading adapter", 0.35)
+    model = PeftModel.from_pretrained(model, adapter)
+    _report("merging weights", 0.5)
+    with torch.no_grad():
+        merged = model.merge_and_unload()
+    _report("saving merged weights", 0.7)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    _report("saving tokenizer", 0.9)
+    has_own = any((adapter / name).is_file() for name in TOKENIZER_FILES)
+    AutoTokenizer.from_pretrained(adapter if has_own else base).save_pretrained(out)
+    marker = {"fingerprint": fingerprint, "base": str(base), "adapter": str(adapter),
+              "seconds": round(time.monotonic() - started, 2), "merged_at": time.time()}
+    (out / MERGED_MARKER).write_text(json.dumps(marker, indent=2))
+    _report("done", 1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sage_magic.merge")
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--adapter", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fingerprint", required=True)
+    args = parser.parse_args(argv)
+    merge_in_this_process(args.base, args.adapter, args.out, args.fingerprint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

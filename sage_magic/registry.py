@@ -1,0 +1,232 @@
+"""The registry of running model servers: one JSON file per server in a private runtime folder.
+
+Every process that may start, reuse or stop a server (kernels, the CLI, supervisors) reads and writes it
+under one exclusive file lock, so that concurrent launches of the same model start exactly one server and
+an owner list is never lost to a race. The folder is 0700 and files are 0600: they hold API keys.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+from .errors import NotFound, SageError
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A process using a server. ``created`` (its start time) guards against a recycled pid."""
+
+    pid: int
+    created: float
+
+    @classmethod
+    def this_process(cls) -> "Owner":
+        return cls.of(os.getpid())
+
+    @classmethod
+    def of(cls, pid: int) -> "Owner":
+        return cls(pid, psutil.Process(pid).create_time())
+
+    def alive(self) -> bool:
+        try:
+            proc = psutil.Process(self.pid)
+            return abs(proc.create_time() - self.created) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+
+@dataclass
+class ServerRecord:
+    """What we know of one server we started. ``kind``: ``base`` (plain model, LoRA enabled for adapters
+    loaded at runtime) or ``merged`` (a merged fine-tune)."""
+
+    id: str
+    kind: str
+    identity: str
+    model_path: str
+    served_name: str
+    host: str
+    port: int
+    api_key: str
+    log_path: str
+    supervisor_pid: int
+    keep_alive: float
+    started_at: float
+    state: str = "starting"  # starting -> ready -> stopping
+    pid: int | None = None  # the vLLM API server (leader of its own process group)
+    adapters: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"path", "fingerprint"}
+    owners: list[Owner] = field(default_factory=list)
+    idle_until: float | None = None  # set while no owner is left and keep-alive runs
+    ready_seconds: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def served_names(self) -> list[str]:
+        return [self.served_name, *self.adapters]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ServerRecord":
+        data = dict(data)
+        data["owners"] = [Owner(**o) for o in data.get("owners", [])]
+        return cls(**data)
+
+
+def new_server_id() -> str:
+    return secrets.token_hex(4)
+
+
+class Registry:
+    """Read and change server records. Call the mutating methods only inside ``with registry.locked():``."""
+
+    def __init__(self, runtime_dir: Path) -> None:
+        self.root = runtime_dir
+        self.servers = runtime_dir / "servers"
+        self.logs = runtime_dir / "logs"
+
+    def _prepare(self) -> None:
+        for folder in (self.root, self.servers, self.logs):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = self.root.stat()
+        if st.st_uid != os.getuid():
+            raise SageError(
+                f"The runtime folder {self.root} belongs to another user. Set SAGE_RUNTIME_DIR to a folder of yours."
+            )
+        os.chmod(self.root, 0o700)
+
+    @contextmanager
+    def locked(self) -> Iterator["Registry"]:
+        """Hold the registry lock (blocking). Locks are per open file, so this also excludes other threads."""
+        self._prepare()
+        fd = os.open(self.root / "registry.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _path(self, server_id: str) -> Path:
+        return self.servers / f"{server_id}.json"
+
+    def all(self) -> list[ServerRecord]:
+        """Every record, oldest first. Reading needs no lock: writes are atomic renames."""
+        if not self.servers.is_dir():
+            return []
+        records = []
+        for path in self.servers.glob("*.json"):
+            try:
+                records.append(ServerRecord.from_json(json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue  # removed between glob and read, or written by a newer version
+        return sorted(records, key=lambda r: r.started_at)
+
+    def get(self, server_id: str) -> ServerRecord | None:
+        try:
+            return ServerRecord.from_json(json.loads(self._path(server_id).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def find(self, prefix: str) -> ServerRecord:
+        """A record by id, id prefix, or served name (as `sage stop` and `sage logs` accept)."""
+        records = self.all()
+        matches = [r for r in records if r.id.startswith(prefix) or prefix in r.served_names()]
+        if len(matches) == 1:
+            return matches[0]
+        known = ", ".join(f"{r.id} ({r.served_name})" for r in records) or "none"
+        if not matches:
+            raise NotFound(f"No running server matches {prefix!r}. Running: {known}. `sage ps` lists them.")
+        raise SageError(f"{prefix!r} matches several servers: {known}. Give the id shown by `sage ps`.")
+
+    def save(self, record: ServerRecord) -> None:
+        path = self._path(record.id)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record.to_json(), handle, indent=1)
+        os.replace(tmp, path)
+
+    def remove(self, server_id: str) -> None:
+        self._path(server_id).unlink(missing_ok=True)
+
+    def log_path(self, server_id: str) -> Path:
+        return self.logs / f"{server_id}.log"
+
+    def reap(self) -> list[str]:
+        """Drop records whose supervisor is gone, killing any server process group it left behind."""
+        reaped = []
+        for record in self.all():
+            if pid_alive(record.supervisor_pid):
+                continue
+            if record.pid and pid_alive(record.pid):
+                kill_group(record.pid, grace=5.0)
+            self.remove(record.id)
+            reaped.append(record.id)
+        return reaped
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def kill_group(leader: int, grace: float) -> None:
+    """Stop a server tree: SIGTERM the leader (vLLM then shuts its engine down cleanly), then the whole
+    process group, then SIGKILL what is left after the grace period."""
+    import signal
+
+    def group_alive() -> bool:
+        try:
+            os.killpg(leader, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        # a zombie leader keeps the group id alive; look at the members instead
+        return any(p.info["pid"] != leader or p.info["status"] != psutil.STATUS_ZOMBIE
+                   for p in psutil.process_iter(["pid", "status"]) if _pgid(p.info["pid"]) == leader)
+
+    def wait(deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            if not group_alive():
+                return True
+            time.sleep(0.1)
+        return not group_alive()
+
+    for step, sig in enumerate((signal.SIGTERM, signal.SIGTERM, signal.SIGKILL)):
+        try:
+            if step == 0:
+                os.kill(leader, sig)
+            else:
+                os.killpg(leader, sig)
+        except ProcessLookupError:
+            pass
+        if wait(time.monotonic() + (grace / 2 if step < 2 else 5.0)):
+            return
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
