@@ -1,0 +1,308 @@
+"""Building and refreshing an index: only files whose bytes changed are read, chunked and embedded.
+
+A file is unchanged when its size and mtime match the manifest (no read at all); otherwise its SHA-256
+decides, and content already indexed under any path (a touched, renamed or copied file) reuses its
+vectors. Everything else in a new generation is copied from the old one, so updating one file of a
+10,000-file corpus costs one file's embedding plus rewriting the search structures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from ..config import Settings
+from ..errors import SageError
+from ..progress import Progress, ProgressCallback, silent
+from . import loaders, store
+from .chunker import ChunkSettings, chunk_spans
+from .embedder import EmbedderRef, load_embedder, resolve_embedder
+from .store import Chunk, FileEntry, Generation, Manifest
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: Chunks embedded per call: large enough to keep the CPU busy, small enough for a lively progress bar.
+EMBED_BATCH = 64
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    """What an add or update did; ``chunks_embedded`` counts model work (0 when nothing changed)."""
+
+    name: str
+    files: int
+    chunks: int
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
+    chunks_embedded: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One line for people: totals, then what moved."""
+        line = (
+            f"Index {self.name!r}: {self.files} files, {self.chunks} chunks "
+            f"({len(self.added)} added, {len(self.changed)} changed, {len(self.removed)} removed; "
+            f"{self.chunks_embedded} chunks embedded in {self.seconds:.1f} s)."
+        )
+        for source, why in self.skipped:
+            line += f"\nSkipped {source}: {why}"
+        return line
+
+
+def add(
+    settings: Settings,
+    name: str,
+    paths: Sequence[str],
+    *,
+    embedder: str | None = None,
+    chunking: ChunkSettings | None = None,
+    rebuild: bool = False,
+    progress: ProgressCallback = silent,
+) -> UpdateReport:
+    """Create index ``name`` from folders, files or globs, or add paths to it (then refresh it).
+
+    ``embedder`` and ``chunking`` default to the index's own (or settings.embedder and 800/160 for a new
+    one); changing either on an existing index needs ``rebuild=True``, which re-embeds everything.
+    """
+    folder = store.index_dir(settings, name)
+    patterns = [_absolute(p) for p in paths]
+    for pattern, path in zip(patterns, paths):
+        if not loaders.expand(pattern)[1]:
+            why = "nothing readable there" if os.path.exists(pattern) else "no such file or folder"
+            raise SageError(
+                f"{path!r} names no document ({why}). Give folders, files or globs (quote globs: 'docs/**/*.md'); "
+                "Markdown, reST, text, Python, notebooks, HTML and PDF are read, hidden and build folders skipped."
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(folder, name):
+            old = store.read_manifest(settings, name) if store.index_exists(settings, name) else None
+            if old is not None and not rebuild:
+                ref = store.embedder_for(old, embedder or settings.embedder)
+                if chunking is not None and chunking != old.chunking:
+                    raise SageError(
+                        f"Index {name!r} cuts text into {old.chunking.size}-character chunks with "
+                        f"{old.chunking.overlap} overlap; changing that re-embeds everything. Add --rebuild to do so."
+                    )
+                merged = list(dict.fromkeys(old.patterns + patterns))
+                return _refresh(folder, replace(old, patterns=merged), old, ref, progress)
+            ref = resolve_embedder(embedder or settings.embedder)
+            fresh = Manifest(
+                name=name,
+                embedder=ref.id,
+                dim=0,
+                chunking=chunking or ChunkSettings(),
+                root="",
+                patterns=list(dict.fromkeys(patterns)),
+                generation=old.generation if old else "",
+                created=_now(),
+            )
+            return _refresh(folder, fresh, None, ref, progress)
+    finally:
+        if not store.index_exists(settings, name):  # a failed first build leaves nothing behind
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def update(settings: Settings, name: str, *, progress: ProgressCallback = silent) -> UpdateReport:
+    """Re-read an index's paths: embed new and changed files, forget deleted ones, switch atomically."""
+    folder = store.index_dir(settings, name)
+    store.read_manifest(settings, name)  # NotFound before a lock file is created for an unknown name
+    with _locked(folder, name):
+        old = store.read_manifest(settings, name)  # again, under the lock: another writer may have finished
+        return _refresh(folder, old, old, store.embedder_for(old, settings.embedder), progress)
+
+
+def _refresh(
+    folder: Path, manifest: Manifest, old: Manifest | None, ref: EmbedderRef, progress: ProgressCallback
+) -> UpdateReport:
+    """Bring ``manifest``'s files up to date, reusing ``old``'s vectors, and publish a new generation."""
+    import numpy as np
+
+    started = time.perf_counter()
+    previous = store.Generation(folder / old.generation, old) if old else None
+    root, files = loaders.discover(manifest.patterns)
+    plan = _Plan(manifest.chunking, previous, same_root=old is not None and old.root == str(root))
+    ticker = _Ticker(progress)
+    for number, path in enumerate(files, start=1):
+        plan.visit(path, path.relative_to(root).as_posix())
+        ticker("scan", f"{number}/{len(files)} files read", number / len(files))
+    old_files = old.files if old else {}
+    removed = tuple(sorted(set(old_files) - set(plan.entries)))
+    added = tuple(rel for rel in plan.entries if rel not in old_files)
+    changed = tuple(rel for rel, e in plan.entries.items() if rel in old_files and e.sha256 != old_files[rel].sha256)
+    manifest = replace(manifest, root=str(root), files=plan.entries, updated=_now())
+
+    if old is not None and old.root == manifest.root and not (added or changed or removed):
+        store.write_manifest(folder, manifest)  # only stats or patterns moved: the generation still holds
+    else:
+        embedded = _embed(plan.texts, ref, ticker) if plan.texts or old is None else None
+        dim = embedded.shape[1] if embedded is not None else manifest.dim
+        if old is not None and dim != old.dim:
+            raise SageError(
+                f"The embedder {ref.id} now makes {dim}-dimensional vectors, but index {old.name!r} holds "
+                f"{old.dim}-dimensional ones: the model files changed. Rebuild with `sage index add {old.name} "
+                "PATH... --rebuild`."
+            )
+        vectors = np.empty((len(plan.chunks), dim), dtype=np.float32)
+        for row, source in enumerate(plan.sources):
+            vectors[row] = previous.vectors[source] if source >= 0 else embedded[-source - 1]  # type: ignore[union-attr,index]
+        ticker("save", f"writing {len(plan.chunks)} chunks", None, force=True)
+        number = int(manifest.generation.split("-")[1]) + 1 if manifest.generation else 1
+        generation = store.write_generation(
+            folder, number, plan.chunks, vectors, previous.dense if previous else None
+        )
+        manifest = replace(manifest, dim=dim, generation=generation)
+        store.write_manifest(folder, manifest)
+        store.clean_leftovers(folder, keep=generation)
+    return UpdateReport(
+        name=manifest.name,
+        files=len(manifest.files),
+        chunks=manifest.chunk_count,
+        added=added,
+        changed=changed,
+        removed=removed,
+        skipped=tuple(plan.skipped),
+        chunks_embedded=len(plan.texts),
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class _Plan:
+    """The rows of the next generation, in file order: each either copied from ``previous`` or to embed.
+
+    ``sources[row]`` is the old row number (>= 0), or ``-(k + 1)`` for the k-th text in ``texts``.
+    """
+
+    chunking: ChunkSettings
+    previous: Generation | None
+    same_root: bool
+    entries: dict[str, FileEntry] = field(default_factory=dict)
+    chunks: list[Chunk] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        files = self.previous.manifest.files if self.previous else {}
+        self._by_hash = {entry.sha256: entry for entry in files.values()}
+        self._by_path = files if self.same_root else {}
+
+    def visit(self, path: Path, rel: str) -> None:
+        """Plan one file: trust an unchanged stat, else hash it and reuse or re-chunk by content."""
+        stat = path.stat()
+        known = self._by_path.get(rel)
+        if known and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+            sha, data = known.sha256, None
+        else:
+            data = path.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+        ids = self._reuse(rel, sha) if sha in self._by_hash else self._chunk(path, rel, sha, data)
+        if ids is not None:
+            self.entries[rel] = FileEntry(stat.st_size, stat.st_mtime_ns, sha, ids)
+
+    def _reuse(self, rel: str, sha: str) -> list[str]:
+        assert self.previous is not None
+        ids = []
+        for k, old_id in enumerate(self._by_hash[sha].chunks):
+            row = self.previous.rows[old_id]
+            old = self.previous.chunks[row]
+            ids.append(_chunk_id(rel, sha, k))
+            self.chunks.append(Chunk(ids[-1], rel, old.location, old.text))
+            self.sources.append(row)
+        return ids
+
+    def _chunk(self, path: Path, rel: str, sha: str, data: bytes | None) -> list[str] | None:
+        try:
+            sections = loaders.load(path, path.read_bytes() if data is None else data)
+        except SageError as error:
+            self.skipped.append((rel, str(error)))
+            return None
+        ids = []
+        for section in sections:
+            for start, end in chunk_spans(section.text, self.chunking):
+                if section.text[start:end].strip():
+                    ids.append(_chunk_id(rel, sha, len(ids)))
+                    self.chunks.append(Chunk(ids[-1], rel, section.location, section.text[start:end]))
+                    self.texts.append(store.search_text(self.chunks[-1]))
+                    self.sources.append(-len(self.texts))
+        return ids
+
+
+def _embed(texts: list[str], ref: EmbedderRef, ticker: "_Ticker") -> "np.ndarray":
+    """Embed in batches, reporting chunks done and chunks per second."""
+    import numpy as np
+
+    ticker("embed", f"loading the embedding model {ref.id}", None, force=True)
+    model = load_embedder(ref)
+    started, parts, done = time.perf_counter(), [], 0
+    for batch in _batches(texts, EMBED_BATCH):
+        parts.append(model.encode(batch))
+        done += len(batch)
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        ticker("embed", f"{done}/{len(texts)} chunks embedded, {rate:.0f} chunks/s", done / len(texts))
+    return np.concatenate(parts) if parts else np.empty((0, model.dim), dtype=np.float32)
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _chunk_id(rel: str, sha: str, k: int) -> str:
+    """Unique in an index (one path), and new whenever the file's content changes."""
+    return f"{rel}:{sha[:8]}:{k}"
+
+
+class _Ticker:
+    """Forwards progress at most ten times a second (10,000 files must not mean 10,000 redraws)."""
+
+    def __init__(self, progress: ProgressCallback) -> None:
+        self.progress = progress
+        self.last = 0.0
+
+    def __call__(self, phase: str, message: str, fraction: float | None, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or fraction == 1.0 or now - self.last >= 0.1:
+            self.last = now
+            self.progress(Progress(phase, message, fraction))
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, name: str) -> Iterator[None]:
+    """Exclusive right to write one index; a second writer is told to wait instead of corrupting it.
+
+    The OS releases the lock when its holder dies, so a killed update never blocks the next one.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(folder / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SageError(
+            f"Another process is writing index {name!r} right now. Wait for it to finish, then run the command "
+            "again; the index keeps answering with its current content meanwhile."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _absolute(pattern: str) -> str:
+    return os.path.abspath(os.path.expanduser(pattern))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
