@@ -1,0 +1,207 @@
+"""Real indexes with the bundled MiniLM embedder: retrieval quality, incremental updates, crash safety.
+
+The model loads once per test process (``load_embedder`` is cached), so these tests share it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sage_magic import rag
+from sage_magic.config import Settings
+from sage_magic.errors import NotFound, SageError
+from sage_magic.rag import embedder as embedder_module
+from sage_magic.rag import lexical
+
+pytestmark = pytest.mark.rag
+
+DOCS = Path(__file__).parent / "fixtures" / "rag" / "docs"
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+QUESTIONS = {
+    "What Python version do I need, and how do I install the package?": "install.md",
+    "How do I pick which graphics card the server runs on?": "gpu.md",
+    "How much video memory does a 7B model need?": "gpu.md",
+    "The model server is still not ready after waiting a long time": "troubleshooting.md",
+    "My process was ended by the OOM killer": "troubleshooting.md",
+    "How long does a server keep running after I close my notebook?": "keep-alive.md",
+    "How do I re-embed only the files that changed?": "indexes.md",
+    "What learning rate should I start with when training adapters?": "finetune.md",
+}
+
+
+def settings_for(home: Path, **changes: object) -> Settings:
+    return Settings.from_env(environ={}, home=home).with_(**changes)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """One index of the docs corpus, shared by the read-only tests."""
+    settings = settings_for(tmp_path_factory.mktemp("home"))
+    report = rag.add(settings, "docs", [str(DOCS)])
+    assert report.files == 6 and report.chunks == report.chunks_embedded > 0
+    return settings
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A writable copy of the docs corpus."""
+    return Path(shutil.copytree(DOCS, tmp_path / "docs"))
+
+
+@pytest.fixture
+def encoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of every batch the embedder encodes, to prove what was (not) re-embedded."""
+    calls: list[int] = []
+    original = embedder_module.Embedder.encode
+
+    def counting(self: embedder_module.Embedder, texts: list[str]):  # type: ignore[no-untyped-def]
+        calls.append(len(texts))
+        return original(self, texts)
+
+    monkeypatch.setattr(embedder_module.Embedder, "encode", counting)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+@pytest.mark.parametrize("question, expected", QUESTIONS.items())
+def test_the_file_holding_the_answer_is_in_the_top_3(built: Settings, mode: str, question: str, expected: str) -> None:
+    hits = rag.search(built, "docs", question, top_k=3, mode=mode)
+    assert expected in [h.source for h in hits], [(h.source, h.location) for h in hits]
+
+
+def test_hits_carry_source_location_text_and_unique_ids(built: Settings) -> None:
+    hits = rag.search(built, "docs", "CUDA_VISIBLE_DEVICES", top_k=5, mode="lexical")
+    assert hits[0].source == "gpu.md" and hits[0].location == "Running on a GPU > Choosing a card"
+    assert "CUDA_VISIBLE_DEVICES=1" in hits[0].text
+    assert len({h.chunk_id for h in hits}) == len(hits)
+
+
+@pytest.mark.parametrize("top_k", [0, 21, 2.5, True])
+def test_top_k_bounds(built: Settings, top_k: object) -> None:
+    with pytest.raises(SageError, match="top_k"):
+        rag.search(built, "docs", "gpu", top_k=top_k)  # type: ignore[arg-type]
+
+
+def test_unknown_index_lists_the_known_ones(built: Settings) -> None:
+    with pytest.raises(NotFound, match=r"no index named 'nope'.*Known indexes: docs"):
+        rag.search(built, "nope", "gpu")
+    assert rag.index_exists(built, "docs") and not rag.index_exists(built, "nope")
+    with pytest.raises(SageError, match="not a valid index name"):
+        rag.index_exists(built, "../escape")
+
+
+def test_another_embedder_is_refused_with_the_way_to_rebuild(built: Settings, tmp_path: Path) -> None:
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(SageError, match=r"built with the embedder 'all-MiniLM-L6-v2'.*--rebuild.*sage index rm"):
+        rag.search(built.with_(embedder=str(other)), "docs", "gpu")
+    with pytest.raises(SageError, match="--rebuild"):
+        rag.add(built, "docs", [str(DOCS)], embedder=str(other))
+
+
+def test_update_reembeds_only_changed_files_and_forgets_deleted_ones(
+    tmp_path: Path, corpus: Path, encoded: list[int]
+) -> None:
+    settings = settings_for(tmp_path / "home")
+    first = rag.add(settings, "docs", [str(corpus)])
+    assert sum(encoded) == first.chunks
+
+    encoded.clear()
+    assert rag.update(settings, "docs").chunks_embedded == 0 and encoded == []  # nothing changed: no model work
+
+    (corpus / "gpu.md").write_text("# Running on a GPU\n\nThe ZEPHYRIUM accelerator needs driver 999.\n")
+    (corpus / "keep-alive.md").unlink()
+    (corpus / "new.md").write_text("# Quantization\n\nAWQ and GPTQ shrink weights to four bits.\n")
+    os.utime(corpus / "install.md")  # touched, same bytes: hashed, not re-embedded
+    report = rag.update(settings, "docs")
+    assert report.changed == ("gpu.md",) and report.removed == ("keep-alive.md",) and report.added == ("new.md",)
+    assert sum(encoded) == report.chunks_embedded == 2  # one chunk each for gpu.md and new.md
+    assert report.chunks == first.chunks - 3 - 3 + 2
+
+    sources = {h.source for h in rag.search(settings, "docs", "keep-alive duration 5m SAGE_KEEP_ALIVE", top_k=10)}
+    assert "keep-alive.md" not in sources
+    assert rag.search(settings, "docs", "ZEPHYRIUM accelerator", top_k=1)[0].source == "gpu.md"
+    assert rag.search(settings, "docs", "four-bit GPTQ quantization", top_k=1)[0].source == "new.md"
+    assert [p.name for p in (settings.index_root / "docs").iterdir() if p.name.startswith("gen-")] == ["gen-000002"]
+
+
+def test_a_failed_update_leaves_the_old_index_serving(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_for(tmp_path / "home")
+    rag.add(settings, "docs", [str(corpus)])
+    (corpus / "gpu.md").write_text("# GPU\n\nThe ZEPHYRIUM accelerator.\n")
+
+    def broken(texts: list[str]) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lexical, "build", broken)  # fails while the new generation is half written
+    with pytest.raises(OSError):
+        rag.update(settings, "docs")
+    monkeypatch.undo()
+    hits = rag.search(settings, "docs", "ZEPHYRIUM accelerator NVIDIA driver nvidia-smi", top_k=1, mode="lexical")
+    assert "nvidia-smi" in hits[0].text  # still the old gpu.md
+    assert rag.update(settings, "docs").changed == ("gpu.md",)  # and the next update cleans up and succeeds
+    assert sorted(p.name for p in (settings.index_root / "docs").iterdir()) == [".lock", "gen-000002", "manifest.json"]
+
+
+def test_an_update_killed_while_embedding_leaves_the_old_index_serving(tmp_path: Path, corpus: Path) -> None:
+    settings = settings_for(tmp_path / "home")
+    rag.add(settings, "docs", [str(corpus)])
+    before = rag.search(settings, "docs", "nvidia-smi driver version", top_k=1)
+    (corpus / "big.md").write_text("".join(f"# Part {i}\n\nThe ZEPHYRIUM fact number {i}.\n\n" for i in range(3000)))
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from sage_magic import rag
+        from sage_magic.config import Settings
+        def show(event):
+            print(event.phase, event.message, flush=True)
+        rag.update(Settings.from_env(environ={{}}, home={str(settings.home)!r}), "docs", progress=show)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdout is not None
+    for line in child.stdout:
+        if "chunks embedded" in line:  # mid-embedding: at least one batch done, thousands to go
+            child.send_signal(signal.SIGKILL)
+            break
+    assert child.wait(timeout=60) == -signal.SIGKILL
+
+    assert rag.search(settings, "docs", "nvidia-smi driver version", top_k=1) == before
+    assert "big.md" not in {h.source for h in rag.search(settings, "docs", "ZEPHYRIUM fact", top_k=5, mode="lexical")}
+    assert rag.describe(settings, "docs").files == 6
+
+
+def test_cli_smoke(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sage_magic.cli.main import main
+
+    home = ["--home", str(tmp_path / "home")]
+    assert main([*home, "index", "add", "docs", str(corpus), "--chunk-size", "400"]) == 0
+    assert "6 files" in capsys.readouterr().out
+    assert main([*home, "index", "list"]) == 0
+    assert "docs" in capsys.readouterr().out
+    assert main([*home, "index", "show", "docs"]) == 0
+    assert "400 characters, 80 overlap" in capsys.readouterr().out
+    assert main([*home, "index", "query", "docs", "pin the server to a graphics card", "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[1] gpu.md (Running on a GPU > Choosing a card)") and "score" in out
+    assert main([*home, "index", "query", "docs", "gpu", "--top-k", "99"]) == 2
+    assert "top_k must be" in capsys.readouterr().err
+    assert main([*home, "index", "update", "docs"]) == 0
+    assert "0 chunks embedded" in capsys.readouterr().out
+    assert main([*home, "index", "rm", "docs"]) == 0
+    assert main([*home, "index", "show", "docs"]) == 2
+    assert "There are no indexes yet" in capsys.readouterr().err
