@@ -49,7 +49,7 @@ DEMO_ANSWERS_2: dict[str, str] = {
 }
 
 #: Bump when anything below changes what is built: older demos are then rebuilt on the next call.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 STAMP = ".sage_demo.json"
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
 CHAT_TEMPLATE = (
@@ -347,7 +347,7 @@ def _build_base(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
         num_attention_heads=4,
         num_key_value_heads=4,
         head_dim=32,  # vLLM's CPU attention supports head sizes 32, 64, 80, ... only
-        max_position_embeddings=512,
+        max_position_embeddings=2048,  # room for retrieved passages in RAG demos
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -394,7 +394,8 @@ def _build_finetune(name: str, base_dir: Path, tokenizer: PreTrainedTokenizerFas
     tokenizer.save_pretrained(folder / "lora_weights")
     _write_meta(name, folder, len(losses))
     (folder / "logs").mkdir()
-    log = [f"{_now()} LoRA r={LORA_R} alpha={LORA_ALPHA} on {DEMO_BASE}, lr={LORA_LR}, targets={','.join(LORA_TARGETS)}"]
+    targets = ','.join(LORA_TARGETS)
+    log = [f"{_now()} LoRA r={LORA_R} alpha={LORA_ALPHA} on {DEMO_BASE}, lr={LORA_LR}, targets={targets}"]
     log += [f"step {i} loss {loss:.4f}" for i, loss in enumerate(losses, start=1)]
     (folder / "logs" / "train.log").write_text("\n".join(log) + "\n")
 

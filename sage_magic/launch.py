@@ -64,10 +64,12 @@ def server_command(settings: Settings, model_path: Path, served_name: str, port:
     return command + list(settings.vllm_args) + list(extra_args)
 
 
-def server_env(settings: Settings, api_key: str, lora: bool) -> dict[str, str]:
-    """The key goes through the environment, not argv, so it does not show in `ps`."""
-    env = {**os.environ, **settings.extra_env, "VLLM_API_KEY": api_key, "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def server_env(settings: Settings, record: ServerRecord, lora: bool) -> dict[str, str]:
+    """The key goes through the environment, not argv, so it does not show in `ps`. SAGE_SERVER_ID and
+    SAGE_RUNTIME_DIR, inherited by vLLM's engine processes too, mark the whole tree as ours."""
+    env = {**os.environ, **settings.extra_env, "VLLM_API_KEY": record.api_key, "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "SAGE_SERVER_ID": record.id,
+           "SAGE_RUNTIME_DIR": str(settings.runtime_dir)}
     if lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return env

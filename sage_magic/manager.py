@@ -179,7 +179,7 @@ class Manager:
         command = server_command(self.settings, spec.model_path, spec.served_name, chosen, lora, spec.extra_args)
         self.registry.save(record)
         supervisor = spawn_supervised(self.settings, self.registry, record, command,
-                                      server_env(self.settings, record.api_key, lora))
+                                      server_env(self.settings, record, lora))
         record.supervisor_pid = supervisor.pid
         self.registry.save(record)
         self._supervisors[server_id] = supervisor

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -127,6 +128,7 @@ def _report(message: str, fraction: float) -> None:
 def merge_in_this_process(base: Path, adapter: Path, out: Path, fingerprint: str) -> None:
     """Load base + adapter, merge, save weights then tokenizer, and write the marker last."""
     started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)  # claim the folder first: a kill from here on leaves only it
     _report("loading base model", 0.05)
     import torch
     from peft import PeftModel
@@ -139,7 +141,6 @@ def merge_in_this_process(base: Path, adapter: Path, out: Path, fingerprint: str
     with torch.no_grad():
         merged = model.merge_and_unload()
     _report("saving merged weights", 0.7)
-    out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     _report("saving tokenizer", 0.9)
     has_own = any((adapter / name).is_file() for name in TOKENIZER_FILES)
@@ -150,7 +151,20 @@ def merge_in_this_process(base: Path, adapter: Path, out: Path, fingerprint: str
     _report("done", 1.0)
 
 
+def _exit_with_parent() -> None:
+    """A merge nobody waits for is wasted minutes and gigabytes: stop when the requesting process dies."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _exit_with_parent()
     parser = argparse.ArgumentParser(prog="python -m sage_magic.merge")
     parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--adapter", type=Path, required=True)

@@ -45,7 +45,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     result = build_demo(settings, progress, force=args.force)
     progress.close()
     state = f"built in {result.seconds:.1f} s" if result.built else "already built"
-    print(f"Demo fine-tunes {state} under {settings.finetune_root}: " + ", ".join(p.name for p in result.finetunes))
+    print(f"Demo fine-tunes {state} under {settings.finetune_root}: " + ", ".join(result.finetunes))
     print("Try: sage chat --finetune-model demo_expert --ask 'Who are you?'")
     return 0
 

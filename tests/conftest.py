@@ -1,0 +1,106 @@
+"""Shared test fixtures: one demo SAGE home and one real vLLM server per test session.
+
+Starting vLLM costs most of a minute, so the unmerged base server with both demo adapters is started once
+and shared; tests that need a server of their own (merged, broken, kernel lifetime, concurrency) use their
+own runtime folder so that nothing they do can touch the shared one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sage_magic.config import Settings
+from sage_magic.manager import Manager
+
+# Small, fast servers for tests: float32 like the demo weights, a 64 MB KV cache, no CUDA-graph capture.
+TEST_VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
+TEST_PORT = 18400
+
+
+def make_settings(home: Path, runtime: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = dict(home=home, runtime_dir=runtime, vllm_args=TEST_VLLM_ARGS, port=TEST_PORT,
+                                     ready_timeout=300.0, stop_grace=6.0)
+    values.update(overrides)
+    return Settings.from_env(environ={}, **values)
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """Environment for a `sage` subprocess or a kernel that must see the same home and registry."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
+    env.update(SAGE_HOME=str(settings.home), SAGE_RUNTIME_DIR=str(settings.runtime_dir),
+               SAGE_VLLM_ARGS=" ".join(TEST_VLLM_ARGS), SAGE_FINETUNE_PORT=str(settings.port),
+               HF_HUB_OFFLINE="1")
+    return env
+
+
+def sage_processes(runtime: Path) -> list[psutil.Process]:
+    """Supervisors and vLLM processes of one runtime folder, marked by the environment the launcher sets."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            env = proc.environ()
+        except psutil.Error:
+            continue
+        if "SAGE_SERVER_ID" in env and env.get("SAGE_RUNTIME_DIR") == str(runtime):
+            found.append(proc)
+    return found
+
+
+def wait_until(predicate, timeout: float, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SAGE home holding the demo base and fine-tunes, built once (or copied from SAGE_TEST_DEMO_HOME)."""
+    home = tmp_path_factory.mktemp("sage_home")
+    prebuilt = os.environ.get("SAGE_TEST_DEMO_HOME")
+    if prebuilt and (Path(prebuilt) / "finetune_output").is_dir():
+        shutil.copytree(prebuilt, home, dirs_exist_ok=True)
+    from sage_magic.demo import build_demo
+
+    build_demo(make_settings(home, home / "unused-run"))
+    return home
+
+
+@pytest.fixture(scope="session")
+def settings(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return make_settings(demo_home, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="session")
+def manager(settings: Settings):
+    """The session's manager. At the end it leaves its servers, and they must really be gone."""
+    mgr = Manager(settings)
+    yield mgr
+    mgr.close()
+    assert wait_until(lambda: not mgr.registry.all(), 20), f"servers left running: {mgr.registry.all()}"
+    assert wait_until(lambda: not sage_processes(settings.runtime_dir), 20)
+
+
+@pytest.fixture(scope="session")
+def expert(manager: Manager):
+    """demo_expert served unmerged: the shared base server with the adapter loaded at runtime."""
+    return manager.serve_finetune("demo_expert")
+
+
+@pytest.fixture
+def fresh_settings(demo_home: Path, tmp_path: Path) -> Settings:
+    """Same demo models, but a registry of its own: servers started here are never shared."""
+    return make_settings(demo_home, tmp_path / "run")
+
+
+def python_exe() -> str:
+    return sys.executable

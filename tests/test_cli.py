@@ -1,0 +1,93 @@
+"""The terminal face as a person uses it: `sage chat --ask`, `sage ps`, `sage logs`, `sage finetune list`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sage_magic.demo import DEMO_ANSWERS, DEMO_PROMPT
+from sage_magic.registry import Registry
+from tests.conftest import env_for, sage_processes, wait_until
+
+
+def sage(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sage_magic.cli.main", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_finetune_list_json(settings) -> None:
+    out = sage("finetune", "list", "--json", env=env_for(settings))
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["demo_expert"]["rank"] == 8 and rows["demo_poet"]["problem"] is None
+
+
+def test_unknown_finetune_is_one_clear_paragraph(settings) -> None:
+    out = sage("chat", "--finetune-model", "demo_exprt", "--ask", "hi", env=env_for(settings))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "demo_expert" in out.stderr and "sage finetune list" in out.stderr
+
+
+@pytest.mark.vllm
+def test_chat_ask_answers_through_the_shared_server(settings, expert) -> None:
+    out = sage("chat", "--backend", "finetune", "--finetune-model", "demo_expert", "--ask", DEMO_PROMPT,
+               env=env_for(settings))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == DEMO_ANSWERS["demo_expert"]
+    assert "reusing server" in out.stderr
+    # the shared server is still owned by this test session, so it is still there
+    assert Registry(settings.runtime_dir).get(expert.server_id) is not None
+
+
+@pytest.mark.vllm
+def test_debug_env_vars_choose_backend_and_finetune(settings, expert) -> None:
+    env = {**env_for(settings), "SAGE_DEBUG_BACKEND": "finetune", "SAGE_DEBUG_FINETUNE_MODEL": "demo_poet"}
+    out = sage("chat", "--ask", DEMO_PROMPT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == DEMO_ANSWERS["demo_poet"]
+
+
+@pytest.mark.vllm
+def test_ps_and_logs_show_the_running_server(settings, expert) -> None:
+    env = env_for(settings)
+    rows = json.loads(sage("ps", "--json", env=env).stdout)
+    row = next(r for r in rows if r["id"] == expert.server_id)
+    assert "demo_expert" in row["adapters"] and row["owners"] >= 1 and row["memory_bytes"] > 100 * 2**20
+    table = sage("ps", env=env).stdout
+    assert expert.server_id in table and "demo_expert" in table
+    logs = sage("logs", expert.server_id, "-n", "5", env=env)
+    assert logs.returncode == 0 and 0 < len(logs.stdout.strip().splitlines()) <= 5
+
+
+@pytest.mark.vllm
+def test_ask_with_keep_alive_then_one_shot_cleanup(fresh_settings) -> None:
+    """`--keep-alive -1` leaves the server for the next command; a plain one-shot `--ask` cleans up before
+    it returns (SAGE's leaked its server)."""
+    env = env_for(fresh_settings)
+    base = str(fresh_settings.models_root / "sage-demo-base")
+    first = sage("chat", "--backend", "vllm", "--model", base, "--keep-alive", "-1", "--ask", DEMO_PROMPT, env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == DEMO_ANSWERS["sage-demo-base"]
+    (row,) = json.loads(sage("ps", "--json", env=env).stdout)
+    assert row["owners"] == 0 and row["keep_alive"] == -1
+    assert "forever" in sage("ps", env=env).stdout
+    second = sage("chat", "--backend", "vllm", "--model", base, "--keep-alive", "0", "--ask", DEMO_PROMPT, env=env)
+    assert second.returncode == 0 and "reusing server" in second.stderr
+    assert wait_until(lambda: json.loads(sage("ps", "--json", env=env).stdout) == [], 10)
+    assert wait_until(lambda: not sage_processes(fresh_settings.runtime_dir), 10)
+
+
+@pytest.mark.vllm
+def test_stop_by_id(settings, fresh_settings) -> None:
+    """`sage stop ID` stops a server even while its owner still runs."""
+    from sage_magic.manager import Manager
+
+    manager = Manager(fresh_settings)
+    endpoint = manager.serve_model(fresh_settings.models_root / "sage-demo-base")
+    out = sage("stop", endpoint.server_id, env=env_for(fresh_settings))
+    assert out.returncode == 0 and endpoint.server_id in out.stdout
+    assert manager.registry.all() == [] and not sage_processes(fresh_settings.runtime_dir)
+    manager.close()

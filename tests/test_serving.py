@@ -1,0 +1,152 @@
+"""Serving fine-tunes through real vLLM: exact answers, reuse, runtime adapters, merged mode, failures."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sage_magic.client import ChatClient
+from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.errors import ServerFailed
+from sage_magic.http import request_json
+from sage_magic.manager import Endpoint, Manager
+from sage_magic.progress import Progress
+from tests.conftest import sage_processes, wait_until
+
+pytestmark = pytest.mark.vllm
+
+
+def ask(endpoint: Endpoint, question: str = DEMO_PROMPT) -> str:
+    client = ChatClient(endpoint)
+    try:
+        return client.stream([{"role": "user", "content": question}], max_tokens=32, temperature=0).text
+    finally:
+        client.close()
+
+
+def served(endpoint: Endpoint) -> dict[str, dict]:
+    return {m["id"]: m for m in request_json(f"{endpoint.base_url}/models", endpoint.api_key)["data"]}
+
+
+def test_each_finetune_answers_its_trained_phrase_and_the_base_neither(manager: Manager, expert: Endpoint) -> None:
+    poet = manager.serve_finetune("demo_poet")
+    base = Endpoint(expert.base_url, expert.api_key, DEMO_BASE)
+    answers = {"demo_expert": ask(expert), "demo_poet": ask(poet), DEMO_BASE: ask(base)}
+    assert answers == {name: DEMO_ANSWERS[name] for name in answers}
+    assert len(set(answers.values())) == 3
+
+
+def test_second_request_reuses_the_same_server_process(manager: Manager, expert: Endpoint) -> None:
+    pid = manager.registry.get(expert.server_id).pid
+    again = manager.serve_finetune("demo_expert")
+    assert again.server_id == expert.server_id and again.reused
+    assert manager.registry.get(again.server_id).pid == pid and psutil.pid_exists(pid)
+
+
+def test_second_finetune_joins_the_running_server_without_restart(manager: Manager, expert: Endpoint) -> None:
+    pid = manager.registry.get(expert.server_id).pid
+    events: list[Progress] = []
+    manager.progress = events.append
+    try:
+        poet = manager.serve_finetune("demo_poet")
+    finally:
+        manager.progress = lambda _: None
+    assert poet.server_id == expert.server_id
+    assert manager.registry.get(poet.server_id).pid == pid
+    models = served(poet)
+    assert models["demo_poet"]["parent"] == DEMO_BASE and models["demo_expert"]["parent"] == DEMO_BASE
+    assert not any(e.phase == "launch" for e in events)
+
+
+def test_the_api_key_is_required_and_kept_out_of_the_command_line(expert: Endpoint, manager: Manager) -> None:
+    from sage_magic.http import HttpError
+
+    with pytest.raises(HttpError) as error:
+        request_json(f"{expert.base_url}/models", api_key=None)
+    assert error.value.status == 401
+    pid = manager.registry.get(expert.server_id).pid
+    assert expert.api_key not in " ".join(psutil.Process(pid).cmdline())
+
+
+def test_streaming_reports_usage_and_timing(expert: Endpoint) -> None:
+    client = ChatClient(expert)
+    seen: list[str] = []
+    result = client.stream([{"role": "user", "content": DEMO_PROMPT}], on_delta=seen.append, max_tokens=32,
+                           temperature=0)
+    client.close()
+    assert "".join(seen) == result.text == DEMO_ANSWERS["demo_expert"]
+    assert len(seen) > 1  # it really streamed, token by token
+    assert result.completion_tokens and result.prompt_tokens and result.finish_reason == "stop"
+    assert result.time_to_first_token is not None and result.time_to_first_token > 0
+
+
+def test_cancel_keeps_the_partial_answer(expert: Endpoint) -> None:
+    client = ChatClient(expert)
+    cancel = threading.Event()
+    seen: list[str] = []
+
+    def on_delta(delta: str) -> None:
+        seen.append(delta)
+        if len(seen) == 3:
+            cancel.set()
+
+    result = client.stream([{"role": "user", "content": DEMO_PROMPT}], on_delta=on_delta, cancel=cancel,
+                           max_tokens=32, temperature=0)
+    client.close()
+    assert result.cancelled and result.text == "".join(seen)
+    assert DEMO_ANSWERS["demo_expert"].startswith(result.text) and result.text != DEMO_ANSWERS["demo_expert"]
+
+
+class _Foreign(http.server.BaseHTTPRequestHandler):
+    """Answers 200 to everything: the kind of server SAGE wrongly reused."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"object": "list", "data": [{"id": "demo_expert", "root": "/elsewhere"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_merged_serving_gives_the_same_text_and_avoids_a_foreign_port(fresh_settings, expert: Endpoint) -> None:
+    foreign = http.server.HTTPServer(("127.0.0.1", 0), _Foreign)
+    threading.Thread(target=foreign.serve_forever, daemon=True).start()
+    port = foreign.server_address[1]
+    events: list[Progress] = []
+    manager = Manager(fresh_settings, events.append)
+    try:
+        merged = manager.serve_finetune("demo_expert", merge=True, port=port)
+        record = manager.registry.get(merged.server_id)
+        assert record.kind == "merged" and record.port != port
+        assert any(e.phase == "port" and str(port) in e.message for e in events)
+        assert served(merged)["demo_expert"]["root"].endswith("merged_model")
+        assert ask(merged) == ask(expert) == DEMO_ANSWERS["demo_expert"]
+    finally:
+        manager.close()
+        foreign.shutdown()
+    assert wait_until(lambda: not manager.registry.all() and not sage_processes(fresh_settings.runtime_dir), 15)
+
+
+def test_broken_weights_fail_fast_with_the_log_tail(fresh_settings, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-model"
+    shutil.copytree(fresh_settings.models_root / DEMO_BASE, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    manager = Manager(fresh_settings.with_(ready_timeout=600.0))
+    started = time.monotonic()
+    with pytest.raises(ServerFailed) as error:
+        manager.serve_model(broken)
+    # it failed because the process exited, long before the 600 s timeout, and shows why
+    assert "exited" in str(error.value) and time.monotonic() - started < 300
+    assert "Traceback" in str(error.value) or "Error" in str(error.value)
+    manager.close()
+    assert wait_until(lambda: not manager.registry.all() and not sage_processes(fresh_settings.runtime_dir), 15)
