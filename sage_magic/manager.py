@@ -269,9 +269,12 @@ class Manager:
         record = self.registry.find(target)
         deadline = time.monotonic() + (wait if wait is not None else self.settings.stop_grace + 10)
         if pid_alive(record.supervisor_pid):
-            psutil.Process(record.supervisor_pid).terminate()
-            while self.registry.get(record.id) is not None and time.monotonic() < deadline:
-                time.sleep(0.1)
+            supervisor = psutil.Process(record.supervisor_pid)
+            supervisor.terminate()
+            try:  # it removes the record, then exits: "stopped" means both
+                supervisor.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except psutil.TimeoutExpired:
+                pass
         if self.registry.get(record.id) is not None:  # supervisor gone or stuck: do it ourselves
             if record.pid and pid_alive(record.pid):
                 kill_group(record.pid, self.settings.stop_grace)
