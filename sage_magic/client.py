@@ -40,6 +40,7 @@ class ChatClient:
         import openai
 
         self.endpoint = endpoint
+        self.timeout = timeout
         host = urlparse(endpoint.base_url).hostname or ""
         http_client = httpx.Client(trust_env=host not in LOOPBACK, timeout=timeout)
         self._openai = openai
@@ -85,6 +86,10 @@ class ChatClient:
             stream = self._client.chat.completions.create(
                 model=self.endpoint.model, messages=messages, stream=True,
                 stream_options={"include_usage": True}, **params)
+        except openai.APITimeoutError:
+            raise ServerFailed(f"The model at {self.endpoint.base_url} did not answer within {self.timeout:g} s. "
+                               "`sage logs` shows what the server is doing; a busy CPU server may need a longer "
+                               "timeout.") from None
         except openai.APIConnectionError as error:
             raise ServerFailed(f"Cannot reach the model at {self.endpoint.base_url} ({error}). "
                                "`sage ps` shows running servers; start one again or check --base-url.") from None

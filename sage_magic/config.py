@@ -136,5 +136,6 @@ class Settings:
             debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
-        values["home"] = Path(values["home"]).expanduser()  # type: ignore[arg-type]
+        for key in ("home", "runtime_dir"):
+            values[key] = Path(values[key]).expanduser()  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]

@@ -78,7 +78,7 @@ class Manager:
         self.settings = settings
         self.progress = progress
         self.registry = Registry(settings.runtime_dir)
-        self._held: list[str] = []  # one entry per ownership this manager added
+        self._held: set[str] = set()  # servers this manager has added its process to as an owner
         self._supervisors: dict[str, subprocess.Popen] = {}  # keep their stdin open: EOF means "we are gone"
         self._lock = threading.Lock()
         atexit.register(self.close)
@@ -127,7 +127,8 @@ class Manager:
             record = next((r for r in self.registry.all() if r.kind == spec.kind and r.identity == spec.identity
                            and r.state != "stopping"), None)
             if record is not None:
-                record.owners.append(me)
+                if record.id not in self._held:
+                    record.owners.append(me)
                 record.idle_until = None
                 if keep_alive is not None:
                     record.keep_alive = keep_alive
@@ -137,7 +138,7 @@ class Manager:
                 record = self._launch(spec, port, keep_alive, me)
                 launched = True
         with self._lock:
-            self._held.append(record.id)
+            self._held.add(record.id)
         what = f"{spec.served_name} ({spec.kind})"
         if not launched:
             self.progress(Progress("reuse", f"{what}: reusing server {record.id} on port {record.port}"))
@@ -233,19 +234,18 @@ class Manager:
     # --- ownership -----------------------------------------------------------------------------------------
 
     def release(self, server_id: str) -> None:
-        """Stop owning one server (once); the supervisor stops it if no owner is left (after keep-alive)."""
+        """Stop owning one server; the supervisor stops it if no owner is left (after keep-alive)."""
         with self._lock:
             if server_id not in self._held:
                 return
-            self._held.remove(server_id)
-            still_held = server_id in self._held
+            self._held.discard(server_id)
         me = Owner.this_process()
         with self.registry.locked():
             record = self.registry.get(server_id)
             if record is not None and me in record.owners:
                 record.owners.remove(me)
                 self.registry.save(record)
-        if not still_held and server_id in self._supervisors:
+        if server_id in self._supervisors:
             supervisor = self._supervisors.pop(server_id)
             if supervisor.stdin:
                 supervisor.stdin.close()
@@ -253,9 +253,8 @@ class Manager:
 
     def close(self) -> None:
         """Leave every server this manager holds. Safe to call twice; registered with atexit."""
-        for server_id in list(dict.fromkeys(self._held)):
-            while server_id in self._held:
-                self.release(server_id)
+        for server_id in list(self._held):
+            self.release(server_id)
 
     # --- what `sage ps / stop / logs` ask ------------------------------------------------------------------
 
@@ -281,7 +280,7 @@ class Manager:
             with self.registry.locked():
                 self.registry.remove(record.id)
         with self._lock:
-            self._held = [h for h in self._held if h != record.id]
+            self._held.discard(record.id)
         self._supervisors.pop(record.id, None)
         return record
 

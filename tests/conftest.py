@@ -77,7 +77,9 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return make_settings(demo_home, tmp_path_factory.mktemp("run"))
+    """The shared server's registry: SAGE_RUNTIME_DIR when set, so `sage ps` after the run (.ci/run) sees it."""
+    runtime = os.environ.get("SAGE_RUNTIME_DIR")
+    return make_settings(demo_home, Path(runtime) if runtime else tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="session")

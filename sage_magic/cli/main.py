@@ -29,8 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # --home is accepted anywhere (`sage --home D finetune demo` and `sage finetune demo --home D`)
+    home_only = argparse.ArgumentParser(add_help=False)
+    home_only.add_argument("--home")
+    found, rest = home_only.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
+    args.home = found.home
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if args.command is None else 2
