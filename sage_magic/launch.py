@@ -8,6 +8,7 @@ does not. Output goes to a log file per server (a pipe nobody reads would hang t
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -89,6 +90,23 @@ def spawn_supervised(settings: Settings, registry: Registry, record: ServerRecor
         )
 
 
+# An exception line, after vLLM's optional "(EngineCore pid=N) ERROR 11-27 13:55:43 [file.py:953] " prefix.
+_CAUSE = re.compile(r"^(?:\(.*?pid=\d+\) )?(?:ERROR \S+ \S+ \[.*?\] )?\s*([\w.]*(?:Error|Exception): .+)$", re.M)
+
+
+def failure_report(path: str | Path, lines: int = 12) -> str:
+    """The causes vLLM logged (its engine processes log the root error far above the final traceback),
+    then the last lines of the log."""
+    text = log_tail(path, 2000)
+    causes: list[str] = []
+    for match in _CAUSE.finditer(text):
+        cause = match.group(1).strip()
+        if "Engine core initialization failed" not in cause and cause not in causes:
+            causes.append(cause)
+    head = "".join(f"Cause: {c}\n" for c in causes[-3:])
+    return f"{head}Last lines of the log:\n{log_tail(path, lines)}"
+
+
 def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         with open(path, errors="replace") as handle:
@@ -108,8 +126,8 @@ def wait_ready(registry: Registry, server_id: str, log_path: str, timeout: float
         elapsed = time.monotonic() - started
         if record is None or (record.pid is not None and not pid_alive(record.pid)):
             raise ServerFailed(
-                f"The vLLM server for {what} exited after {elapsed:.0f} s before it was ready. The end of its "
-                f"log ({log_path}) says why:\n{log_tail(log_path)}"
+                f"The vLLM server for {what} exited after {elapsed:.0f} s before it was ready. Its log "
+                f"({log_path}) says why; `sage logs` shows more.\n{failure_report(log_path)}"
             )
         if healthy(record.root_url):
             return record
@@ -117,7 +135,7 @@ def wait_ready(registry: Registry, server_id: str, log_path: str, timeout: float
             raise ServerFailed(
                 f"The vLLM server for {what} did not answer {record.root_url}/health within {timeout:.0f} s "
                 f"(it is still running, pid {record.pid}). Raise SAGE_READY_TIMEOUT if the model is large, "
-                f"or read its log ({log_path}); last lines:\n{log_tail(log_path)}"
+                f"or read its log ({log_path}).\n{failure_report(log_path)}"
             )
         text = log_tail(log_path, 400)
         while seen < len(_PHASES) and _PHASES[seen][0] in text:

@@ -251,10 +251,24 @@ class Manager:
                 supervisor.stdin.close()
             supervisor.poll()
 
-    def close(self) -> None:
-        """Leave every server this manager holds. Safe to call twice; registered with atexit."""
-        for server_id in list(self._held):
+    def close(self, wait: bool = False) -> None:
+        """Leave every server this manager holds. Safe to call twice; registered with atexit.
+
+        With ``wait``, return only once the servers that this left without owner and without keep-alive
+        are gone, so that a one-shot command leaves nothing running behind it when it returns.
+        """
+        left = list(self._held)
+        for server_id in left:
             self.release(server_id)
+        if not wait:
+            return
+        deadline = time.monotonic() + self.settings.stop_grace + 10
+        for server_id in left:
+            while time.monotonic() < deadline:
+                record = self.registry.get(server_id)
+                if record is None or (record.owners and record.state != "stopping") or record.keep_alive != 0:
+                    break
+                time.sleep(0.1)
 
     # --- what `sage ps / stop / logs` ask ------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         return interactive(conversation, args, endpoint.model)
     finally:
-        manager.close()  # before returning: a one-shot --ask must not leave its server behind
+        manager.close(wait=True)  # a one-shot --ask must not leave its server behind when it returns
 
 
 def ask_options(args: argparse.Namespace) -> dict:
