@@ -32,13 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from sage_magic import rag  # noqa: E402
-from sage_magic.config import Settings  # noqa: E402
-from sage_magic.rag import dense, indexer, store  # noqa: E402
-from sage_magic.rag.chunker import ChunkSettings  # noqa: E402
-from sage_magic.rag.embedder import load_embedder, resolve_embedder  # noqa: E402
+from sage_magic import rag
+from sage_magic.config import Settings
+from sage_magic.rag import dense, indexer, store
+from sage_magic.rag.chunker import ChunkSettings
+from sage_magic.rag.embedder import load_embedder, resolve_embedder
 
 RNG = np.random.default_rng(0)
 SYLLABLES = [a + b for a in "bcdfghklmnprstvz" for b in ("a", "e", "i", "o", "u", "ar", "en", "is", "on")]
@@ -184,7 +184,7 @@ def bench_vectors(base: np.ndarray, count: int, queries: int) -> None:
                       for i, q in enumerate(noise[worst:])])
     print(f"worst case: {worst:,} uniform random vectors (no structure), default nprobe {unstructured.nprobe}: "
           f"recall@5 {recall:.3f} -- real embeddings sit between this and the figures above")
-    print("exact latency by size (FLAT_LIMIT = {:,}):".format(dense.FLAT_LIMIT))
+    print(f"exact latency by size (FLAT_LIMIT = {dense.FLAT_LIMIT:,}):")
     for size in (10_000, 25_000, 50_000, 100_000):
         if size > count:
             break

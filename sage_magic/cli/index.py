@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     query.set_defaults(run=run_query)
 
 
-def _chunking(args: argparse.Namespace) -> "ChunkSettings | None":
+def _chunking(args: argparse.Namespace) -> ChunkSettings | None:
     """None keeps the index's chunking (or the defaults); a lone --chunk-size gets a fifth of it as overlap."""
     from ..rag import ChunkSettings
 

@@ -66,7 +66,3 @@ def _next_start(text: str, earliest: int, cut: int) -> int:
             return i + 1 if i + 1 < cut else earliest
     return earliest
 
-
-def chunk_text(text: str, settings: ChunkSettings) -> list[str]:
-    """The chunk strings of a text (whitespace-only chunks are left out: they carry nothing to find)."""
-    return [text[a:b] for a, b in chunk_spans(text, settings) if text[a:b].strip()]

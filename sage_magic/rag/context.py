@@ -6,8 +6,8 @@ citation numbers mean which sources, so the answer's ``[n]`` can be shown as lin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from .search import Hit
 

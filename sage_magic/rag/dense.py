@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import faiss
@@ -31,7 +32,7 @@ def suggested_nlist(count: int) -> int:
     return 2 ** max(6, round(math.log2(math.sqrt(max(count, 1)))))
 
 
-def build(vectors: "np.ndarray", previous: "faiss.Index | None" = None, seed: int = 0) -> "faiss.Index":
+def build(vectors: np.ndarray, previous: faiss.Index | None = None, seed: int = 0) -> faiss.Index:
     """A search index over row-ordered unit vectors (search returns row numbers).
 
     An IVF index reuses ``previous``'s trained centroids when the suggested cluster count is unchanged, so an
@@ -62,20 +63,13 @@ def build(vectors: "np.ndarray", previous: "faiss.Index | None" = None, seed: in
     return index
 
 
-def is_exact(index: "faiss.Index") -> bool:
-    """Flat indexes are rebuilt from the saved vectors on open; only approximate ones are saved as files."""
-    import faiss
-
-    return isinstance(index, faiss.IndexFlat)
-
-
-def save(index: "faiss.Index", path: Path) -> None:
+def save(index: faiss.Index, path: Path) -> None:
     import faiss
 
     faiss.write_index(index, str(path))
 
 
-def load(path: Path) -> "faiss.Index":
+def load(path: Path) -> faiss.Index:
     import faiss
 
     return faiss.read_index(str(path))
@@ -94,7 +88,7 @@ def _one_thread() -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def search(index: "faiss.Index", query: "np.ndarray", k: int) -> list[tuple[int, float]]:
+def search(index: faiss.Index, query: np.ndarray, k: int) -> list[tuple[int, float]]:
     """The ``k`` best (row, inner product) pairs for one unit query vector, best first."""
     with _one_thread():
         scores, rows = index.search(query.reshape(1, -1), min(k, index.ntotal))

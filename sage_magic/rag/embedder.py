@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import SageError
 
@@ -76,7 +77,7 @@ class Embedder:
         self.ref = ref
         self.dim = int(self._model.get_embedding_dimension())
 
-    def encode(self, texts: Sequence[str]) -> "np.ndarray":
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed a batch of texts as an (n, dim) float32 array of unit vectors."""
         import numpy as np
 

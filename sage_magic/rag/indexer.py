@@ -13,10 +13,11 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from ..config import Settings
 from ..errors import SageError
@@ -239,7 +240,7 @@ class _Plan:
         return ids
 
 
-def _embed(texts: list[str], ref: EmbedderRef, ticker: "_Ticker") -> "np.ndarray":
+def _embed(texts: list[str], ref: EmbedderRef, ticker: _Ticker) -> np.ndarray:
     """Embed in batches, reporting chunks done and chunks per second."""
     import numpy as np
 

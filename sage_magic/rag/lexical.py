@@ -6,8 +6,9 @@ rebuilt from all chunk texts for each generation; bm25s does that in about a sec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import bm25s
@@ -19,7 +20,7 @@ def _tokenize(texts: Sequence[str]) -> list[list[str]]:
     return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
 
 
-def build(texts: Sequence[str]) -> "bm25s.BM25":
+def build(texts: Sequence[str]) -> bm25s.BM25:
     """A BM25 index whose document numbers are the rows of ``texts``."""
     import bm25s
 
@@ -28,17 +29,17 @@ def build(texts: Sequence[str]) -> "bm25s.BM25":
     return index
 
 
-def save(index: "bm25s.BM25", folder: Path) -> None:
+def save(index: bm25s.BM25, folder: Path) -> None:
     index.save(str(folder), show_progress=False)
 
 
-def load(folder: Path) -> "bm25s.BM25":
+def load(folder: Path) -> bm25s.BM25:
     import bm25s
 
     return bm25s.BM25.load(str(folder), show_progress=False)
 
 
-def search(index: "bm25s.BM25", query: str, k: int, count: int) -> list[tuple[int, float]]:
+def search(index: bm25s.BM25, query: str, k: int, count: int) -> list[tuple[int, float]]:
     """The ``k`` best (row, BM25 score) pairs among ``count`` documents; rows sharing no word are left out."""
     tokens = _tokenize([query])
     if not tokens[0] or count == 0:

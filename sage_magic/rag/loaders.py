@@ -13,10 +13,10 @@ import glob
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ..errors import SageError
 

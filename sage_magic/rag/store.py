@@ -18,9 +18,10 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..errors import NotFound, SageError
@@ -81,7 +82,7 @@ class Manifest:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
         values = {k: v for k, v in data.items() if k != "format"}
         values["chunking"] = ChunkSettings(**data["chunking"])
         values["files"] = {path: FileEntry(**entry) for path, entry in data["files"].items()}
@@ -252,8 +253,8 @@ def write_generation(
     folder: Path,
     number: int,
     chunks: Sequence[Chunk],
-    vectors: "np.ndarray",
-    previous_dense: "Any | None" = None,
+    vectors: np.ndarray,
+    previous_dense: Any | None = None,
 ) -> str:
     """Write a complete generation under a hidden name, then rename it into place; returns its name.
 
