@@ -229,7 +229,7 @@ def main() -> None:
     sizes = (
         dict(files=1_000, vectors=100_000, chunks=60_000, queries=100, base=128, throughput=32)
         if args.short
-        else dict(files=10_000, vectors=1_000_000, chunks=100_000, queries=300, base=1_000, throughput=256)
+        else dict(files=10_000, vectors=1_000_000, chunks=100_000, queries=200, base=1_000, throughput=256)
     )
     started = time.perf_counter()
     print(f"sage_magic.rag benchmark ({'--short: reduced sizes' if args.short else 'full'}); "

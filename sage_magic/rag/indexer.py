@@ -155,8 +155,12 @@ def _refresh(
                 "PATH... --rebuild`."
             )
         vectors = np.empty((len(plan.chunks), dim), dtype=np.float32)
-        for row, source in enumerate(plan.sources):
-            vectors[row] = previous.vectors[source] if source >= 0 else embedded[-source - 1]  # type: ignore[union-attr,index]
+        sources = np.asarray(plan.sources, dtype=np.int64)
+        reused = sources >= 0
+        if reused.any():
+            vectors[reused] = previous.vectors[sources[reused]]  # type: ignore[union-attr]
+        if not reused.all():
+            vectors[~reused] = embedded[-sources[~reused] - 1]  # type: ignore[index]
         ticker("save", f"writing {len(plan.chunks)} chunks", None, force=True)
         number = int(manifest.generation.split("-")[1]) + 1 if manifest.generation else 1
         generation = store.write_generation(
