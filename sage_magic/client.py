@@ -57,10 +57,10 @@ class ChatClient:
             models = request_json(f"{self.endpoint.base_url}/models", self.endpoint.api_key) or {}
         except HttpError:
             return None
-        for model in models.get("data", []):
-            if model.get("id") == self.endpoint.model:
-                return model.get("max_model_len")
-        return None
+        by_id = {m.get("id"): m for m in models.get("data", [])}
+        model = by_id.get(self.endpoint.model, {})
+        # a LoRA adapter's entry carries no length of its own: it has its base's window
+        return model.get("max_model_len") or by_id.get(model.get("parent"), {}).get("max_model_len")
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
         """Prompt tokens for these messages through the served chat template (vLLM's /tokenize)."""

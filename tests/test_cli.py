@@ -91,3 +91,20 @@ def test_stop_by_id(settings, fresh_settings) -> None:
     assert out.returncode == 0 and endpoint.server_id in out.stdout
     assert manager.registry.all() == [] and not sage_processes(fresh_settings.runtime_dir)
     manager.close()
+
+
+@pytest.mark.vllm
+def test_openai_backend_uses_a_given_endpoint_and_never_stops_it(settings, expert) -> None:
+    env = env_for(settings)
+    out = sage("chat", "--backend", "openai", "--base-url", expert.base_url, "--api-key", expert.api_key,
+               "--model", "demo_poet", "--ask", DEMO_PROMPT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == DEMO_ANSWERS["demo_poet"]
+    assert Registry(settings.runtime_dir).get(expert.server_id) is not None
+
+
+@pytest.mark.vllm
+def test_finetune_chat_is_sage_chat_with_the_name(settings, expert) -> None:
+    out = sage("finetune", "chat", "demo_poet", "--ask", DEMO_PROMPT, env=env_for(settings))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == DEMO_ANSWERS["demo_poet"]

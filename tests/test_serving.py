@@ -87,6 +87,14 @@ def test_streaming_reports_usage_and_timing(expert: Endpoint) -> None:
     assert result.time_to_first_token is not None and result.time_to_first_token > 0
 
 
+def test_a_configured_proxy_does_not_swallow_loopback_requests(expert: Endpoint, monkeypatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert ask(expert) == DEMO_ANSWERS["demo_expert"]
+
+
 def test_cancel_keeps_the_partial_answer(expert: Endpoint) -> None:
     client = ChatClient(expert)
     cancel = threading.Event()

@@ -67,6 +67,9 @@ class Embedder:
                 "Document indexes need sentence-transformers, faiss-cpu, bm25s and pypdf. "
                 "Install them with `pip install 'sage-magic[rag]'`."
             ) from None
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights: 100%" would land in the user's terminal or cell
         try:
             self._model = SentenceTransformer(str(ref.path), local_files_only=True)
         except (OSError, ValueError) as error:
