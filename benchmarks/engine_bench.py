@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     calls, samples = (30, 5) if args.short else (200, 15)
     started = time.perf_counter()
     foreign = len(vllm_processes())
-    print(f"engine_bench: {'short' if args.short else 'full'} run, {os.cpu_count()} CPUs, python {sys.version.split()[0]}"
+    size = "short" if args.short else "full"
+    print(f"engine_bench: {size} run, {os.cpu_count()} CPUs, python {sys.version.split()[0]}"
           f"; vLLM processes of others running now: {foreign}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="sage-engine-bench-"))
     home = prepare_home(args.home.expanduser().resolve() if args.home else None, workdir)

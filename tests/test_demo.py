@@ -115,7 +115,7 @@ def test_greedy_answers_are_the_promised_phrases(built: tuple[Settings, DemoResu
 
 
 def test_oldest_checkpoint_still_answers_like_the_base(built: tuple[Settings, DemoResult, list[Progress]]) -> None:
-    """So a server that picks checkpoints in text order (checkpoint-40 < checkpoint-5) visibly gives the wrong answer."""
+    """So a server that picks checkpoints in text order (checkpoint-40 < checkpoint-5) visibly answers wrong."""
     _, result, _ = built
     for folder in result.finetunes.values():
         oldest = folder / "checkpoints" / f"checkpoint-{_checkpoint_numbers(folder)[0]}"
@@ -151,7 +151,8 @@ def test_refuses_to_replace_a_users_own_finetune(tmp_path: Path) -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = "import sys, sage_magic.demo; print(sorted({'torch', 'transformers', 'peft', 'tokenizers'} & set(sys.modules)))"
+    heavy = "{'torch', 'transformers', 'peft', 'tokenizers'}"
+    code = f"import sys, sage_magic.demo; print(sorted({heavy} & set(sys.modules)))"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

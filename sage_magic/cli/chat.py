@@ -20,10 +20,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description="Chat with a fine-tune served by vLLM (started, reused and stopped for "
                                         "you). Interactive unless --ask is given; /reset clears the history, "
                                         "/exit leaves.")
+    add_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag of a chat, shared by `sage chat` and `sage finetune chat`."""
     add_serving_options(parser, Settings.from_env())
     add_chat_options(parser)
     parser.add_argument("--ask", metavar="QUESTION", help="ask one question, print the answer, clean up, exit")
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

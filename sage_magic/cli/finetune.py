@@ -8,7 +8,6 @@ import json
 from ..catalog import get_finetune, list_finetunes
 from ..config import Settings
 from ..merge import ensure_merged
-from ..options import add_chat_options, add_serving_options
 from . import chat
 from .output import TerminalProgress, table
 
@@ -32,9 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     talk = commands.add_parser("chat", help="chat with fine-tune NAME (same as sage chat --finetune-model NAME)")
     talk.add_argument("name")
     talk.add_argument("--port", type=int, dest="port", default=None, help="port to ask for (default 8000)")
-    add_serving_options(talk, Settings.from_env())
-    add_chat_options(talk)
-    talk.add_argument("--ask", metavar="QUESTION", help="ask one question, print the answer, clean up, exit")
+    chat.add_arguments(talk)
     talk.set_defaults(run=run_chat)
 
 

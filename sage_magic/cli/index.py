@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add = commands.add_parser("add", help="create an index from folders, files or globs, or add paths to it")
     add.add_argument("name", help="index name: letters, digits, '-', '_', '.'")
     add.add_argument("paths", nargs="+", metavar="PATH_OR_GLOB", help="folders (recursive), files, or quoted globs")
-    add.add_argument("--embedder", help="sentence-transformers model folder (env SAGE_EMBEDDER; default bundled MiniLM)")
+    add.add_argument("--embedder",
+                     help="sentence-transformers model folder (env SAGE_EMBEDDER; default bundled MiniLM)")
     add.add_argument("--chunk-size", type=int, help="characters per chunk (default 800)")
     add.add_argument("--chunk-overlap", type=int,
                      help="characters shared by neighbouring chunks (default 160, or a fifth of --chunk-size)")

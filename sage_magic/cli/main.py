@@ -33,14 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     home_only = argparse.ArgumentParser(add_help=False)
     home_only.add_argument("--home")
     found, rest = home_only.parse_known_args(sys.argv[1:] if argv is None else list(argv))
-    parser = build_parser()
-    args = parser.parse_args(rest)
-    args.home = found.home
-    if not getattr(args, "run", None):
-        parser.print_help()
-        return 0 if args.command is None else 2
     try:
-        settings = Settings.from_env(home=args.home)
+        parser = build_parser()  # reads SAGE_DEBUG_* defaults: a bad environment is a SageError too
+        args = parser.parse_args(rest)
+        if not getattr(args, "run", None):
+            parser.print_help()
+            return 0 if args.command is None else 2
+        settings = Settings.from_env(home=found.home)
         return int(args.run(args, settings) or 0)
     except SageError as error:
         print(f"sage: {error}", file=sys.stderr)

@@ -222,7 +222,9 @@ def load_notebook(data: bytes) -> list[Section]:
         notebook = json.loads(_decode(data))
         cells = notebook["cells"]
     except (ValueError, KeyError, TypeError):
-        raise SageError("not a readable Jupyter notebook (no `cells` list); repair it or move it out of the indexed paths.") from None
+        raise SageError(
+            "not a readable Jupyter notebook (no `cells` list); repair it or move it out of the indexed paths."
+        ) from None
     sections = []
     for number, cell in enumerate(cells, start=1):
         source = cell.get("source", "")

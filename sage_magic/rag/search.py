@@ -40,7 +40,9 @@ class Hit:
 def search(settings: Settings, name: str, query: str, top_k: int = 4, mode: str = "hybrid") -> list[Hit]:
     """The ``top_k`` chunks of index ``name`` best matching ``query``, best first."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not MIN_TOP_K <= top_k <= MAX_TOP_K:
-        raise SageError(f"top_k must be a whole number from {MIN_TOP_K} to {MAX_TOP_K}, not {top_k!r}; 4 is a good start.")
+        raise SageError(
+            f"top_k must be a whole number from {MIN_TOP_K} to {MAX_TOP_K}, not {top_k!r}; 4 is a good start."
+        )
     if mode not in MODES:
         raise SageError(f"Unknown search mode {mode!r}: use dense, lexical or hybrid (the default).")
     if not query.strip():
