@@ -17,7 +17,6 @@ from .config import Settings
 from .errors import SageError
 
 DEFAULT_INDEX = "docs-public"  # SAGE's default index name
-TOP_K_RANGE = (1, 20)
 # Tokens held back for the chat template's own markers, which /tokenize of the messages already counts
 # only approximately on some servers.
 _TEMPLATE_MARGIN = 16
@@ -79,8 +78,6 @@ class Conversation:
 
     def _ground(self, question: str, index: str, top_k: int, mode: str, max_tokens: int) -> tuple[str, list, int]:
         """Retrieve, then fit the context into what the model's window leaves after history and answer."""
-        if not TOP_K_RANGE[0] <= top_k <= TOP_K_RANGE[1]:
-            raise SageError(f"--top-k {top_k} is out of range: give {TOP_K_RANGE[0]} to {TOP_K_RANGE[1]}.")
         from . import rag
         from .rag.context import build_context
 

@@ -12,9 +12,10 @@ import argparse
 import shlex
 
 from .config import Settings, parse_duration
-from .conversation import DEFAULT_INDEX, TOP_K_RANGE
+from .conversation import DEFAULT_INDEX
 from .errors import SageError
 from .manager import Endpoint, Manager
+from .rag.search import MAX_TOP_K, MIN_TOP_K
 
 BACKENDS = ("finetune", "vllm", "openai")
 
@@ -24,8 +25,8 @@ def top_k(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--top-k takes a whole number, not {text!r}") from None
-    if not TOP_K_RANGE[0] <= value <= TOP_K_RANGE[1]:
-        raise argparse.ArgumentTypeError(f"--top-k must be {TOP_K_RANGE[0]} to {TOP_K_RANGE[1]}, not {value}")
+    if not MIN_TOP_K <= value <= MAX_TOP_K:
+        raise argparse.ArgumentTypeError(f"--top-k must be {MIN_TOP_K} to {MAX_TOP_K}, not {value}")
     return value
 
 
