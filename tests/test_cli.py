@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -63,20 +64,36 @@ def test_ps_and_logs_show_the_running_server(settings, expert) -> None:
 
 
 @pytest.mark.vllm
-def test_ask_with_keep_alive_then_one_shot_cleanup(fresh_settings) -> None:
-    """`--keep-alive -1` leaves the server for the next command; a plain one-shot `--ask` cleans up before
-    it returns (SAGE's leaked its server)."""
+def test_one_shot_ask_leaves_nothing_running_when_it_returns(fresh_settings) -> None:
+    """SAGE's `--ask` returned before cleanup and leaked its server; ours stops it first."""
+    env = env_for(fresh_settings)
+    base = str(fresh_settings.models_root / "sage-demo-base")
+    out = sage("chat", "--backend", "vllm", "--model", base, "--ask", DEMO_PROMPT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == DEMO_ANSWERS["sage-demo-base"]
+    assert json.loads(sage("ps", "--json", env=env).stdout) == []
+    assert not sage_processes(fresh_settings.runtime_dir)
+
+
+@pytest.mark.vllm
+def test_keep_alive_forever_then_for_a_while(fresh_settings) -> None:
+    """`--keep-alive -1` keeps the server for the next command; a later `--keep-alive 3s` lets it go 3 s
+    after its last user left, not before."""
     env = env_for(fresh_settings)
     base = str(fresh_settings.models_root / "sage-demo-base")
     first = sage("chat", "--backend", "vllm", "--model", base, "--keep-alive", "-1", "--ask", DEMO_PROMPT, env=env)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == DEMO_ANSWERS["sage-demo-base"]
+    time.sleep(1.5)
     (row,) = json.loads(sage("ps", "--json", env=env).stdout)
-    assert row["owners"] == 0 and row["keep_alive"] == -1
+    assert row["owners"] == 0 and row["keep_alive"] == -1 and row["idle_until"] is None
     assert "forever" in sage("ps", env=env).stdout
-    second = sage("chat", "--backend", "vllm", "--model", base, "--keep-alive", "0", "--ask", DEMO_PROMPT, env=env)
+    second = sage("chat", "--backend", "vllm", "--model", base, "--keep-alive", "3s", "--ask", DEMO_PROMPT, env=env)
     assert second.returncode == 0 and "reusing server" in second.stderr
-    assert wait_until(lambda: json.loads(sage("ps", "--json", env=env).stdout) == [], 10)
+    left = time.time()
+    (row,) = json.loads(sage("ps", "--json", env=env).stdout)
+    assert row["owners"] == 0 and row["idle_until"] is not None and row["idle_until"] >= left
+    assert wait_until(lambda: json.loads(sage("ps", "--json", env=env).stdout) == [], 15)
+    assert time.time() - left >= 2.5  # not stopped before its keep-alive ran out
     assert wait_until(lambda: not sage_processes(fresh_settings.runtime_dir), 10)
 
 
@@ -108,3 +125,13 @@ def test_finetune_chat_is_sage_chat_with_the_name(settings, expert) -> None:
     out = sage("finetune", "chat", "demo_poet", "--ask", DEMO_PROMPT, env=env_for(settings))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == DEMO_ANSWERS["demo_poet"]
+
+
+@pytest.mark.vllm
+def test_interactive_chat_remembers_resets_and_exits(settings, expert) -> None:
+    script = f"{DEMO_PROMPT}\n/reset\n{DEMO_PROMPT}\n/exit\n"
+    out = subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "chat", "--finetune-model", "demo_expert"],
+                         input=script, capture_output=True, text=True, env=env_for(settings), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(DEMO_ANSWERS["demo_expert"]) == 2
+    assert "(history cleared)" in out.stderr and "Traceback" not in out.stderr
