@@ -80,7 +80,7 @@ def spawn_supervised(settings: Settings, registry: Registry, record: ServerRecor
                      env: dict[str, str]) -> subprocess.Popen:
     """Start the supervisor in its own session; we keep the write end of its stdin (see supervisor.py).
 
-    Call with the registry lock held and ``record`` already saved with ``supervisor_pid`` set right after.
+    Call with the registry lock held, and save ``record`` with ``supervisor_pid`` before releasing it.
     """
     with open(record.log_path, "ab") as log:
         return subprocess.Popen(

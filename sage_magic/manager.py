@@ -79,7 +79,7 @@ class Manager:
         self.progress = progress
         self.registry = Registry(settings.runtime_dir)
         self._held: set[str] = set()  # servers this manager has added its process to as an owner
-        self._supervisors: dict[str, subprocess.Popen] = {}  # keep their stdin open: EOF means "we are gone"
+        self._supervisors: dict[str, subprocess.Popen] = {}  # their stdin stays open until this process dies
         self._lock = threading.Lock()
         atexit.register(self.close)
 
@@ -98,7 +98,11 @@ class Manager:
         check_adapter(self.settings, ft)
         spec = self._base_spec(ft.base_path, _display_name(ft.base_ref), tuple(extra_args))
         record, launched = self._ensure_server(spec, port, keep_alive)
-        self._ensure_adapter(record, ft)
+        try:
+            self._ensure_adapter(record, ft)
+        except BaseException:
+            self.release(record.id)  # a base server nobody asked for on its own must not stay on our account
+            raise
         return _endpoint(record, ft.name, launched)
 
     def serve_model(self, path: str | Path, *, port: int | None = None, extra_args: tuple[str, ...] = (),
@@ -178,7 +182,7 @@ class Manager:
         )
         lora = spec.kind == "base"
         command = server_command(self.settings, spec.model_path, spec.served_name, chosen, lora, spec.extra_args)
-        self.registry.save(record)
+        # the supervisor reads its record once it gets the lock, i.e. after this save
         supervisor = spawn_supervised(self.settings, self.registry, record, command,
                                       server_env(self.settings, record, lora))
         record.supervisor_pid = supervisor.pid
@@ -245,11 +249,15 @@ class Manager:
             if record is not None and me in record.owners:
                 record.owners.remove(me)
                 self.registry.save(record)
-        if server_id in self._supervisors:
-            supervisor = self._supervisors.pop(server_id)
-            if supervisor.stdin:
-                supervisor.stdin.close()
-            supervisor.poll()
+        # The supervisor's stdin pipe stays open: its EOF means "this process died", which releasing is not
+        # (we may own the server again later, within its keep-alive).
+        self._reap_supervisors()
+
+    def _reap_supervisors(self) -> None:
+        """Collect the exit status of supervisors we started that have finished (no zombies left behind)."""
+        for server_id, supervisor in list(self._supervisors.items()):
+            if supervisor.poll() is not None:
+                del self._supervisors[server_id]
 
     def close(self, wait: bool = False) -> None:
         """Leave every server this manager holds. Safe to call twice; registered with atexit.
@@ -295,7 +303,7 @@ class Manager:
                 self.registry.remove(record.id)
         with self._lock:
             self._held.discard(record.id)
-        self._supervisors.pop(record.id, None)
+        self._reap_supervisors()
         return record
 
     def stop_all(self) -> list[ServerRecord]:

@@ -158,3 +158,21 @@ def test_broken_weights_fail_fast_with_the_log_tail(fresh_settings, tmp_path: Pa
     assert "Traceback" in str(error.value) or "Error" in str(error.value)
     manager.close()
     assert wait_until(lambda: not manager.registry.all() and not sage_processes(fresh_settings.runtime_dir), 15)
+
+
+def test_the_launcher_can_leave_and_come_back_within_the_keep_alive(fresh_settings) -> None:
+    """Leaving is not dying: the launching process releases the server, asks again before the keep-alive
+    runs out, and stays an owner (the supervisor must not mistake the release for the launcher's death)."""
+    manager = Manager(fresh_settings.with_(keep_alive=60.0))
+    base = fresh_settings.models_root / DEMO_BASE
+    first = manager.serve_model(base)
+    manager.close()
+    assert wait_until(lambda: manager.registry.get(first.server_id).idle_until is not None, 5)
+    again = manager.serve_model(base)
+    assert again.server_id == first.server_id and again.reused
+    time.sleep(2)  # several supervisor rounds
+    record = manager.registry.get(again.server_id)
+    assert record.owners and record.idle_until is None
+    assert ask(again) == DEMO_ANSWERS[DEMO_BASE]
+    manager.stop(again.server_id)
+    assert manager.registry.all() == [] and not sage_processes(fresh_settings.runtime_dir)
