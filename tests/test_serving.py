@@ -150,12 +150,11 @@ def test_broken_weights_fail_fast_with_the_log_tail(fresh_settings, tmp_path: Pa
     shutil.copytree(fresh_settings.models_root / DEMO_BASE, broken)
     (broken / "model.safetensors").write_bytes(b"\x00garbage" * 100)
     manager = Manager(fresh_settings.with_(ready_timeout=600.0))
-    started = time.monotonic()
     with pytest.raises(ServerFailed) as error:
         manager.serve_model(broken)
-    # it failed because the process exited, long before the 600 s timeout, and shows why
-    assert "exited" in str(error.value) and time.monotonic() - started < 300
-    assert "Traceback" in str(error.value) or "Error" in str(error.value)
+    # it failed because the process exited (not at the 600 s timeout), and leads with the logged cause
+    assert "exited after" in str(error.value) and "did not answer" not in str(error.value)
+    assert "Cause: " in str(error.value) and "Last lines of the log" in str(error.value)
     manager.close()
     assert wait_until(lambda: not manager.registry.all() and not sage_processes(fresh_settings.runtime_dir), 15)
 
