@@ -265,18 +265,24 @@ class Manager:
         With ``wait``, return only once the servers that this left without owner and without keep-alive
         are gone, so that a one-shot command leaves nothing running behind it when it returns.
         """
-        left = list(self._held)
-        for server_id in left:
-            self.release(server_id)
+        left = [self.registry.get(server_id) for server_id in self._held]
+        for record in left:
+            if record is not None:
+                self.release(record.id)
         if not wait:
             return
         deadline = time.monotonic() + self.settings.stop_grace + 10
-        for server_id in left:
-            while time.monotonic() < deadline:
-                record = self.registry.get(server_id)
-                if record is None or (record.owners and record.state != "stopping") or record.keep_alive != 0:
-                    break
-                time.sleep(0.1)
+        for record in left:
+            if record is None:
+                continue
+            current = self.registry.get(record.id)
+            if current is not None and (current.owners or current.keep_alive != 0):
+                continue  # it stays, for another owner or for its keep-alive
+            try:  # the supervisor exits last: after the server's process group and its registry record
+                psutil.Process(record.supervisor_pid).wait(timeout=max(0.1, deadline - time.monotonic()))
+            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+                pass
+        self._reap_supervisors()
 
     # --- what `sage ps / stop / logs` ask ------------------------------------------------------------------
 
