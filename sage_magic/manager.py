@@ -29,6 +29,7 @@ from .launch import HOST, choose_port, log_tail, server_command, server_env, spa
 from .merge import ensure_merged, merge_fingerprint
 from .progress import Progress, ProgressCallback, silent
 from .registry import Owner, Registry, ServerRecord, kill_group, new_server_id, pid_alive
+from .vllm_env import require_vllm
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class Manager:
     def _launch(self, spec: _Spec, port: int | None, keep_alive: float | None, me: Owner) -> ServerRecord:
         """Start a server (registry lock held). Ports of other starting servers count as taken: vLLM binds
         its port only after ~20 s of imports, so a free-looking port may already be promised."""
+        require_vllm(self.settings.python)
         taken = {r.port for r in self.registry.all()}
         chosen, why = choose_port(self.settings.port if port is None else port, taken)
         if why:

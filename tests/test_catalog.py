@@ -100,3 +100,4 @@ def test_rank_above_the_server_limit_says_what_to_raise(home: Path, tmp_path: Pa
     with pytest.raises(IncompatibleAdapter) as error:
         check_adapter(settings, get_finetune(settings, "demo_expert"))
     assert "rank 8" in str(error.value) and "SAGE_MAX_LORA_RANK" in str(error.value)
+
