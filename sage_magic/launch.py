@@ -19,7 +19,7 @@ from .config import Settings
 from .errors import ServerFailed
 from .http import healthy
 from .progress import Progress, ProgressCallback
-from .registry import Registry, ServerRecord, pid_alive
+from .registry import Registry, ServerRecord, is_ours
 
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 25
@@ -124,7 +124,7 @@ def wait_ready(registry: Registry, server_id: str, log_path: str, timeout: float
     while True:
         record = registry.get(server_id)
         elapsed = time.monotonic() - started
-        if record is None or (record.pid is not None and not pid_alive(record.pid)):
+        if record is None or (record.pid is not None and not is_ours(record.pid, record.id)):
             raise ServerFailed(
                 f"The vLLM server for {what} exited after {elapsed:.0f} s before it was ready. Its log "
                 f"({log_path}) says why; `sage logs` shows more.\n{failure_report(log_path)}"

@@ -28,7 +28,7 @@ from .http import HttpError, request_json
 from .launch import HOST, choose_port, log_tail, server_command, server_env, spawn_supervised, wait_ready
 from .merge import ensure_merged, merge_fingerprint
 from .progress import Progress, ProgressCallback, silent
-from .registry import Owner, Registry, ServerRecord, kill_group, new_server_id, pid_alive
+from .registry import Owner, Registry, ServerRecord, is_ours, kill_group, new_server_id
 from .vllm_env import require_vllm
 
 
@@ -297,7 +297,7 @@ class Manager:
         """Stop a server we started, whoever owns it: the supervisor does the stopping."""
         record = self.registry.find(target)
         deadline = time.monotonic() + (wait if wait is not None else self.settings.stop_grace + 10)
-        if pid_alive(record.supervisor_pid):
+        if is_ours(record.supervisor_pid, record.id):
             supervisor = psutil.Process(record.supervisor_pid)
             supervisor.terminate()
             try:  # it removes the record, then exits: "stopped" means both
@@ -305,7 +305,7 @@ class Manager:
             except psutil.TimeoutExpired:
                 pass
         if self.registry.get(record.id) is not None:  # supervisor gone or stuck: do it ourselves
-            if record.pid and pid_alive(record.pid):
+            if is_ours(record.pid, record.id):
                 kill_group(record.pid, self.settings.stop_grace)
             with self.registry.locked():
                 self.registry.remove(record.id)

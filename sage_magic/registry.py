@@ -174,18 +174,23 @@ class Registry:
         """Drop records whose supervisor is gone, killing any server process group it left behind."""
         reaped = []
         for record in self.all():
-            if pid_alive(record.supervisor_pid):
+            if is_ours(record.supervisor_pid, record.id):
                 continue
-            if record.pid and pid_alive(record.pid):
+            if is_ours(record.pid, record.id):
                 kill_group(record.pid, grace=5.0)
             self.remove(record.id)
             reaped.append(record.id)
         return reaped
 
 
-def pid_alive(pid: int) -> bool:
+def is_ours(pid: int | None, server_id: str) -> bool:
+    """True when ``pid`` still runs a process of server ``server_id`` (its supervisor or vLLM), not a
+    stranger that got a recycled pid: the launcher marks them all with SAGE_SERVER_ID in the environment."""
+    if not pid:
+        return False
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("SAGE_SERVER_ID") == server_id
     except psutil.Error:
         return False
 

@@ -8,8 +8,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
-
 from sage_magic.registry import Owner, Registry, ServerRecord, new_server_id
 
 
@@ -36,18 +34,35 @@ def test_files_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def _marked(server_id: str) -> subprocess.Popen:
+    """A stand-in process carrying the mark the launcher puts on a server's processes."""
+    return subprocess.Popen(["sleep", "60"], start_new_session=True, env={**os.environ, "SAGE_SERVER_ID": server_id})
+
+
 def test_stale_records_are_reaped_and_orphaned_servers_killed(tmp_path: Path) -> None:
     registry = Registry(tmp_path / "run")
-    orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)  # a "server" whose supervisor died
-    alive = _record(registry, os.getpid(), None)  # a live supervisor: kept
-    with registry.locked():
-        registry.save(_record(registry, _dead_pid(), None))
-        registry.save(_record(registry, _dead_pid(), orphan.pid))
-        registry.save(alive)
-        reaped = registry.reap()
-    assert len(reaped) == 2 and [r.id for r in registry.all()] == [alive.id]
-    orphan.wait(timeout=10)
-    assert not psutil.pid_exists(orphan.pid) or psutil.Process(orphan.pid).status() == psutil.STATUS_ZOMBIE
+    stale = _record(registry, _dead_pid(), None)
+    orphaned = _record(registry, _dead_pid(), None)
+    orphan = _marked(orphaned.id)  # the server of a supervisor that died
+    orphaned.pid = orphan.pid
+    alive = _record(registry, 0, None)
+    supervisor = _marked(alive.id)  # a live supervisor: its record stays
+    alive.supervisor_pid = supervisor.pid
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # got a dead server's pid, say
+    recycled = _record(registry, _dead_pid(), stranger.pid)
+    try:
+        with registry.locked():
+            for record in (stale, orphaned, alive, recycled):
+                registry.save(record)
+            reaped = registry.reap()
+        assert sorted(reaped) == sorted([stale.id, orphaned.id, recycled.id])
+        assert [r.id for r in registry.all()] == [alive.id]
+        assert orphan.wait(timeout=10) is not None
+        assert stranger.poll() is None and supervisor.poll() is None  # not ours: untouched
+    finally:
+        for proc in (orphan, supervisor, stranger):
+            proc.kill()
+            proc.wait()
 
 
 def test_a_recycled_pid_is_not_an_owner() -> None:
