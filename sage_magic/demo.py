@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -28,6 +27,7 @@ from filelock import FileLock
 from .config import Settings
 from .errors import SageError
 from .progress import Progress, ProgressCallback, silent
+from .staging import publish, staging, sweep_leftovers
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -102,12 +102,13 @@ def build_demo(settings: Settings, progress: ProgressCallback = silent, force: b
     # Two notebooks asking at once: the second waits, then finds the demo built.
     with FileLock(str(settings.home / ".sage_demo.lock")), ExitStack() as stack:
         _refuse_foreign(targets)
-        _sweep_leftovers(targets)
+        for target in targets:
+            sweep_leftovers(target)
         if not force and all(_is_current(t) for t in targets):
             return DemoResult(base_dir, ft_dirs, time.monotonic() - start, built=False)
         stack.enter_context(_torch_session())
-        base_tmp = stack.enter_context(_staging(base_dir))
-        staged = {name: stack.enter_context(_staging(folder)) for name, folder in ft_dirs.items()}
+        base_tmp = stack.enter_context(staging(base_dir))
+        staged = {name: stack.enter_context(staging(folder)) for name, folder in ft_dirs.items()}
         progress(Progress("tokenizer", "Training a byte-level BPE tokenizer", 0.0))
         tokenizer = _train_tokenizer()
         progress(Progress("base", f"Training the base model {DEMO_BASE}", 0.1))
@@ -119,7 +120,7 @@ def build_demo(settings: Settings, progress: ProgressCallback = silent, force: b
         _verify(base_tmp, staged)
         for tmp, target in [(base_tmp, base_dir)] + [(staged[n], ft_dirs[n]) for n in DEMO_FINETUNES]:
             _write_stamp(tmp)
-            _publish(tmp, target)
+            publish(tmp, target)
     seconds = time.monotonic() - start
     progress(Progress("done", f"Demo ready in {seconds:.1f} s: {DEMO_BASE}, {', '.join(DEMO_FINETUNES)}", 1.0))
     return DemoResult(base_dir, ft_dirs, seconds, built=True)
@@ -147,38 +148,9 @@ def _refuse_foreign(targets: list[Path]) -> None:
             )
 
 
-def _sweep_leftovers(targets: list[Path]) -> None:
-    """Remove staging folders a killed build left behind (safe: the caller holds the build lock)."""
-    for target in targets:
-        for kind in ("building", "old"):
-            for leftover in target.parent.glob(f".{target.name}.{kind}-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-
-
 def _write_stamp(folder: Path) -> None:
     stamp = {"recipe": RECIPE_VERSION, "built_at": _now(), "answers": DEMO_ANSWERS}
     (folder / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
-
-
-@contextmanager
-def _staging(target: Path) -> Iterator[Path]:
-    """A temporary folder next to ``target`` (same file system, so the final rename is atomic), always cleaned up."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place; an older version is renamed aside first, then deleted."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _now() -> str:

@@ -1,8 +1,8 @@
 """Merging a LoRA adapter into its base (peft ``merge_and_unload``), atomically and at most once.
 
 The merge runs in a child process (``python -m sage_magic.merge``): torch and peft never enter the kernel,
-and a merge that is killed takes nothing down with it. It writes into ``.merged_model.tmp-*`` beside the
-target, puts a completeness marker carrying the fingerprint in last, then renames the folder into place.
+and a merge that is killed takes nothing down with it. It writes into a staging folder beside the target
+(see staging.py), puts a completeness marker carrying the fingerprint in last, then renames it into place.
 So ``merged_model/`` is either absent, a complete earlier merge, or a complete new one; a second request
 with the same adapter and base finds the marker and costs nothing.
 """
@@ -10,27 +10,24 @@ with the same adapter and base finds the marker and costs nothing.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
+from filelock import FileLock
 
 from .catalog import MERGED_MARKER, FineTune
 from .config import Settings
 from .errors import MergeFailed
 from .fingerprint import adapter_digest, base_identity, combine
 from .progress import Progress, ProgressCallback, silent
+from .staging import publish, staging, sweep_leftovers
 
-TMP_PREFIX = ".merged_model.tmp-"
-OLD_PREFIX = ".merged_model.old-"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -47,47 +44,21 @@ def merged_fingerprint_on_disk(ft: FineTune) -> str | None:
         return None
 
 
-@contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """An advisory lock so two kernels asking for the same merge run it once."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_merged(settings: Settings, ft: FineTune, progress: ProgressCallback = silent) -> Path:
     """Return ``merged_model/`` for this fine-tune, merging first only if it is missing or stale."""
     fingerprint = merge_fingerprint(ft)
     if merged_fingerprint_on_disk(ft) == fingerprint:
         return ft.merged_dir
-    with _exclusive(ft.root / ".merge.lock"):
+    with FileLock(str(ft.root / ".merge.lock")):  # two kernels asking for the same merge run it once
         if merged_fingerprint_on_disk(ft) == fingerprint:  # another process merged while we waited
             progress(Progress("merge", f"{ft.name}: merged by another process", 1.0))
             return ft.merged_dir
-        for leftover in ft.root.glob(f"{TMP_PREFIX}*"):  # from a merge that was killed
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = ft.root / f"{TMP_PREFIX}{os.getpid()}"
-        try:
+        sweep_leftovers(ft.merged_dir)  # from a merge that was killed
+        with staging(ft.merged_dir) as tmp:
             _run_worker(settings, ft, tmp, fingerprint, progress)
-            _swap_into_place(tmp, ft.merged_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            publish(tmp, ft.merged_dir)
     progress(Progress("merge", f"{ft.name}: merged into {ft.merged_dir}", 1.0))
     return ft.merged_dir
-
-
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Replace ``target`` by ``new`` so that a complete merged model is always what the name points at."""
-    if target.exists():
-        old = target.parent / f"{OLD_PREFIX}{os.getpid()}"
-        os.rename(target, old)
-        os.rename(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, target)
 
 
 def _run_worker(settings: Settings, ft: FineTune, out: Path, fingerprint: str, progress: ProgressCallback) -> None:
@@ -128,7 +99,7 @@ def _report(message: str, fraction: float) -> None:
 def merge_in_this_process(base: Path, adapter: Path, out: Path, fingerprint: str) -> None:
     """Load base + adapter, merge, save weights then tokenizer, and write the marker last."""
     started = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)  # claim the folder first: a kill from here on leaves only it
+    out.mkdir(parents=True, exist_ok=True)
     _report("loading base model", 0.05)
     import torch
     from peft import PeftModel

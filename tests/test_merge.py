@@ -6,15 +6,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from sage_magic.catalog import MERGED_MARKER, get_finetune
 from sage_magic.errors import MergeFailed
-from sage_magic.merge import TMP_PREFIX, ensure_merged, merged_fingerprint_on_disk
+from sage_magic.merge import ensure_merged, merged_fingerprint_on_disk
 from sage_magic.progress import Progress
+from sage_magic.staging import leftovers
 from tests.conftest import env_for, make_settings
 
 
@@ -52,12 +52,15 @@ def test_a_retrained_adapter_is_merged_again(settings_copy) -> None:
 def test_killed_merge_leaves_no_half_written_model(settings_copy) -> None:
     ft = get_finetune(settings_copy, "demo_poet")
     proc = subprocess.Popen([sys.executable, "-m", "sage_magic.cli.main", "finetune", "merge", "demo_poet"],
-                            env=env_for(settings_copy), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not any(ft.root.glob(f"{TMP_PREFIX}*")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+                            env=env_for(settings_copy), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stderr:  # the worker's first progress report: it is merging into its staging folder
+        if "loading base model" in line:
+            break
     assert proc.poll() is None, "the merge ended before it could be interrupted"
+    assert leftovers(ft.merged_dir)
     worker = _children_of(proc.pid)
+    assert worker
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # the orphaned merge worker notices and stops by itself
@@ -66,7 +69,7 @@ def test_killed_merge_leaves_no_half_written_model(settings_copy) -> None:
     assert not get_finetune(settings_copy, "demo_poet").is_merged
     # the next merge cleans up the leftovers and succeeds
     ensure_merged(settings_copy, ft)
-    assert not list(ft.root.glob(f"{TMP_PREFIX}*")) and ft.is_merged
+    assert not leftovers(ft.merged_dir) and ft.is_merged
 
 
 def _gone(proc) -> bool:
@@ -97,4 +100,4 @@ def test_failed_merge_keeps_the_previous_merged_model(settings_copy) -> None:
         ensure_merged(settings_copy, get_finetune(settings_copy, "demo_poet"))
     assert "nothing was changed" in str(error.value)
     assert merged_fingerprint_on_disk(ft) == good and (ft.merged_dir / "model.safetensors").is_file()
-    assert not list(ft.root.glob(f"{TMP_PREFIX}*"))
+    assert not leftovers(ft.merged_dir)
