@@ -94,13 +94,13 @@ class Manager:
             merged = ensure_merged(self.settings, ft, self.progress)
             spec = _Spec("merged", merged, ft.name, combine(merge_fingerprint(ft), *self.settings.vllm_args,
                                                             *extra_args), tuple(extra_args))
-            record, launched = self._ensure_server(spec, port, keep_alive)
+            record, launched, _ = self._ensure_server(spec, port, keep_alive)
             return _endpoint(record, ft.name, launched)
         check_adapter(self.settings, ft)
         spec = self._base_spec(ft.base_path, _display_name(ft.base_ref), tuple(extra_args))
-        record, launched = self._ensure_server(spec, port, keep_alive)
+        record, launched, models = self._ensure_server(spec, port, keep_alive)
         try:
-            self._ensure_adapter(record, ft)
+            self._ensure_adapter(record, ft, models)
         except BaseException:
             self.release(record.id)  # a base server nobody asked for on its own must not stay on our account
             raise
@@ -114,7 +114,7 @@ class Manager:
             raise NotFound(f"{model} is not a model folder (no config.json). Give the folder of a "
                            "Hugging Face-format model; nothing is downloaded.")
         spec = self._base_spec(model.resolve(), model.name, tuple(extra_args))
-        record, launched = self._ensure_server(spec, port, keep_alive)
+        record, launched, _ = self._ensure_server(spec, port, keep_alive)
         return _endpoint(record, spec.served_name, launched)
 
     def _base_spec(self, model: Path, served_name: str, extra_args: tuple[str, ...]) -> _Spec:
@@ -124,8 +124,10 @@ class Manager:
 
     # --- servers -----------------------------------------------------------------------------------------
 
-    def _ensure_server(self, spec: _Spec, port: int | None, keep_alive: float | None) -> tuple[ServerRecord, bool]:
-        """A ready server for ``spec`` that this process now owns, and whether it was started just now."""
+    def _ensure_server(self, spec: _Spec, port: int | None,
+                       keep_alive: float | None) -> tuple[ServerRecord, bool, dict[str, dict]]:
+        """A ready server for ``spec`` that this process now owns, whether it was started just now, and what
+        it serves (its /v1/models by id)."""
         me = Owner.this_process()
         with self.registry.locked():
             self.registry.reap()
@@ -151,7 +153,7 @@ class Manager:
             started = time.monotonic()
             record = wait_ready(self.registry, record.id, record.log_path, self.settings.ready_timeout,
                                 self.progress, what)
-            self._confirm(record, spec)
+            models = self._confirm(record, spec)
         except BaseException:
             self.release(record.id)
             raise
@@ -164,7 +166,7 @@ class Manager:
                     self.registry.save(current)
                     record = current
             self.progress(Progress("ready", f"{what}: ready on port {record.port} in {seconds:.0f} s", 1.0))
-        return record, launched
+        return record, launched, models
 
     def _launch(self, spec: _Spec, port: int | None, keep_alive: float | None, me: Owner) -> ServerRecord:
         """Start a server (registry lock held). Ports of other starting servers count as taken: vLLM binds
@@ -194,14 +196,15 @@ class Manager:
                                          f"(server {server_id}, log {record.log_path})"))
         return record
 
-    def _confirm(self, record: ServerRecord, spec: _Spec) -> None:
-        """Trust a server only once it says it serves this model from this path."""
+    def _confirm(self, record: ServerRecord, spec: _Spec) -> dict[str, dict]:
+        """Trust a server only once it says it serves this model from this path; return what it serves."""
         models = self._models(record)
         if models.get(spec.served_name, {}).get("root") != str(spec.model_path):
             raise ServerFailed(
                 f"Server {record.id} on port {record.port} does not serve {spec.served_name} from "
                 f"{spec.model_path} (it lists {sorted(models)}). Stop it with `sage stop {record.id}` and retry."
             )
+        return models
 
     def _models(self, record: ServerRecord) -> dict[str, dict]:
         try:
@@ -211,10 +214,10 @@ class Manager:
                                f"`sage logs {record.id}` shows its log.") from None
         return {m["id"]: m for m in (answer or {}).get("data", [])}
 
-    def _ensure_adapter(self, record: ServerRecord, ft: FineTune) -> None:
+    def _ensure_adapter(self, record: ServerRecord, ft: FineTune, models: dict[str, dict]) -> None:
         """Load (or reload, if retrained) the fine-tune's adapter into a running base server."""
         fingerprint = adapter_digest(ft.adapter_dir)
-        listed = self._models(record).get(ft.name)
+        listed = models.get(ft.name)
         current = self.registry.get(record.id)
         known = current.adapters.get(ft.name) if current else None
         if listed and listed.get("root") == str(ft.adapter_dir) and known and known["fingerprint"] == fingerprint:
