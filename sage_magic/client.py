@@ -11,13 +11,10 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
-from urllib.parse import urlparse
 
+from .endpoint import Endpoint
 from .errors import SageError, ServerFailed
 from .http import HttpError, request_json
-from .manager import Endpoint
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
 @dataclass
@@ -41,8 +38,8 @@ class ChatClient:
 
         self.endpoint = endpoint
         self.timeout = timeout
-        host = urlparse(endpoint.base_url).hostname or ""
-        http_client = httpx.Client(trust_env=host not in LOOPBACK, timeout=timeout)
+        transport = httpx.HTTPTransport(uds=endpoint.socket) if endpoint.socket else None
+        http_client = httpx.Client(trust_env=not endpoint.is_local, timeout=timeout, transport=transport)
         self._openai = openai
         self._transport_error = httpx.HTTPError
         self._client = openai.OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key or "EMPTY",
@@ -54,7 +51,8 @@ class ChatClient:
     def max_model_len(self) -> int | None:
         """The served model's context length, from /v1/models (None if the server does not say)."""
         try:
-            models = request_json(f"{self.endpoint.base_url}/models", self.endpoint.api_key) or {}
+            models = request_json(f"{self.endpoint.base_url}/models", self.endpoint.api_key,
+                                  socket=self.endpoint.socket) or {}
         except HttpError:
             return None
         by_id = {m.get("id"): m for m in models.get("data", [])}
@@ -64,10 +62,9 @@ class ChatClient:
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
         """Prompt tokens for these messages through the served chat template (vLLM's /tokenize)."""
-        root = self.endpoint.base_url.rsplit("/v1", 1)[0]
         try:
-            answer = request_json(f"{root}/tokenize", self.endpoint.api_key,
-                                  {"model": self.endpoint.model, "messages": messages})
+            answer = request_json(f"{self.endpoint.root_url}/tokenize", self.endpoint.api_key,
+                                  {"model": self.endpoint.model, "messages": messages}, socket=self.endpoint.socket)
         except HttpError:
             return None
         return answer.get("count") if isinstance(answer, dict) else None

@@ -129,7 +129,7 @@ def wait_ready(registry: Registry, server_id: str, log_path: str, timeout: float
                 f"The vLLM server for {what} exited after {elapsed:.0f} s before it was ready. Its log "
                 f"({log_path}) says why; `sage logs` shows more.\n{failure_report(log_path)}"
             )
-        if healthy(record.root_url):
+        if healthy(record.root_url, socket=record.socket):
             return record
         if elapsed > timeout:
             raise ServerFailed(

@@ -22,6 +22,7 @@ import psutil
 
 from .catalog import FineTune, check_adapter, get_finetune
 from .config import Settings
+from .endpoint import Endpoint
 from .errors import NotFound, ServerFailed
 from .fingerprint import adapter_digest, base_identity, combine
 from .http import HttpError, request_json
@@ -30,17 +31,6 @@ from .merge import ensure_merged, merge_fingerprint
 from .progress import Progress, ProgressCallback, silent
 from .registry import Owner, Registry, ServerRecord, is_ours, kill_group, new_server_id
 from .vllm_env import require_vllm
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where to send OpenAI-style requests, and the ``model`` name to put in them."""
-
-    base_url: str
-    api_key: str | None
-    model: str
-    server_id: str | None = None  # None: an endpoint we did not start and will never stop
-    reused: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,7 +198,7 @@ class Manager:
 
     def _models(self, record: ServerRecord) -> dict[str, dict]:
         try:
-            answer = request_json(f"{record.base_url}/models", record.api_key)
+            answer = request_json(f"{record.base_url}/models", record.api_key, socket=record.socket)
         except HttpError as error:
             raise ServerFailed(f"Server {record.id} on port {record.port} did not list its models ({error}). "
                                f"`sage logs {record.id}` shows its log.") from None
@@ -225,7 +215,8 @@ class Manager:
         started = time.monotonic()
         payload = {"lora_name": ft.name, "lora_path": str(ft.adapter_dir), "load_inplace": bool(listed)}
         try:
-            request_json(f"{record.root_url}/v1/load_lora_adapter", record.api_key, payload, timeout=120)
+            request_json(f"{record.root_url}/v1/load_lora_adapter", record.api_key, payload, timeout=120,
+                         socket=record.socket)
         except HttpError as error:
             if not (error.status == 400 and "already" in error.body and self._models(record).get(ft.name)):
                 raise ServerFailed(
@@ -325,7 +316,7 @@ class Manager:
 
 
 def _endpoint(record: ServerRecord, model: str, launched: bool) -> Endpoint:
-    return Endpoint(record.base_url, record.api_key, model, record.id, reused=not launched)
+    return Endpoint(record.base_url, record.api_key, model, record.id, reused=not launched, socket=record.socket)
 
 
 def _status(record: ServerRecord) -> ServerStatus:

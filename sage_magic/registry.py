@@ -68,14 +68,16 @@ class ServerRecord:
     owners: list[Owner] = field(default_factory=list)
     idle_until: float | None = None  # set while no owner is left and keep-alive runs
     ready_seconds: float | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+    socket: str | None = None  # Unix domain socket the server listens on; None: TCP on host:port
 
     @property
     def root_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Over a socket the host part is nominal: requests carry ``socket`` to reach the server."""
+        return "http://localhost" if self.socket else f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
 
     def served_names(self) -> list[str]:
         return [self.served_name, *self.adapters]
