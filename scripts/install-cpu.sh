@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${EXTRAS:-cpu,rag}"
+EXTRAS="${EXTRAS:-cpu,rag,notebook,test}"
 "$PYTHON" -m pip install --disable-pip-version-check -q -e ".[${EXTRAS}]"
 # pip warns when they are absent; that is the wanted state.
 "$PYTHON" -m pip uninstall --disable-pip-version-check -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
