@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -308,10 +309,14 @@ def open_generation(settings: Settings, name: str) -> Generation:
             _read_manifest(folder)  # raises NotFound naming the known indexes
             continue  # the manifest appeared meanwhile
         try:
-            return _open_cached(folder, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            with _OPENING:  # two threads asking for a cold index load it once
+                return _open_cached(folder, stat.st_ino, stat.st_mtime_ns, stat.st_size)
         except FileNotFoundError:
             continue
     raise SageError(f"Index {name!r} is being rewritten too often to be read; try again in a moment.")
+
+
+_OPENING = threading.Lock()
 
 
 @functools.lru_cache(maxsize=4)
