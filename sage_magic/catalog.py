@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import IncompatibleAdapter, NotFound, SageError
+from .files import subfolders
 
 META_FILE = "finetune_meta.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -94,10 +95,8 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def known_names(settings: Settings) -> list[str]:
-    root = settings.finetune_root
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Names of the folders under the fine-tune root, usable or not (`list_finetunes` says which)."""
+    return subfolders(settings.finetune_root)
 
 
 def resolve_base(settings: Settings, ref: str, relative_to: Path | None = None) -> Path:
@@ -124,6 +123,24 @@ def resolve_base(settings: Settings, ref: str, relative_to: Path | None = None) 
     )
 
 
+def _base_ref(meta: dict, path: Path) -> str:
+    """The meta file's "model" field, or an error that says what is wrong with it (missing, empty, not text)."""
+    example = 'e.g. {"model": "/path/to/base"} or a name mapped in models.json'
+    if "model" not in meta:
+        raise SageError(f'{path} has no "model" field naming the base model. Add one, {example}.')
+    ref = meta["model"]
+    if not isinstance(ref, str):
+        kind = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+            type(ref), "null" if ref is None else type(ref).__name__)
+        raise SageError(
+            f'{path} has "model": {json.dumps(ref)}, which is {kind}; it must be a string naming the base model '
+            f"(a local path or a name). Fix it, {example}."
+        )
+    if not ref.strip():
+        raise SageError(f'{path} has an empty "model" field; it must name the base model. Fill it in, {example}.')
+    return ref
+
+
 def _checkpoints(root: Path) -> tuple[tuple[int, Path], ...]:
     folder = root / "checkpoints"
     if not folder.is_dir():
@@ -143,12 +160,7 @@ def get_finetune(settings: Settings, name: str) -> FineTune:
             "`sage finetune list` shows them with their base models."
         )
     meta = read_json(root / META_FILE, f"The metadata of fine-tune {name!r}")
-    base_ref = meta.get("model")
-    if not isinstance(base_ref, str) or not base_ref:
-        raise SageError(
-            f"{root / META_FILE} has no \"model\" field naming the base model. Add it, e.g. "
-            "{\"model\": \"/path/to/base\"}."
-        )
+    base_ref = _base_ref(meta, root / META_FILE)
     checkpoints = _checkpoints(root)
     final = root / "lora_weights"
     if (final / ADAPTER_CONFIG).is_file():
@@ -209,7 +221,8 @@ def check_adapter(settings: Settings, ft: FineTune, max_rank: int | None = None)
     """Refuse adapters vLLM would reject or silently mis-serve, with what to do instead.
 
     Checks: the adapter names the same base (when its reference resolves here), its rank fits the server's
-    ``--max-lora-rank``, and its LoRA matrices have the dimensions of the base's layers.
+    ``--max-lora-rank``, and the LoRA matrices of every layer the base's config sizes have that layer's
+    dimensions. Only what certainly cannot load is refused; what the config does not determine is vLLM's call.
     """
     limit = settings.max_lora_rank if max_rank is None else max_rank
     if ft.adapter_base_ref and ft.adapter_base_ref != ft.base_ref:
@@ -232,17 +245,90 @@ def check_adapter(settings: Settings, ft: FineTune, max_rank: int | None = None)
     weights = ft.adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise NotFound(f"{weights} is missing: the adapter of {ft.name!r} has no weights. Re-save it with peft.")
-    hidden = base_cfg.get("hidden_size")
-    heads = base_cfg.get("num_attention_heads") or 1
-    head_dim = base_cfg.get("head_dim") or (hidden // heads if hidden else None)
-    kv_heads = base_cfg.get("num_key_value_heads") or heads
-    fitting = {d for d in (hidden, base_cfg.get("intermediate_size"), heads * (head_dim or 0),
-                           kv_heads * (head_dim or 0)) if d}
     for key, shape in safetensors_shapes(weights).items():
-        outer = shape[1] if "lora_A" in key else shape[0] if "lora_B" in key else None
-        if outer is not None and fitting and outer not in fitting:
+        problem = _shape_problem(key, shape, base_cfg)
+        if problem:
             raise IncompatibleAdapter(
-                f"The adapter of {ft.name!r} does not fit base model {ft.base_ref!r}: tensor {key} has "
-                f"shape {shape}, but the base's layers have sizes {sorted(fitting)}. It was trained on another "
-                "architecture; point finetune_meta.json's \"model\" at the right base."
+                f"The adapter of {ft.name!r} does not fit base model {ft.base_ref!r}: tensor {key} has shape "
+                f"{shape}, {problem}. It was trained on another architecture; point finetune_meta.json's "
+                "\"model\" at the base it was trained on."
             )
+
+
+#: LoRA tensor kinds, and which of their dimensions must equal a size of the base layer they adapt:
+#: lora_A is (rank, in features), lora_B (out features, rank); on embeddings peft stores lora_embedding_A as
+#: (rank, vocabulary) and lora_embedding_B as (hidden, rank).
+_LORA_TENSOR = re.compile(r"(?:^|\.)(?P<module>[^.]+)\.(?P<kind>lora_(?:embedding_)?[AB])(?:\.|$)")
+_SIDE = {"lora_A": ("input", -1), "lora_B": ("output", 0), "lora_embedding_A": ("input", -1),
+         "lora_embedding_B": ("output", 0)}
+
+
+def _shape_problem(key: str, shape: list[int], base_cfg: dict) -> str | None:
+    """Why tensor ``key`` certainly cannot load into the base, or None when it may.
+
+    Only module names whose sizes follow from the config are judged (unfused and fused attention and MLP
+    projections, lm_head, embed_tokens); anything else (modules_to_save weights, unknown layer names) is
+    left to vLLM. Every sub-config with a hidden size (``text_config``, ``vision_config``...) is a
+    candidate, and a size matching any of them passes.
+    """
+    match = _LORA_TENSOR.search(key)
+    if match is None or not shape:
+        return None
+    side, axis = _SIDE[match["kind"]]
+    expected: set[int] = set()
+    for cfg in _sub_configs(base_cfg):
+        sizes = _layer_sizes(cfg).get(match["module"])
+        if sizes is None:
+            continue
+        allowed = sizes[0 if side == "input" else 1]
+        if allowed is None:
+            return None  # this side depends on something the config cannot pin down (a resized vocabulary)
+        expected |= allowed
+    if not expected or shape[axis] in expected:
+        return None
+    return f"but the {side} size of {match['module']} in the base is {' or '.join(map(str, sorted(expected)))}"
+
+
+def _sub_configs(cfg: dict) -> list[dict]:
+    """The config and its nested model configs (multimodal models keep the language model in text_config)."""
+    found = [cfg]
+    for value in cfg.values():
+        if isinstance(value, dict) and any(k in value for k in ("hidden_size", "n_embd", "d_model")):
+            found += _sub_configs(value)
+    return found
+
+
+def _layer_sizes(cfg: dict) -> dict[str, tuple[set[int] | None, set[int] | None]]:
+    """(input sizes, output sizes) of the layers a config determines, by module name; None: not determined."""
+    def whole(*keys: str) -> int | None:
+        for key in keys:
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    hidden = whole("hidden_size", "n_embd", "d_model")
+    if hidden is None:
+        return {}
+    model = {hidden}
+    sizes: dict[str, tuple[set[int] | None, set[int] | None]] = {
+        "lm_head": (model, None),  # the vocabulary side may be resized or padded: not certain
+        "embed_tokens": (None, model),
+    }
+    heads = whole("num_attention_heads", "n_head")
+    if heads:
+        head_dim = whole("head_dim") or hidden // heads
+        kv_heads = whole("num_key_value_heads") or heads
+        q, kv = heads * head_dim, kv_heads * head_dim
+        sizes.update({"q_proj": (model, {q}), "k_proj": (model, {kv}), "v_proj": (model, {kv}),
+                      "o_proj": ({q}, model), "qkv_proj": (model, {q + 2 * kv})})
+    # Dense and mixture-of-experts MLPs: intermediate_size, moe_intermediate_size, per-layer lists...
+    inner: set[int] = set()
+    for key, value in cfg.items():
+        if "intermediate_size" in key or key in ("ffn_dim", "n_inner"):
+            values = value if isinstance(value, list) else [value]
+            inner |= {v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0}
+    if inner:
+        sizes.update({"gate_proj": (model, inner), "up_proj": (model, inner), "down_proj": (inner, model),
+                      "gate_up_proj": (model, {2 * i for i in inner})})
+    return sizes

@@ -35,6 +35,9 @@ def test_chunks_cover_every_character_within_size_and_overlap(text: str, chunkin
         assert a_start < b_start <= a_end  # progress, and no gap
         assert a_end - b_start <= chunking.overlap  # shared characters never exceed the overlap
         assert b_end > a_end
+        # A line start inside the overlap window wins over a mid-line start (a table row is not cut in two).
+        if chunking.overlap and "\n" in text[a_end - chunking.overlap - 1 : a_end - 1]:
+            assert text[b_start - 1] == "\n", (text[a_end - chunking.overlap - 1 : a_end], b_start)
 
 
 def test_cuts_prefer_paragraphs_and_the_overlap_starts_on_a_word() -> None:
@@ -53,3 +56,20 @@ def test_default_settings_match_sage() -> None:
 def test_unusable_settings_are_explained(size: int, overlap: int) -> None:
     with pytest.raises(SageError, match="overlap"):
         ChunkSettings(size, overlap)
+
+
+def test_chunks_start_on_a_line_when_one_is_near() -> None:
+    table = "| option | meaning |\n|---|---|\n" + "".join(
+        f"| --flag-{i} | what flag {i} does, or stale) instead of the adapter on its base |\n" for i in range(40))
+    spans = chunk_spans(table, ChunkSettings(400, 120))
+    assert len(spans) > 5
+    for start, _ in spans[1:]:
+        assert table[start - 1] == "\n" and table[start] == "|", table[start : start + 40]
+
+
+def test_chunks_start_on_a_sentence_when_no_line_is_near() -> None:
+    prose = " ".join(f"Sentence number {i} says something about the index." for i in range(60))
+    spans = chunk_spans(prose, ChunkSettings(300, 100))
+    assert len(spans) > 5
+    for start, _ in spans[1:]:
+        assert prose[start:].startswith("Sentence number"), prose[start : start + 30]

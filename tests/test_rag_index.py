@@ -205,3 +205,61 @@ def test_cli_smoke(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[s
     assert main([*home, "index", "rm", "docs"]) == 0
     assert main([*home, "index", "show", "docs"]) == 2
     assert "There are no indexes yet" in capsys.readouterr().err
+
+
+def test_searches_from_several_threads_at_once_agree_and_leave_thread_counts_alone(
+    built: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A panel and a cell searching at once: same answers as one at a time, and the process's torch and FAISS
+    thread counts unchanged afterwards (a thread that starts using them later still gets all the cores)."""
+    import threading
+
+    import faiss
+    import torch
+
+    def counts_in_a_new_thread() -> tuple[int, int]:
+        seen: list[tuple[int, int]] = []
+        thread = threading.Thread(target=lambda: seen.append((torch.get_num_threads(), faiss.omp_get_max_threads())))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    questions = list(QUESTIONS)
+    alone = {q: rag.search(built, "docs", q, top_k=4) for q in questions}
+    before = counts_in_a_new_thread()
+    failures: list[str] = []
+
+    def search(question: str) -> None:
+        try:
+            if rag.search(built, "docs", question, top_k=4) != alone[question]:
+                failures.append(f"different hits for {question!r}")
+        except Exception as error:  # noqa: BLE001 - any exception in a thread is the failure reported
+            failures.append(repr(error))
+
+    def run(*groups: list[str]) -> None:
+        threads = [threading.Thread(target=lambda g=g: [search(q) for q in g]) for g in groups]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    run(*[questions[k:] + questions[:k] for k in range(6)])  # six threads, every question each
+    assert failures == [] and counts_in_a_new_thread() == before
+
+    # A slow model makes two searches overlap for sure: the first waits inside the model until the second
+    # arrives (or 2 s pass, when searches cannot overlap there), and the second then finishes last.
+    model = embedder_module.load_embedder(embedder_module.resolve_embedder(None))._model
+    meeting, original = threading.Barrier(2, timeout=2), model.encode
+
+    def slow(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        try:
+            second = meeting.wait() == 1  # the index of the second to arrive
+        except threading.BrokenBarrierError:
+            second = False
+        if second:
+            threading.Event().wait(0.3)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "encode", slow)
+    run(questions[:1], questions[1:2])
+    assert failures == [] and counts_in_a_new_thread() == before

@@ -104,3 +104,67 @@ def test_importing_the_package_pulls_no_heavy_module() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.replace("'", '"')) == []
+
+
+def test_a_glob_matching_a_symlink_to_a_file_outside_the_root_indexes_it_under_the_link(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.md").write_text("# Linked\n\nLinked text.\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\n")
+    (tmp_path / "docs" / "link.md").symlink_to(tmp_path / "outside" / "secret.md")
+    root, files = loaders.discover([f"{tmp_path}/docs/*.md"])
+    assert root == (tmp_path / "docs").resolve()
+    # named as the glob found it, below the root citations are relative to, and read through the link
+    assert [f.relative_to(root).as_posix() for f in files] == ["a.md", "link.md"]
+    assert "Linked text." in files[1].read_text()
+    # the same as a folder walk finds it
+    assert loaders.discover([str(tmp_path / "docs")]) == (root, files)
+
+
+SETEXT = """\
+---
+title: front matter, not a heading
+---
+Intro.
+
+Install
+=======
+
+Use pip
+to install it.
+---------------
+
+## Then an ATX heading
+
+text
+
+---
+
+A paragraph after a thematic break
+- and a list item
+---
+```
+Fenced
+------
+```
+Last
+===
+body
+"""
+
+
+def test_markdown_recognises_setext_headings_and_nothing_else() -> None:
+    found = loaders.load_markdown(SETEXT.encode())
+    assert [s.location for s in found] == [
+        "", "Install", "Install > Use pip to install it.", "Install > Then an ATX heading", "Last"
+    ]
+    assert "".join(s.text for s in found) == SETEXT  # nothing lost
+
+
+def test_html5_page_without_head_end_tag_keeps_its_text() -> None:
+    page = (b"<!doctype html><html><head><meta charset=utf-8><title>Tab title</title>"
+            b"<h1>Welcome</h1><p>The body text.</p><h2>More</h2><p>Details.</p>")
+    found = [(s.location, s.text) for s in loaders.load_html(page)]
+    assert [loc for loc, _ in found] == ["Welcome", "Welcome > More"]
+    assert "The body text." in found[0][1] and "Details." in found[1][1]
+    assert "Tab title" not in " ".join(text for _, text in found)

@@ -9,16 +9,20 @@ Typical use::
     rag.add(settings, "docs", ["./docs"])              # or rag.update(settings, "docs") later
     hits = rag.search(settings, "docs", "How do I use a GPU?", top_k=4)
     context = rag.build_context(hits, budget_chars=6000)
+    service = rag.SearchService(settings)              # the same search from a helper process: the caller
+    hits = service.search("docs", "GPU?")              # never imports torch (what a notebook kernel uses)
 """
 
 from .chunker import ChunkSettings
 from .context import Citation, GroundedContext, build_context
 from .indexer import UpdateReport, add, update
 from .search import MODES, Hit, search
+from .service import SearchService
 from .store import IndexInfo, describe, index_exists, list_indexes, remove_index
 
 __all__ = [
     "MODES",
+    "SearchService",
     "ChunkSettings",
     "Citation",
     "GroundedContext",

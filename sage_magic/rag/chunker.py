@@ -1,8 +1,9 @@
 """Cutting a section into overlapping chunks small enough to embed, without ever losing a character.
 
 Cuts prefer natural boundaries (paragraph, line, sentence, word) inside the allowed window, and the next
-chunk starts ``overlap`` characters before the cut (moved forward to a word start when one is near) so a
-sentence split by a cut is still whole in one of the two chunks. Spans, not strings, are returned: the
+chunk starts at most ``overlap`` characters before the cut, on the best boundary of that overlap window (a
+paragraph, line, sentence or word start, in that order), so it begins where a reader would, and a sentence
+split by a cut is still whole in one of the two chunks. Spans, not strings, are returned: the
 property "chunks cover every character" is then a statement about integers a test can check.
 """
 
@@ -17,6 +18,8 @@ DEFAULT_OVERLAP = 160
 
 #: Boundaries tried in order, best first: the cut goes right after the last one found in the window.
 _BREAKS = ("\n\n", "\n", ". ", "? ", "! ", "; ", ", ", " ", "\t")
+#: Where a following chunk may start, best kind first: a paragraph, a line, a sentence, a word.
+_STARTS = (("\n\n",), ("\n",), (". ", "? ", "! "), (" ", "\t"))
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,14 @@ def chunk_spans(text: str, settings: ChunkSettings) -> list[tuple[int, int]]:
 
 
 def _next_start(text: str, earliest: int, cut: int) -> int:
-    """Where the chunk after a cut begins: ``earliest`` moved forward to the next word start before ``cut``."""
-    if earliest == 0 or text[earliest - 1].isspace():
-        return earliest
-    for i in range(earliest, cut):
-        if text[i].isspace():
-            return i + 1 if i + 1 < cut else earliest
-    return earliest
+    """Where the chunk after a cut begins: the earliest paragraph start in ``[earliest, cut]``, else the earliest
+    line start, sentence start or word start there (in that order), else ``earliest`` itself.
 
+    Earliest keeps as much overlap as allowed; the kind comes first, so a chunk starts on a whole line rather
+    than mid-row of a table when the overlap window holds a line start.
+    """
+    for marks in _STARTS:
+        found = [i + len(mark) for mark in marks if (i := text.find(mark, max(0, earliest - len(mark)), cut)) != -1]
+        if found:
+            return min(found)
+    return earliest

@@ -9,11 +9,11 @@ vectors recall collapses (0.12), the known worst case of any clustering index.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .threads import one_thread
 
 if TYPE_CHECKING:
     import faiss
@@ -76,21 +76,11 @@ def load(path: Path) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """One query is faster on one thread: FAISS's OpenMP fan-out costs more than it saves (measured 3x)."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
 def search(index: faiss.Index, query: np.ndarray, k: int) -> list[tuple[int, float]]:
     """The ``k`` best (row, inner product) pairs for one unit query vector, best first."""
-    with _one_thread():
+    import faiss
+
+    # One query is faster on one thread: FAISS's OpenMP fan-out costs more than it saves (measured 3x).
+    with one_thread(faiss.omp_get_max_threads, faiss.omp_set_num_threads):
         scores, rows = index.search(query.reshape(1, -1), min(k, index.ntotal))
     return [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SageError
+from .threads import one_thread
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,21 +87,31 @@ class Embedder:
         import numpy as np
         import torch
 
-        # A query is one short text: splitting it over torch's threads costs more than it saves, and on a busy
-        # machine the threads wait for each other (measured on 2 loaded cores: 1 thread 47 ms, 2 threads 1 s).
-        threads = torch.get_num_threads()
+        # A query is one short text: splitting it over torch's threads costs more than it saves (threads.py).
         if len(texts) == 1:
-            torch.set_num_threads(1)
-        try:
-            vectors = self._model.encode(
-                list(texts), batch_size=32, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-            )
-        finally:
-            torch.set_num_threads(threads)
+            with one_thread(torch.get_num_threads, torch.set_num_threads):
+                vectors = self._encode(texts)
+        else:
+            vectors = self._encode(texts)
         return np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self._model.encode(
+            list(texts), batch_size=32, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
+
+
+_LOADING = threading.Lock()
+
+
+def load_embedder(ref: EmbedderRef) -> Embedder:
+    """The process-wide instance of a model: loaded on first use, then shared by every index and query.
+
+    Two threads asking at once wait for one load instead of loading the model twice."""
+    with _LOADING:
+        return _load(ref)
 
 
 @functools.lru_cache(maxsize=2)
-def load_embedder(ref: EmbedderRef) -> Embedder:
-    """The process-wide instance of a model: loaded on first use, then shared by every index and query."""
+def _load(ref: EmbedderRef) -> Embedder:
     return Embedder(ref)

@@ -15,12 +15,12 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Settings
 from ..errors import SageError
+from ..files import LockBusy, exclusive, utc_now
 from ..progress import Progress, ProgressCallback, silent
 from . import loaders, store
 from .chunker import ChunkSettings, chunk_spans
@@ -106,7 +106,7 @@ def add(
                 root="",
                 patterns=list(dict.fromkeys(patterns)),
                 generation=old.generation if old else "",
-                created=_now(),
+                created=utc_now(),
             )
             return _refresh(folder, fresh, None, ref, progress)
     finally:
@@ -141,7 +141,7 @@ def _refresh(
     removed = tuple(sorted(set(old_files) - set(plan.entries)))
     added = tuple(rel for rel in plan.entries if rel not in old_files)
     changed = tuple(rel for rel, e in plan.entries.items() if rel in old_files and e.sha256 != old_files[rel].sha256)
-    manifest = replace(manifest, root=str(root), files=plan.entries, updated=_now())
+    manifest = replace(manifest, root=str(root), files=plan.entries, updated=utc_now())
 
     if old is not None and old.root == manifest.root and not (added or changed or removed):
         store.write_manifest(folder, manifest)  # only stats or patterns moved: the generation still holds
@@ -289,25 +289,15 @@ def _locked(folder: Path, name: str) -> Iterator[None]:
 
     The OS releases the lock when its holder dies, so a killed update never blocks the next one.
     """
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(folder / ".lock"), timeout=0)
     try:
-        lock.acquire()
-    except Timeout:
+        with exclusive(folder / ".lock", wait=False):
+            yield
+    except LockBusy:
         raise SageError(
             f"Another process is writing index {name!r} right now. Wait for it to finish, then run the command "
             "again; the index keeps answering with its current content meanwhile."
         ) from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _absolute(pattern: str) -> str:
     return os.path.abspath(os.path.expanduser(pattern))
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

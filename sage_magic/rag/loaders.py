@@ -67,7 +67,8 @@ def expand(pattern: str) -> tuple[Path, list[Path]]:
     """The root a pattern searches and the document files it names today (sorted, absolute).
 
     A folder is searched recursively; a glob may use ``**``; a file named explicitly is always taken,
-    even if hidden, because the user asked for it.
+    even if hidden, because the user asked for it. A symlink found in a folder or by a glob is read through
+    but named by its own path below the root, wherever it points.
     """
     path = Path(pattern).expanduser()
     if not glob.has_magic(pattern):
@@ -82,10 +83,16 @@ def expand(pattern: str) -> tuple[Path, list[Path]]:
                 found += [Path(folder) / f for f in sorted(files) if not _skipped(rel / f)]
             return path, [f for f in found if is_document(f)]
         return path, []
-    root = _glob_root(str(path)).resolve()
-    matches = (Path(m).resolve() for m in glob.glob(str(path), recursive=True))
-    files = sorted(m for m in matches if m.is_file() and not _skipped(m.relative_to(root)) and is_document(m))
-    return root, files
+    # Matches stay where the glob found them (a symlink keeps its own name, as in a folder walk): resolving
+    # them would move a link to a file elsewhere out of the root its citations are relative to.
+    root = Path(os.path.abspath(_glob_root(str(path))))
+    matches = {Path(os.path.abspath(m)) for m in glob.glob(str(path), recursive=True)}
+    if matches:  # `..` after a wildcard can climb above the fixed part
+        root = Path(os.path.commonpath([root, *matches]))
+    real = root.resolve()
+    files = sorted(real / m.relative_to(root) for m in matches
+                   if m.is_file() and not _skipped(m.relative_to(root)) and is_document(m))
+    return real, files
 
 
 def discover(patterns: Iterable[str]) -> tuple[Path, list[Path]]:
@@ -150,22 +157,59 @@ def _split_at_headings(text: str, headings: list[tuple[int, int, str]]) -> list[
 
 
 _FENCE = re.compile(r"^(```|~~~)")
-_ATX = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$")
+_ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$")
+_SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
+#: Lines that start another block (list item, quote, table row) and so end a paragraph: CommonMark reads
+#: such a block followed by ``---`` as that block plus a thematic break, not as a heading.
+_BLOCK_START = re.compile(r"^ {0,3}(?:[-+*>|]|\d+[.)])(?:[ \t]|$)")
+_INDENTED_CODE = re.compile(r"^(?: {4}|\t)")
 
 
 def load_markdown(data: bytes) -> list[Section]:
-    """Sections per ATX heading (``#`` to ``######``), ignoring ``#`` lines inside fenced code."""
+    """Sections per heading: ATX (``#`` to ``######``) and Setext (a paragraph underlined by ``===`` for
+    level 1 or ``---`` for level 2), ignoring ``#`` and underline lines inside fenced code and front matter."""
     text = _decode(data)
+    lines = text.splitlines(keepends=True)
     headings, offset, fence = [], 0, None
-    for line in text.splitlines(keepends=True):
+    paragraph: list[str] = []  # lines of the paragraph being read, which an underline turns into a heading
+    paragraph_at = 0
+    skip = _front_matter_lines(lines)
+    for number, line in enumerate(lines):
         stripped = line.rstrip("\r\n")
         opener = _FENCE.match(stripped.lstrip())
-        if opener:
+        if number < skip:
+            pass
+        elif opener:
             fence = None if fence == opener.group(1) else (fence or opener.group(1))
-        elif fence is None and (match := _ATX.match(stripped)):
+            paragraph = []
+        elif fence is not None:
+            pass
+        elif (match := _ATX.match(stripped)) is not None:
             headings.append((offset, len(match.group(1)), match.group(2).strip()))
+            paragraph = []
+        elif (underline := _SETEXT.match(stripped)) is not None:  # without a paragraph: a thematic break
+            if paragraph:
+                level = 1 if underline.group(1)[0] == "=" else 2
+                headings.append((paragraph_at, level, " ".join(part.strip() for part in paragraph)))
+            paragraph = []
+        elif not stripped.strip() or _BLOCK_START.match(stripped) or (not paragraph and _INDENTED_CODE.match(stripped)):
+            paragraph = []
+        else:
+            if not paragraph:
+                paragraph_at = offset
+            paragraph.append(stripped)
         offset += len(line)
     return _split_at_headings(text, headings)
+
+
+def _front_matter_lines(lines: list[str]) -> int:
+    """How many leading lines are YAML front matter (``---`` ... ``---``), whose closing line is no heading."""
+    if not lines or lines[0].rstrip() != "---":
+        return 0
+    for number, line in enumerate(lines[1:], start=1):
+        if line.rstrip() in ("---", "..."):
+            return number + 1
+    return 0
 
 
 _RST_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+:.])\1{2,}\s*$")
@@ -238,7 +282,9 @@ class _HTMLText(HTMLParser):
     """Visible text of an HTML page with the offsets of its h1..h6 headings."""
 
     BLOCKS = frozenset("p div br li tr h1 h2 h3 h4 h5 h6 section article header footer pre table ul ol".split())
-    HIDDEN = frozenset({"script", "style", "template", "noscript", "head"})
+    #: Elements whose text is never shown. Not ``head``: its end tag is optional in HTML5 (the body's first
+    #: element closes it), and the only text it holds is the title's.
+    HIDDEN = frozenset({"script", "style", "template", "noscript", "title"})
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)

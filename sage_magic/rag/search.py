@@ -39,14 +39,7 @@ class Hit:
 
 def search(settings: Settings, name: str, query: str, top_k: int = 4, mode: str = "hybrid") -> list[Hit]:
     """The ``top_k`` chunks of index ``name`` best matching ``query``, best first."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not MIN_TOP_K <= top_k <= MAX_TOP_K:
-        raise SageError(
-            f"top_k must be a whole number from {MIN_TOP_K} to {MAX_TOP_K}, not {top_k!r}; 4 is a good start."
-        )
-    if mode not in MODES:
-        raise SageError(f"Unknown search mode {mode!r}: use dense, lexical or hybrid (the default).")
-    if not query.strip():
-        raise SageError("The query is empty: ask a question or give a few words to look for.")
+    check_request(query, top_k, mode)
     generation = store.open_generation(settings, name)
     ref = store.embedder_for(generation.manifest, settings.embedder)  # refuses another model's query vectors
     count = len(generation.chunks)
@@ -60,6 +53,18 @@ def search(settings: Settings, name: str, query: str, top_k: int = 4, mode: str 
         rankings.append(lexical.search(generation.lexical, query, depth, count))
     ranked = rrf(rankings)[:top_k] if mode == "hybrid" else rankings[0]
     return [_hit(generation.chunks[row], score) for row, score in ranked]
+
+
+def check_request(query: str, top_k: int, mode: str) -> None:
+    """Refuse a query, top_k or mode that no index could answer (cheap: callers check before starting anything)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not MIN_TOP_K <= top_k <= MAX_TOP_K:
+        raise SageError(
+            f"top_k must be a whole number from {MIN_TOP_K} to {MAX_TOP_K}, not {top_k!r}; 4 is a good start."
+        )
+    if mode not in MODES:
+        raise SageError(f"Unknown search mode {mode!r}: use dense, lexical or hybrid (the default).")
+    if not isinstance(query, str) or not query.strip():
+        raise SageError("The query is empty: ask a question or give a few words to look for.")
 
 
 def rrf(rankings: list[list[tuple[int, float]]], k: int = RRF_K) -> list[tuple[int, float]]:

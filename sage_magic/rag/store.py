@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..errors import NotFound, SageError
+from ..files import subfolders, write_json_atomic
 from . import dense, lexical
 from .chunker import ChunkSettings
 from .embedder import DEFAULT_EMBEDDER_ID, EmbedderRef, resolve_embedder
@@ -116,9 +118,8 @@ def known_names(settings: Settings) -> list[str]:
 
 
 def _known(root: Path) -> list[str]:
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file() and _NAME.fullmatch(p.name))
+    """Complete indexes under ``root``: folders with a manifest and a name `check_name` accepts."""
+    return [name for name in subfolders(root, MANIFEST) if _NAME.fullmatch(name)]
 
 
 def read_manifest(settings: Settings, name: str) -> Manifest:
@@ -145,13 +146,8 @@ def _read_manifest(folder: Path) -> Manifest:
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Replace the manifest atomically (write, fsync, rename): readers see the old or the new one, whole."""
-    temporary = folder / f".{MANIFEST}.{os.getpid()}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(manifest.to_json(), handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, folder / MANIFEST)
+    """Replace the manifest atomically: readers see the old or the new one, whole (see files.py)."""
+    write_json_atomic(folder / MANIFEST, manifest.to_json())
 
 
 def remove_index(settings: Settings, name: str) -> None:
@@ -313,10 +309,14 @@ def open_generation(settings: Settings, name: str) -> Generation:
             _read_manifest(folder)  # raises NotFound naming the known indexes
             continue  # the manifest appeared meanwhile
         try:
-            return _open_cached(folder, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            with _OPENING:  # two threads asking for a cold index load it once
+                return _open_cached(folder, stat.st_ino, stat.st_mtime_ns, stat.st_size)
         except FileNotFoundError:
             continue
     raise SageError(f"Index {name!r} is being rewritten too often to be read; try again in a moment.")
+
+
+_OPENING = threading.Lock()
 
 
 @functools.lru_cache(maxsize=4)
