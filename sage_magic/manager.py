@@ -45,7 +45,7 @@ class ServerStatus:
     def as_dict(self) -> dict[str, object]:
         r = self.record
         return {"id": r.id, "name": r.served_name, "kind": r.kind, "adapters": sorted(r.adapters),
-                "model_path": r.model_path, "port": r.port, "base_url": r.base_url, "pid": r.pid,
+                "model_path": r.model_path, "port": r.port, "socket": r.socket, "base_url": r.base_url, "pid": r.pid,
                 "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "state": r.state,
                 "uptime_s": round(self.uptime, 1), "memory_bytes": self.memory_bytes,
                 "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path}
