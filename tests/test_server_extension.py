@@ -137,6 +137,26 @@ async def test_stop_needs_the_xsrf_token_with_cookie_login(jp_fetch, jp_serverap
         marked.wait()
 
 
+async def test_stop_all_stops_every_registered_server(jp_fetch, sage_env: Settings) -> None:
+    registry = Registry(sage_env.runtime_dir)
+    supervisors = []
+    for _ in range(2):
+        record = _record(registry, 0)
+        supervisors.append(_sleeper(record.id))
+        record.supervisor_pid = supervisors[-1].pid
+        with registry.locked():
+            registry.save(record)
+    try:
+        answer = json.loads((await jp_fetch("sage-magic", "servers", "stop-all", method="POST", body="")).body)
+        assert len(answer["stopped"]) == 2
+        assert wait_until(lambda: all(s.poll() is not None for s in supervisors), 10)
+        assert registry.all() == []
+    finally:
+        for proc in supervisors:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("server_id", ["{pid}", "..%2Fevil", "..", "nope"])
 async def test_an_id_not_in_the_registry_signals_nobody(jp_fetch, http_server_client, jp_auth_header, jp_base_url,
                                                         sage_env: Settings, server_id: str) -> None:
