@@ -56,6 +56,10 @@ class Lab:
         (data / "labextensions" / "sage-magic").symlink_to(BUILT)  # this checkout's build, not an installed one
         config = folder / "jupyter-config"
         config.mkdir()
+        lab_settings = folder / "lab-settings"  # no "get Jupyter news?" toast over the screenshots
+        lab_settings.mkdir()
+        (lab_settings / "overrides.json").write_text(
+            json.dumps({"@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}}))
         (config / "jupyter_server_config.json").write_text(
             json.dumps({"ServerApp": {"jpserver_extensions": {"sage_magic.server": True}}}))
         self.token = secrets.token_hex(16)
@@ -67,7 +71,7 @@ class Lab:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip", "127.0.0.1",
              "--port", str(self.port), f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={folder}",
-             "--LabApp.expose_app_in_browser=True", "--ServerApp.open_browser=False"],
+             "--LabApp.expose_app_in_browser=True", f"--LabApp.app_settings_dir={lab_settings}"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         assert wait_until(self._up, 60, 0.5), f"JupyterLab did not start: {(folder / 'jupyterlab.log').read_text()}"
 
@@ -143,6 +147,20 @@ def test_sidebar_status_item_and_commands_appear(page, lab_for, fresh_settings: 
         .map(id => window.jupyterapp.commands.label(id))""")
     assert labels == ["SAGE: Open chat in this notebook", "SAGE: Stop all model servers"]
     _shot(page, "1-sidebar-and-status-item")
+
+    cells = page.evaluate("""async () => {
+        const app = window.jupyterapp;
+        const panel = await app.commands.execute('notebook:create-new', {kernelName: 'python3'});
+        await panel.context.ready;
+        await panel.sessionContext.ready;
+        await panel.sessionContext.session.kernel.info;
+        app.shell.activateById(panel.id);
+        await app.commands.execute('sage-magic:open-chat');
+        return panel.content.model.sharedModel.cells.map(c => [c.getSource(), c.execution_count]);
+    }""")
+    # the command put the chat cell into the new notebook's empty cell and the kernel ran it
+    assert cells == [["%load_ext sage_magic\n%sage_chat", 1]]
+    _shot(page, "1b-open-chat-command")
 
 
 @pytest.mark.vllm

@@ -85,7 +85,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
           return;
         }
         const notebook = current.content;
-        NotebookActions.insertBelow(notebook);
+        const active = notebook.activeCell;
+        // an empty code cell (a new notebook's first one) is used as is; otherwise a new cell goes below
+        if (!active || active.model.type !== 'code' || active.model.sharedModel.getSource().trim()) {
+          NotebookActions.insertBelow(notebook);
+        }
         notebook.activeCell?.model.sharedModel.setSource(CHAT_CELL);
         await NotebookActions.run(notebook, current.sessionContext);
       }
