@@ -32,53 +32,61 @@ from ..registry import ServerRecord
 MAX_LOG_LINES = 2000
 
 
+class EngineError(web.HTTPError):
+    """An engine SageError on its way to the client: its one-paragraph message becomes the JSON reply."""
+
+    def __init__(self, error: SageError, status: int | None = None) -> None:
+        super().__init__(status or (404 if isinstance(error, NotFound) else 409))
+        self.sage_message = str(error)
+
+
 class _Base(APIHandler):
     """Shared plumbing: the manager, engine errors as JSON, and blocking engine calls off the event loop."""
 
     def initialize(self, manager: Manager) -> None:
         self.manager = manager
 
-    def reply_error(self, status: int, message: str) -> None:
-        self.set_status(status)
-        self.finish({"message": message})
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(error, EngineError):
+            self.finish({"message": error.sage_message})
+        else:
+            super().write_error(status_code, **kwargs)
 
-    def record(self, server_id: str) -> ServerRecord | None:
-        """The record with exactly this id; answers 404 itself when there is none."""
+    def record(self, server_id: str) -> ServerRecord:
+        """The record with exactly this id (never a prefix, a name or a path)."""
         record = self.manager.registry.get(server_id)
         if record is None:
-            self.reply_error(404, f"No running server has id {server_id!r}. GET /sage-magic/servers lists them.")
+            raise EngineError(NotFound(f"No running server has id {server_id!r}. GET /sage-magic/servers "
+                                       "lists them."))
         return record
 
-    async def off_loop(self, call: Callable[..., Any], *args: Any) -> Any:
-        """Stopping waits for the supervisor (seconds); the server's event loop must not wait with it."""
-        return await asyncio.get_running_loop().run_in_executor(None, call, *args)
+    async def engine(self, call: Callable[..., Any], *args: Any) -> Any:
+        """Run an engine call off the event loop (stopping waits seconds for a supervisor)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, call, *args)
+        except SageError as error:  # e.g. the server stopped on its own meanwhile
+            raise EngineError(error) from None
 
 
 class ServersHandler(_Base):
     @web.authenticated
     async def get(self) -> None:
-        statuses = await self.off_loop(self.manager.servers)
+        statuses = await self.engine(self.manager.servers)
         self.finish({"servers": [s.as_dict() for s in statuses]})
 
 
 class StopHandler(_Base):
     @web.authenticated
     async def post(self, server_id: str) -> None:
-        record = self.record(server_id)
-        if record is None:
-            return
-        try:
-            stopped = await self.off_loop(self.manager.stop, record.id)
-        except NotFound:  # it went away on its own between the lookup and the stop
-            self.reply_error(404, f"Server {record.id} is not running any more.")
-            return
+        stopped = await self.engine(self.manager.stop, self.record(server_id).id)
         self.finish({"stopped": [stopped.id]})
 
 
 class StopAllHandler(_Base):
     @web.authenticated
     async def post(self) -> None:
-        stopped = await self.off_loop(self.manager.stop_all)
+        stopped = await self.engine(self.manager.stop_all)
         self.finish({"stopped": [r.id for r in stopped]})
 
 
@@ -88,34 +96,23 @@ class LogHandler(_Base):
         try:
             lines = min(max(int(self.get_argument("lines", "200")), 1), MAX_LOG_LINES)
         except ValueError:
-            self.reply_error(400, f"lines must be a whole number from 1 to {MAX_LOG_LINES}.")
-            return
+            raise EngineError(SageError(f"lines must be a whole number from 1 to {MAX_LOG_LINES}."), 400) from None
         record = self.record(server_id)
-        if record is None:
-            return
-        try:
-            text = await self.off_loop(self.manager.logs, record.id, lines)
-        except NotFound:
-            self.reply_error(404, f"Server {record.id} is not running any more.")
-            return
+        text = await self.engine(self.manager.logs, record.id, lines)
         self.finish({"id": record.id, "lines": lines, "log": text})
 
 
 class FinetunesHandler(_Base):
     @web.authenticated
     async def get(self) -> None:
-        entries = await self.off_loop(list_finetunes, self.manager.settings)
+        entries = await self.engine(list_finetunes, self.manager.settings)
         self.finish({"finetunes": [e.as_dict() for e in entries]})
 
 
 class IndexesHandler(_Base):
     @web.authenticated
     async def get(self) -> None:
-        try:
-            infos = await self.off_loop(rag.list_indexes, self.manager.settings)
-        except SageError as error:  # e.g. an index folder written by a newer version
-            self.reply_error(500, str(error))
-            return
+        infos = await self.engine(rag.list_indexes, self.manager.settings)
         self.finish({"indexes": [{k: v for k, v in asdict(i).items() if k != "sources"} for i in infos]})
 
 
