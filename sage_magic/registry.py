@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import time
 from contextlib import contextmanager
@@ -92,6 +93,11 @@ class ServerRecord:
         return cls(**data)
 
 
+# What a server id may look like. Ids reach the registry from outside (CLI arguments, the Jupyter server
+# extension's URLs): anything else, such as "../x", must never become a file path.
+_SERVER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def new_server_id() -> str:
     return secrets.token_hex(4)
 
@@ -142,6 +148,9 @@ class Registry:
         return sorted(records, key=lambda r: r.started_at)
 
     def get(self, server_id: str) -> ServerRecord | None:
+        """The record with exactly this id, or None (also for a string that is not an id at all)."""
+        if not _SERVER_ID.fullmatch(server_id):
+            return None
         try:
             return ServerRecord.from_json(json.loads(self._path(server_id).read_text()))
         except (OSError, ValueError, TypeError):

@@ -1,0 +1,196 @@
+"""The SAGE sidebar and status item in a real JupyterLab, driven in headless Chromium.
+
+The test starts JupyterLab on 127.0.0.1 with a token and this checkout's server extension and built lab
+extension (sage_magic/labextension, built by `npm run build:prod` in labextension/). The stop test uses a
+model server of its own (a private registry): stopping the session's shared server would break the tests
+that come after it. Each step's screenshot goes to test-artifacts/browser/.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from sage_magic.config import Settings
+from sage_magic.manager import Manager
+from tests.conftest import env_for, sage_processes, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILT = ROOT / "sage_magic" / "labextension"
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason="Chromium is not installed here (`apt-get install -y chromium`; .ci/run does it)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Lab:
+    """A JupyterLab server process seeing one SAGE home and registry."""
+
+    def __init__(self, settings: Settings, folder: Path) -> None:
+        if not (BUILT / "static" / "style.js").is_file():
+            pytest.fail(f"The lab extension is not built ({BUILT} is missing): run "
+                        "`cd labextension && npm install && npm run build:prod` first.")
+        data = folder / "jupyter-data"
+        (data / "labextensions").mkdir(parents=True)
+        (data / "labextensions" / "sage-magic").symlink_to(BUILT)  # this checkout's build, not an installed one
+        config = folder / "jupyter-config"
+        config.mkdir()
+        lab_settings = folder / "lab-settings"  # no "get Jupyter news?" toast over the screenshots
+        lab_settings.mkdir()
+        (lab_settings / "overrides.json").write_text(
+            json.dumps({"@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}}))
+        (config / "jupyter_server_config.json").write_text(
+            json.dumps({"ServerApp": {"jpserver_extensions": {"sage_magic.server": True}}}))
+        self.token = secrets.token_hex(16)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**env_for(settings), "JUPYTER_PATH": str(data), "JUPYTER_CONFIG_DIR": str(config),
+               "PYTHONPATH": str(ROOT)}
+        self.log = open(folder / "jupyterlab.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip", "127.0.0.1",
+             "--port", str(self.port), f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={folder}",
+             "--LabApp.expose_app_in_browser=True", f"--LabApp.app_settings_dir={lab_settings}"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        assert wait_until(self._up, 60, 0.5), f"JupyterLab did not start: {(folder / 'jupyterlab.log').read_text()}"
+
+    def _up(self) -> bool:
+        assert self.proc.poll() is None, "JupyterLab exited"
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/status?token={self.token}", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def page(tmp_path: Path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is in the test extra")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1280, "height": 800})
+        finally:
+            browser.close()
+
+
+def _open_lab(page, lab: Lab) -> None:
+    page.goto(f"{lab.url}/lab?token={lab.token}")
+    page.wait_for_function("() => window.jupyterapp !== undefined", timeout=60_000)
+    page.evaluate("async () => { await window.jupyterapp.restored; }")
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def _status_text(page) -> str:
+    return page.locator(".sage-magic-status").inner_text()
+
+
+@pytest.fixture
+def lab_for(tmp_path: Path) -> Iterator:
+    labs: list[Lab] = []
+
+    def start(settings: Settings) -> Lab:
+        labs.append(Lab(settings, tmp_path / f"lab{len(labs)}"))
+        return labs[-1]
+
+    yield start
+    for lab in labs:
+        lab.close()
+
+
+def test_sidebar_status_item_and_commands_appear(page, lab_for, fresh_settings: Settings) -> None:
+    lab = lab_for(fresh_settings)
+    _open_lab(page, lab)
+    status = page.locator(".sage-magic-status")
+    status.wait_for(state="visible", timeout=30_000)
+    assert wait_until(lambda: _status_text(page) == "SAGE: 0 servers", 15)
+    status.click()  # opens the sidebar
+    sidebar = page.locator("#sage-magic-sidebar")
+    sidebar.wait_for(state="visible", timeout=10_000)
+    page.locator("#sage-magic-sidebar .sage-magic-finetune", has_text="demo_expert").wait_for(timeout=15_000)
+    assert "No model server is running." in sidebar.inner_text()
+    labels = page.evaluate("""() => ['sage-magic:open-chat', 'sage-magic:stop-all']
+        .map(id => window.jupyterapp.commands.label(id))""")
+    assert labels == ["SAGE: Open chat in this notebook", "SAGE: Stop all model servers"]
+    _shot(page, "1-sidebar-and-status-item")
+
+    cells = page.evaluate("""async () => {
+        const app = window.jupyterapp;
+        const panel = await app.commands.execute('notebook:create-new', {kernelName: 'python3'});
+        await panel.context.ready;
+        await panel.sessionContext.ready;
+        await panel.sessionContext.session.kernel.info;
+        app.shell.activateById(panel.id);
+        await app.commands.execute('sage-magic:open-chat');
+        return panel.content.model.sharedModel.cells.map(c => [c.getSource(), c.execution_count]);
+    }""")
+    # the command put the chat cell into the new notebook's empty cell and the kernel ran it
+    assert cells == [["%load_ext sage_magic\n%sage_chat", 1]]
+    _shot(page, "1b-open-chat-command")
+
+
+@pytest.mark.vllm
+def test_sidebar_lists_a_running_server_and_stops_it(page, lab_for, fresh_settings: Settings) -> None:
+    """A server of this test's own (fresh registry), so that stopping it leaves the shared one alone."""
+    manager = Manager(fresh_settings)
+    try:
+        endpoint = manager.serve_finetune("demo_expert")
+        lab = lab_for(fresh_settings)
+        _open_lab(page, lab)
+        page.locator(".sage-magic-status").click()
+        row = page.locator(f'#sage-magic-sidebar li.sage-magic-server[data-server-id="{endpoint.server_id}"]')
+        row.wait_for(timeout=30_000)
+        assert "sage-demo-base" in row.inner_text() and "demo_expert" in row.inner_text()
+        assert wait_until(lambda: _status_text(page) == "SAGE: 1 server", 10)
+        _shot(page, "2-sidebar-lists-the-server")
+
+        row.locator("button.sage-magic-log-button").click()
+        log = row.locator("pre.sage-magic-log")
+        assert wait_until(lambda: "INFO" in log.inner_text(), 15), log.inner_text()
+        _shot(page, "3-server-log")
+
+        started = time.monotonic()
+        row.locator("button.sage-magic-stop").click()
+        page.locator("#sage-magic-sidebar .sage-magic-empty").wait_for(timeout=60_000)
+        print(f"sidebar Stop -> list empty: {time.monotonic() - started:.1f} s")
+        assert wait_until(lambda: _status_text(page) == "SAGE: 0 servers", 10)
+        _shot(page, "4-stopped-list-empty-count-zero")
+        assert manager.registry.all() == []
+        assert wait_until(lambda: not sage_processes(fresh_settings.runtime_dir), 20)
+    finally:
+        manager.stop_all()
+        manager.close()
