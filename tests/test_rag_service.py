@@ -179,3 +179,9 @@ def test_close_stops_the_helper(service: SearchService) -> None:
     pid = service.warm()
     service.close()
     assert service.pid is None and gone(pid)
+
+
+def test_a_helper_that_cannot_run_is_a_sage_error_naming_the_interpreter(settings: Settings) -> None:
+    with SearchService(settings.with_(python="/bin/false")) as broken:
+        with pytest.raises(SageError, match="/bin/false"):
+            broken.search("docs", "gpu")

@@ -256,9 +256,10 @@ class SearchService:
         if answer is None:
             self._discard(helper)
             raise SageError(
-                f"The search helper process (pid {helper.pid}) {helper.ended} while searching; its last words: "
-                f"{helper.last_words()}. The next search starts a new one; if it fails again, run the same "
-                "search with `sage index query` in a terminal to see the whole error."
+                f"The search helper process (pid {helper.pid}, {helper.python} -m sage_magic.rag.worker) "
+                f"{helper.ended} while searching; its last words: {helper.last_words()}. The next search starts "
+                "a new one; if it fails again, run the same search with `sage index query` in a terminal to see "
+                "the whole error (SAGE_PYTHON chooses the interpreter)."
             )
         if "error" in answer:
             raise _error(answer["error"])
