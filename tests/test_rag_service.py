@@ -162,10 +162,26 @@ def test_a_helper_killed_mid_search_is_a_sage_error_and_the_next_search_restarts
     assert len(outcome) == 1 and isinstance(outcome[0], SageError), outcome
     assert "killed by SIGKILL" in str(outcome[0]) and "next search starts a new one" in str(outcome[0])
     assert service.search("docs", QUESTIONS[0]) == rag.search(settings, "docs", QUESTIONS[0])
-    assert service.pid not in (None, first) and gone(first)
+    second = service.pid
+    assert second not in (None, first) and gone(first)
+    # A helper that dies while idle costs nothing but its restart: nothing was lost, so nothing is raised.
+    assert second is not None
+    os.kill(second, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while service.pid is not None and time.monotonic() < deadline:  # until the service has seen it die
+        time.sleep(0.05)
+    assert service.pid is None
+    assert service.search("docs", QUESTIONS[1]) == rag.search(settings, "docs", QUESTIONS[1])
+    assert service.pid not in (None, second)
 
 
 def test_close_stops_the_helper(service: SearchService) -> None:
     pid = service.warm()
     service.close()
     assert service.pid is None and gone(pid)
+
+
+def test_a_helper_that_cannot_run_is_a_sage_error_naming_the_interpreter(settings: Settings) -> None:
+    with SearchService(settings.with_(python="/bin/false")) as broken:
+        with pytest.raises(SageError, match="/bin/false"):
+            broken.search("docs", "gpu")

@@ -36,9 +36,10 @@ from .search import Hit, check_request
 ANSWER_TIMEOUT = 300.0
 #: How long a closing helper gets to exit on its own after its stdin closes, before it is killed.
 STOP_GRACE = 2.0
-#: The source tree this module comes from: put first on the helper's PYTHONPATH so that it runs the same code
-#: (and speaks the same protocol) as its parent, whichever interpreter runs it.
-_SOURCE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+#: The source checkout this module comes from, if it is one (not site-packages): put first on the helper's
+#: PYTHONPATH so that it runs the same code, and speaks the same protocol, as its parent.
+_CHECKOUT = Path(__file__).resolve().parent.parent.parent
+_SOURCE_ROOT = str(_CHECKOUT) if (_CHECKOUT / "pyproject.toml").is_file() else None
 
 
 @dataclass
@@ -219,6 +220,12 @@ class SearchService:
         """Stop the helper (a later search starts a new one)."""
         self._slot.close()
 
+    def __enter__(self) -> SearchService:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         settings = self.settings
         request["settings"] = {"home": str(settings.home), "runtime_dir": str(settings.runtime_dir),
@@ -249,9 +256,10 @@ class SearchService:
         if answer is None:
             self._discard(helper)
             raise SageError(
-                f"The search helper process (pid {helper.pid}) {helper.ended} while searching; its last words: "
-                f"{helper.last_words()}. The next search starts a new one; if it fails again, run the same "
-                "search with `sage index query` in a terminal to see the whole error."
+                f"The search helper process (pid {helper.pid}, {helper.python} -m sage_magic.rag.worker) "
+                f"{helper.ended} while searching; its last words: {helper.last_words()}. The next search starts "
+                "a new one; if it fails again, run the same search with `sage index query` in a terminal to see "
+                "the whole error (SAGE_PYTHON chooses the interpreter)."
             )
         if "error" in answer:
             raise _error(answer["error"])

@@ -35,14 +35,13 @@ from typing import IO, Any
 from ..config import Settings
 from ..errors import SageError
 from ..supervisor import _die_with_parent
+from . import store
+from .embedder import load_embedder
+from .search import search
 
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:
     """The answer to one request (never raises: every failure becomes an error answer)."""
-    from . import store
-    from .embedder import load_embedder
-    from .search import search
-
     answer: dict[str, Any] = {"id": request.get("id")}
     try:
         given = request["settings"]
