@@ -201,3 +201,28 @@ def test_a_remote_endpoint_is_reached_through_the_environment_proxy(proxy_env: l
     assert proxy_env == ["GET http://models.example.invalid/v1/models",
                          "POST http://models.example.invalid/tokenize",
                          "POST http://models.example.invalid/v1/chat/completions"]
+
+
+def test_cancel_from_another_thread_ends_a_hung_search(tmp_path) -> None:
+    """Retrieval runs before the request (in a notebook, in a helper process that may hang): a cancel must end
+    ``ask`` there too, keeping no half turn. The endpoint is a closed port, so only the search can hold it."""
+    from sage_magic.config import Settings
+    from sage_magic.conversation import Conversation
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    release = threading.Event()
+
+    def hung_search(index: str, query: str, top_k: int, mode: str) -> list:
+        release.wait(60)
+        return []
+
+    chat = Conversation(ChatClient(Endpoint(f"http://127.0.0.1:{port}/v1", "k", "m")),
+                        Settings.from_env(environ={}, home=tmp_path), search=hung_search)
+    cancel = threading.Event()
+    _cancel_soon(cancel)
+    answer = chat.ask("hi", index="notes", cancel=cancel)
+    assert answer.cancelled and answer.text == "" and chat.history == []
+    release.set()
