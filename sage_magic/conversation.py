@@ -6,7 +6,8 @@ numbered [n] blocks. What is sent is measured with the server's own tokenizer (/
 model's window: retrieved chunks that would overflow it are dropped from the bottom, then the oldest turns of
 the history, and the answer says how many of each, instead of the server refusing the request with a 400
 nobody explains. Retrieval comes first because the passages for this question matter more than old turns.
-A question that cannot fit even alone is refused, never cut.
+Trimmed turns are forgotten for good, so the model does not remember a turn again later. A question that
+cannot fit even alone is refused, never cut.
 
 A cancel (from any thread) or an interrupt keeps the partial answer in the history, marked ``"stopped"``
 (a key that is never sent to the model). One ``ask`` at a time per conversation.
@@ -138,9 +139,11 @@ class Conversation:
         if alone is None:
             return 0
         if alone + max_tokens > window:
+            extra = " and ".join(what for what, present in (("its system prompt", self.system_prompt),
+                                                            ("its retrieved passages", grounding)) if present)
             raise SageError(
-                f"This question needs {alone} prompt tokens{' with its system prompt' if self.system_prompt else ''}"
-                f" plus up to {max_tokens} for the answer, more than the {window}-token window of "
+                f"This question needs {alone} prompt tokens{f' with {extra}' if extra else ''} plus up to "
+                f"{max_tokens} for the answer, more than the {window}-token window of "
                 f"{self.client.endpoint.model!r}, even with no history. Shorten the question, or lower --max-tokens.")
         too_few, enough = 0, turns
         while enough - too_few > 1:

@@ -164,3 +164,17 @@ def test_chat_with_a_missing_index_fails_before_starting_anything(fresh_settings
     assert "no index named 'no_such_index'" in out.stderr and "sage index add no_such_index" in out.stderr
     assert "vLLM" not in out.stderr
     assert Registry(fresh_settings.runtime_dir).all() == [] and not sage_processes(fresh_settings.runtime_dir)
+
+
+def test_the_footer_says_when_old_turns_were_dropped(capsys: pytest.CaptureFixture[str]) -> None:
+    """Trimming itself is tested on the real model (test_chat.py); here, that the terminal tells the user."""
+    import argparse
+
+    from sage_magic.cli.chat import show
+    from sage_magic.client import StreamResult
+    from sage_magic.conversation import Answer
+
+    stream = StreamResult("Hi.", "stop", 1900, 3, 0.1, 20.0, 0.3, False)
+    show(Answer("Hi.", stream, trimmed_turns=3), argparse.Namespace(show_context=False, index=None))
+    footer = capsys.readouterr().err
+    assert "3 oldest turn(s) dropped from the history" in footer and "1900 prompt tokens" in footer
