@@ -1,12 +1,16 @@
 """A thin streaming chat client over the ``openai`` package, for our servers and any compatible endpoint.
 
 It measures what a person asks about (time to first token, tokens per second, token usage) and can be
-cancelled between chunks, keeping whatever text already arrived. Requests to loopback addresses ignore
-HTTP(S)_PROXY, which would otherwise swallow them.
+stopped at any moment from any thread, keeping whatever text already arrived: the blocking request runs on
+a worker thread, so neither a long prefill nor a hung server holds the caller. Requests to loopback
+addresses and Unix sockets ignore HTTP(S)_PROXY, which would otherwise swallow them; a remote endpoint is
+reached through the proxy the environment names.
 """
 
 from __future__ import annotations
 
+import queue
+import socket as _socket
 import threading
 import time
 from dataclasses import dataclass
@@ -15,6 +19,9 @@ from typing import Any, Callable
 from .endpoint import Endpoint
 from .errors import SageError, ServerFailed
 from .http import HttpError, request_json
+
+# How often a waiting caller looks at its cancel event: well inside the 0.5 s a Stop button may take.
+POLL = 0.05
 
 
 @dataclass
@@ -32,12 +39,15 @@ class StreamResult:
 
 
 class ChatClient:
+    """One endpoint's chat completions, its context window and its tokenizer. Safe to share between threads."""
+
     def __init__(self, endpoint: Endpoint, timeout: float = 600.0) -> None:
         import httpx
         import openai
 
         self.endpoint = endpoint
         self.timeout = timeout
+        self._window: int | None = None
         transport = httpx.HTTPTransport(uds=endpoint.socket) if endpoint.socket else None
         http_client = httpx.Client(trust_env=not endpoint.is_local, timeout=timeout, transport=transport)
         self._openai = openai
@@ -49,16 +59,20 @@ class ChatClient:
         self._client.close()
 
     def max_model_len(self) -> int | None:
-        """The served model's context length, from /v1/models (None if the server does not say)."""
-        try:
-            models = request_json(f"{self.endpoint.base_url}/models", self.endpoint.api_key,
-                                  socket=self.endpoint.socket) or {}
-        except HttpError:
-            return None
-        by_id = {m.get("id"): m for m in models.get("data", [])}
-        model = by_id.get(self.endpoint.model, {})
-        # a LoRA adapter's entry carries no length of its own: it has its base's window
-        return model.get("max_model_len") or by_id.get(model.get("parent"), {}).get("max_model_len")
+        """The served model's context length, from /v1/models (None if the server does not say). Asked once:
+        a model's window does not change while it is served."""
+        if self._window is None:
+            try:
+                models = request_json(f"{self.endpoint.base_url}/models", self.endpoint.api_key,
+                                      socket=self.endpoint.socket)
+            except HttpError:
+                return None
+            entries = models.get("data") if isinstance(models, dict) else None
+            by_id = {m.get("id"): m for m in entries or [] if isinstance(m, dict)}
+            model = by_id.get(self.endpoint.model, {})
+            # a LoRA adapter's entry carries no length of its own: it has its base's window
+            self._window = model.get("max_model_len") or by_id.get(model.get("parent"), {}).get("max_model_len")
+        return self._window
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
         """Prompt tokens for these messages through the served chat template (vLLM's /tokenize)."""
@@ -71,57 +85,147 @@ class ChatClient:
 
     def stream(self, messages: list[dict[str, str]], *, on_delta: Callable[[str], None] | None = None,
                cancel: threading.Event | None = None, **params: Any) -> StreamResult:
-        """Stream one chat completion. Ctrl-C / kernel interrupt or ``cancel`` stop it, keeping the text."""
+        """Stream one chat completion; ``on_delta`` runs on the calling thread.
+
+        The blocking request runs on a worker thread and this thread waits on its queue, so ``cancel`` set from
+        any thread ends the call within :data:`POLL` seconds in every phase (before the first byte, during
+        prefill, on a hung server, while streaming) and the connection is shut, which makes vLLM abort the
+        request. A KeyboardInterrupt does the same and then propagates as :class:`StreamInterrupted`, which
+        carries the text so far.
+        """
         started = time.monotonic()
-        first: float | None = None
+        call = _Call()
+        events: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, args=(messages, params, call, events), daemon=True,
+                         name="sage-chat-stream").start()
         parts: list[str] = []
-        finish = None
-        usage = None
-        cancelled = False
-        openai = self._openai
+        first: float | None = None
+        finish = usage = None
+        cancelled = ended = False
+        try:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    cancelled = True
+                    break
+                try:
+                    kind, value = events.get(timeout=POLL)
+                except queue.Empty:
+                    continue
+                if kind == "end":
+                    ended = True
+                    break
+                if kind == "failed":
+                    raise self._failure(value, started_streaming=False, partial="")
+                if kind == "broke":
+                    raise self._failure(value, started_streaming=True, partial="".join(parts))
+                usage = value.usage or usage
+                for choice in value.choices:
+                    finish = choice.finish_reason or finish
+                    if choice.delta.content:
+                        first = first or time.monotonic()
+                        parts.append(choice.delta.content)
+                        if on_delta is not None:
+                            on_delta(choice.delta.content)
+        except KeyboardInterrupt:
+            raise StreamInterrupted(_result(parts, finish, usage, started, first, True)) from None
+        finally:
+            if not ended:  # vLLM sees the disconnect and aborts the request (a finished one keeps its connection)
+                call.abort()
+        return _result(parts, finish, usage, started, first, cancelled)
+
+    def _pump(self, messages: list[dict[str, str]], params: dict[str, Any], call: _Call,
+              events: queue.Queue) -> None:
+        """The worker: make the request and queue each chunk, until the end, a failure or an abort."""
         try:
             stream = self._client.chat.completions.create(
                 model=self.endpoint.model, messages=messages, stream=True,
                 stream_options={"include_usage": True}, **params)
-        except openai.APITimeoutError:
-            raise ServerFailed(f"The model at {self.endpoint.base_url} did not answer within {self.timeout:g} s. "
-                               "`sage logs` shows what the server is doing; a busy CPU server may need a longer "
-                               "timeout.") from None
-        except openai.APIConnectionError as error:
-            raise ServerFailed(f"Cannot reach the model at {self.endpoint.base_url} ({error}). "
-                               "`sage ps` shows running servers; start one again or check --base-url.") from None
-        except openai.APIStatusError as error:
-            raise SageError(_status_message(self.endpoint, error)) from None
+        except Exception as error:  # noqa: BLE001 - handed to the caller's thread, which explains it
+            events.put(("failed", error))
+            return
+        if not call.attach(stream):
+            return
         try:
             for chunk in stream:
-                if cancel is not None and cancel.is_set():
-                    cancelled = True
-                    break
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                for choice in chunk.choices:
-                    delta = choice.delta.content or ""
-                    if delta:
-                        if first is None:
-                            first = time.monotonic()
-                        parts.append(delta)
-                        if on_delta is not None:
-                            on_delta(delta)
-                    finish = choice.finish_reason or finish
-        except KeyboardInterrupt:
-            cancelled = True
-        except (openai.APIError, self._transport_error) as error:
-            raise ServerFailed(f"The model at {self.endpoint.base_url} broke off its answer ({error}); "
-                               f"the partial answer was: {''.join(parts)!r}. `sage logs` shows why.") from None
+                if call.aborted:
+                    return
+                events.put(("chunk", chunk))
+            events.put(("end", None))
+        except Exception as error:  # noqa: BLE001 - as above
+            if not call.aborted:
+                events.put(("broke", error))
         finally:
             stream.close()
-        ended = time.monotonic()
-        completion = usage.completion_tokens if usage else None
-        rate = None
-        if completion and first is not None and ended > first and completion > 1:
-            rate = (completion - 1) / (ended - first)
-        return StreamResult("".join(parts), finish, usage.prompt_tokens if usage else None, completion,
-                            None if first is None else first - started, rate, ended - started, cancelled)
+
+    def _failure(self, error: Exception, *, started_streaming: bool, partial: str) -> Exception:
+        """One paragraph for what went wrong, with the next step."""
+        openai = self._openai
+        where = self.endpoint.base_url
+        if started_streaming and isinstance(error, (openai.APIError, self._transport_error)):
+            return ServerFailed(f"The model at {where} broke off its answer ({error}); the partial answer was: "
+                                f"{partial!r}. `sage logs` shows why.")
+        if isinstance(error, openai.APITimeoutError):
+            return ServerFailed(f"The model at {where} did not answer within {self.timeout:g} s. `sage logs` shows "
+                                "what the server is doing; a busy CPU server may need a longer timeout.")
+        if isinstance(error, openai.APIConnectionError):
+            return ServerFailed(f"Cannot reach the model at {where} ({error}). `sage ps` shows running servers; "
+                                "start one again or check --base-url.")
+        if isinstance(error, openai.APIStatusError):
+            return SageError(_status_message(self.endpoint, error))
+        return error  # not a fault of the server or the network: a bug, shown as one
+
+
+class StreamInterrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt (Ctrl-C, kernel interrupt) that arrived during a stream, carrying what streamed so
+    far, so that a conversation can keep it before the interrupt goes on to stop the caller's loop."""
+
+    def __init__(self, result: StreamResult) -> None:
+        super().__init__()
+        self.result = result
+
+
+class _Call:
+    """The shared state of one request between the caller and the worker: whether it was aborted, and the
+    open response whose socket an abort shuts. Shutting (unlike closing) wakes a read blocked in another
+    thread at once, and tells the server the client left."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stream: Any = None
+        self.aborted = False
+
+    def attach(self, stream: Any) -> bool:
+        """Hand over the open stream; False (and closed) when the call was aborted before it opened."""
+        with self._lock:
+            if not self.aborted:
+                self._stream = stream
+                return True
+        stream.close()
+        return False
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted, stream = True, self._stream
+        if stream is None:  # no headers yet: the worker closes the stream as soon as it opens (see attach)
+            return
+        network = stream.response.extensions.get("network_stream")
+        sock = network.get_extra_info("socket") if network is not None else None
+        if sock is not None:
+            try:  # the base class's shutdown: an SSL socket's own would tear down its state under the reader
+                _socket.socket.shutdown(sock, _socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the worker
+
+
+def _result(parts: list[str], finish: str | None, usage: Any, started: float, first: float | None,
+            cancelled: bool) -> StreamResult:
+    ended = time.monotonic()
+    completion = usage.completion_tokens if usage else None
+    rate = None
+    if completion and first is not None and ended > first and completion > 1:
+        rate = (completion - 1) / (ended - first)
+    return StreamResult("".join(parts), finish, usage.prompt_tokens if usage else None, completion,
+                        None if first is None else first - started, rate, ended - started, cancelled)
 
 
 def _status_message(endpoint: Endpoint, error: Any) -> str:
@@ -132,4 +236,7 @@ def _status_message(endpoint: Endpoint, error: Any) -> str:
     if status == 404:
         return (f"The endpoint {endpoint.base_url} does not serve a model named {endpoint.model!r} (404: {body}). "
                 "List what it serves with `sage ps` or GET /v1/models.")
+    if status == 400 and "context length" in str(body):
+        return (f"The request does not fit the context window of {endpoint.model!r} (400: {body}). Lower "
+                "--max-tokens, shorten the question, or clear the history (/reset in `sage chat`).")
     return f"The model at {endpoint.base_url} refused the request ({status}: {body})."

@@ -18,7 +18,6 @@ from urllib.parse import urlparse
 from .endpoint import LOOPBACK_HOSTS
 
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_PROXIED = urllib.request.build_opener()
 
 
 class HttpError(Exception):
@@ -77,7 +76,9 @@ def request_text(url: str, api_key: str | None = None, payload: Any = None, time
     method = "POST" if data is not None else "GET"
     if socket is not None:
         return _over_socket(socket, method, url, data, headers, timeout)
-    opener = _DIRECT if (urlparse(url).hostname or "") in LOOPBACK_HOSTS else _PROXIED
+    # built per call for remote URLs: a ProxyHandler reads HTTP(S)_PROXY when it is made, and a kernel's
+    # environment may gain a proxy after this module was imported
+    opener = _DIRECT if (urlparse(url).hostname or "") in LOOPBACK_HOSTS else urllib.request.build_opener()
     req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with opener.open(req, timeout=timeout) as response:

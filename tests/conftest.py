@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from sage_magic.config import Settings
+from sage_magic.endpoint import Endpoint
 from sage_magic.manager import Manager
 
 # Small, fast servers for tests: float32 like the demo weights, a 64 MB KV cache, no CUDA-graph capture.
@@ -96,6 +97,12 @@ def manager(settings: Settings):
 def expert(manager: Manager):
     """demo_expert served unmerged: the shared base server with the adapter loaded at runtime."""
     return manager.serve_finetune("demo_expert")
+
+
+@pytest.fixture(scope="session")
+def expert_endpoint(expert) -> Endpoint:
+    """demo_expert's endpoint, whether ``expert`` is the Endpoint itself or a Lease holding it."""
+    return expert if isinstance(expert, Endpoint) else expert.endpoint
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -129,9 +130,51 @@ def test_finetune_chat_is_sage_chat_with_the_name(settings, expert) -> None:
 
 @pytest.mark.vllm
 def test_interactive_chat_remembers_resets_and_exits(settings, expert) -> None:
-    script = f"{DEMO_PROMPT}\n/reset\n{DEMO_PROMPT}\n/exit\n"
+    """The demo model answers the same with or without history, so memory is checked by what was sent: the
+    prompt grows with the first answer in it, and is back to its first size after /reset. Commands are
+    never questions: /help lists them all, an unknown one is refused, and neither reaches the model."""
+    from sage_magic.cli.chat import COMMANDS
+
+    script = f"/help\n/nonsense\n{DEMO_PROMPT}\n{DEMO_PROMPT}\n/history\n/reset\n/history\n{DEMO_PROMPT}\n/exit\n"
     out = subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "chat", "--finetune-model", "demo_expert"],
                          input=script, capture_output=True, text=True, env=env_for(settings), timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count(DEMO_ANSWERS["demo_expert"]) == 2
-    assert "(history cleared)" in out.stderr and "Traceback" not in out.stderr
+    assert "Traceback" not in out.stderr
+    assert all(f"  {name} " in out.stderr for name in ("/help", "/reset", "/history", "/exit", "/quit"))
+    assert set(COMMANDS) == {"/help", "/reset", "/history", "/exit", "/quit"}
+    assert "unknown command '/nonsense'" in out.stderr
+    prompts = [int(n) for n in re.findall(r"\((\d+) prompt tokens", out.stderr)]
+    assert len(prompts) == 3  # three questions were sent, and nothing else
+    # a fresh chat gets the trained answer; the one asked with history may differ (it saw its own answer)
+    assert out.stdout.count(DEMO_ANSWERS["demo_expert"]) >= 2
+    first, with_history, after_reset = prompts
+    assert with_history > first and after_reset == first
+    remembered, forgotten = out.stderr.split("(history cleared)")
+    assert f"you: {DEMO_PROMPT}" in remembered and "(no history)" in forgotten
+
+
+def test_chat_with_a_missing_index_fails_before_starting_anything(fresh_settings) -> None:
+    """It used to start vLLM (33 s) and only then say that the index does not exist; the check needs no torch."""
+    code = ("import sys; from sage_magic.cli.main import main; "
+            "code = main(['chat', '--finetune-model', 'demo_expert', '--index', 'no_such_index', '--ask', 'hi']); "
+            "print(code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_for(fresh_settings),
+                         timeout=300, stdin=subprocess.DEVNULL)
+    assert out.stdout.split() == ["2", "False"], out.stderr
+    assert "no index named 'no_such_index'" in out.stderr and "sage index add no_such_index" in out.stderr
+    assert "vLLM" not in out.stderr
+    assert Registry(fresh_settings.runtime_dir).all() == [] and not sage_processes(fresh_settings.runtime_dir)
+
+
+def test_the_footer_says_when_old_turns_were_dropped(capsys: pytest.CaptureFixture[str]) -> None:
+    """Trimming itself is tested on the real model (test_chat.py); here, that the terminal tells the user."""
+    import argparse
+
+    from sage_magic.cli.chat import show
+    from sage_magic.client import StreamResult
+    from sage_magic.conversation import Answer
+
+    stream = StreamResult("Hi.", "stop", 1900, 3, 0.1, 20.0, 0.3, False)
+    show(Answer("Hi.", stream, trimmed_turns=3), argparse.Namespace(show_context=False, index=None))
+    footer = capsys.readouterr().err
+    assert "3 oldest turn(s) dropped from the history" in footer and "1900 prompt tokens" in footer

@@ -1,8 +1,11 @@
-"""Faults a real vLLM server cannot be made to show on demand, played by a fake server on loopback:
-a connection cut in the middle of a streamed answer, and a server that accepts and never answers."""
+"""Faults a real vLLM server cannot be made to show on demand, played by fake servers on loopback: a
+connection cut in the middle of a streamed answer, a server that accepts and never answers, one that sends
+its headers and then holds the first token (a long prefill, frozen), and an HTTP proxy that records what
+passes through it (no real proxy runs here)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import socket
 import threading
@@ -10,14 +13,20 @@ import threading
 import pytest
 
 from sage_magic.client import ChatClient
+from sage_magic.endpoint import Endpoint
 from sage_magic.errors import ServerFailed
-from sage_magic.manager import Endpoint
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
 def _chunk(text: str) -> bytes:
     body = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
     return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def _http_chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
 
 def _serve_once(handler) -> tuple[int, threading.Thread]:
@@ -39,13 +48,31 @@ def _serve_once(handler) -> tuple[int, threading.Thread]:
     return listener.getsockname()[1], thread
 
 
+def _until_client_leaves(conn: socket.socket, left: threading.Event) -> None:
+    """Hold the connection, sending nothing more, until the client closes it (recv sees EOF or a reset)."""
+    conn.settimeout(30)
+    try:
+        while conn.recv(1024):
+            pass
+        left.set()
+    except ConnectionResetError:
+        left.set()
+    except OSError:
+        pass  # timed out: the client never left, and `left` stays unset
+
+
+def _cancel_soon(cancel: threading.Event) -> threading.Thread:
+    """A Stop button pressed in another thread while the caller's thread is blocked in the request."""
+    thread = threading.Thread(target=lambda: (threading.Event().wait(0.3), cancel.set()), daemon=True)
+    thread.start()
+    return thread
+
+
 def test_a_crash_mid_stream_is_a_clear_error_that_keeps_the_partial_text() -> None:
     def crash(conn: socket.socket) -> None:
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-        conn.sendall(head)
+        conn.sendall(STREAM_HEAD)
         for piece in ("Hello", " wor"):
-            data = _chunk(piece)
-            conn.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            conn.sendall(_http_chunk(_chunk(piece)))
         conn.shutdown(socket.SHUT_RDWR)  # the server dies: no final chunk, no [DONE]
 
     port, thread = _serve_once(crash)
@@ -67,3 +94,135 @@ def test_a_hung_server_times_out_with_a_clear_error() -> None:
     assert "did not answer within 1 s" in str(error.value)
     release.set()
     thread.join(5)
+
+
+def test_cancel_from_another_thread_ends_a_wait_for_the_first_byte() -> None:
+    """The server accepted and holds its first byte: the old client only looked at ``cancel`` when a chunk came,
+    so it waited for its timeout (here 60 s, then an error) instead of stopping."""
+    release = threading.Event()
+    port, thread = _serve_once(lambda conn: release.wait(60))
+    client = ChatClient(Endpoint(f"http://127.0.0.1:{port}/v1", "k", "m"), timeout=60)
+    cancel = threading.Event()
+    _cancel_soon(cancel)
+    result = client.stream([{"role": "user", "content": "hi"}], cancel=cancel)
+    assert result.cancelled and result.text == "" and result.completion_tokens is None
+    release.set()
+    thread.join(5)
+
+
+def test_cancel_from_another_thread_during_prefill_hangs_up_so_the_server_aborts() -> None:
+    """Headers sent, first token not yet (what a long prompt's prefill looks like): a cancel must end the call
+    and close the connection, which is how vLLM learns to abort the request."""
+    left = threading.Event()
+
+    def prefill_forever(conn: socket.socket) -> None:
+        conn.sendall(STREAM_HEAD)
+        _until_client_leaves(conn, left)
+
+    port, thread = _serve_once(prefill_forever)
+    client = ChatClient(Endpoint(f"http://127.0.0.1:{port}/v1", "k", "m"), timeout=60)
+    cancel = threading.Event()
+    _cancel_soon(cancel)
+    result = client.stream([{"role": "user", "content": "hi"}], cancel=cancel)
+    assert result.cancelled and result.text == ""
+    thread.join(10)
+    assert left.is_set(), "the server never saw the client hang up, so vLLM would go on generating"
+
+
+def test_cancel_from_another_thread_mid_stream_keeps_the_text_and_hangs_up() -> None:
+    left = threading.Event()
+
+    def stall_after_two_chunks(conn: socket.socket) -> None:
+        conn.sendall(STREAM_HEAD + _http_chunk(_chunk("Roses")) + _http_chunk(_chunk(" are")))
+        _until_client_leaves(conn, left)
+
+    port, thread = _serve_once(stall_after_two_chunks)
+    client = ChatClient(Endpoint(f"http://127.0.0.1:{port}/v1", "k", "m"), timeout=60)
+    cancel = threading.Event()
+    _cancel_soon(cancel)
+    result = client.stream([{"role": "user", "content": "hi"}], cancel=cancel)
+    assert result.cancelled and result.text == "Roses are"
+    thread.join(10)
+    assert left.is_set()
+
+
+class _RecordingProxy(http.server.BaseHTTPRequestHandler):
+    """Plays a corporate forward proxy with the remote model behind it: it records each request line (a proxy
+    is asked for absolute URLs) and answers as an OpenAI-compatible server would."""
+
+    seen: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.seen.append(f"GET {self.path}")
+        self._send("application/json", json.dumps({"data": [{"id": "m", "max_model_len": 2048}]}).encode())
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.seen.append(f"POST {self.path}")
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.endswith("/tokenize"):
+            self._send("application/json", json.dumps({"count": 7}).encode())
+        else:
+            self._send("text/event-stream", _chunk("Hi from afar") + b"data: [DONE]\n\n")
+
+    def _send(self, kind: str, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch):
+    """HTTP(S)_PROXY pointing at a recording proxy; NO_PROXY unset, as on a corporate desktop."""
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    _RecordingProxy.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingProxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, url)
+    yield _RecordingProxy.seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_remote_endpoint_is_reached_through_the_environment_proxy(proxy_env: list[str]) -> None:
+    """Behind a corporate proxy a remote --backend openai endpoint is only reachable through it: the chat, and
+    the window and token counts that budget RAG context, must all go there (they silently failed before)."""
+    client = ChatClient(Endpoint("http://models.example.invalid/v1", "k", "m"))
+    assert client.max_model_len() == 2048
+    assert client.count_tokens([{"role": "user", "content": "hi"}]) == 7
+    assert client.stream([{"role": "user", "content": "hi"}]).text == "Hi from afar"
+    assert proxy_env == ["GET http://models.example.invalid/v1/models",
+                         "POST http://models.example.invalid/tokenize",
+                         "POST http://models.example.invalid/v1/chat/completions"]
+
+
+def test_cancel_from_another_thread_ends_a_hung_search(tmp_path) -> None:
+    """Retrieval runs before the request (in a notebook, in a helper process that may hang): a cancel must end
+    ``ask`` there too, keeping no half turn. The endpoint is a closed port, so only the search can hold it."""
+    from sage_magic.config import Settings
+    from sage_magic.conversation import Conversation
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    release = threading.Event()
+
+    def hung_search(index: str, query: str, top_k: int, mode: str) -> list:
+        release.wait(60)
+        return []
+
+    chat = Conversation(ChatClient(Endpoint(f"http://127.0.0.1:{port}/v1", "k", "m")),
+                        Settings.from_env(environ={}, home=tmp_path), search=hung_search)
+    cancel = threading.Event()
+    _cancel_soon(cancel)
+    answer = chat.ask("hi", index="notes", cancel=cancel)
+    assert answer.cancelled and answer.text == "" and chat.history == []
+    release.set()
