@@ -124,7 +124,8 @@ def resolve_base(settings: Settings, ref: str, relative_to: Path | None = None) 
     )
 
 
-def _checkpoints(root: Path) -> tuple[tuple[int, Path], ...]:
+def checkpoints_of(root: Path) -> tuple[tuple[int, Path], ...]:
+    """(N, folder) of every checkpoints/checkpoint-N, oldest first: numbers compared as numbers."""
     folder = root / "checkpoints"
     if not folder.is_dir():
         return ()
@@ -149,7 +150,7 @@ def get_finetune(settings: Settings, name: str) -> FineTune:
             f"{root / META_FILE} has no \"model\" field naming the base model. Add it, e.g. "
             "{\"model\": \"/path/to/base\"}."
         )
-    checkpoints = _checkpoints(root)
+    checkpoints = checkpoints_of(root)
     final = root / "lora_weights"
     if (final / ADAPTER_CONFIG).is_file():
         adapter_dir = final
