@@ -242,6 +242,10 @@ def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
     with _training_lock(settings, name):
         result = _run_child(settings, job, progress, cancel)
     root = Path(job["root"])
+    state = "stopped" if result["stopped"] else "done"
+    progress(Progress("done", f"{name}: training {state} at step {result['steps']}/{result['total_steps']} in "
+                              f"{result['seconds']:.1f} s", result["steps"] / result["total_steps"],
+                      {"step": result["steps"], "total_steps": result["total_steps"], "stopped": result["stopped"]}))
     if result["stopped"] and not result["checkpoints"]:
         adapter_dir = root
     else:
