@@ -144,3 +144,31 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
                         target_modules=args.target_modules, batch_size=args.batch_size, max_length=args.max_length,
                         seed=args.seed, eval_split=args.eval_split, save_every=args.save_every, resume=args.resume,
                         overwrite=args.overwrite)
+
+
+def add_eval_options(parser: argparse.ArgumentParser) -> None:
+    """Flags of `sage eval` and `%sage eval` (the table itself is the face's: a file or a DataFrame)."""
+    parser.add_argument("--models", required=True, metavar="A,B,base",
+                        help="fine-tune names, base (the base of the fine-tunes named), openai:MODEL (on --base-url)")
+    parser.add_argument("--prompt-col", default="prompt", metavar="COL", help="column of prompts (default prompt)")
+    parser.add_argument("--expected-col", default="expected", metavar="COL",
+                        help="column of expected answers (default expected, if present)")
+    parser.add_argument("--metric", action="append", dest="metrics", default=None, metavar="METRIC",
+                        help="exact, contains, rougeL, embedding or judge:MODEL; repeatable (default exact)")
+    parser.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests in flight (default 8)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed sent with every request")
+    parser.add_argument("--max-tokens", type=int, default=128, metavar="N", help="longest answer (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    parser.add_argument("--system", metavar="TEXT", help="system prompt sent with every prompt")
+    parser.add_argument("--base-url", metavar="URL", help="endpoint of openai:MODEL entries, e.g. http://host:8000/v1")
+    parser.add_argument("--api-key", metavar="KEY", help="API key of --base-url")
+    parser.add_argument("--save", metavar="PATH", help="write results and model fingerprints as JSON")
+
+
+def model_names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def remote_endpoint(args: argparse.Namespace) -> Endpoint | None:
+    """The --base-url endpoint that openai:MODEL entries are asked at (None when not given)."""
+    return Endpoint(args.base_url.rstrip("/"), args.api_key) if args.base_url else None
