@@ -55,17 +55,20 @@ EVENT_INTERVAL = 0.2
 
 @contextmanager
 def torch_session(seed: int) -> Iterator[None]:
-    """Seed torch, use at most 4 threads and hide transformers' progress bars; all restored afterwards.
+    """Seed torch, use the idle cores (1 to 4) and hide transformers' progress bars; all restored afterwards.
 
     The caller's random state is left as it was (a notebook's own experiments must not change because a
-    model was trained in-process); more threads only add synchronisation cost on small models; the bars
-    would drown our own progress events.
+    model was trained in-process). Threads: torch's workers spin while they wait for each other, so on
+    busy cores they mostly wait (measured on 2 cores at load 10, demo base: 1 thread 30 steps/s, 2 threads
+    0.6-1.5 steps/s); beyond 4 they only add synchronisation cost on small models. The bars would drown our
+    own progress events.
     """
     import torch
     from transformers.utils import logging as hf_logging
 
     threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    idle = (os.cpu_count() or 1) - int(os.getloadavg()[0])
+    torch.set_num_threads(max(1, min(4, idle)))
     hf_logging.disable_progress_bar()
     try:
         with torch.random.fork_rng(devices=[]):
