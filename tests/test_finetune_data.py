@@ -41,6 +41,13 @@ def test_tables_read_csv_and_jsonl_and_name_missing_columns(tmp_path: Path) -> N
         read_table(tmp_path / "d.txt")
 
 
+def test_parquet_reads_like_the_other_formats(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    pd.DataFrame({"prompt": ["Hi?"], "response": ["Hello."]}).to_parquet(tmp_path / "d.parquet")
+    assert normalize_rows(rows_from_table(read_table(tmp_path / "d.parquet"))) == normalize_rows([("Hi?", "Hello.")])
+
+
 @pytest.mark.parametrize("rows, message", [
     ([], "no rows"),
     ([("Hi?", "")], "Row 1 has an empty or non-text response"),

@@ -3,6 +3,7 @@ evaluate it against its base and siblings; stop and resume a training run."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -85,6 +86,31 @@ def test_each_finetune_scores_on_its_own_row_only(manager: Manager, expert: obje
     assert result.fingerprints["base"]["base"] == result.fingerprints["demo_poet"]["base"]
     frame = result.to_dataframe()
     assert list(frame["demo_poet:exact"]) == [0.0, 1.0]
+
+
+def test_sage_eval_cli_prints_the_summary_and_saves_fingerprints(settings: Settings, expert: object,
+                                                                tmp_path) -> None:
+    data = tmp_path / "rows.csv"
+    with data.open("w", newline="") as handle:
+        csv.writer(handle).writerows([("prompt", "expected"), (DEMO_PROMPT, DEMO_ANSWERS["demo_poet"])])
+    out = subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "eval", str(data), "--models",
+                          "demo_poet,base", "--metric", "exact", "--metric", "contains", "--save",
+                          str(tmp_path / "run.json")], env=env_for(settings), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = {tuple(line.split()[:3]) for line in out.stdout.splitlines()}
+    assert ("demo_poet", "exact", "1.000") in lines and ("base", "exact", "0.000") in lines
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["fingerprints"]["demo_poet"]["adapter"] and saved["fingerprints"]["base"]["kind"] == "base"
+    assert saved["rows"][0]["answers"]["demo_poet"]["text"] == DEMO_ANSWERS["demo_poet"]
+
+
+@pytest.mark.rag
+def test_embedding_metric_is_highest_for_the_matching_phrase(manager: Manager, expert: object) -> None:
+    pytest.importorskip("sentence_transformers")
+    rows = [Item(DEMO_PROMPT, DEMO_ANSWERS["demo_expert"]), Item(DEMO_PROMPT, DEMO_ANSWERS["demo_poet"])]
+    result = evaluate(rows, ["demo_expert"], manager=manager, metrics=["embedding"])
+    own, other = (row.answers["demo_expert"].scores["embedding"] for row in result.rows)
+    assert own == pytest.approx(1.0, abs=1e-4) and other < 0.9
 
 
 def test_a_failed_request_marks_only_its_row(manager: Manager, expert: object) -> None:
