@@ -31,6 +31,7 @@ from sage_magic.config import Settings
 from sage_magic.demo import DEMO_ANSWERS, DEMO_ANSWERS_2, DEMO_BASE, DEMO_PROMPT, DEMO_PROMPT_2
 from sage_magic.evaluate import Item, evaluate
 from sage_magic.manager import Manager
+from sage_magic.progress import Progress
 from sage_magic.train import TrainOptions, train
 
 VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
@@ -99,6 +100,23 @@ def bench_train(settings: Settings, steps: int) -> None:
     report("calling process RSS growth during training", f"{delta:.1f} MiB", "<= 50 MiB", delta <= 50)
 
 
+def bench_stop(settings: Settings) -> None:
+    """From the cancel event to train() returning, with the child gone and the checkpoint kept."""
+    cancel = threading.Event()
+    asked: list[float] = []
+
+    def stop_at_checkpoint(event: Progress) -> None:
+        if event.phase == "checkpoint" and not asked:
+            asked.append(time.monotonic())
+            cancel.set()
+
+    result = train(settings, "bench_stop", DEMO_BASE, [(DEMO_PROMPT, "Stop me.")],
+                   TrainOptions(max_steps=100_000, lr=2e-3, batch_size=1, save_every=5), stop_at_checkpoint, cancel)
+    seconds = time.monotonic() - asked[0]
+    report("stop: cancel -> train() returned", f"{seconds * 1000:.0f} ms (at step {result.steps})", "<= 1 s",
+           seconds <= 1.0)
+
+
 def bench_handover(manager: Manager) -> None:
     manager.serve_finetune("demo_expert")  # the base server, running (its start is not what is measured)
     started = time.monotonic()
@@ -162,6 +180,7 @@ def main() -> int:
                                      port=free_port(), ready_timeout=600.0, stop_grace=6.0)
         print(f"finetune_bench ({'short' if args.short else 'full'}) on {os.cpu_count()} CPUs, in {workdir}")
         bench_train(settings, 20 if args.short else 60)
+        bench_stop(settings)
         manager = Manager(settings)
         bench_handover(manager)
         bench_eval(manager, 8 if args.short else 24)

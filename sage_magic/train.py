@@ -70,11 +70,11 @@ class TrainOptions:
 @dataclass
 class TrainResult:
     """What a run did. ``adapter_dir`` is what serving uses now: lora_weights/ if finished, else the newest
-    checkpoint (``stopped=True``)."""
+    checkpoint (``stopped=True``), or None when it stopped before its first checkpoint (then nothing is left)."""
 
     name: str
     root: Path
-    adapter_dir: Path
+    adapter_dir: Path | None
     stopped: bool
     steps: int
     total_steps: int
@@ -246,10 +246,7 @@ def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
     progress(Progress("done", f"{name}: training {state} at step {result['steps']}/{result['total_steps']} in "
                               f"{result['seconds']:.1f} s", result["steps"] / result["total_steps"],
                       {"step": result["steps"], "total_steps": result["total_steps"], "stopped": result["stopped"]}))
-    if result["stopped"] and not result["checkpoints"]:
-        adapter_dir = root
-    else:
-        adapter_dir = get_finetune(settings, name).adapter_dir
+    adapter_dir = get_finetune(settings, name).adapter_dir if result["checkpoints"] else None
     return TrainResult(name=name, root=root, adapter_dir=adapter_dir, stopped=result["stopped"],
                        steps=result["steps"], total_steps=result["total_steps"],
                        losses=[tuple(x) for x in result["losses"]],  # type: ignore[misc]
