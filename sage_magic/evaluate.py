@@ -245,6 +245,8 @@ def open_models(names: Sequence[str], *, manager: Any = None, remote: Endpoint |
     finetunes = [n for n in names if n != BASE and not n.startswith(OPENAI_PREFIX)]
     if any(n.startswith(OPENAI_PREFIX) for n in names) and remote is None:
         raise SageError("openai:MODEL needs the endpoint: --base-url URL (and --api-key KEY if it wants one).")
+    if finetunes and manager is None:
+        raise SageError(f"Fine-tunes ({', '.join(finetunes)}) are served by a manager: pass manager=.")
     found = {n: get_finetune(manager.settings, n) for n in finetunes} if finetunes else {}
     if BASE in names:
         bases = {ft.base_path for ft in found.values()}
