@@ -249,7 +249,7 @@ class Run:
                 eval_loss = None
                 if step % self.opt["save_every"] == 0 or step == total:
                     eval_loss = self.evaluate(model, eval_rows, pad, device, step)
-                    self.save_checkpoint(model, optimizer, step, total, tokenizer)
+                    self.save_checkpoint(model, optimizer, step, total)
                 now = time.monotonic()
                 if now - last_event >= EVENT_INTERVAL or step == total or eval_loss is not None:
                     last_event = now
@@ -319,7 +319,7 @@ class Run:
             return None
         state = self.job["resume_from"]
         shutil.rmtree(self.root / "lora_weights", ignore_errors=True)  # only a finished run has one
-        self.checkpoints = [n for n in self.job["existing_checkpoints"]]
+        self.checkpoints = list(self.job["existing_checkpoints"])
         self.write_meta("training", state["step"])
         return state
 
@@ -341,7 +341,7 @@ class Run:
         self.eval_losses.append((step, loss))
         return loss
 
-    def save_checkpoint(self, model: Any, optimizer: Any, step: int, total: int, tokenizer: Any) -> None:
+    def save_checkpoint(self, model: Any, optimizer: Any, step: int, total: int) -> None:
         import torch
 
         target = self.root / "checkpoints" / f"checkpoint-{step}"
