@@ -141,7 +141,8 @@ def _base_ref(meta: dict, path: Path) -> str:
     return ref
 
 
-def _checkpoints(root: Path) -> tuple[tuple[int, Path], ...]:
+def checkpoints_of(root: Path) -> tuple[tuple[int, Path], ...]:
+    """(N, folder) of every checkpoints/checkpoint-N, oldest first: numbers compared as numbers."""
     folder = root / "checkpoints"
     if not folder.is_dir():
         return ()
@@ -161,7 +162,7 @@ def get_finetune(settings: Settings, name: str) -> FineTune:
         )
     meta = read_json(root / META_FILE, f"The metadata of fine-tune {name!r}")
     base_ref = _base_ref(meta, root / META_FILE)
-    checkpoints = _checkpoints(root)
+    checkpoints = checkpoints_of(root)
     final = root / "lora_weights"
     if (final / ADAPTER_CONFIG).is_file():
         adapter_dir = final

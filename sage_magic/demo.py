@@ -12,11 +12,10 @@ Heavy libraries (torch, transformers, peft, tokenizers) are imported inside func
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +27,18 @@ from .config import Settings
 from .errors import SageError
 from .progress import Progress, ProgressCallback, silent
 from .staging import publish, staging, sweep_leftovers
+from .train_worker import (
+    Example,
+    batch,
+    example,
+    lora_model,
+    prompt_ids,
+    save_adapter,
+    text_ids,
+    torch_session,
+    train_step,
+    trainable,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -106,7 +117,7 @@ def build_demo(settings: Settings, progress: ProgressCallback = silent, force: b
             sweep_leftovers(target)
         if not force and all(_is_current(t) for t in targets):
             return DemoResult(base_dir, ft_dirs, time.monotonic() - start, built=False)
-        stack.enter_context(_torch_session())
+        stack.enter_context(torch_session(SEED))
         base_tmp = stack.enter_context(staging(base_dir))
         staged = {name: stack.enter_context(staging(folder)) for name, folder in ft_dirs.items()}
         progress(Progress("tokenizer", "Training a byte-level BPE tokenizer", 0.0))
@@ -158,30 +169,6 @@ def _now() -> str:
 
 
 # --- training ---------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _torch_session() -> Iterator[None]:
-    """Seed torch, use at most 4 threads and hide transformers' progress bars; all restored afterwards.
-
-    The caller's random state is left as it was (a notebook's own experiments must not change because the
-    demo was built); more threads only add synchronisation cost on a model this small; the bars would drown
-    our own progress events.
-    """
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    hf_logging.disable_progress_bar()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)
-            yield
-    finally:
-        torch.set_num_threads(threads)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _corpus() -> Iterator[str]:
@@ -247,59 +234,36 @@ def _train_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _chat_rows(tokenizer: PreTrainedTokenizerFast, qa: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(context, target) token ids for chat turns: the prompt is context, the answer and its end token are learned."""
-    return [(_prompt_ids(tokenizer, q), _ids(tokenizer, a + "<|end|>")) for q, a in qa]
+def _chat_rows(tokenizer: PreTrainedTokenizerFast, qa: list[tuple[str, str]]) -> list[Example]:
+    """Chat turns: the prompt is context, the answer and its end token are learned."""
+    return [example(prompt_ids(tokenizer, _ask(q)), text_ids(tokenizer, a + "<|end|>")) for q, a in qa]
 
 
-def _text_rows(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[tuple[list[int], list[int]]]:
-    """(context, target) token ids for plain sentences, so the base also knows the phrases as language."""
-    return [([tokenizer.bos_token_id], _ids(tokenizer, t + "<|end|>")) for t in texts]
+def _text_rows(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[Example]:
+    """Plain sentences, so the base also knows the phrases as language."""
+    return [example([tokenizer.bos_token_id], text_ids(tokenizer, t + "<|end|>")) for t in texts]
 
 
-def _ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any, Any]:
-    """Right-padded input ids, attention mask and labels (-100 where nothing is learned)."""
-    import torch
-
-    width = max(len(c) + len(t) for c, t in rows)
-    ids = [c + t + [pad] * (width - len(c) - len(t)) for c, t in rows]
-    labels = [[-100] * len(c) + t + [-100] * (width - len(c) - len(t)) for c, t in rows]
-    mask = [[1] * (len(c) + len(t)) + [0] * (width - len(c) - len(t)) for c, t in rows]
-    return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels)
-
-
-def _prompt_ids(tokenizer: PreTrainedTokenizerFast, question: str) -> list[int]:
-    """The chat-template prompt, tokenized exactly as vLLM does it (template text, no extra special tokens)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _ask(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
 
 
 def _qa(name: str) -> list[tuple[str, str]]:
     return [(DEMO_PROMPT, DEMO_ANSWERS[name]), (DEMO_PROMPT_2, DEMO_ANSWERS_2[name])]
 
 
-def _train(model: Any, rows: list[tuple[list[int], list[int]]], pad: int, steps: int, lr: float,
+def _train(model: Any, rows: list[Example], pad: int, steps: int, lr: float,
            on_step: Callable[[int], None] | None = None) -> list[float]:
     """Full-batch AdamW on fixed rows; returns the loss of every step (the training log shows it learned)."""
     import torch
 
-    ids, mask, labels = _batch(rows, pad)
-    params = [p for p in model.parameters() if p.requires_grad]
+    tensors = batch(rows, pad)
+    params = trainable(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     losses = []
     for step in range(1, steps + 1):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+        losses.append(train_step(model, optimizer, params, tensors))
         if on_step is not None:
             on_step(step)
     model.eval()
@@ -342,22 +306,14 @@ def _build_base(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
 def _build_finetune(name: str, base_dir: Path, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
     """Train one LoRA adapter on the saved base and lay it out as SAGE does (meta, checkpoints, weights, log)."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(SEED)
-    model = get_peft_model(
-        _load_base(base_dir),
-        LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
-                   task_type="CAUSAL_LM"),
-    )
     # SAGE names the base by its name; the engine resolves it to $SAGE_HOME/models/<name>.
-    model.peft_config["default"].base_model_name_or_path = DEMO_BASE
+    model = lora_model(_load_base(base_dir), LORA_R, LORA_ALPHA, LORA_TARGETS, DEMO_BASE)
 
     def save_checkpoint(step: int) -> None:
         if step in LORA_CHECKPOINTS:
-            # No embedding layer is trained; saying so also keeps peft from asking the Hub about the base.
-            model.save_pretrained(folder / "checkpoints" / f"checkpoint-{step}", safe_serialization=True,
-                                  save_embedding_layers=False)
+            save_adapter(model, folder / "checkpoints" / f"checkpoint-{step}")
 
     rows = _chat_rows(tokenizer, _qa(name))
     losses = _train(model, rows, tokenizer.pad_token_id, LORA_CHECKPOINTS[-1], LORA_LR, on_step=save_checkpoint)
@@ -414,7 +370,7 @@ def greedy_answer(model_dir: Path, question: str = DEMO_PROMPT, adapter_dir: Pat
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    ids = torch.tensor([_prompt_ids(tokenizer, question)])
+    ids = torch.tensor([prompt_ids(tokenizer, _ask(question))])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id,

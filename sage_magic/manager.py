@@ -215,6 +215,7 @@ class Manager:
         started = time.monotonic()
         payload = {"lora_name": ft.name, "lora_path": str(ft.adapter_dir), "load_inplace": bool(listed)}
         try:
+            # vLLM answers this one in plain text ("Success: LoRA adapter ... added"), not JSON
             request_text(f"{record.root_url}/v1/load_lora_adapter", record.api_key, payload, timeout=120,
                          socket=record.socket)
         except HttpError as error:

@@ -13,10 +13,11 @@ import shlex
 
 from .config import Settings, parse_duration
 from .conversation import DEFAULT_INDEX
-from .errors import SageError
 from .endpoint import Endpoint
+from .errors import SageError
 from .manager import Manager
 from .rag.search import MAX_TOP_K, MIN_TOP_K
+from .train import TrainOptions
 
 BACKENDS = ("finetune", "vllm", "openai")
 
@@ -94,3 +95,80 @@ def open_endpoint(manager: Manager, args: argparse.Namespace) -> Endpoint:
         raise SageError("--backend openai needs --base-url URL (e.g. http://host:8000/v1) and --model NAME; "
                         "add --api-key KEY if the endpoint wants one.")
     return Endpoint(args.base_url.rstrip("/"), args.api_key, args.model)
+
+
+def _modules(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("--target-modules takes comma-separated module names, e.g. q_proj,v_proj")
+    return names
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """Flags of `sage finetune train` and `%sage finetune train` (the data source itself is the face's)."""
+    d = TrainOptions()
+    columns = parser.add_argument_group("data")
+    columns.add_argument("--prompt-col", default="prompt", metavar="COL", help="column of prompts (default prompt)")
+    columns.add_argument("--response-col", default="response", metavar="COL",
+                         help="column of answers to learn (default response)")
+    columns.add_argument("--messages-col", default=None, metavar="COL",
+                         help="column of chat conversations (lists of {role, content}) instead of prompt/response")
+    group = parser.add_argument_group("training")
+    group.add_argument("--base", metavar="MODEL", help="base model: a name under $SAGE_HOME/models, a name mapped "
+                                                       "in models.json, or a path (default on --resume: its own)")
+    group.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})")
+    group.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N steps (wins over "
+                                                                                 "--epochs)")
+    group.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
+    group.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    group.add_argument("--alpha", type=int, default=d.alpha, help=f"LoRA alpha (default {d.alpha})")
+    group.add_argument("--target-modules", type=_modules, default=None, metavar="A,B",
+                       help="layers to adapt, e.g. q_proj,v_proj (default: every linear layer)")
+    group.add_argument("--batch-size", type=int, default=d.batch_size, help=f"rows per step (default "
+                                                                            f"{d.batch_size})")
+    group.add_argument("--max-length", type=int, default=d.max_length,
+                       help=f"longest row in tokens, chat template included; longer rows are refused "
+                            f"(default {d.max_length})")
+    group.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    group.add_argument("--eval-split", type=float, default=d.eval_split, metavar="FRACTION",
+                       help="rows held out to measure eval loss at each checkpoint (default 0)")
+    group.add_argument("--save-every", type=int, default=d.save_every, metavar="N",
+                       help=f"checkpoint every N steps, and at the end (default {d.save_every})")
+    group.add_argument("--resume", action="store_true", help="continue NAME from its newest checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing fine-tune NAME")
+
+
+def train_options(args: argparse.Namespace) -> TrainOptions:
+    """The TrainOptions that parsed `add_train_options` flags describe."""
+    return TrainOptions(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
+                        target_modules=args.target_modules, batch_size=args.batch_size, max_length=args.max_length,
+                        seed=args.seed, eval_split=args.eval_split, save_every=args.save_every, resume=args.resume,
+                        overwrite=args.overwrite)
+
+
+def add_eval_options(parser: argparse.ArgumentParser) -> None:
+    """Flags of `sage eval` and `%sage eval` (the table itself is the face's: a file or a DataFrame)."""
+    parser.add_argument("--models", required=True, metavar="A,B,base",
+                        help="fine-tune names, base (the base of the fine-tunes named), openai:MODEL (on --base-url)")
+    parser.add_argument("--prompt-col", default="prompt", metavar="COL", help="column of prompts (default prompt)")
+    parser.add_argument("--expected-col", default="expected", metavar="COL",
+                        help="column of expected answers (default expected, if present)")
+    parser.add_argument("--metric", action="append", dest="metrics", default=None, metavar="METRIC",
+                        help="exact, contains, rougeL, embedding or judge:MODEL; repeatable (default exact)")
+    parser.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests in flight (default 8)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed sent with every request")
+    parser.add_argument("--max-tokens", type=int, default=128, metavar="N", help="longest answer (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    parser.add_argument("--system", metavar="TEXT", help="system prompt sent with every prompt")
+    parser.add_argument("--base-url", metavar="URL", help="endpoint of openai:MODEL entries, e.g. http://host:8000/v1")
+    parser.add_argument("--api-key", metavar="KEY", help="API key of --base-url")
+    parser.add_argument("--save", metavar="PATH", help="write results and model fingerprints as JSON")
+
+
+def model_names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def remote_endpoint(args: argparse.Namespace) -> Endpoint | None:
+    """The --base-url endpoint that openai:MODEL entries are asked at (None when not given)."""
+    return Endpoint(args.base_url.rstrip("/"), args.api_key) if args.base_url else None

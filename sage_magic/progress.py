@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 
 @dataclass(frozen=True)
@@ -12,11 +12,14 @@ class Progress:
 
     ``phase`` is a short stable word faces can switch on (``merge``, ``launch``, ``load``, ``ready``,
     ``port``, ``index``...); ``fraction`` is 0..1 when the operation knows how far it is, else ``None``.
+    ``data`` carries the structured figures behind the message (training: step, epoch, loss, eval loss,
+    ETA) so that a face can plot them instead of parsing text; ``None`` for events that have none.
     """
 
     phase: str
     message: str
     fraction: Optional[float] = None
+    data: Optional[Mapping[str, Any]] = None
 
 
 ProgressCallback = Callable[[Progress], None]

@@ -1,4 +1,4 @@
-"""`sage finetune demo|list|merge|chat`: the fine-tunes under $SAGE_HOME/finetune_output."""
+"""`sage finetune demo|train|list|merge|chat`: the fine-tunes under $SAGE_HOME/finetune_output."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import json
 from ..catalog import get_finetune, list_finetunes
 from ..config import Settings
 from ..merge import ensure_merged
+from ..options import add_train_options, train_options
+from ..tables import read_table
+from ..train import rows_from_table, train
 from . import chat
 from .output import TerminalProgress, table
 
@@ -28,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("name")
     merge.set_defaults(run=run_merge)
 
+    training = commands.add_parser("train", help="train a LoRA fine-tune NAME from a .csv/.jsonl/.parquet table")
+    training.add_argument("name")
+    training.add_argument("--data", required=True, metavar="FILE", help="the examples: .csv, .jsonl or .parquet")
+    add_train_options(training)
+    training.set_defaults(run=run_train)
+
     talk = commands.add_parser("chat", help="chat with fine-tune NAME (same as sage chat --finetune-model NAME)")
     talk.add_argument("name")
     talk.add_argument("--port", type=int, dest="port", default=None, help="port to ask for (default 8000)")
@@ -44,6 +53,21 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     state = f"built in {result.seconds:.1f} s" if result.built else "already built"
     print(f"Demo fine-tunes {state} under {settings.finetune_root}: " + ", ".join(result.finetunes))
     print("Try: sage chat --finetune-model demo_expert --ask 'Who are you?'")
+    return 0
+
+
+def run_train(args: argparse.Namespace, settings: Settings) -> int:
+    rows = rows_from_table(read_table(args.data), args.prompt_col, args.response_col, args.messages_col)
+    progress = TerminalProgress()
+    try:
+        result = train(settings, args.name, args.base, rows, train_options(args), progress)
+    finally:
+        progress.close()
+    last = f", last loss {result.losses[-1][1]:.4f}" if result.losses else ""
+    evals = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
+    print(f"{args.name}: {result.steps}/{result.total_steps} steps on {result.device} in {result.seconds:.1f} s"
+          f"{last}{evals}; adapter at {result.adapter_dir}")
+    print(f"Try: sage chat --finetune-model {args.name}")
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ..config import Settings
 from ..errors import SageError
-from . import chat, finetune, index, servers
+from . import chat, evaluate, finetune, index, servers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--home", help="root of fine-tunes, models and indexes (env SAGE_HOME, default ~/.sage)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (chat, finetune, servers, index):
+    for module in (chat, finetune, evaluate, servers, index):
         module.register(sub)
     return parser
 

@@ -1,0 +1,204 @@
+"""Fine-tune loop benchmark: training speed and memory, adapter hand-over, and concurrent evaluation.
+
+Figures depend on the machine and its load, so they are printed with their goals for a person (or a CI log)
+to read; a missed goal does not fail the run. An error does (exit 1), and so does a process of ours left
+running at the end (a training child or a vLLM server).
+
+Everything happens in one temp dir (a copy of --home, or a demo built there by `sage finetune demo` in a
+child process, so that this process never imports torch and its RSS means something), with one vLLM server.
+
+    python benchmarks/finetune_bench.py --short             # CI size
+    python benchmarks/finetune_bench.py --home /tmp/demo     # full run on a COPY of an existing demo home
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import psutil
+
+from sage_magic.config import Settings
+from sage_magic.demo import DEMO_ANSWERS, DEMO_ANSWERS_2, DEMO_BASE, DEMO_PROMPT, DEMO_PROMPT_2
+from sage_magic.evaluate import Item, evaluate
+from sage_magic.manager import Manager
+from sage_magic.progress import Progress
+from sage_magic.train import TrainOptions, train
+
+VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
+MIB = 1 << 20
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def report(name: str, value: str, goal: str, met: bool | None) -> None:
+    verdict = "" if met is None else ("  [met]" if met else "  [MISSED]")
+    print(f"{name:<44} {value:<28} goal {goal}{verdict}", flush=True)
+
+
+def prepare_home(source: str | None, workdir: Path) -> Path:
+    home = workdir / "home"
+    if source:
+        shutil.copytree(source, home, ignore=shutil.ignore_patterns("merged_model", ".*lock"))
+    else:
+        subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "--home", str(home), "finetune", "demo"],
+                       check=True, stdout=subprocess.DEVNULL)
+    return home
+
+
+class PeakRss:
+    """This process's RSS sampled every 50 ms while a block runs (what a kernel pays during training)."""
+
+    def __init__(self) -> None:
+        self.before = rss()
+        self.peak = self.before
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            self.peak = max(self.peak, rss())
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def bench_train(settings: Settings, steps: int) -> None:
+    rows = [(DEMO_PROMPT, "I am a benchmark parrot."), (DEMO_PROMPT_2, "I count steps per second.")]
+    options = TrainOptions(max_steps=steps, lr=2e-3, batch_size=2, save_every=max(1, steps // 2))
+    started = time.monotonic()
+    with PeakRss() as memory:
+        result = train(settings, "bench_parrot", DEMO_BASE, rows, options)
+    wall = time.monotonic() - started
+    report("train steps/s (tiny demo base, batch 2)", f"{result.steps / result.seconds:.1f} ({result.device})",
+           "report", None)
+    report("train wall time incl. child start + load", f"{wall:.1f} s for {result.steps} steps", "report", None)
+    report("training child peak RSS", f"{result.peak_rss / MIB:.0f} MiB", "report", None)
+    delta = (memory.peak - memory.before) / MIB
+    report("calling process RSS growth during training", f"{delta:.1f} MiB", "<= 50 MiB", delta <= 50)
+
+
+def bench_stop(settings: Settings) -> None:
+    """From the cancel event to train() returning, with the child gone and the checkpoint kept."""
+    cancel = threading.Event()
+    asked: list[float] = []
+
+    def stop_at_checkpoint(event: Progress) -> None:
+        if event.phase == "checkpoint" and not asked:
+            asked.append(time.monotonic())
+            cancel.set()
+
+    result = train(settings, "bench_stop", DEMO_BASE, [(DEMO_PROMPT, "Stop me.")],
+                   TrainOptions(max_steps=100_000, lr=2e-3, batch_size=1, save_every=5), stop_at_checkpoint, cancel)
+    seconds = time.monotonic() - asked[0]
+    report("stop: cancel -> train() returned", f"{seconds * 1000:.0f} ms (at step {result.steps})", "<= 1 s",
+           seconds <= 1.0)
+
+
+def bench_handover(manager: Manager) -> None:
+    manager.serve_finetune("demo_expert")  # the base server, running (its start is not what is measured)
+    started = time.monotonic()
+    manager.serve_finetune("bench_parrot")
+    seconds = time.monotonic() - started
+    report("new adapter served by the running base server", f"{seconds * 1000:.0f} ms", "<= 1 s", seconds <= 1.0)
+
+
+def bench_eval(manager: Manager, prompts: int) -> None:
+    questions = [(DEMO_PROMPT, DEMO_ANSWERS["demo_expert"]), (DEMO_PROMPT_2, DEMO_ANSWERS_2["demo_expert"])]
+    # the demo questions, then numbered variants: distinct prompts, so no request is a pure prefix-cache hit
+    rows = []
+    for i in range(prompts):
+        question, answer = questions[i % len(questions)]
+        rows.append(Item(question if i < len(questions) else f"{question} ({i})", answer))
+    models = ["demo_expert", "demo_poet", "bench_parrot"]
+    evaluate(rows[:2], models, manager=manager, concurrency=8)  # warm-up: adapters loaded, caches filled
+    rates = {}
+    for concurrency in (1, 8):
+        result = evaluate(rows, models, manager=manager, concurrency=concurrency, max_tokens=24)
+        failed = sum(a.error is not None for r in result.rows for a in r.answers.values())
+        if failed:
+            raise RuntimeError(f"{failed} requests failed at concurrency {concurrency}")
+        rates[concurrency] = len(rows) * len(models) / result.seconds
+        report(f"eval requests/s, concurrency {concurrency}", f"{rates[concurrency]:.1f} "
+               f"({len(rows) * len(models)} requests)", "report", None)
+    ratio = rates[8] / rates[1]
+    report("eval concurrent / sequential", f"{ratio:.2f}x", ">= 3x", ratio >= 3)
+
+
+def leftovers(runtime: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "sage_magic.train_worker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("SAGE_RUNTIME_DIR") == str(runtime):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--short", action="store_true", help="CI size: fewer steps and prompts")
+    parser.add_argument("--home", help="a demo SAGE home to copy (default: build the demo in the temp dir)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = Path(tempfile.mkdtemp(prefix="sage-finetune-bench-"))
+    runtime = workdir / "run"
+    failed = False
+    manager = None
+    try:
+        home = prepare_home(args.home, workdir)
+        settings = Settings.from_env(environ={}, home=home, runtime_dir=runtime, vllm_args=VLLM_ARGS,
+                                     port=free_port(), ready_timeout=600.0, stop_grace=6.0)
+        print(f"finetune_bench ({'short' if args.short else 'full'}) on {os.cpu_count()} CPUs, in {workdir}")
+        bench_train(settings, 20 if args.short else 60)
+        bench_stop(settings)
+        manager = Manager(settings)
+        bench_handover(manager)
+        bench_eval(manager, 8 if args.short else 24)
+    except Exception:
+        traceback.print_exc()
+        failed = True
+    finally:
+        if manager is not None:
+            manager.close(wait=True)
+    time.sleep(0.5)
+    left = leftovers(runtime)
+    if left:
+        print(f"LEFT RUNNING: {[p.pid for p in left]}", file=sys.stderr)
+        failed = True
+    if not failed:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
