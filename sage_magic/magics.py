@@ -35,6 +35,21 @@ FORMATS = ("markdown", "md", "text", "code", "json", "html", "math")  # render.F
 #: build indexes or merge weights: torch must stay out of the kernel).
 SUBCOMMANDS = ("status", "stop", "logs", "models", "indexes", "history", "reset", "export", "help")
 CHILD_COMMANDS = ("index", "finetune")
+LINE_HELP = """\
+%sage SUBCOMMAND (each the twin of a `sage` command, with its options):
+  status [--json]          running model servers (sage ps)
+  stop ID | --all          stop a server, whoever uses it (sage stop)
+  logs [ID] [-n N]         end of a server's log; default: this session's server (sage logs)
+  models [--json]          the fine-tunes and their bases (sage finetune list)
+  indexes [--json]         the document indexes (sage index list)
+  history                  the conversation so far
+  reset                    forget the conversation (servers keep running)
+  export PATH              transcript with citations and figures, .md or .json
+  help                     this text
+  index add|update|show|rm|query ... and finetune demo|merge ...: run as `sage ...` in a child process,
+                           so building an index or merging weights never loads torch into the kernel.
+%sage_chat [options]       a chat widget on the same session: same options as %%sage, shared history.
+Defaults: %config SageMagics.<name> = value (`%config SageMagics` lists them)."""
 _ALIASES = {"status": ["ps"], "models": ["finetune", "list"], "indexes": ["index", "list"]}
 
 
@@ -215,11 +230,11 @@ class SageMagics(Magics):
         args = self.parse(line)
         if args is None:
             return
-        prompt = cell
+        prompt = cell.strip()
         if self.interpolate and not args.no_interpolate:
             from .interpolate import interpolate
 
-            prompt = interpolate(cell, self.shell.user_ns)
+            prompt = interpolate(prompt, self.shell.user_ns)
         if not prompt.strip():
             raise UsageError("The cell is empty: write the question on the lines below %%sage.")
         if args.compare:
@@ -384,9 +399,7 @@ class SageMagics(Magics):
 
     def _help(self, *_: Any) -> None:
         print(cell_parser(self.session.settings).format_help())
-        print(line_parser().format_help())
-        print("%sage_chat [backend options]: a chat widget on the same session (history shared with %%sage).\n"
-              "Configure defaults with %config SageMagics.<name> = value; `%config SageMagics` lists them.")
+        print(LINE_HELP)
 
     # --- %sage_chat --------------------------------------------------------------------------------------------
 
