@@ -9,6 +9,7 @@ a few lines of OpenAI-compatible streaming over http.server, and say so.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -134,7 +135,7 @@ OPTION_WORDS = ["--backend", "finetune", "openai", "--finetune-model", "--finetu
                 "status", "stop", "--all", "logs", "-n", "export", "index", "finetune", "list", "add", "help"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(st.sampled_from(OPTION_WORDS), st.text(max_size=8)), max_size=8), st.text(max_size=30))
 def test_random_option_strings_only_ever_raise_usage_error(shell: InteractiveShell, words: list[str],
                                                            noise: str) -> None:
@@ -218,7 +219,7 @@ class FakeServer:
                 for n in range(words):
                     if die_after is not None and n == die_after:
                         self.wfile.flush()
-                        self.connection.close()  # no final chunk: the stream breaks mid-answer
+                        self.connection.shutdown(socket.SHUT_RDWR)  # no final chunk: the stream breaks mid-answer
                         return
                     self._event({"choices": [{"index": 0, "delta": {"content": f"w{n} "}, "finish_reason": None}]})
                     time.sleep(delay)
