@@ -38,7 +38,7 @@ CHILD_COMMANDS = ("index", "finetune")
 LINE_HELP = """\
 %sage SUBCOMMAND (each the twin of a `sage` command, with its options):
   status [--json]          running model servers (sage ps)
-  stop ID | --all          stop a server, whoever uses it (sage stop)
+  stop [ID | --all]        stop a server, whoever uses it; bare: the ones this session started
   logs [ID] [-n N]         end of a server's log; default: this session's server (sage logs)
   models [--json]          the fine-tunes and their bases (sage finetune list)
   indexes [--json]         the document indexes (sage index list)
@@ -121,6 +121,7 @@ def line_parser() -> MagicParser:
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=MagicParser)
     for module in (servers, finetune, index):
         module.register(sub)
+    sub.choices["stop"]._mutually_exclusive_groups[0].required = False  # bare `%sage stop`: what we started
     for action in sub.choices["logs"]._actions:
         if action.dest == "id":  # in a notebook the server of this session is the natural default
             action.nargs, action.required, action.default = "?", False, None
@@ -320,11 +321,14 @@ class SageMagics(Magics):
                                           "STATE", "UNTIL"), "No model servers are running."))
 
     def _stop(self, args: argparse.Namespace) -> None:
-        stopped = self.session.stop(None if args.all else args.id)
+        stopped, spared = self.session.stop(args.id, everything=args.all)
         for record in stopped:
             print(f"stopped {record.id} ({record.served_name}, port {record.port})")
-        if not stopped:
-            print("No model servers were running.")
+        for server in spared:
+            print(f"left {server} running: it was running before this session (`%sage stop {server}` stops it)")
+        if not stopped and not spared:
+            print("No model servers to stop." if args.all or args.id else
+                  "This session started no server (`%sage stop --all` stops every one).")
 
     def _logs(self, args: argparse.Namespace) -> None:
         print(self.session.logs(args.id, args.lines))

@@ -148,6 +148,7 @@ class Session:
         self._clients: dict[Endpoint, ChatClient] = {}
         self._windows: dict[Endpoint, int | None] = {}
         self._running: dict[int, _Running] = {}
+        self._started: set[str] = set()  # servers this session launched (`%sage stop` stops these by default)
         self._listeners: list[Callable[[Event], None]] = []
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
@@ -221,6 +222,7 @@ class Session:
         with self._lock:
             self._leases[key] = lease
         if lease.endpoint.server_id is not None and not lease.endpoint.reused:
+            self._started.add(lease.endpoint.server_id)
             self._emit("servers-changed", 0, lease.endpoint.server_id)
         return lease
 
@@ -431,9 +433,22 @@ class Session:
     def servers(self) -> list:
         return self.manager.servers()
 
-    def stop(self, target: str | None = None) -> list:
-        """Stop one server (id, prefix or served name) or all of them, whoever owns them."""
-        stopped = self.manager.stop_all() if target is None else [self.manager.stop(target)]
+    def stop(self, target: str | None = None, *, everything: bool = False) -> tuple[list, list[str]]:
+        """Stop servers, whoever owns them: ``target`` (id, prefix or served name), ``everything``, or by
+        default the ones this session started. Returns (stopped records, ids of servers this session uses but
+        did not start, which the default leaves running for whoever started them)."""
+        if everything:
+            stopped = self.manager.stop_all()
+            spared: list[str] = []
+        elif target is not None:
+            stopped, spared = [self.manager.stop(target)], []
+        else:
+            with self._lock:
+                used = {lease.endpoint.server_id: lease.endpoint.reused for lease in self._leases.values()
+                        if lease.endpoint.server_id}
+            started = sorted(s for s, reused in used.items() if not reused and s in self._started)
+            spared = sorted(s for s in used if s not in started)
+            stopped = [self.manager.stop(s) for s in started if self.manager.registry.get(s) is not None]
         gone = {r.id for r in stopped}
         with self._lock:
             keys = [k for k, lease in self._leases.items() if lease.endpoint.server_id in gone]
@@ -441,7 +456,7 @@ class Session:
             self._drop(key)
         if stopped:
             self._emit("servers-changed", 0, sorted(gone))
-        return stopped
+        return stopped, spared
 
     def logs(self, target: str | None = None, lines: int = 50) -> str:
         if target is None:
