@@ -53,6 +53,12 @@ Defaults: %config SageMagics.<name> = value (`%config SageMagics` lists them).""
 _ALIASES = {"status": ["ps"], "models": ["finetune", "list"], "indexes": ["index", "list"]}
 
 
+class OptionError(UsageError):
+    """A mistake in a magic's options. Unlike a plain UsageError (printed to stderr, which nbval does not count
+    as a failure) it is shown as the cell's error output by :func:`_show_error`, so every notebook runner sees
+    the failed cell."""
+
+
 class _HelpRequested(Exception):
     """-h/--help was given: the help is printed and nothing runs."""
 
@@ -66,12 +72,12 @@ class MagicParser(argparse.ArgumentParser):
         action = self._option_string_actions.get(match.group(1)) if match else None
         if action is not None and action.help:
             hint = f"\n  {', '.join(action.option_strings)}: {action.help}"
-        raise UsageError(f"{self.prog}: {message}{hint}\n{self.format_usage().strip()}\n"
+        raise OptionError(f"{self.prog}: {message}{hint}\n{self.format_usage().strip()}\n"
                          "`%sage help` lists every option.")
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if message:
-            raise UsageError(message)
+            raise OptionError(message)
         raise _HelpRequested
 
     def print_help(self, file: Any = None) -> None:
@@ -82,7 +88,7 @@ def split(line: str) -> list[str]:
     try:
         return shlex.split(line)
     except ValueError as error:
-        raise UsageError(f"Cannot read the options {line!r}: {error} (quote values with spaces).") from None
+        raise OptionError(f"Cannot read the options {line!r}: {error} (quote values with spaces).") from None
 
 
 def cell_parser(settings: Any = None) -> MagicParser:
@@ -190,7 +196,7 @@ class SageMagics(Magics):
         try:
             session.keep_alive = None if self.keep_alive is None else parse_duration(self.keep_alive)
         except SageError as error:
-            raise UsageError(f"SageMagics.keep_alive: {error}") from None
+            raise OptionError(f"SageMagics.keep_alive: {error}") from None
 
     def close(self) -> None:
         if self._session is not None:
@@ -237,7 +243,7 @@ class SageMagics(Magics):
 
             prompt = interpolate(prompt, self.shell.user_ns)
         if not prompt.strip():
-            raise UsageError("The cell is empty: write the question on the lines below %%sage.")
+            raise OptionError("The cell is empty: write the question on the lines below %%sage.")
         if args.compare:
             return self._compare(prompt, args)
         live = LiveOutput(self.shell, self.update_interval)
@@ -292,7 +298,7 @@ class SageMagics(Magics):
         if not tokens or tokens[0] in ("help", "-h", "--help"):
             return self._help()
         if tokens[0] not in SUBCOMMANDS + CHILD_COMMANDS + ("ps",):
-            raise UsageError(f"%sage has no subcommand {tokens[0]!r}. Use one of: {', '.join(SUBCOMMANDS)}, or "
+            raise OptionError(f"%sage has no subcommand {tokens[0]!r}. Use one of: {', '.join(SUBCOMMANDS)}, or "
                              "`sage index ...` / `sage finetune ...` commands; to ask a question use %%sage.")
         try:
             argv = _ALIASES.get(tokens[0], tokens[:1]) + tokens[1:]
@@ -337,7 +343,7 @@ class SageMagics(Magics):
         from . import render
 
         if args.finetune_command == "chat":
-            raise UsageError("In a notebook, chat with `%%sage --finetune-model NAME` or `%sage_chat`.")
+            raise OptionError("In a notebook, chat with `%%sage --finetune-model NAME` or `%sage_chat`.")
         if args.finetune_command != "list":
             return self._child(args.argv)
         entries = self.session.finetunes()
@@ -482,11 +488,13 @@ class LiveOutput:
 
 
 _PREVIOUS_HANDLER = "_sage_previous_custom_exc"
+HANDLED = (SageError, OptionError)  # the only exceptions whose display the extension takes over
 
 
-def _show_sage_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
-    """A SageError in a cell: its one paragraph as the cell's error output (no traceback into httpx)."""
-    stb = [f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}"]
+def _show_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
+    """A SageError or OptionError in a cell: its one paragraph as the cell's error output (no traceback)."""
+    name = "UsageError" if issubclass(etype, OptionError) else etype.__name__
+    stb = [f"\x1b[0;31m{name}\x1b[0m: {value}"]
     shell._showtraceback(etype, value, stb)  # ipykernel sends it as the cell's error: nbclient/nbval see it
     return stb
 
@@ -499,7 +507,7 @@ def register(shell: Any) -> SageMagics:
     shell.register_magics(magics)
     shell.configurables.append(magics)
     setattr(shell, _PREVIOUS_HANDLER, (shell.custom_exceptions, getattr(shell, "CustomTB", None)))
-    shell.set_custom_exc((SageError,), _show_sage_error)
+    shell.set_custom_exc(HANDLED, _show_error)
     shell.user_ns.setdefault("Err", {})
 
     def record(result: Any) -> None:
@@ -520,7 +528,7 @@ def unregister(shell: Any) -> None:
     if magics in shell.configurables:
         shell.configurables.remove(magics)
     exceptions, handler = getattr(shell, _PREVIOUS_HANDLER, ((), None))
-    if shell.custom_exceptions == (SageError,):
+    if shell.custom_exceptions == HANDLED:
         shell.custom_exceptions = exceptions
         if handler is not None:
             shell.CustomTB = handler

@@ -106,7 +106,8 @@ def test_config_and_environment_defaults(shell: InteractiveShell, monkeypatch: p
 # --- options ---------------------------------------------------------------------------------------------------
 
 
-def test_bad_options_raise_usage_error_with_the_options_help(shell: InteractiveShell) -> None:
+def test_bad_options_raise_usage_error_with_the_options_help(shell: InteractiveShell,
+                                                             capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(UsageError, match=r"--top-k must be 1 to 20, not 99[\s\S]*chunks retrieved per question"):
         magics(shell).parse("--top-k 99")
     with pytest.raises(UsageError, match="unrecognized arguments: --nope"):
@@ -117,8 +118,11 @@ def test_bad_options_raise_usage_error_with_the_options_help(shell: InteractiveS
         magics(shell).parse("--system 'unclosed")
     with pytest.raises(UsageError, match="no subcommand 'frobnicate'"):
         shell.run_line_magic("sage", "frobnicate")
+    capsys.readouterr()
     result = shell.run_cell("%%sage --max-tokens lots\nhi\n")
-    assert isinstance(result.error_in_exec, UsageError)  # nbclient sees the failed cell
+    assert isinstance(result.error_in_exec, UsageError)  # nbclient sees the failed cell...
+    out = capsys.readouterr().out  # ...and nbval too: it is the cell's error output, not a stderr line
+    assert "UsageError" in out and "%%sage: argument --max-tokens: invalid int value" in out
 
 
 def test_help_prints_every_option(shell: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
