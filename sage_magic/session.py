@@ -147,6 +147,7 @@ class Session:
         self._leases: dict[tuple, Any] = {}
         self._clients: dict[Endpoint, ChatClient] = {}
         self._windows: dict[Endpoint, int | None] = {}
+        self._bases: dict[Endpoint, str | None] = {}
         self._running: dict[int, _Running] = {}
         self._started: set[str] = set()  # servers this session launched (`%sage stop` stops these by default)
         self._listeners: list[Callable[[Event], None]] = []
@@ -372,11 +373,25 @@ class Session:
         return replies  # type: ignore[return-value]
 
     def _base_of(self, endpoint: "Endpoint") -> "Endpoint":
-        record = self.manager.registry.get(endpoint.server_id) if endpoint.server_id else None
-        if record is None or record.kind != "base":
+        base = self._base_name(endpoint)
+        if base is None:
             raise SageError(f"{endpoint.model} is not served on top of its base model (merged, or an outside "
                             "endpoint), so `base` cannot be compared with it. Drop --merge, or leave `base` out.")
-        return endpoint.for_model(record.served_name)
+        return endpoint.for_model(base)
+
+    def _base_name(self, endpoint: "Endpoint") -> str | None:
+        """The base model a LoRA adapter is served on (its ``parent`` in /v1/models), asked once per endpoint."""
+        if endpoint not in self._bases:
+            from .http import HttpError, request_json
+
+            try:
+                models = request_json(f"{endpoint.base_url}/models", endpoint.api_key, socket=endpoint.socket) or {}
+            except HttpError:
+                models = {}
+            entry = next((m for m in models.get("data", []) if m.get("id") == endpoint.model), {})
+            parent = entry.get("parent")
+            self._bases[endpoint] = parent if parent and parent != endpoint.model else None
+        return self._bases[endpoint]
 
     def _conversation(self, endpoint: "Endpoint", system: str | None, history: list | None = None) -> Any:
         from .conversation import Conversation
@@ -398,9 +413,8 @@ class Session:
         s = answer.stream
         window = self.max_model_len(endpoint)
         used = (s.prompt_tokens or 0) + (s.completion_tokens or 0) if s.prompt_tokens is not None else None
-        record = self.manager.registry.get(endpoint.server_id) if endpoint.server_id else None
         metrics = {
-            "base": record.served_name if record is not None and record.served_name != endpoint.model else None,
+            "base": self._base_name(endpoint),
             "server": endpoint.server_id,
             "prompt_tokens": s.prompt_tokens,
             "completion_tokens": s.completion_tokens,
