@@ -13,8 +13,8 @@ import shlex
 
 from .config import Settings, parse_duration
 from .conversation import DEFAULT_INDEX
-from .errors import SageError
 from .endpoint import Endpoint
+from .errors import SageError
 from .manager import Manager
 from .rag.search import MAX_TOP_K, MIN_TOP_K
 
