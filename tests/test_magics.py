@@ -174,7 +174,7 @@ def test_unknown_finetune_lists_the_known_ones(demo_home: Path, tmp_path: Path, 
     assert "No fine-tune named 'nope'" in out and "demo_expert" in out and "demo_poet" in out
     out = _paragraph(capsys, run(ip, "--finetune-model demo_expert --index nowhere", "q"), "NotFound")
     assert "nowhere" in out and "sage index add" in out
-    assert not list((tmp_path / "run").glob("*.json"))  # refused before any server started
+    assert not list((tmp_path / "run").rglob("*.json"))  # refused before any server was registered
 
 
 def test_unreachable_endpoint(shell: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
