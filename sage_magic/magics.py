@@ -493,9 +493,9 @@ HANDLED = (SageError, OptionError)  # the only exceptions whose display the exte
 
 def _show_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
     """A SageError or OptionError in a cell: its one paragraph as the cell's error output (no traceback)."""
-    name = "UsageError" if issubclass(etype, OptionError) else etype.__name__
-    stb = [f"\x1b[0;31m{name}\x1b[0m: {value}"]
-    shell._showtraceback(etype, value, stb)  # ipykernel sends it as the cell's error: nbclient/nbval see it
+    shown = UsageError if issubclass(etype, OptionError) else etype
+    stb = [f"\x1b[0;31m{shown.__name__}\x1b[0m: {value}"]
+    shell._showtraceback(shown, value, stb)  # ipykernel sends it as the cell's error: nbclient/nbval see it
     return stb
 
 

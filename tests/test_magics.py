@@ -352,3 +352,23 @@ def test_interpolation_and_err(shell: InteractiveShell) -> None:
         assert fake.requests[-1]["messages"][-1]["content"] == "Explain {frame}"
     finally:
         fake.close()
+
+
+@pytest.mark.kernel
+def test_a_real_kernel_reports_the_paragraph_as_the_cells_error(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """What nbclient and nbval read: an `error` output whose traceback is the one paragraph, and a failed cell."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    for key, value in env_for(make_settings(tmp_path / "home", tmp_path / "run")).items():
+        monkeypatch.setenv(key, value)
+    for line, kind in (("--backend openai --base-url http://127.0.0.1:9/v1 --model m", "ServerFailed"),
+                       ("--top-k 0", "UsageError")):
+        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%load_ext sage_magic"),
+                                                   nbformat.v4.new_code_cell(f"%%sage {line}\nhi")])
+        with pytest.raises(CellExecutionError):
+            NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
+        [error] = [o for o in notebook.cells[1].outputs if o.output_type == "error"]
+        assert error.ename == kind and len(error.traceback) == 1 and "Traceback" not in error.traceback[0]
