@@ -168,6 +168,7 @@ class SageMagics(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self._session: Session | None = None
+        self._parser: tuple[tuple, MagicParser] | None = None
 
     # --- the session -----------------------------------------------------------------------------------------
 
@@ -207,13 +208,16 @@ class SageMagics(Magics):
 
     def parse(self, line: str) -> argparse.Namespace | None:
         """Options of one ``%%sage`` line (None after -h); mistakes raise UsageError with the option's help."""
-        parser = cell_parser(self.session.settings)
         defaults: dict[str, Any] = {"max_tokens": self.max_tokens, "format": None}
         if self.default_backend:
             defaults["backend"] = self.default_backend
         if self.default_finetune_model:
             defaults["finetune_model"] = self.default_finetune_model
-        parser.set_defaults(**defaults)
+        key = tuple(sorted(defaults.items()))
+        if self._parser is None or self._parser[0] != key:  # building it costs a few ms per cell: keep it
+            self._parser = (key, cell_parser(self.session.settings))
+            self._parser[1].set_defaults(**defaults)
+        parser = self._parser[1]
         try:
             args = parser.parse_args(split(line))
         except _HelpRequested:

@@ -143,6 +143,7 @@ class Session:
         self.history: list[dict[str, str]] = []  # what the model sees again: shared by every face
         self.transcript: list[dict[str, Any]] = []  # what `%sage export` writes: with citations and figures
         self._search = search
+        self._no_service = False
         self._manager: Manager | None = None
         self._leases: dict[tuple, Any] = {}
         self._clients: dict[Endpoint, ChatClient] = {}
@@ -260,10 +261,11 @@ class Session:
 
     def search(self) -> Callable[..., list] | None:
         """The RAG helper process's search when that module exists, so no embedder loads into the kernel."""
-        if self._search is None:
+        if self._search is None and not self._no_service:
             try:
                 from .rag.service import SearchService
             except ImportError:
+                self._no_service = True  # asked once: a failed import is not cached by Python, and costs ms
                 return None
             self._search = SearchService(self.settings).search
         return self._search
