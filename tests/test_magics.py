@@ -372,3 +372,17 @@ def test_a_real_kernel_reports_the_paragraph_as_the_cells_error(tmp_path: Path,
             NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
         [error] = [o for o in notebook.cells[1].outputs if o.output_type == "error"]
         assert error.ename == kind and len(error.traceback) == 1 and "Traceback" not in error.traceback[0]
+
+
+def test_bare_stop_only_stops_what_this_session_started(shell: InteractiveShell,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    fake = FakeServer(words=2, delay=0.0)
+    try:
+        run(shell, fake.line, "hi")  # an outside endpoint: not a server of ours
+    finally:
+        fake.close()
+    capsys.readouterr()
+    shell.run_line_magic("sage", "stop")
+    assert "This session started no server" in capsys.readouterr().out
+    with pytest.raises(Exception, match="No running server matches 'nope'"):
+        shell.run_line_magic("sage", "stop nope")
