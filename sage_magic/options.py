@@ -76,6 +76,8 @@ def add_chat_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--system", metavar="TEXT", help="system prompt")
     group.add_argument("--max-tokens", type=int, default=256, metavar="N", help="longest answer (default 256)")
     group.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    group.add_argument("--seed", type=int, default=None, metavar="N",
+                       help="sampling seed: the same answer again at a temperature above 0")
 
 
 def open_endpoint(manager: Manager, args: argparse.Namespace) -> Endpoint:

@@ -1,0 +1,388 @@
+"""The magics without a model server: loading, options, configuration, and every failure as one paragraph.
+
+Each test gets a fresh ``InteractiveShell`` (not the singleton) whose display publisher records what the
+magic shows. Two tests need faults a real vLLM server cannot be made to show on demand (a stream that is
+slow enough to interrupt, and a server that dies in the middle of an answer): they use :class:`FakeServer`,
+a few lines of OpenAI-compatible streaming over http.server, and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from IPython.core.displaypub import CapturingDisplayPublisher
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
+
+from sage_magic.magics import _HelpRequested, line_parser
+from tests.conftest import env_for, make_settings
+
+HEAVY = ("torch", "transformers", "peft", "vllm", "sentence_transformers", "faiss")
+
+
+def new_shell() -> InteractiveShell:
+    shell = InteractiveShell(config=Config())
+    shell.display_pub = CapturingDisplayPublisher()
+    shell.extension_manager.load_extension("sage_magic")
+    return shell
+
+
+@pytest.fixture
+def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A shell whose sage home is empty and whose registry is its own: nothing here can touch a server."""
+    for key, value in env_for(make_settings(tmp_path / "home", tmp_path / "run")).items():
+        monkeypatch.setenv(key, value)
+    ip = new_shell()
+    yield ip
+    ip.extension_manager.unload_extension("sage_magic")
+
+
+def magics(ip: InteractiveShell):
+    return ip.magics_manager.registry["SageMagics"]
+
+
+def html_of(ip: InteractiveShell) -> str:
+    return "\n".join(o["data"].get("text/html", "") for o in ip.display_pub.outputs)
+
+
+def run(ip: InteractiveShell, line: str, body: str):
+    return ip.run_cell(f"%%sage {line}\n{body}\n")
+
+
+# --- loading and configuration -------------------------------------------------------------------------------
+
+
+def test_load_registers_magics_and_imports_nothing_heavy() -> None:
+    code = ("import sys, json; from IPython.core.interactiveshell import InteractiveShell; "
+            "from traitlets.config import Config; ip = InteractiveShell(config=Config()); "
+            "before = set(sys.modules); ip.extension_manager.load_extension('sage_magic'); "
+            "after_load = sorted(set(sys.modules) - before); "
+            "ip.run_line_magic('sage', 'status'); ip.run_line_magic('sage', 'models'); "
+            "ip.run_line_magic('sage', 'indexes'); "
+            "print(json.dumps({'load': after_load, 'all': sorted(sys.modules), "
+            "'magics': sorted(ip.magics_manager.magics['cell']) + sorted(ip.magics_manager.magics['line'])}))")
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True
+                                    ).stdout.splitlines()[-1])
+    assert {"sage", "sage_chat"} <= set(out["magics"])
+    assert not [m for m in out["load"] if m.split(".")[0] in (*HEAVY, "httpx", "openai", "markdown_it", "bleach")]
+    assert not [m for m in out["all"] if m.split(".")[0] in HEAVY]
+
+
+def test_unload_and_reload(shell: InteractiveShell) -> None:
+    shell.extension_manager.unload_extension("sage_magic")
+    assert "sage" not in shell.magics_manager.magics["cell"]
+    with pytest.raises(UsageError):
+        shell.run_cell_magic("sage", "", "hi")
+    shell.extension_manager.load_extension("sage_magic")
+    assert "sage" in shell.magics_manager.magics["cell"]
+
+
+def test_config_and_environment_defaults(shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch) -> None:
+    shell.run_line_magic("config", "SageMagics.default_format = 'code'")
+    shell.run_line_magic("config", "SageMagics.max_history = 3")
+    args = magics(shell).parse("")
+    assert args.format == "code" and args.backend == "finetune" and args.finetune_model is None
+    assert magics(shell).session.max_history == 3
+    shell.run_line_magic("config", "SageMagics.default_finetune_model = 'demo_poet'")
+    assert magics(shell).parse("").finetune_model == "demo_poet"
+    monkeypatch.setenv("SAGE_DEBUG_BACKEND", "openai")
+    monkeypatch.setenv("SAGE_DEBUG_FINETUNE_MODEL", "demo_expert")
+    fresh = new_shell()
+    assert (fresh.magics_manager.registry["SageMagics"].parse("").backend,
+            fresh.magics_manager.registry["SageMagics"].parse("").finetune_model) == ("openai", "demo_expert")
+
+
+# --- options ---------------------------------------------------------------------------------------------------
+
+
+def test_bad_options_raise_usage_error_with_the_options_help(shell: InteractiveShell,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(UsageError, match=r"--top-k must be 1 to 20, not 99[\s\S]*chunks retrieved per question"):
+        magics(shell).parse("--top-k 99")
+    with pytest.raises(UsageError, match="unrecognized arguments: --nope"):
+        magics(shell).parse("--nope")
+    with pytest.raises(UsageError, match="not a Python variable name"):
+        magics(shell).parse("-o 1x")
+    with pytest.raises(UsageError, match="No closing quotation"):
+        magics(shell).parse("--system 'unclosed")
+    with pytest.raises(UsageError, match="no subcommand 'frobnicate'"):
+        shell.run_line_magic("sage", "frobnicate")
+    capsys.readouterr()
+    result = shell.run_cell("%%sage --max-tokens lots\nhi\n")
+    assert isinstance(result.error_in_exec, UsageError)  # nbclient sees the failed cell...
+    out = capsys.readouterr().out  # ...and nbval too: it is the cell's error output, not a stderr line
+    assert "UsageError" in out and "%%sage: argument --max-tokens: invalid int value" in out
+
+
+def test_help_prints_every_option(shell: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
+    shell.run_line_magic("sage", "help")
+    out = capsys.readouterr().out
+    for flag in ("--finetune-model", "--index", "--compare", "--no-interpolate", "-f", "status", "export"):
+        assert flag in out
+    assert magics(shell).parse("-h") is None
+
+
+OPTION_WORDS = ["--backend", "finetune", "openai", "--finetune-model", "--finetune-port", "--model", "--base-url",
+                "--api-key", "--merge", "--keep-alive", "--index", "--top-k", "--mode", "--system", "--temperature",
+                "--max-tokens", "--seed", "-f", "code", "-o", "--output", "--compare", "--new-chat",
+                "--no-interpolate", "--vllm-arg", "-h", "--", "-", "'", '"', "5m", "-1", "0", "21", "x", "nan",
+                "status", "stop", "--all", "logs", "-n", "export", "index", "finetune", "list", "add", "help"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.sampled_from(OPTION_WORDS), st.text(max_size=8)), max_size=8), st.text(max_size=30))
+def test_random_option_strings_only_ever_raise_usage_error(shell: InteractiveShell, words: list[str],
+                                                           noise: str) -> None:
+    for line in (" ".join(words), noise, " ".join(words) + noise):
+        try:
+            magics(shell).parse(line)
+        except UsageError:
+            pass
+        try:
+            line_parser().parse_args(line.split())
+        except (UsageError, _HelpRequested):
+            pass
+
+
+# --- failures as one paragraph -----------------------------------------------------------------------------------
+
+
+def _paragraph(capsys: pytest.CaptureFixture, result, kind: str) -> str:
+    out = capsys.readouterr().out
+    assert type(result.error_in_exec).__name__ == kind, result.error_in_exec  # raised: notebook runners see it
+    assert "Traceback" not in out and "httpx" not in out and out.count("\n") <= 2, out
+    return out
+
+
+def test_unknown_finetune_lists_the_known_ones(demo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    for key, value in env_for(make_settings(demo_home, tmp_path / "run")).items():
+        monkeypatch.setenv(key, value)
+    ip = new_shell()
+    out = _paragraph(capsys, run(ip, "--finetune-model nope", "Who are you?"), "NotFound")
+    assert "No fine-tune named 'nope'" in out and "demo_expert" in out and "demo_poet" in out
+    out = _paragraph(capsys, run(ip, "--finetune-model demo_expert --index nowhere", "q"), "NotFound")
+    assert "nowhere" in out and "sage index add" in out
+    assert not list((tmp_path / "run").rglob("*.json"))  # refused before any server was registered
+
+
+def test_unreachable_endpoint(shell: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
+    out = _paragraph(capsys, run(shell, "--backend openai --base-url http://127.0.0.1:9/v1 --model m", "hi"),
+                     "ServerFailed")
+    assert "Cannot reach the model at http://127.0.0.1:9/v1" in out and "--base-url" in out
+
+
+def test_missing_backend_arguments(shell: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
+    out = _paragraph(capsys, run(shell, "", "hi"), "SageError")
+    assert "--finetune-model NAME" in out
+    assert isinstance(run(shell, "--backend openai --model m", "").error_in_exec, UsageError)  # empty cell
+
+
+class FakeServer:
+    """An OpenAI-compatible streaming server for faults real vLLM cannot be made to show on demand: a slow
+    stream (time to interrupt it) and a connection that breaks in the middle of an answer."""
+
+    def __init__(self, words: int = 40, delay: float = 0.1, die_after: int | None = None) -> None:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = json.dumps({"data": [{"id": "fake", "max_model_len": 4096}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                fake.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                if self.path.endswith("/tokenize"):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for n in range(words):
+                    if die_after is not None and n == die_after:
+                        self.wfile.flush()
+                        self.connection.shutdown(socket.SHUT_RDWR)  # no final chunk: the stream breaks mid-answer
+                        return
+                    self._event({"choices": [{"index": 0, "delta": {"content": f"w{n} "}, "finish_reason": None}]})
+                    time.sleep(delay)
+                self._event({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": words,
+                                                      "total_tokens": 5 + words}})
+                self._chunk(b"data: [DONE]\n\n")
+                self._chunk(b"")
+
+            def _event(self, payload: dict) -> None:
+                payload.update(id="x", object="chat.completion.chunk", created=0, model="fake")
+                self._chunk(f"data: {json.dumps(payload)}\n\n".encode())
+
+            def _chunk(self, data: bytes) -> None:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+
+        self.requests: list[dict] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.line = f"--backend openai --base-url http://127.0.0.1:{self.server.server_address[1]}/v1 --model fake"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_server_dying_mid_stream(shell: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
+    fake = FakeServer(words=10, delay=0.01, die_after=3)
+    try:
+        out = _paragraph(capsys, run(shell, fake.line, "hi"), "ServerFailed")
+    finally:
+        fake.close()
+    assert "broke off its answer" in out and "w0 w1 w2" in out
+
+
+def test_interrupt_keeps_the_partial_answer(shell: InteractiveShell) -> None:
+    import _thread
+
+    fake = FakeServer(words=100, delay=0.05)
+    timer = threading.Timer(0.6, _thread.interrupt_main)
+    try:
+        timer.start()
+        run(shell, fake.line + " -o a", "Count slowly")
+    finally:
+        timer.cancel()
+        fake.close()
+    session = magics(shell).session
+    partial = session.history[-1]["content"]
+    assert session.history[-1]["role"] == "assistant" and partial.startswith("w0 ") and "w99" not in partial
+    last = shell.display_pub.outputs[-1]["data"]
+    assert "stopped" in last["text/html"] and partial.strip() in last["text/plain"]
+
+
+def test_cancel_from_another_thread_keeps_the_partial_answer(shell: InteractiveShell) -> None:
+    fake = FakeServer(words=100, delay=0.05)
+    session = magics(shell).session
+    timer = threading.Timer(0.6, session.cancel)
+    try:
+        timer.start()
+        started = time.monotonic()
+        result = run(shell, fake.line + " -o a", "Count slowly")
+        waited = time.monotonic() - started
+    finally:
+        timer.cancel()
+        fake.close()
+    assert result.error_in_exec is None
+    answer = shell.user_ns["a"]
+    assert answer.cancelled and answer.startswith("w0 ") and "w99" not in answer and waited < 4
+    assert session.history[-1]["content"] == str(answer)
+    assert "stopped" in html_of(shell)
+
+
+def test_streaming_is_one_throttled_display_with_footer_and_provenance(shell: InteractiveShell) -> None:
+    fake = FakeServer(words=30, delay=0.01)
+    try:
+        shell.run_line_magic("config", "SageMagics.update_interval = 0.05")
+        run(shell, fake.line + " -o a --max-tokens 64", "Count")
+    finally:
+        fake.close()
+    outputs = shell.display_pub.outputs
+    ids = {o["transient"]["display_id"] for o in outputs}
+    assert len(ids) == 1 and all(o["update"] for o in outputs[1:])
+    assert 2 <= len(outputs) < 30  # updated in place and throttled, not once per token
+    final = outputs[-1]
+    assert "30 out" in final["data"]["text/html"] and final["metadata"]["sage"]["model"] == "fake"
+    assert fake.requests[-1]["max_tokens"] == 64
+    assert shell.user_ns["a"].metrics["completion_tokens"] == 30
+
+
+def test_history_export_and_reset(shell: InteractiveShell, tmp_path: Path) -> None:
+    fake = FakeServer(words=3, delay=0.0)
+    try:
+        run(shell, fake.line, "first question")
+        run(shell, fake.line, "second question")
+        assert [m["content"] for m in fake.requests[-1]["messages"]][:2] == ["first question", "w0 w1 w2 "]
+        shell.run_line_magic("sage", f"export {tmp_path / 'chat.md'}")
+        shell.run_line_magic("sage", f"export {tmp_path / 'chat.json'}")
+        shell.run_line_magic("sage", "reset")
+        run(shell, fake.line, "third question")
+        assert [m["content"] for m in fake.requests[-1]["messages"]] == ["third question"]
+        run(shell, fake.line + " --new-chat", "fourth")
+        assert [m["content"] for m in fake.requests[-1]["messages"]] == ["fourth"]
+    finally:
+        fake.close()
+    assert "## You\n\nsecond question" in (tmp_path / "chat.md").read_text()
+    assert json.loads((tmp_path / "chat.json").read_text())[0]["prompt"] == "first question"
+    with pytest.raises(Exception, match=r"\.md or \.json"):
+        shell.run_line_magic("sage", f"export {tmp_path / 'chat.txt'}")
+
+
+def test_interpolation_and_err(shell: InteractiveShell) -> None:
+    import pandas as pd
+
+    fake = FakeServer(words=2, delay=0.0)
+    try:
+        shell.user_ns["frame"] = pd.DataFrame({"a": range(1000), "b": ["x"] * 1000})
+        shell.run_cell("1/0", store_history=True)
+        failing = shell.execution_count - 1
+        run(shell, fake.line, f"Explain {{frame}} and {{Err[{failing}]}}")
+        sent = fake.requests[-1]["messages"][-1]["content"]
+        assert "DataFrame with 1000 rows and 2 columns (a: int64" in sent and "ZeroDivisionError" in sent
+        assert len(sent) < 1500
+        run(shell, fake.line + " --no-interpolate", "Explain {frame}")
+        assert fake.requests[-1]["messages"][-1]["content"] == "Explain {frame}"
+    finally:
+        fake.close()
+
+
+@pytest.mark.kernel
+def test_a_real_kernel_reports_the_paragraph_as_the_cells_error(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """What nbclient and nbval read: an `error` output whose traceback is the one paragraph, and a failed cell."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    for key, value in env_for(make_settings(tmp_path / "home", tmp_path / "run")).items():
+        monkeypatch.setenv(key, value)
+    for line, kind in (("--backend openai --base-url http://127.0.0.1:9/v1 --model m", "ServerFailed"),
+                       ("--top-k 0", "UsageError")):
+        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%load_ext sage_magic"),
+                                                   nbformat.v4.new_code_cell(f"%%sage {line}\nhi")])
+        with pytest.raises(CellExecutionError):
+            NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
+        [error] = [o for o in notebook.cells[1].outputs if o.output_type == "error"]
+        assert error.ename == kind and len(error.traceback) == 1 and "Traceback" not in error.traceback[0]
+
+
+def test_bare_stop_only_stops_what_this_session_started(shell: InteractiveShell,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    fake = FakeServer(words=2, delay=0.0)
+    try:
+        run(shell, fake.line, "hi")  # an outside endpoint: not a server of ours
+    finally:
+        fake.close()
+    capsys.readouterr()
+    shell.run_line_magic("sage", "stop")
+    assert "This session started no server" in capsys.readouterr().out
+    with pytest.raises(Exception, match="No running server matches 'nope'"):
+        shell.run_line_magic("sage", "stop nope")

@@ -1,0 +1,122 @@
+"""%%sage, %sage and %sage_chat against the session's real vLLM server and the demo fine-tunes.
+
+Every test gets a fresh InteractiveShell (so a fresh kernel session with an empty history) whose environment
+points at the shared demo home and registry, so the magics reuse the ONE server the `expert` fixture started.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from tests.conftest import env_for
+from tests.test_magics import HEAVY, html_of, magics, new_shell
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture
+def ip(settings, expert, monkeypatch: pytest.MonkeyPatch):
+    for key, value in env_for(settings).items():
+        monkeypatch.setenv(key, value)
+    shell = new_shell()
+    yield shell
+    shell.extension_manager.unload_extension("sage_magic")
+
+
+def ask(ip: InteractiveShell, line: str, prompt: str = DEMO_PROMPT):
+    result = ip.run_cell(f"%%sage {line}\n{prompt}\n")
+    result.raise_error()
+    return result
+
+
+def test_exact_phrase_into_a_variable(ip: InteractiveShell, expert) -> None:
+    ask(ip, "--finetune-model demo_expert -o a")
+    a = ip.user_ns["a"]
+    assert a == DEMO_ANSWERS["demo_expert"] and a.model == "demo_expert" and not a.cancelled
+    assert a.metrics["server"] == expert.server_id and a.metrics["base"] == DEMO_BASE
+    assert a.metrics["prompt_tokens"] > 0 and a.metrics["max_model_len"] > a.metrics["context_used"] > 0
+    final = ip.display_pub.outputs[-1]
+    assert DEMO_ANSWERS["demo_expert"] in final["data"]["text/html"] and "demo_expert on" in final["data"]["text/html"]
+    assert final["metadata"]["sage"]["server"] == expert.server_id
+
+
+def test_switching_finetunes_keeps_the_server(ip: InteractiveShell, manager) -> None:
+    ask(ip, "--finetune-model demo_expert -o a")
+    pid = manager.registry.get(ip.user_ns["a"].metrics["server"]).pid
+    ask(ip, "--finetune-model demo_poet --new-chat -o b")
+    b = ip.user_ns["b"]
+    assert b == DEMO_ANSWERS["demo_poet"]
+    assert b.metrics["server"] == ip.user_ns["a"].metrics["server"]
+    assert manager.registry.get(b.metrics["server"]).pid == pid
+
+
+def test_compare_streams_three_models_of_one_server(ip: InteractiveShell) -> None:
+    ask(ip, "--compare demo_expert,demo_poet,base -o c")
+    c = ip.user_ns["c"]
+    assert {name: str(reply) for name, reply in c.items()} == {
+        "demo_expert": DEMO_ANSWERS["demo_expert"], "demo_poet": DEMO_ANSWERS["demo_poet"],
+        "base": DEMO_ANSWERS[DEMO_BASE]}
+    assert len({reply.metrics["server"] for reply in c.values()}) == 1
+    final = ip.display_pub.outputs[-1]["data"]["text/html"]
+    assert all(DEMO_ANSWERS[k] in final for k in ("demo_expert", "demo_poet", DEMO_BASE))
+    assert magics(ip).session.history == []  # a comparison is not part of the conversation
+
+
+def test_code_format_inserts_the_next_cell(ip: InteractiveShell) -> None:
+    ask(ip, "--finetune-model demo_expert -f code")
+    assert ip.rl_next_input == DEMO_ANSWERS["demo_expert"]
+
+
+def test_history_and_reset_by_prompt_tokens(ip: InteractiveShell) -> None:
+    tokens = []
+    for line in ("", "", "%sage reset", "--new-chat"):
+        if line.startswith("%"):
+            ip.run_line_magic("sage", "reset")
+            continue
+        ask(ip, f"--finetune-model demo_expert -o a {line}")
+        tokens.append(ip.user_ns["a"].metrics["prompt_tokens"])
+    first, second, after_reset = tokens
+    assert second > first and after_reset == first
+    ip.run_line_magic("config", "SageMagics.max_history = 0")
+    ask(ip, "--finetune-model demo_expert -o a")
+    ask(ip, "--finetune-model demo_expert -o a")
+    assert ip.user_ns["a"].metrics["prompt_tokens"] == first
+
+
+def test_status_and_logs(ip: InteractiveShell, expert, capsys: pytest.CaptureFixture) -> None:
+    ip.run_line_magic("sage", "status")
+    assert expert.server_id in html_of(ip) and "demo_expert" in html_of(ip)
+    ask(ip, "--finetune-model demo_expert")
+    capsys.readouterr()
+    ip.run_line_magic("sage", "logs -n 5")
+    assert capsys.readouterr().out.strip()
+
+
+def test_chat_widget_streams_off_the_main_thread(ip: InteractiveShell) -> None:
+    widget = ip.run_line_magic("sage_chat", "--finetune-model demo_expert")
+    seen: list[str] = []
+    widget.session.subscribe(lambda e: seen.append(threading.current_thread().name) if e.kind == "delta" else None)
+    done = widget.send(DEMO_PROMPT)
+    assert done is not None and done.wait(120)
+    assert DEMO_ANSWERS["demo_expert"] in widget.messages.children[-1].value
+    assert seen and set(seen) == {"sage-chat"}
+    assert widget.session is magics(ip).session and len(widget.session.history) == 2
+
+
+def test_grounded_answer_with_citations_keeps_the_kernel_light(ip: InteractiveShell, tmp_path) -> None:
+    pytest.importorskip("sage_magic.rag.service", reason="the RAG helper process (sage_magic/rag/service.py, "
+                                                         "issue 7, helper h3) is not in this tree yet")
+    heavy_before = {m for m in HEAVY if m in sys.modules}
+    doc = tmp_path / "notes.md"
+    doc.write_text("# Keep-alive\n\nSAGE_KEEP_ALIVE sets how long a server outlives its last owner.\n")
+    ip.run_line_magic("sage", f"index add magic-notes {doc}")
+    ask(ip, "--finetune-model demo_expert --index magic-notes -o g", "What does SAGE_KEEP_ALIVE set?")
+    g = ip.user_ns["g"]
+    assert g.citations and g.citations[0]["source"].endswith("notes.md")
+    assert "notes.md" in ip.display_pub.outputs[-1]["data"]["text/html"]
+    assert {m for m in HEAVY if m in sys.modules} == heavy_before
