@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import secrets
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -56,8 +58,8 @@ class ServerRecord:
     model_path: str
     served_name: str
     host: str
-    port: int
-    api_key: str
+    port: int | None  # the authenticating TCP gateway's port on ``host``; None: the socket only
+    api_key: str = field(repr=False)  # never in a repr: notebooks save a cell's last value, logs print reprs
     log_path: str
     supervisor_pid: int
     keep_alive: float
@@ -79,6 +81,11 @@ class ServerRecord:
     def base_url(self) -> str:
         return f"{self.root_url}/v1"
 
+    @property
+    def tcp_url(self) -> str | None:
+        """What other programs on this machine use (with the key): the gateway's URL, if a port was asked for."""
+        return f"http://{self.host}:{self.port}/v1" if self.port else None
+
     def served_names(self) -> list[str]:
         return [self.served_name, *self.adapters]
 
@@ -89,6 +96,9 @@ class ServerRecord:
     def from_json(cls, data: dict) -> "ServerRecord":
         data = dict(data)
         data["owners"] = [Owner(**o) for o in data.get("owners", [])]
+        for key in ("keep_alive", "started_at", "idle_until"):  # a NaN here would crash every `sage ps`
+            if data.get(key) is not None and not (isinstance(data[key], (int, float)) and math.isfinite(data[key])):
+                raise ValueError(f"{key} is {data[key]!r}")
         return cls(**data)
 
 
@@ -167,7 +177,14 @@ class Registry:
         os.replace(tmp, path)
 
     def remove(self, server_id: str) -> None:
+        """Forget a server whose processes are gone, with its private folder (socket, vLLM's temp files)."""
         self._path(server_id).unlink(missing_ok=True)
+        shutil.rmtree(self.server_dir(server_id), ignore_errors=True)
+
+    def server_dir(self, server_id: str) -> Path:
+        """A server's private folder: its Unix socket, and its TMPDIR (vLLM's IPC sockets and temp files).
+        Short on purpose: a socket path holds at most 107 bytes (see config.MAX_RUNTIME_DIR_LEN)."""
+        return self.root / "s" / server_id
 
     def log_path(self, server_id: str) -> Path:
         return self.logs / f"{server_id}.log"
