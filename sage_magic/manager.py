@@ -25,7 +25,7 @@ from .config import Settings
 from .endpoint import Endpoint
 from .errors import NotFound, ServerFailed
 from .fingerprint import adapter_digest, base_identity, combine
-from .http import HttpError, request_json
+from .http import HttpError, request_json, request_text
 from .launch import log_tail, start_server, wait_ready
 from .merge import ensure_merged, merge_fingerprint
 from .progress import Progress, ProgressCallback, silent
@@ -201,7 +201,7 @@ class Manager:
         started = time.monotonic()
         payload = {"lora_name": ft.name, "lora_path": str(ft.adapter_dir), "load_inplace": bool(listed)}
         try:
-            request_json(f"{record.root_url}/v1/load_lora_adapter", record.api_key, payload, timeout=120,
+            request_text(f"{record.root_url}/v1/load_lora_adapter", record.api_key, payload, timeout=120,
                          socket=record.socket)
         except HttpError as error:
             if not (error.status == 400 and "already" in error.body and self._models(record).get(ft.name)):
