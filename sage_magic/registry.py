@@ -102,6 +102,20 @@ class ServerRecord:
         return cls(**data)
 
 
+def check_private_folder(root: Path) -> None:
+    """Refuse a runtime folder that someone else could have prepared: the default one has a predictable
+    name in /tmp, where any user can create a folder or a symlink of that name first."""
+    link = os.lstat(root)
+    st = os.stat(root)
+    if st.st_uid != os.getuid() or link.st_uid != os.getuid():
+        raise SageError(f"The runtime folder {root} belongs to another user. Set SAGE_RUNTIME_DIR to a folder of "
+                        "yours, or remove that one.")
+    if st.st_mode & 0o022:
+        raise SageError(f"The runtime folder {root} is writable by other users, so its records and sockets "
+                        f"cannot be trusted. Remove it and start again, or `chmod 700 {root}` if you are sure "
+                        "nobody else wrote in it.")
+
+
 def new_server_id() -> str:
     return secrets.token_hex(4)
 
@@ -115,14 +129,11 @@ class Registry:
         self.logs = runtime_dir / "logs"
 
     def _prepare(self) -> None:
-        for folder in (self.root, self.servers, self.logs):
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = self.root.stat()
-        if st.st_uid != os.getuid():
-            raise SageError(
-                f"The runtime folder {self.root} belongs to another user. Set SAGE_RUNTIME_DIR to a folder of yours."
-            )
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private_folder(self.root)
         os.chmod(self.root, 0o700)
+        for folder in (self.servers, self.logs):
+            folder.mkdir(mode=0o700, exist_ok=True)
 
     @contextmanager
     def locked(self) -> Iterator["Registry"]:

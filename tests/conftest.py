@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -99,9 +101,12 @@ def expert(manager: Manager):
 
 
 @pytest.fixture
-def fresh_settings(demo_home: Path, tmp_path: Path) -> Settings:
-    """Same demo models, but a registry of its own: servers started here are never shared."""
-    return make_settings(demo_home, tmp_path / "run")
+def fresh_settings(demo_home: Path) -> Iterator[Settings]:
+    """Same demo models, but a registry of its own: servers started here are never shared. Directly under
+    /tmp, because pytest's tmp_path is too long for the Unix sockets a server keeps in it."""
+    runtime = Path(tempfile.mkdtemp(prefix="sage-run-", dir="/tmp"))
+    yield make_settings(demo_home, runtime)
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 def python_exe() -> str:

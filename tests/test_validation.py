@@ -108,6 +108,30 @@ def test_the_runtime_folder_does_not_follow_xdg_or_tmpdir(monkeypatch, tmp_path:
     assert Settings.from_env({"SAGE_RUNTIME_DIR": str(tmp_path / "mine")}).runtime_dir == tmp_path / "mine"
 
 
+def test_a_runtime_folder_someone_else_could_have_prepared_is_refused(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    os.chmod(loose, 0o777)
+    with pytest.raises(SageError, match="writable by other users"):
+        with Registry(loose).locked():
+            pass
+    if os.getuid() != 0:
+        return  # only root can make a folder or a symlink that belongs to someone else
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    planted = tmp_path / "planted"  # another user's symlink to a folder of ours, at the predictable name
+    planted.symlink_to(mine)
+    os.lchown(planted, 65534, 65534)
+    for folder in (foreign, planted):
+        with pytest.raises(SageError, match="belongs to another user"):
+            with Registry(folder).locked():
+                pass
+    assert list(mine.iterdir()) == []
+
+
 def _marked(server_id: str) -> subprocess.Popen:
     """A stand-in for a live supervisor (the launcher marks a server's processes with SAGE_SERVER_ID)."""
     return subprocess.Popen(["sleep", "60"], start_new_session=True, env={**os.environ, "SAGE_SERVER_ID": server_id})
