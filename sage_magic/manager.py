@@ -185,10 +185,13 @@ class Manager:
     def _models(self, record: ServerRecord) -> dict[str, dict]:
         try:
             answer = request_json(f"{record.base_url}/models", record.api_key, socket=record.socket)
+            listed = answer.get("data") if isinstance(answer, dict) else None
+            if not isinstance(listed, list):
+                raise HttpError(200, f"not a model list: {str(answer)[:200]}")
         except HttpError as error:
-            raise ServerFailed(f"Server {record.id} did not list its models ({error}). "
-                               f"`sage logs {record.id}` shows its log.") from None
-        return {m["id"]: m for m in (answer or {}).get("data", [])}
+            raise ServerFailed(f"Server {record.id} did not list its models ({error}); it may not be the vLLM "
+                               f"server sage_magic started. `sage logs {record.id}` shows its log.") from None
+        return {m["id"]: m for m in listed if isinstance(m, dict) and "id" in m}
 
     def _ensure_adapter(self, record: ServerRecord, ft: FineTune, models: dict[str, dict]) -> None:
         """Load (or reload, if retrained) the fine-tune's adapter into a running base server."""

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from sage_magic import server_logs
-from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.demo import DEMO_BASE, DEMO_PROMPT
 from sage_magic.http import HttpError, request_json, request_text
 from sage_magic.manager import Endpoint, Manager
 from sage_magic.registry import Registry
@@ -61,9 +61,9 @@ def test_over_tcp_every_route_without_the_key_gives_nothing(manager: Manager, ex
             assert refused.value.status == 401, (method, path, refused.value)
             assert "choices" not in refused.value.body and "tokens" not in refused.value.body
             assert "demo_expert" not in refused.value.body
-    # the same route with the key does answer: the 401 above is the gateway, not a missing route
+    # the same route with the key does generate: the 401 above is the gateway, not a missing route
     answer = request_json(f"{root}/invocations", expert.api_key, CHAT, timeout=120)
-    assert DEMO_ANSWERS["demo_expert"].startswith(answer["choices"][0]["message"]["content"].strip()[:20])
+    assert answer["choices"][0]["message"]["content"].strip()
 
 
 def test_the_socket_sits_in_folders_only_its_owner_can_enter(manager: Manager, expert: Endpoint) -> None:

@@ -3,11 +3,14 @@ hang or a silent wrong result; a record that cannot be read back never breaks `s
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import os
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -171,3 +174,43 @@ def test_secrets_stay_out_of_reprs(tmp_path: Path) -> None:
     for thing in (record, settings, endpoint):
         assert "s3cret" not in repr(thing) and "s3cret" not in str(thing)
     assert "s3cret" not in repr([record, settings, endpoint])
+
+
+class _NotVllm(http.server.BaseHTTPRequestHandler):
+    """A fake server, because a real vLLM never answers /v1/models with a web page or a bare list."""
+
+    body = b""
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        body = self.body
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def address_string(self) -> str:
+        return "unix"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("body", [b"<html>login</html>", b"[1, 2]", b'{"data": 5}'])
+def test_a_200_that_is_not_a_model_list_is_a_clear_error(body: bytes, tmp_path: Path, monkeypatch) -> None:
+    from sage_magic.errors import ServerFailed
+    from sage_magic.manager import Manager
+
+    monkeypatch.setattr(_NotVllm, "body", body)
+    path = str(tmp_path / "s.sock")
+    server = socketserver.UnixStreamServer(path, _NotVllm)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        record = ServerRecord(id="0ddba11", kind="base", identity="x", model_path="/m", served_name="m",
+                              host="127.0.0.1", port=None, api_key="k", log_path="/l", supervisor_pid=0,
+                              keep_alive=0.0, started_at=time.time(), socket=path)
+        manager = Manager(Settings.from_env({}, home=tmp_path, runtime_dir=tmp_path / "run"))
+        with pytest.raises(ServerFailed, match="did not list its models .*not .*sage logs 0ddba11"):
+            manager._models(record)
+    finally:
+        server.shutdown()
+        server.server_close()
