@@ -12,11 +12,13 @@ authenticating gateway there (gateway.py) that checks the key on every route bef
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import secrets
 import socket
 import subprocess
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -101,6 +103,8 @@ def server_env(settings: Settings, record: ServerRecord, lora: bool, private_dir
            "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "SAGE_SERVER_ID": record.id,
            "SAGE_RUNTIME_DIR": str(settings.runtime_dir), "TMPDIR": str(private_dir),
            "VLLM_RPC_BASE_PATH": str(private_dir)}
+    # torch's compile cache is a cache, not a leftover: keep it where it always was, across restarts
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
     if lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return env
