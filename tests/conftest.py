@@ -23,7 +23,7 @@ from sage_magic.manager import Manager
 
 # Small, fast servers for tests: float32 like the demo weights, a 64 MB KV cache, no CUDA-graph capture.
 TEST_VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
-TEST_PORT = 18400
+TEST_PORT = 18400  # test servers ask for a port, so every run also exercises the TCP gateway (gateway.py)
 
 
 def make_settings(home: Path, runtime: Path, **overrides: object) -> Settings:
@@ -37,8 +37,9 @@ def env_for(settings: Settings) -> dict[str, str]:
     """Environment for a `sage` subprocess or a kernel that must see the same home and registry."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
     env.update(SAGE_HOME=str(settings.home), SAGE_RUNTIME_DIR=str(settings.runtime_dir),
-               SAGE_VLLM_ARGS=" ".join(TEST_VLLM_ARGS), SAGE_FINETUNE_PORT=str(settings.port),
-               HF_HUB_OFFLINE="1")
+               SAGE_VLLM_ARGS=" ".join(TEST_VLLM_ARGS), HF_HUB_OFFLINE="1")
+    if settings.port is not None:  # else: socket only, as when SAGE_FINETUNE_PORT is unset
+        env["SAGE_FINETUNE_PORT"] = str(settings.port)
     return env
 
 
