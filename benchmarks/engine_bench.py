@@ -404,6 +404,77 @@ def bench_transport(run: Run, manager: Manager, endpoint: Endpoint, calls: int) 
                    f"{ms(percentile(chat_socket, 0.5))}, {ms(chat_extra)}"))
 
 
+#: A trivial HTTP server for the gateway's own cost: on a Unix socket or a TCP port, answering at once.
+TRIVIAL_SERVER = r"""
+import http.server, socketserver, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b'{"data": []}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+    def address_string(self):
+        return "local"
+    def log_message(self, *args):
+        pass
+if sys.argv[1] == "unix":
+    socketserver.ThreadingUnixStreamServer(sys.argv[2], Handler).serve_forever()
+else:
+    socketserver.ThreadingTCPServer(("127.0.0.1", int(sys.argv[2])), Handler).serve_forever()
+"""
+GATEWAY = r"""
+import socket, sys, time
+from sage_magic.gateway import Gateway
+Gateway(socket.socket(fileno=int(sys.argv[1])), sys.argv[2], "key").start()
+time.sleep(3600)
+"""
+
+
+def bench_gateway_hop(run: Run, calls: int) -> None:
+    """The gateway's own cost, without vLLM's noise: a trivial server answering on a socket (reached directly
+    and through the gateway, in its own process as in the supervisor) and on a plain TCP port."""
+    print(f"\n5b. The gateway hop alone, on a trivial server ({calls * 5} calls each)", flush=True)
+    upstream = str(run.workdir / "trivial.sock")
+    plain_port = free_port()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    procs = [subprocess.Popen([sys.executable, "-c", TRIVIAL_SERVER, "unix", upstream]),
+             subprocess.Popen([sys.executable, "-c", TRIVIAL_SERVER, "tcp", str(plain_port)]),
+             subprocess.Popen([sys.executable, "-c", GATEWAY, str(listener.fileno()), upstream],
+                              pass_fds=(listener.fileno(),))]
+    gateway_url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/models"
+    listener.close()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _get_ok(f"http://127.0.0.1:{plain_port}/v1/models", None)
+                _get_ok(gateway_url, "key")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        samples: dict[str, list[float]] = {"socket": [], "plain TCP": [], "gateway": []}
+        for _ in range(calls * 5):
+            samples["socket"].append(timed(lambda: _get_ok("http://localhost/v1/models", None, upstream)))
+            samples["plain TCP"].append(timed(lambda: _get_ok(f"http://127.0.0.1:{plain_port}/v1/models", None)))
+            samples["gateway"].append(timed(lambda: _get_ok(gateway_url, "key")))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    p50 = {name: percentile(values, 0.5) for name, values in samples.items()}
+    extra = statistics.median(g - p for g, p in zip(samples["gateway"], samples["plain TCP"]))
+    run.add(Figure("trivial server p50: socket / plain TCP / gateway",
+                   f"{ms(p50['socket'])} / {ms(p50['plain TCP'])} / {ms(p50['gateway'])}"))
+    run.add(Figure("gateway hop vs plain TCP (median of pairs)", ms(extra), "<= 2 ms", extra <= 0.002))
+
+
 # --- 4. what the engine costs the calling process ---------------------------------------------------------------
 
 
@@ -491,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_adapter(run, manager, endpoint)
         bench_reuse(run, manager, endpoint, calls)
         bench_transport(run, manager, endpoint, calls)
+        bench_gateway_hop(run, calls)
         bench_memory(run, manager)
         bench_import(run, samples)
         failed = False
