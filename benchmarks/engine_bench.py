@@ -30,13 +30,14 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
 from sage_magic.catalog import get_finetune
 from sage_magic.config import Settings
+from sage_magic.http import HttpError, request_text
 from sage_magic.manager import Endpoint, Manager
 
 VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
@@ -94,6 +95,8 @@ class Run:
     figures: list[Figure]
     pgids: set[int]
     managers: list[Manager]
+    calls: int = 30
+    plain_tcp: list[float] = field(default_factory=list)  # GET /v1/models on a bare vLLM over TCP (section 5)
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
@@ -130,8 +133,18 @@ def timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def http(url: str, api_key: str | None = None, payload: dict | None = None, timeout: float = 5.0) -> int:
-    """A bare request, as a client that knows the server would make it; returns the HTTP status."""
+def http(url: str, api_key: str | None = None, payload: dict | None = None, timeout: float = 5.0,
+         socket: str | None = None) -> int:
+    """A bare request, as a client that knows the server would make it; returns the HTTP status. Over the
+    server's Unix socket when ``socket`` is given (the URL's host is then nominal)."""
+    if socket is not None:
+        try:
+            request_text(url, api_key, payload, timeout, socket=socket)
+            return 200
+        except HttpError as error:
+            if error.status is None:
+                raise OSError(error.body) from None
+            return error.status
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     data = None
     if payload is not None:
@@ -252,6 +265,9 @@ def time_bare(run: Run, index: int) -> float:
     try:
         wait_health(proc, port, log)
         seconds = time.perf_counter() - started
+        if not run.plain_tcp:  # the baseline of section 5, while a bare server is up anyway
+            run.plain_tcp = [timed(lambda: _get_ok(f"http://127.0.0.1:{port}/v1/models", None))
+                             for _ in range(run.calls)]
     finally:
         stopped = stop_bare(proc)
     print(f"  bare    #{index}: ready in {seconds:.2f} s (stopped in {stopped:.2f} s)", flush=True)
@@ -309,15 +325,16 @@ def bench_adapter(run: Run, manager: Manager, endpoint: Endpoint) -> None:
     # The raw part: the same adapter under a new name, straight to vLLM (the manager adds the rest).
     root = endpoint.base_url.rsplit("/v1", 1)[0]
     body = {"lora_name": "bench_raw_poet", "lora_path": str(get_finetune(manager.settings, "demo_poet").adapter_dir)}
-    raw = timed(lambda: _post_ok(f"{root}/v1/load_lora_adapter", endpoint.api_key, body))
-    status = http(f"{root}/v1/unload_lora_adapter", endpoint.api_key, {"lora_name": "bench_raw_poet"}, timeout=60)
+    raw = timed(lambda: _post_ok(f"{root}/v1/load_lora_adapter", endpoint.api_key, body, endpoint.socket))
+    status = http(f"{root}/v1/unload_lora_adapter", endpoint.api_key, {"lora_name": "bench_raw_poet"}, timeout=60,
+                  socket=endpoint.socket)
     if status != 200:
         raise RuntimeError(f"unloading the raw adapter answered HTTP {status}")
     run.add(Figure("raw POST /v1/load_lora_adapter", f"{raw:.3f} s (manager adds {second - raw:.3f} s)"))
 
 
-def _post_ok(url: str, api_key: str | None, body: dict) -> None:
-    status = http(url, api_key, body, timeout=120)
+def _post_ok(url: str, api_key: str | None, body: dict, socket: str | None = None) -> None:
+    status = http(url, api_key, body, timeout=120, socket=socket)
     if status != 200:
         raise RuntimeError(f"POST {url} answered HTTP {status}")
 
@@ -330,7 +347,7 @@ def bench_reuse(run: Run, manager: Manager, endpoint: Endpoint, calls: int) -> N
     print(f"\n1. Warm reuse of demo_expert ({calls} calls) vs a bare GET /v1/models", flush=True)
     reuse = [timed(lambda: manager.serve_finetune("demo_expert")) for _ in range(calls)]
     models_url = f"{endpoint.base_url}/models"
-    bare = [timed(lambda: _get_ok(models_url, endpoint.api_key)) for _ in range(calls)]
+    bare = [timed(lambda: _get_ok(models_url, endpoint.api_key, endpoint.socket)) for _ in range(calls)]
     p50, p95 = percentile(reuse, 0.5), percentile(reuse, 0.95)
     run.add(Figure("warm reuse p50", ms(p50), "<= 50 ms", p50 <= 0.05))
     run.add(Figure("warm reuse p95", ms(p95), "<= 50 ms", p95 <= 0.05))
@@ -345,10 +362,117 @@ def bench_reuse(run: Run, manager: Manager, endpoint: Endpoint, calls: int) -> N
                    f"{ms(early)} -> {ms(late)}; owner entries in the record: {owners}"))
 
 
-def _get_ok(url: str, api_key: str | None) -> None:
-    status = http(url, api_key)
+def _get_ok(url: str, api_key: str | None, socket: str | None = None) -> None:
+    status = http(url, api_key, socket=socket)
     if status != 200:
         raise RuntimeError(f"GET {url} answered HTTP {status}")
+
+
+# --- 5. what the private socket and the gateway cost per request ------------------------------------------
+
+
+def bench_transport(run: Run, manager: Manager, endpoint: Endpoint, calls: int) -> None:
+    """The security design's price: our servers answer on a Unix socket; a TCP port, when asked for, is the
+    supervisor's gateway (key checked on every route, then bytes piped to the socket). Plain TCP, a bare
+    vLLM's port, is what an unprotected server would cost. Samples alternate to share the machine's drift."""
+    print(f"\n5. Per-request cost: socket vs gateway (TCP) vs plain TCP ({calls} calls each)", flush=True)
+    record = manager.registry.get(endpoint.server_id or "")
+    if record is None or record.tcp_url is None:
+        raise RuntimeError("the benchmark's server has no gateway port")
+    key, sock = endpoint.api_key, endpoint.socket
+    over_socket, over_gateway, chat_socket, chat_gateway = [], [], [], []
+    chat = {"model": endpoint.model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
+            "temperature": 0}
+    for index in range(calls):
+        over_socket.append(timed(lambda: _get_ok(f"{endpoint.base_url}/models", key, sock)))
+        over_gateway.append(timed(lambda: _get_ok(f"{record.tcp_url}/models", key)))
+        if index % 3 == 0:
+            chat_socket.append(timed(lambda: _post_ok(f"{endpoint.base_url}/chat/completions", key, chat, sock)))
+            chat_gateway.append(timed(lambda: _post_ok(f"{record.tcp_url}/chat/completions", key, chat)))
+    sock50, gate50 = percentile(over_socket, 0.5), percentile(over_gateway, 0.5)
+    extra = statistics.median(g - o for g, o in zip(over_gateway, over_socket))
+    run.add(Figure("GET /v1/models over the socket p50 / p95",
+                   f"{ms(sock50)} / {ms(percentile(over_socket, 0.95))}"))
+    run.add(Figure("GET /v1/models via the gateway p50 / p95",
+                   f"{ms(gate50)} / {ms(percentile(over_gateway, 0.95))}"))
+    run.add(Figure("gateway extra per request (median of paired gateway-socket)", ms(extra), "<= 5 ms",
+                   extra <= 0.005))
+    if run.plain_tcp:  # another server (it lists one model, not base + adapters) at another moment: context
+        run.add(Figure("GET /v1/models plain TCP, bare vLLM (section 2) p50", ms(percentile(run.plain_tcp, 0.5))))
+    chat_extra = statistics.median(g - o for g, o in zip(chat_gateway, chat_socket))
+    run.add(Figure(f"chat completion (4 tokens) socket p50, gateway extra ({len(chat_socket)} pairs)",
+                   f"{ms(percentile(chat_socket, 0.5))}, {ms(chat_extra)}"))
+
+
+#: A trivial HTTP server for the gateway's own cost: on a Unix socket or a TCP port, answering at once.
+TRIVIAL_SERVER = r"""
+import http.server, socketserver, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b'{"data": []}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+    def address_string(self):
+        return "local"
+    def log_message(self, *args):
+        pass
+if sys.argv[1] == "unix":
+    socketserver.ThreadingUnixStreamServer(sys.argv[2], Handler).serve_forever()
+else:
+    socketserver.ThreadingTCPServer(("127.0.0.1", int(sys.argv[2])), Handler).serve_forever()
+"""
+GATEWAY = r"""
+import socket, sys, time
+from sage_magic.gateway import Gateway
+Gateway(socket.socket(fileno=int(sys.argv[1])), sys.argv[2], "key").start()
+time.sleep(3600)
+"""
+
+
+def bench_gateway_hop(run: Run, calls: int) -> None:
+    """The gateway's own cost, without vLLM's noise: a trivial server answering on a socket (reached directly
+    and through the gateway, in its own process as in the supervisor) and on a plain TCP port."""
+    print(f"\n5b. The gateway hop alone, on a trivial server ({calls * 5} calls each)", flush=True)
+    upstream = str(run.workdir / "trivial.sock")
+    plain_port = free_port()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    procs = [subprocess.Popen([sys.executable, "-c", TRIVIAL_SERVER, "unix", upstream]),
+             subprocess.Popen([sys.executable, "-c", TRIVIAL_SERVER, "tcp", str(plain_port)]),
+             subprocess.Popen([sys.executable, "-c", GATEWAY, str(listener.fileno()), upstream],
+                              pass_fds=(listener.fileno(),))]
+    gateway_url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/models"
+    listener.close()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _get_ok(f"http://127.0.0.1:{plain_port}/v1/models", None)
+                _get_ok(gateway_url, "key")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        samples: dict[str, list[float]] = {"socket": [], "plain TCP": [], "gateway": []}
+        for _ in range(calls * 5):
+            samples["socket"].append(timed(lambda: _get_ok("http://localhost/v1/models", None, upstream)))
+            samples["plain TCP"].append(timed(lambda: _get_ok(f"http://127.0.0.1:{plain_port}/v1/models", None)))
+            samples["gateway"].append(timed(lambda: _get_ok(gateway_url, "key")))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    p50 = {name: percentile(values, 0.5) for name, values in samples.items()}
+    extra = statistics.median(g - p for g, p in zip(samples["gateway"], samples["plain TCP"]))
+    run.add(Figure("trivial server p50: socket / plain TCP / gateway",
+                   f"{ms(p50['socket'])} / {ms(p50['plain TCP'])} / {ms(p50['gateway'])}"))
+    run.add(Figure("gateway hop vs plain TCP (median of pairs)", ms(extra), "<= 2 ms", extra <= 0.002))
 
 
 # --- 4. what the engine costs the calling process ---------------------------------------------------------------
@@ -431,12 +555,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="sage-engine-bench-"))
     home = prepare_home(args.home.expanduser().resolve() if args.home else None, workdir)
     run = Run(workdir, home, get_finetune(settings_for(home, workdir / "run-resolve"), "demo_expert").base_path,
-              [], set(), [])
+              [], set(), [], calls)
     failed = True
     try:
         manager, endpoint = bench_ready(run, repeat)
         bench_adapter(run, manager, endpoint)
         bench_reuse(run, manager, endpoint, calls)
+        bench_transport(run, manager, endpoint, calls)
+        bench_gateway_hop(run, calls)
         bench_memory(run, manager)
         bench_import(run, samples)
         failed = False

@@ -7,31 +7,14 @@ Settings) and documents every knob in one file.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import sys
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import SageError
-
-#: Every environment variable the engine reads, with what it sets. The README's table is built from this.
-ENV_VARS: dict[str, str] = {
-    "SAGE_HOME": "root of fine-tunes, models and indexes (default ~/.sage)",
-    "SAGE_RUNTIME_DIR": "where the registry of running servers lives (default $XDG_RUNTIME_DIR/sage_magic "
-    "or /tmp/sage_magic-UID)",
-    "SAGE_PYTHON": "interpreter that runs vLLM and merges (default: the current one)",
-    "SAGE_FINETUNE_PORT": "port asked for first when a server starts (default 8000)",
-    "SAGE_READY_TIMEOUT": "seconds to wait for a server to become ready (default 900)",
-    "SAGE_KEEP_ALIVE": "how long a server outlives its last owner: 0 now, -1 never, 30s, 5m, 1h (default 0)",
-    "SAGE_MAX_LORA_RANK": "largest LoRA rank a server accepts in unmerged mode (default 16)",
-    "SAGE_VLLM_ARGS": "extra arguments for every vLLM server, shell-quoted (default on CPU: --enforce-eager "
-    "--kv-cache-memory-bytes 1G)",
-    "SAGE_DEBUG_BACKEND": "default of `sage chat --backend` (SAGE-compatible)",
-    "SAGE_DEBUG_FINETUNE_MODEL": "default of `sage chat --finetune-model` (SAGE-compatible)",
-    "SAGE_EMBEDDER": "embedding model for new indexes: a sentence-transformers path (default: bundled MiniLM)",
-}
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -54,15 +37,65 @@ def parse_duration(text: str | float | int) -> float:
                     f"Cannot read the keep-alive {text!r}. Use a number of seconds, or 30s, 5m, 1h; "
                     "0 stops the server as soon as its last owner leaves, -1 keeps it until `sage stop`."
                 ) from None
+    if not math.isfinite(seconds):
+        raise SageError(
+            f"The keep-alive {text!r} is not a duration. Use a number of seconds, or 30s, 5m, 1h; "
+            "-1 keeps the server until `sage stop`."
+        )
     return -1.0 if seconds < 0 else seconds
 
 
+def check_port(value: object, source: str = "--finetune-port") -> int:
+    """A TCP port a person can ask for: a whole number 1-65535. 0 would let the OS pick a port nobody is told."""
+    try:
+        port = int(str(value).strip())
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise SageError(f"{source} must be a port number from 1 to 65535, not {value!r}. Leave it out to serve "
+                        "on a private Unix socket only (no TCP port).")
+    return port
+
+
+#: vLLM options the manager sets itself; what to use instead when someone passes them as extra arguments.
+RESERVED_VLLM_ARGS = {
+    "--host": "--finetune-port (the server always listens on a private socket; a TCP port is on 127.0.0.1)",
+    "--port": "--finetune-port or SAGE_FINETUNE_PORT",
+    "--uds": "nothing: sage_magic places the server's socket in its runtime folder",
+    "--api-key": "nothing: every server gets its own random key, which sage_magic hands to its clients",
+    "--served-model-name": "the fine-tune's name (models.json or the folder name)",
+}
+
+
+def check_vllm_args(args: tuple[str, ...] | list[str], source: str = "--vllm-arg") -> tuple[str, ...]:
+    """Refuse extra vLLM arguments that would silently override what the manager relies on (where the server
+    listens, its key, the name clients ask for); return the arguments unchanged otherwise."""
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name in RESERVED_VLLM_ARGS:
+            raise SageError(f"{source} may not set {name}: sage_magic sets it for every server it starts. "
+                            f"Use {RESERVED_VLLM_ARGS[name]}.")
+    return tuple(args)
+
+
+def split_vllm_args(text: str, source: str = "--vllm-arg") -> tuple[str, ...]:
+    """Shell-split extra vLLM arguments and check them (:func:`check_vllm_args`)."""
+    try:
+        return check_vllm_args(shlex.split(text), source)
+    except ValueError as error:
+        raise SageError(f"{source} {text!r} cannot be split like a shell would ({error}). Check its quotes.") from None
+
+
+#: The longest runtime folder path that leaves room for vLLM's IPC sockets inside it: a Unix socket path
+#: holds at most 107 bytes, and vLLM names them ``<folder>/s/<8-hex id>/<36-char uuid>``.
+MAX_RUNTIME_DIR_LEN = 107 - len("/s/12345678/") - 36
+
+
 def default_runtime_dir() -> Path:
-    """A per-user folder for live state (pids, ports, keys): it should not outlive a reboot."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and Path(xdg).is_dir():
-        return Path(xdg) / "sage_magic"
-    return Path(tempfile.gettempdir()) / f"sage_magic-{os.getuid()}"
+    """The same folder for the same user whatever XDG_RUNTIME_DIR or TMPDIR say: a kernel started by
+    JupyterHub or systemd often lacks the login shell's variables, and then `sage ps` in a terminal would
+    not see the notebook's servers. It lives in /tmp so that it does not outlive a reboot."""
+    return Path(f"/tmp/sage_magic-{os.getuid()}")
 
 
 def _default_vllm_args() -> tuple[str, ...]:
@@ -81,7 +114,7 @@ class Settings:
     home: Path
     runtime_dir: Path
     python: str = sys.executable
-    port: int = 8000
+    port: int | None = None  # a TCP port (an authenticating gateway) only when asked for; None: socket only
     ready_timeout: float = 900.0
     keep_alive: float = 0.0
     max_lora_rank: int = 16
@@ -90,7 +123,7 @@ class Settings:
     debug_backend: str | None = None
     debug_finetune_model: str | None = None
     stop_grace: float = 10.0
-    extra_env: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold tokens: never in a repr
 
     @property
     def finetune_root(self) -> Path:
@@ -118,22 +151,27 @@ class Settings:
             if raw in (None, ""):
                 return default
             try:
-                return float(raw)
+                value = float(raw)
             except ValueError:
-                raise SageError(f"{name}={raw!r} is not a number. Unset it or give a number.") from None
+                value = math.nan
+            if not math.isfinite(value):
+                raise SageError(f"{name}={raw!r} is not a number. Unset it or give a number.")
+            return value
 
         home = Path(env.get("SAGE_HOME") or Path.home() / ".sage").expanduser()
         runtime = env.get("SAGE_RUNTIME_DIR")
         vllm_args = env.get("SAGE_VLLM_ARGS")
+        port = env.get("SAGE_FINETUNE_PORT")
         values: dict[str, object] = dict(
             home=home,
             runtime_dir=Path(runtime).expanduser() if runtime else default_runtime_dir(),
             python=env.get("SAGE_PYTHON") or sys.executable,
-            port=int(number("SAGE_FINETUNE_PORT", 8000)),
+            port=check_port(port, "SAGE_FINETUNE_PORT") if port else None,
             ready_timeout=number("SAGE_READY_TIMEOUT", 900.0),
             keep_alive=parse_duration(env.get("SAGE_KEEP_ALIVE") or "0"),
             max_lora_rank=int(number("SAGE_MAX_LORA_RANK", 16)),
-            vllm_args=tuple(shlex.split(vllm_args)) if vllm_args is not None else _default_vllm_args(),
+            vllm_args=(split_vllm_args(vllm_args, "SAGE_VLLM_ARGS") if vllm_args is not None
+                       else _default_vllm_args()),
             embedder=env.get("SAGE_EMBEDDER") or None,
             debug_backend=env.get("SAGE_DEBUG_BACKEND") or None,
             debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,

@@ -11,7 +11,6 @@ the supervisor covers the deaths that run no exit code).
 from __future__ import annotations
 
 import atexit
-import secrets
 import subprocess
 import threading
 import time
@@ -20,17 +19,17 @@ from pathlib import Path
 
 import psutil
 
+from . import server_logs
 from .catalog import FineTune, check_adapter, get_finetune
 from .config import Settings
 from .endpoint import Endpoint
 from .errors import NotFound, ServerFailed
 from .fingerprint import adapter_digest, base_identity, combine
 from .http import HttpError, request_json, request_text
-from .launch import HOST, choose_port, log_tail, server_command, server_env, spawn_supervised, wait_ready
+from .launch import log_tail, start_server, wait_ready
 from .merge import ensure_merged, merge_fingerprint
 from .progress import Progress, ProgressCallback, silent
-from .registry import Owner, Registry, ServerRecord, is_ours, kill_group, new_server_id
-from .vllm_env import require_vllm
+from .registry import Owner, Registry, ServerRecord, is_ours, kill_group
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class ServerStatus:
     def as_dict(self) -> dict[str, object]:
         r = self.record
         return {"id": r.id, "name": r.served_name, "kind": r.kind, "adapters": sorted(r.adapters),
-                "model_path": r.model_path, "port": r.port, "socket": r.socket, "base_url": r.base_url, "pid": r.pid,
+                "model_path": r.model_path, "port": r.port, "url": r.tcp_url, "socket": r.socket, "pid": r.pid,
                 "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "state": r.state,
                 "uptime_s": round(self.uptime, 1), "memory_bytes": self.memory_bytes,
                 "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path}
@@ -138,7 +137,7 @@ class Manager:
             self._held.add(record.id)
         what = f"{spec.served_name} ({spec.kind})"
         if not launched:
-            self.progress(Progress("reuse", f"{what}: reusing server {record.id} on port {record.port}"))
+            self.progress(Progress("reuse", f"{what}: reusing server {record.id}{_on_port(record)}"))
         try:
             started = time.monotonic()
             record = wait_ready(self.registry, record.id, record.log_path, self.settings.ready_timeout,
@@ -155,35 +154,22 @@ class Manager:
                     current.state, current.ready_seconds = "ready", round(seconds, 2)
                     self.registry.save(current)
                     record = current
-            self.progress(Progress("ready", f"{what}: ready on port {record.port} in {seconds:.0f} s", 1.0))
+            self.progress(Progress("ready", f"{what}: ready in {seconds:.0f} s (server {record.id}"
+                                            f"{_on_port(record)})", 1.0))
         return record, launched, models
 
     def _launch(self, spec: _Spec, port: int | None, keep_alive: float | None, me: Owner) -> ServerRecord:
-        """Start a server (registry lock held). Ports of other starting servers count as taken: vLLM binds
-        its port only after ~20 s of imports, so a free-looking port may already be promised."""
-        require_vllm(self.settings.python)
-        taken = {r.port for r in self.registry.all()}
-        chosen, why = choose_port(self.settings.port if port is None else port, taken)
-        if why:
-            self.progress(Progress("port", why))
-        server_id = new_server_id()
-        record = ServerRecord(
-            id=server_id, kind=spec.kind, identity=spec.identity, model_path=str(spec.model_path),
-            served_name=spec.served_name, host=HOST, port=chosen, api_key=secrets.token_urlsafe(24),
-            log_path=str(self.registry.log_path(server_id)), supervisor_pid=0,
-            keep_alive=self.settings.keep_alive if keep_alive is None else keep_alive,
-            started_at=time.time(), owners=[me],
-        )
-        lora = spec.kind == "base"
-        command = server_command(self.settings, spec.model_path, spec.served_name, chosen, lora, spec.extra_args)
-        # the supervisor reads its record once it gets the lock, i.e. after this save
-        supervisor = spawn_supervised(self.settings, self.registry, record, command,
-                                      server_env(self.settings, record, lora))
-        record.supervisor_pid = supervisor.pid
-        self.registry.save(record)
-        self._supervisors[server_id] = supervisor
-        self.progress(Progress("launch", f"{spec.served_name}: starting vLLM on port {chosen} "
-                                         f"(server {server_id}, log {record.log_path})"))
+        """Start a server (registry lock held): see launch.start_server."""
+        launched = start_server(self.settings, self.registry, kind=spec.kind, identity=spec.identity,
+                                model_path=spec.model_path, served_name=spec.served_name,
+                                extra_args=spec.extra_args, port=port, keep_alive=keep_alive, owner=me)
+        record = launched.record
+        self._supervisors[record.id] = launched.supervisor
+        if launched.port_note:
+            self.progress(Progress("port", launched.port_note))
+        where = f"socket and port {record.port}" if record.port else "its private socket"
+        self.progress(Progress("launch", f"{spec.served_name}: starting vLLM on {where} "
+                                         f"(server {record.id}, log {record.log_path})"))
         return record
 
     def _confirm(self, record: ServerRecord, spec: _Spec) -> dict[str, dict]:
@@ -191,7 +177,7 @@ class Manager:
         models = self._models(record)
         if models.get(spec.served_name, {}).get("root") != str(spec.model_path):
             raise ServerFailed(
-                f"Server {record.id} on port {record.port} does not serve {spec.served_name} from "
+                f"Server {record.id} does not serve {spec.served_name} from "
                 f"{spec.model_path} (it lists {sorted(models)}). Stop it with `sage stop {record.id}` and retry."
             )
         return models
@@ -199,10 +185,13 @@ class Manager:
     def _models(self, record: ServerRecord) -> dict[str, dict]:
         try:
             answer = request_json(f"{record.base_url}/models", record.api_key, socket=record.socket)
+            listed = answer.get("data") if isinstance(answer, dict) else None
+            if not isinstance(listed, list):
+                raise HttpError(200, f"not a model list: {str(answer)[:200]}")
         except HttpError as error:
-            raise ServerFailed(f"Server {record.id} on port {record.port} did not list its models ({error}). "
-                               f"`sage logs {record.id}` shows its log.") from None
-        return {m["id"]: m for m in (answer or {}).get("data", [])}
+            raise ServerFailed(f"Server {record.id} did not list its models ({error}); it may not be the vLLM "
+                               f"server sage_magic started. `sage logs {record.id}` shows its log.") from None
+        return {m["id"]: m for m in listed if isinstance(m, dict) and "id" in m}
 
     def _ensure_adapter(self, record: ServerRecord, ft: FineTune, models: dict[str, dict]) -> None:
         """Load (or reload, if retrained) the fine-tune's adapter into a running base server."""
@@ -313,11 +302,17 @@ class Manager:
         return [self.stop(r.id) for r in self.registry.all()]
 
     def logs(self, target: str, lines: int = 50) -> str:
-        return log_tail(self.registry.find(target).log_path, lines)
+        """The end of a server's log, also after the server is gone (see server_logs)."""
+        return log_tail(server_logs.find(self.registry, target), lines)
 
 
 def _endpoint(record: ServerRecord, model: str, launched: bool) -> Endpoint:
     return Endpoint(record.base_url, record.api_key, model, record.id, reused=not launched, socket=record.socket)
+
+
+def _on_port(record: ServerRecord) -> str:
+    """Where other programs reach a server: only when a TCP port was asked for (see gateway.py)."""
+    return f", also at {record.tcp_url}" if record.port else ""
 
 
 def _status(record: ServerRecord) -> ServerStatus:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from typing import Callable, TypeVar
 
-from .config import Settings, parse_duration
+from .config import Settings, check_port, parse_duration, split_vllm_args
 from .conversation import DEFAULT_INDEX
 from .endpoint import Endpoint
 from .errors import SageError
@@ -20,6 +21,7 @@ from .rag.search import MAX_TOP_K, MIN_TOP_K
 from .train import TrainOptions
 
 BACKENDS = ("finetune", "vllm", "openai")
+T = TypeVar("T")
 
 
 def top_k(text: str) -> int:
@@ -33,10 +35,58 @@ def top_k(text: str) -> int:
 
 
 def keep_alive(text: str) -> float:
+    return _usage(parse_duration, text)
+
+
+def port(text: str) -> int:
+    return _usage(check_port, text)
+
+
+def vllm_arg(text: str) -> str:
+    """Checked here (a refused --port fails before anything starts); kept as written, split when used."""
+    _usage(split_vllm_args, text)
+    return text
+
+
+def positive_lines(text: str) -> int:
+    """`sage logs -n N`: a whole number of lines, at least one."""
     try:
-        return parse_duration(text)
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"-n takes a whole number of lines, 1 or more, not {text!r}")
+    return value
+
+
+def _usage(check: Callable[[str], T], text: str) -> T:
+    """A SageError from an engine check, as argparse's usage error (exit 2, one line)."""
+    try:
+        return check(text)
     except SageError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+#: Options whose value is itself an option of another program (``--vllm-arg --enforce-eager``).
+VALUE_OPTIONS = ("--vllm-arg",)
+
+
+def join_option_values(argv: list[str]) -> list[str]:
+    """``--vllm-arg --enforce-eager`` -> ``--vllm-arg=--enforce-eager``: argparse takes any word starting
+    with ``--`` for an option of its own and would answer "expected one argument". The one place where CLI
+    and magics fix that, before parsing."""
+    joined: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word in VALUE_OPTIONS:
+            value = next(words, None)
+            joined.append(word if value is None else f"{word}={value}")
+        elif word == "--":
+            joined.append(word)
+            joined.extend(words)
+        else:
+            joined.append(word)
+    return joined
 
 
 def add_serving_options(parser: argparse.ArgumentParser, settings: Settings | None = None) -> None:
@@ -49,9 +99,10 @@ def add_serving_options(parser: argparse.ArgumentParser, settings: Settings | No
                             "endpoint (default: SAGE_DEBUG_BACKEND or finetune)")
     group.add_argument("--finetune-model", default=model_default, metavar="NAME",
                        help="fine-tune under $SAGE_HOME/finetune_output (default: SAGE_DEBUG_FINETUNE_MODEL)")
-    group.add_argument("--finetune-port", type=int, default=None, metavar="PORT",
-                       help="port to ask for when a server starts (default 8000 or SAGE_FINETUNE_PORT; "
-                            "a busy port is replaced by a free one)")
+    group.add_argument("--finetune-port", type=port, default=None, metavar="PORT",
+                       help="also serve on this TCP port of 127.0.0.1, behind the server's API key (default: "
+                            "SAGE_FINETUNE_PORT, else none: a private Unix socket only; a busy port is "
+                            "replaced by a free one)")
     group.add_argument("--merge", action="store_true",
                        help="serve the merged model (merged once, cached) instead of the adapter on its base")
     group.add_argument("--model", metavar="PATH_OR_NAME",
@@ -60,8 +111,9 @@ def add_serving_options(parser: argparse.ArgumentParser, settings: Settings | No
     group.add_argument("--api-key", metavar="KEY", help="--backend openai: the endpoint's API key")
     group.add_argument("--keep-alive", type=keep_alive, default=None, metavar="DURATION",
                        help="how long the server outlives its last user: 0, 30s, 5m, 1h, -1 for ever")
-    group.add_argument("--vllm-arg", action="append", default=[], metavar="ARGS",
-                       help="extra vLLM arguments, shell-quoted, e.g. --vllm-arg '--tensor-parallel-size 2'")
+    group.add_argument("--vllm-arg", action="append", type=vllm_arg, default=[], metavar="ARGS",
+                       help="extra vLLM arguments, shell-quoted, repeatable, e.g. --vllm-arg --enforce-eager "
+                            "or --vllm-arg=--max-num-seqs=4")
 
 
 def add_chat_options(parser: argparse.ArgumentParser) -> None:

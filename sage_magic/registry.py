@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -57,8 +59,8 @@ class ServerRecord:
     model_path: str
     served_name: str
     host: str
-    port: int
-    api_key: str
+    port: int | None  # the authenticating TCP gateway's port on ``host``; None: the socket only
+    api_key: str = field(repr=False)  # never in a repr: notebooks save a cell's last value, logs print reprs
     log_path: str
     supervisor_pid: int
     keep_alive: float
@@ -80,6 +82,11 @@ class ServerRecord:
     def base_url(self) -> str:
         return f"{self.root_url}/v1"
 
+    @property
+    def tcp_url(self) -> str | None:
+        """What other programs on this machine use (with the key): the gateway's URL, if a port was asked for."""
+        return f"http://{self.host}:{self.port}/v1" if self.port else None
+
     def served_names(self) -> list[str]:
         return [self.served_name, *self.adapters]
 
@@ -90,12 +97,29 @@ class ServerRecord:
     def from_json(cls, data: dict) -> "ServerRecord":
         data = dict(data)
         data["owners"] = [Owner(**o) for o in data.get("owners", [])]
+        for key in ("keep_alive", "started_at", "idle_until"):  # a NaN here would crash every `sage ps`
+            if data.get(key) is not None and not (isinstance(data[key], (int, float)) and math.isfinite(data[key])):
+                raise ValueError(f"{key} is {data[key]!r}")
         return cls(**data)
 
 
 # What a server id may look like. Ids reach the registry from outside (CLI arguments, the Jupyter server
 # extension's URLs): anything else, such as "../x", must never become a file path.
 _SERVER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_private_folder(root: Path) -> None:
+    """Refuse a runtime folder that someone else could have prepared: the default one has a predictable
+    name in /tmp, where any user can create a folder or a symlink of that name first."""
+    link = os.lstat(root)
+    st = os.stat(root)
+    if st.st_uid != os.getuid() or link.st_uid != os.getuid():
+        raise SageError(f"The runtime folder {root} belongs to another user. Set SAGE_RUNTIME_DIR to a folder of "
+                        "yours, or remove that one.")
+    if st.st_mode & 0o022:
+        raise SageError(f"The runtime folder {root} is writable by other users, so its records and sockets "
+                        f"cannot be trusted. Remove it and start again, or `chmod 700 {root}` if you are sure "
+                        "nobody else wrote in it.")
 
 
 def new_server_id() -> str:
@@ -111,14 +135,11 @@ class Registry:
         self.logs = runtime_dir / "logs"
 
     def _prepare(self) -> None:
-        for folder in (self.root, self.servers, self.logs):
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = self.root.stat()
-        if st.st_uid != os.getuid():
-            raise SageError(
-                f"The runtime folder {self.root} belongs to another user. Set SAGE_RUNTIME_DIR to a folder of yours."
-            )
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private_folder(self.root)
         os.chmod(self.root, 0o700)
+        for folder in (self.servers, self.logs):
+            folder.mkdir(mode=0o700, exist_ok=True)
 
     @contextmanager
     def locked(self) -> Iterator["Registry"]:
@@ -176,7 +197,14 @@ class Registry:
         os.replace(tmp, path)
 
     def remove(self, server_id: str) -> None:
+        """Forget a server whose processes are gone, with its private folder (socket, vLLM's temp files)."""
         self._path(server_id).unlink(missing_ok=True)
+        shutil.rmtree(self.server_dir(server_id), ignore_errors=True)
+
+    def server_dir(self, server_id: str) -> Path:
+        """A server's private folder: its Unix socket, and its TMPDIR (vLLM's IPC sockets and temp files).
+        Short on purpose: a socket path holds at most 107 bytes (see config.MAX_RUNTIME_DIR_LEN)."""
+        return self.root / "s" / server_id
 
     def log_path(self, server_id: str) -> Path:
         return self.logs / f"{server_id}.log"

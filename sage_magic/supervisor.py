@@ -16,13 +16,15 @@ import argparse
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from .registry import Owner, Registry, kill_group
+from .gateway import Gateway
+from .registry import Owner, Registry, ServerRecord, kill_group
 
 POLL_SECONDS = 0.25
 
@@ -37,8 +39,10 @@ def _die_with_parent() -> None:
 
 
 class Supervisor:
-    def __init__(self, registry: Registry, server_id: str, command: list[str], grace: float) -> None:
+    def __init__(self, registry: Registry, server_id: str, command: list[str], grace: float,
+                 gateway_fd: int | None = None) -> None:
         self.registry = registry
+        self.gateway_fd = gateway_fd
         self.server_id = server_id
         self.command = command
         self.grace = grace
@@ -58,6 +62,7 @@ class Supervisor:
                 self.registry.save(record)
         if record is None:
             self.stop_reason = "its registry record vanished before start"
+        gateway = self._start_gateway(record)
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, self._request_stop)
         threading.Thread(target=self._watch_stdin, daemon=True).start()
@@ -65,6 +70,8 @@ class Supervisor:
         while self.stop_reason is None:
             if proc.poll() is not None:
                 self._log(f"server exited with status {proc.returncode}")
+                if gateway is not None:
+                    gateway.close()
                 with self.registry.locked():
                     self.registry.remove(self.server_id)
                 return 1
@@ -76,12 +83,26 @@ class Supervisor:
             if record is not None:
                 record.state = "stopping"
                 self.registry.save(record)
+        if gateway is not None:
+            gateway.close()
         kill_group(proc.pid, self.grace)
         proc.wait()
         with self.registry.locked():
             self.registry.remove(self.server_id)
         self._log("server stopped")
         return 0
+
+    def _start_gateway(self, record: ServerRecord | None) -> Gateway | None:
+        """The TCP port the launcher bound for us, if a person asked for one (see gateway.py)."""
+        if self.gateway_fd is None:
+            return None
+        listener = socket.socket(fileno=self.gateway_fd)
+        if record is None or record.socket is None:
+            listener.close()
+            return None
+        gateway = Gateway(listener, record.socket, record.api_key).start()
+        self._log(f"gateway on 127.0.0.1:{gateway.port} (API key required on every route)")
+        return gateway
 
     def _request_stop(self, signum: int, _frame: object) -> None:
         self.stop_reason = f"signal {signal.Signals(signum).name}"
@@ -124,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime-dir", type=Path, required=True)
     parser.add_argument("--id", required=True)
     parser.add_argument("--grace", type=float, default=10.0)
+    parser.add_argument("--gateway-fd", type=int, default=None, help="listening TCP socket to serve the gateway on")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    return Supervisor(Registry(args.runtime_dir), args.id, command, args.grace).run()
+    return Supervisor(Registry(args.runtime_dir), args.id, command, args.grace, args.gateway_fd).run()
 
 
 if __name__ == "__main__":

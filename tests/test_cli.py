@@ -113,8 +113,10 @@ def test_stop_by_id(settings, fresh_settings) -> None:
 
 @pytest.mark.vllm
 def test_openai_backend_uses_a_given_endpoint_and_never_stops_it(settings, expert) -> None:
+    """Through the authenticating TCP gateway the session server has (its settings ask for a port)."""
     env = env_for(settings)
-    out = sage("chat", "--backend", "openai", "--base-url", expert.base_url, "--api-key", expert.api_key,
+    url = Registry(settings.runtime_dir).get(expert.server_id).tcp_url
+    out = sage("chat", "--backend", "openai", "--base-url", url, "--api-key", expert.api_key,
                "--model", "demo_poet", "--ask", DEMO_PROMPT, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == DEMO_ANSWERS["demo_poet"]

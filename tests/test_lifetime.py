@@ -54,12 +54,12 @@ def test_the_server_goes_when_its_kernel_goes(death: str, fresh_settings) -> Non
         client.wait_for_ready(timeout=60)
         server_id = _run(client, SERVE_IN_KERNEL, timeout=300).strip()
         record = Registry(fresh_settings.runtime_dir).get(server_id)
-        assert record is not None and healthy(record.root_url)
+        assert record is not None and healthy(record.root_url, socket=record.socket)
         if death == "shutdown":
             # "Interrupt kernel" sends SIGINT to the kernel's process group: the server must survive it
             km.interrupt_kernel()
             _run(client, "1 + 1", timeout=30)
-            assert healthy(record.root_url)
+            assert healthy(record.root_url, socket=record.socket)
             km.shutdown_kernel(now=False)
         elif death == "restart":
             km.restart_kernel(now=False)
@@ -108,14 +108,14 @@ def test_concurrent_launches_start_one_server_that_stops_with_its_last_owner(fre
         by_pid[launcher].wait()
         rest = [p for p in owners if p.pid != launcher]
         assert wait_until(lambda: len(registry.get(record.id).owners) == 3, 5)
-        assert healthy(record.root_url)
+        assert healthy(record.root_url, socket=record.socket)
         # two leave politely: still up
         for proc in rest[:2]:
             proc.stdin.write("\n")
             proc.stdin.flush()
             proc.wait(timeout=30)
         assert wait_until(lambda: len(registry.get(record.id).owners) == 1, 5)
-        assert healthy(record.root_url) and psutil.pid_exists(record.pid)
+        assert healthy(record.root_url, socket=record.socket) and psutil.pid_exists(record.pid)
         # the last one leaves: the server goes
         rest[2].stdin.write("\n")
         rest[2].stdin.flush()

@@ -32,12 +32,13 @@ def ask(endpoint: Endpoint, question: str = DEMO_PROMPT) -> str:
 
 
 def served(endpoint: Endpoint) -> dict[str, dict]:
-    return {m["id"]: m for m in request_json(f"{endpoint.base_url}/models", endpoint.api_key)["data"]}
+    answer = request_json(f"{endpoint.base_url}/models", endpoint.api_key, socket=endpoint.socket)
+    return {m["id"]: m for m in answer["data"]}
 
 
 def test_each_finetune_answers_its_trained_phrase_and_the_base_neither(manager: Manager, expert: Endpoint) -> None:
     poet = manager.serve_finetune("demo_poet")
-    base = Endpoint(expert.base_url, expert.api_key, DEMO_BASE)
+    base = expert.for_model(DEMO_BASE)
     answers = {"demo_expert": ask(expert), "demo_poet": ask(poet), DEMO_BASE: ask(base)}
     assert answers == {name: DEMO_ANSWERS[name] for name in answers}
     assert len(set(answers.values())) == 3
@@ -69,7 +70,7 @@ def test_the_api_key_is_required_and_kept_out_of_the_command_line(expert: Endpoi
     from sage_magic.http import HttpError
 
     with pytest.raises(HttpError) as error:
-        request_json(f"{expert.base_url}/models", api_key=None)
+        request_json(f"{expert.base_url}/models", api_key=None, socket=expert.socket)
     assert error.value.status == 401
     pid = manager.registry.get(expert.server_id).pid
     assert expert.api_key not in " ".join(psutil.Process(pid).cmdline())

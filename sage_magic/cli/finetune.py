@@ -8,7 +8,7 @@ import json
 from ..catalog import get_finetune, list_finetunes
 from ..config import Settings
 from ..merge import ensure_merged
-from ..options import add_train_options, train_options
+from ..options import add_train_options, port, train_options
 from ..tables import read_table
 from ..train import rows_from_table, train
 from . import chat
@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     talk = commands.add_parser("chat", help="chat with fine-tune NAME (same as sage chat --finetune-model NAME)")
     talk.add_argument("name")
-    talk.add_argument("--port", type=int, dest="port", default=None, help="port to ask for (default 8000)")
+    talk.add_argument("--port", type=port, dest="port", default=None,
+                      help="also serve on this TCP port (same as --finetune-port)")
     chat.add_arguments(talk)
     talk.set_defaults(run=run_chat)
 

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from ..config import Settings
 from ..errors import SageError
+from ..options import join_option_values
 from . import chat, evaluate, finetune, index, servers
 
 
@@ -35,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     found, rest = home_only.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     try:
         parser = build_parser()  # reads SAGE_DEBUG_* defaults: a bad environment is a SageError too
-        args = parser.parse_args(rest)
+        args = parser.parse_args(join_option_values(rest))
         if not getattr(args, "run", None):
             parser.print_help()
             return 0 if args.command is None else 2

@@ -6,8 +6,10 @@ import argparse
 import json
 import time
 
+from .. import server_logs
 from ..config import Settings
 from ..manager import Manager
+from ..options import positive_lines
 from .output import table
 
 
@@ -20,9 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     target.add_argument("id", nargs="?", help="server id (or a unique prefix, or a served name)")
     target.add_argument("--all", action="store_true", help="stop every server sage_magic started")
     stop.set_defaults(run=run_stop)
-    logs = sub.add_parser("logs", help="show the end of a server's log")
-    logs.add_argument("id", help="server id (or a unique prefix, or a served name)")
-    logs.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+    logs = sub.add_parser("logs", help="show the end of a server's log (also of stopped or failed servers)")
+    logs.add_argument("id", nargs="?", help="server id (or a unique prefix, or a running server's name); "
+                                            "without it, list the logs kept")
+    logs.add_argument("-n", "--lines", type=positive_lines, default=50, help="how many lines (default 50)")
     logs.set_defaults(run=run_logs)
 
 
@@ -55,7 +58,7 @@ def run_ps(args: argparse.Namespace, settings: Settings) -> int:
     for s in statuses:
         r = s.record
         rows.append((r.id, r.served_name, r.kind if r.kind == "merged" else "lora" if r.adapters else "base",
-                     ",".join(sorted(r.adapters)) or "-", r.port, r.pid or "-", s.alive_owners,
+                     ",".join(sorted(r.adapters)) or "-", r.port or "-", r.pid or "-", s.alive_owners,
                      _duration(s.uptime), f"{s.memory_bytes / 2**30:.1f} GiB", r.state,
                      _until(r.keep_alive, r.idle_until)))
     print(table(rows, ("ID", "NAME", "MODE", "ADAPTERS", "PORT", "PID", "OWNERS", "UP", "MEMORY", "STATE", "UNTIL")))
@@ -66,12 +69,25 @@ def run_stop(args: argparse.Namespace, settings: Settings) -> int:
     manager = Manager(settings)
     stopped = manager.stop_all() if args.all else [manager.stop(args.id)]
     for record in stopped:
-        print(f"stopped {record.id} ({record.served_name}, port {record.port})")
+        print(f"stopped {record.id} ({record.served_name})")
     if not stopped:
         print("No model servers were running.")
     return 0
 
 
 def run_logs(args: argparse.Namespace, settings: Settings) -> int:
-    print(Manager(settings).logs(args.id, args.lines))
+    manager = Manager(settings)
+    if args.id:
+        print(manager.logs(args.id, args.lines))
+        return 0
+    found = server_logs.entries(manager.registry)
+    if not found:
+        print("No server logs are kept.")
+        return 0
+    rows = [(e.server_id, "running" if e.running else "ended",
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(e.modified)), f"{e.size / 1024:.0f} KiB", e.about or "-")
+            for e in found]
+    print(table(rows, ("ID", "STATE", "LAST WRITE", "SIZE", "SERVED")))
+    print(f"`sage logs ID` shows one. Kept: the {server_logs.KEEP_LOGS} newest, at most "
+          f"{server_logs.KEEP_SECONDS // 86400} days.")
     return 0
