@@ -85,8 +85,11 @@ class MagicParser(argparse.ArgumentParser):
 
 
 def split(line: str) -> list[str]:
+    """The magic's words, with ``--vllm-arg --flag`` joined the way the CLI joins them (options.py)."""
+    from .options import join_option_values
+
     try:
-        return shlex.split(line)
+        return join_option_values(shlex.split(line))
     except ValueError as error:
         raise OptionError(f"Cannot read the options {line!r}: {error} (quote values with spaces).") from None
 
