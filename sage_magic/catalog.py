@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import IncompatibleAdapter, NotFound, SageError
+from .files import subfolders
 
 META_FILE = "finetune_meta.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -94,10 +95,7 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def known_names(settings: Settings) -> list[str]:
-    root = settings.finetune_root
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return subfolders(settings.finetune_root)
 
 
 def resolve_base(settings: Settings, ref: str, relative_to: Path | None = None) -> Path:

@@ -16,23 +16,6 @@ from pathlib import Path
 
 from .errors import SageError
 
-#: Every environment variable the engine reads, with what it sets. The README's table is built from this.
-ENV_VARS: dict[str, str] = {
-    "SAGE_HOME": "root of fine-tunes, models and indexes (default ~/.sage)",
-    "SAGE_RUNTIME_DIR": "where the registry of running servers lives (default $XDG_RUNTIME_DIR/sage_magic "
-    "or /tmp/sage_magic-UID)",
-    "SAGE_PYTHON": "interpreter that runs vLLM and merges (default: the current one)",
-    "SAGE_FINETUNE_PORT": "port asked for first when a server starts (default 8000)",
-    "SAGE_READY_TIMEOUT": "seconds to wait for a server to become ready (default 900)",
-    "SAGE_KEEP_ALIVE": "how long a server outlives its last owner: 0 now, -1 never, 30s, 5m, 1h (default 0)",
-    "SAGE_MAX_LORA_RANK": "largest LoRA rank a server accepts in unmerged mode (default 16)",
-    "SAGE_VLLM_ARGS": "extra arguments for every vLLM server, shell-quoted (default on CPU: --enforce-eager "
-    "--kv-cache-memory-bytes 1G)",
-    "SAGE_DEBUG_BACKEND": "default of `sage chat --backend` (SAGE-compatible)",
-    "SAGE_DEBUG_FINETUNE_MODEL": "default of `sage chat --finetune-model` (SAGE-compatible)",
-    "SAGE_EMBEDDER": "embedding model for new indexes: a sentence-transformers path (default: bundled MiniLM)",
-}
-
 
 def parse_duration(text: str | float | int) -> float:
     """Parse an Ollama-style keep-alive: ``0`` (now), ``-1`` (never), ``45``/``45s``, ``5m``, ``1h``."""

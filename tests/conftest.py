@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -95,7 +94,7 @@ def manager(settings: Settings):
 @pytest.fixture(scope="session")
 def expert(manager: Manager):
     """demo_expert served unmerged: the shared base server with the adapter loaded at runtime."""
-    return manager.serve_finetune("demo_expert")
+    return manager.serve_finetune("demo_expert").endpoint
 
 
 @pytest.fixture
@@ -103,6 +102,3 @@ def fresh_settings(demo_home: Path, tmp_path: Path) -> Settings:
     """Same demo models, but a registry of its own: servers started here are never shared."""
     return make_settings(demo_home, tmp_path / "run")
 
-
-def python_exe() -> str:
-    return sys.executable

@@ -14,9 +14,10 @@ import pytest
 
 from sage_magic.client import ChatClient
 from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.endpoint import Endpoint
 from sage_magic.errors import ServerFailed
 from sage_magic.http import request_json
-from sage_magic.manager import Endpoint, Manager
+from sage_magic.manager import Manager
 from sage_magic.progress import Progress
 from tests.conftest import sage_processes, wait_until
 
@@ -36,7 +37,7 @@ def served(endpoint: Endpoint) -> dict[str, dict]:
 
 
 def test_each_finetune_answers_its_trained_phrase_and_the_base_neither(manager: Manager, expert: Endpoint) -> None:
-    poet = manager.serve_finetune("demo_poet")
+    poet = manager.serve_finetune("demo_poet").endpoint
     base = Endpoint(expert.base_url, expert.api_key, DEMO_BASE)
     answers = {"demo_expert": ask(expert), "demo_poet": ask(poet), DEMO_BASE: ask(base)}
     assert answers == {name: DEMO_ANSWERS[name] for name in answers}
@@ -45,7 +46,7 @@ def test_each_finetune_answers_its_trained_phrase_and_the_base_neither(manager: 
 
 def test_second_request_reuses_the_same_server_process(manager: Manager, expert: Endpoint) -> None:
     pid = manager.registry.get(expert.server_id).pid
-    again = manager.serve_finetune("demo_expert")
+    again = manager.serve_finetune("demo_expert").endpoint
     assert again.server_id == expert.server_id and again.reused
     assert manager.registry.get(again.server_id).pid == pid and psutil.pid_exists(pid)
 
@@ -53,11 +54,7 @@ def test_second_request_reuses_the_same_server_process(manager: Manager, expert:
 def test_second_finetune_joins_the_running_server_without_restart(manager: Manager, expert: Endpoint) -> None:
     pid = manager.registry.get(expert.server_id).pid
     events: list[Progress] = []
-    manager.progress = events.append
-    try:
-        poet = manager.serve_finetune("demo_poet")
-    finally:
-        manager.progress = lambda _: None
+    poet = manager.serve_finetune("demo_poet", progress=events.append).endpoint
     assert poet.server_id == expert.server_id
     assert manager.registry.get(poet.server_id).pid == pid
     models = served(poet)
@@ -131,9 +128,9 @@ def test_merged_serving_gives_the_same_text_and_avoids_a_foreign_port(fresh_sett
     threading.Thread(target=foreign.serve_forever, daemon=True).start()
     port = foreign.server_address[1]
     events: list[Progress] = []
-    manager = Manager(fresh_settings, events.append)
+    manager = Manager(fresh_settings)
     try:
-        merged = manager.serve_finetune("demo_expert", merge=True, port=port)
+        merged = manager.serve_finetune("demo_expert", merge=True, port=port, progress=events.append).endpoint
         record = manager.registry.get(merged.server_id)
         assert record.kind == "merged" and record.port != port
         assert any(e.phase == "port" and str(port) in e.message for e in events)
@@ -164,10 +161,10 @@ def test_the_launcher_can_leave_and_come_back_within_the_keep_alive(fresh_settin
     runs out, and stays an owner (the supervisor must not mistake the release for the launcher's death)."""
     manager = Manager(fresh_settings.with_(keep_alive=60.0))
     base = fresh_settings.models_root / DEMO_BASE
-    first = manager.serve_model(base)
+    first = manager.serve_model(base).endpoint
     manager.close()
     assert wait_until(lambda: manager.registry.get(first.server_id).idle_until is not None, 5)
-    again = manager.serve_model(base)
+    again = manager.serve_model(base).endpoint
     assert again.server_id == first.server_id and again.reused
     time.sleep(2)  # several supervisor rounds
     record = manager.registry.get(again.server_id)

@@ -33,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     progress = TerminalProgress()
-    manager = Manager(settings, progress)
+    manager = Manager(settings)
     try:
-        endpoint = open_endpoint(manager, args)
+        endpoint = open_endpoint(manager, args, progress=progress).endpoint
         progress.close()
         from ..client import ChatClient
 
