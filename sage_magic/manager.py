@@ -29,7 +29,7 @@ from .endpoint import Endpoint
 from .errors import Cancelled, NotFound, SageError, ServerFailed
 from .files import LockBusy
 from .fingerprint import adapter_digest, base_identity, combine
-from .http import HttpError, request_json
+from .http import HttpError, request_json, request_text
 from .launch import HOST, choose_port, log_tail, server_command, server_env, spawn_supervised, wait_ready
 from .leases import Lease
 from .merge import ensure_merged, merge_fingerprint
@@ -307,7 +307,8 @@ class Manager:
         started = time.monotonic()
         payload = {"lora_name": ft.name, "lora_path": str(ft.adapter_dir), "load_inplace": bool(listed)}
         try:
-            request_json(f"{record.root_url}/v1/load_lora_adapter", record.api_key, payload, timeout=120,
+            # vLLM answers these two routes in plain text ("Success: ..."), not JSON
+            request_text(f"{record.root_url}/v1/load_lora_adapter", record.api_key, payload, timeout=120,
                          socket=record.socket)
         except HttpError as error:
             if not (error.status == 400 and "already" in error.body and self._models(record).get(ft.name)):
@@ -399,7 +400,7 @@ class Manager:
     def unload_adapter(self, record: ServerRecord, name: str) -> None:
         """Take one runtime adapter off a base server (vLLM's /v1/unload_lora_adapter)."""
         try:
-            request_json(f"{record.root_url}/v1/unload_lora_adapter", record.api_key, {"lora_name": name},
+            request_text(f"{record.root_url}/v1/unload_lora_adapter", record.api_key, {"lora_name": name},
                          timeout=30, socket=record.socket)
         except HttpError as error:
             if error.status != 404:  # 404: it was not loaded (any more); the registry catches up below

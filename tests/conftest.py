@@ -20,7 +20,8 @@ from sage_magic.manager import Manager
 
 # Small, fast servers for tests: float32 like the demo weights, a 64 MB KV cache, no CUDA-graph capture.
 TEST_VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
-TEST_PORT = 18400
+#: SAGE_TEST_PORT moves it, for two test runs on one machine (vLLM binds its port late, so they could race).
+TEST_PORT = int(os.environ.get("SAGE_TEST_PORT") or 18400)
 
 
 def make_settings(home: Path, runtime: Path, **overrides: object) -> Settings:

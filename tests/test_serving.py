@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.server
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from sage_magic.errors import ServerFailed
 from sage_magic.http import request_json
 from sage_magic.manager import Manager
 from sage_magic.progress import Progress
-from tests.conftest import sage_processes, wait_until
+from tests.conftest import env_for, sage_processes, wait_until
 
 pytestmark = pytest.mark.vllm
 
@@ -60,6 +62,64 @@ def test_second_finetune_joins_the_running_server_without_restart(manager: Manag
     models = served(poet)
     assert models["demo_poet"]["parent"] == DEMO_BASE and models["demo_expert"]["parent"] == DEMO_BASE
     assert not any(e.phase == "launch" for e in events)
+
+
+def _corrupt_copy_of_poet(settings, home: Path) -> None:
+    """A fine-tune in another home, on the session's base, whose adapter passes every pre-check (config,
+    rank, tensor shapes from the header) but whose weights are cut short, so vLLM refuses to load it."""
+    broken = home / "finetune_output" / "broken_poet"
+    shutil.copytree(settings.finetune_root / "demo_poet", broken,
+                    ignore=shutil.ignore_patterns("merged_model", ".merged_model*"))
+    base = str(settings.models_root / DEMO_BASE)
+    (broken / "finetune_meta.json").write_text(json.dumps({"model": base}))
+    config = broken / "lora_weights" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": base}))
+    weights = broken / "lora_weights" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    weights.write_bytes(data[:header_end + (len(data) - header_end) // 2])
+
+
+def test_a_refused_adapter_does_not_take_the_running_finetune_with_it(manager: Manager, expert: Endpoint,
+                                                                      settings, tmp_path: Path) -> None:
+    """Failing to add fine-tune B to the shared base server used to drop this process's only ownership of
+    it, and with keep-alive 0 the server, and fine-tune A, stopped."""
+    pid = manager.registry.get(expert.server_id).pid
+    _corrupt_copy_of_poet(settings, tmp_path / "home")
+    with pytest.raises(ServerFailed) as error:
+        manager.serve_finetune("broken_poet", settings=settings.with_(home=tmp_path / "home"))
+    assert "refused adapter 'broken_poet'" in str(error.value)
+    time.sleep(2)  # several supervisor rounds: a server left without owner would be stopping by now
+    assert manager.registry.get(expert.server_id).pid == pid and psutil.pid_exists(pid)
+    assert ask(expert) == DEMO_ANSWERS["demo_expert"]
+
+
+def test_stopping_an_adapter_by_name_unloads_only_that_adapter(manager: Manager, expert: Endpoint,
+                                                               settings) -> None:
+    """`sage stop demo_poet` used to stop the shared base server and every other adapter on it."""
+    pid = manager.registry.get(expert.server_id).pid
+    poet = manager.serve_finetune("demo_poet").endpoint
+    assert poet.server_id == expert.server_id and "demo_poet" in served(expert)
+    out = subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "stop", "demo_poet"], env=env_for(settings),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "unloaded adapter demo_poet" in out.stdout, out.stderr
+    assert "demo_poet" not in served(expert) and "demo_poet" not in manager.registry.get(expert.server_id).adapters
+    assert manager.registry.get(expert.server_id).pid == pid and ask(expert) == DEMO_ANSWERS["demo_expert"]
+    again = manager.serve_finetune("demo_poet").endpoint  # asking again loads it again
+    assert ask(again) == DEMO_ANSWERS["demo_poet"]
+
+
+def test_the_same_base_under_another_name_gets_a_server_of_its_own(manager: Manager, expert: Endpoint, settings,
+                                                                   tmp_path: Path) -> None:
+    """The served name is part of what a server is: reusing the running base server under another name
+    failed its check and told the user to `sage stop` it, killing someone else's session."""
+    link = tmp_path / "my-base"
+    link.symlink_to(settings.models_root / DEMO_BASE)
+    with manager.serve_model(link) as lease:
+        assert lease.endpoint.model == "my-base" and lease.endpoint.server_id != expert.server_id
+        assert ask(lease.endpoint) == DEMO_ANSWERS[DEMO_BASE]
+    assert wait_until(lambda: manager.registry.get(lease.endpoint.server_id) is None, 20)
+    assert ask(expert) == DEMO_ANSWERS["demo_expert"]
 
 
 def test_the_api_key_is_required_and_kept_out_of_the_command_line(expert: Endpoint, manager: Manager) -> None:
