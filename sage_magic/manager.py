@@ -21,8 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
+from . import servers
 from .catalog import FineTune, check_adapter, get_finetune
 from .config import Settings
 from .endpoint import Endpoint
@@ -33,31 +32,14 @@ from .http import HttpError, request_json, request_text
 from .launch import HOST, choose_port, log_tail, server_command, server_env, spawn_supervised, wait_ready
 from .leases import Lease
 from .merge import ensure_merged, merge_fingerprint
-from .processes import is_ours, kill_group, terminate_and_wait, wait_gone
+from .processes import wait_gone
 from .progress import Progress, ProgressCallback, silent
 from .registry import Owner, Registry, ServerRecord, new_server_id
+from .servers import ServerStatus
 from .vllm_env import require_vllm
 
 #: How often a reused server that went away under us (stopped between the lookup and ready) is replaced.
 _REUSE_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class ServerStatus:
-    """A row of `sage ps`."""
-
-    record: ServerRecord
-    memory_bytes: int
-    uptime: float
-    alive_owners: int
-
-    def as_dict(self) -> dict[str, object]:
-        r = self.record
-        return {"id": r.id, "name": r.served_name, "kind": r.kind, "adapters": sorted(r.adapters),
-                "model_path": r.model_path, "port": r.port, "base_url": r.base_url, "pid": r.pid,
-                "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "state": r.state,
-                "uptime_s": round(self.uptime, 1), "memory_bytes": self.memory_bytes,
-                "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path}
 
 
 @dataclass(frozen=True)
@@ -373,16 +355,14 @@ class Manager:
             wait_gone(record.supervisor_pid, deadline - time.monotonic())
         self._reap_supervisors()
 
-    # --- what `sage ps / stop / logs` ask ------------------------------------------------------------------
+    # --- what `sage ps / stop / logs` ask (servers.py does the work) ----------------------------------------
 
     def servers(self) -> list[ServerStatus]:
-        with self.registry.locked():
-            self.registry.reap()
-        return [_status(r) for r in self.registry.all()]
+        return servers.statuses(self.registry)
 
     def stop(self, target: str, wait: float | None = None) -> ServerRecord:
         """Stop a server we started, whoever owns it: the supervisor does the stopping."""
-        return self._stop_record(self.registry.find(target), wait)
+        return self._forget(servers.stop(self.registry, self.registry.find(target), self.settings.stop_grace, wait))
 
     def stop_target(self, target: str) -> str:
         """`sage stop TARGET`: a server id (or prefix, or served name) stops that server; the name of an
@@ -390,56 +370,27 @@ class Manager:
         Returns what was done, in a sentence."""
         record = self.registry.find(target)
         if target in record.adapters and target != record.served_name and not record.id.startswith(target):
-            self.unload_adapter(record, target)
+            servers.unload_adapter(self.registry, record, target)
             rest = ", ".join(sorted(set(record.adapters) - {target})) or "no other adapter"
             return (f"unloaded adapter {target} from server {record.id}; it keeps serving {record.served_name} "
                     f"and {rest} (`sage stop {record.id}` stops the whole server)")
-        record = self._stop_record(record)
+        record = self._forget(servers.stop(self.registry, record, self.settings.stop_grace))
         return f"stopped {record.id} ({record.served_name}, port {record.port})"
 
-    def unload_adapter(self, record: ServerRecord, name: str) -> None:
-        """Take one runtime adapter off a base server (vLLM's /v1/unload_lora_adapter)."""
-        try:
-            request_text(f"{record.root_url}/v1/unload_lora_adapter", record.api_key, {"lora_name": name},
-                         timeout=30, socket=record.socket)
-        except HttpError as error:
-            if error.status != 404:  # 404: it was not loaded (any more); the registry catches up below
-                raise ServerFailed(f"Server {record.id} did not unload adapter {name!r} ({error}). "
-                                   f"`sage logs {record.id}` shows why; `sage stop {record.id}` stops "
-                                   "the whole server.") from None
-        with self.registry.locked():
-            current = self.registry.get(record.id)
-            if current is not None and current.adapters.pop(name, None) is not None:
-                self.registry.save(current)
+    def stop_all(self) -> list[ServerRecord]:
+        """Stop every server; one that is already gone (it stopped while we stopped the others) is skipped."""
+        return [self._forget(servers.stop(self.registry, r, self.settings.stop_grace)) for r in self.registry.all()]
 
-    def _stop_record(self, record: ServerRecord, wait: float | None = None) -> ServerRecord:
-        """Mark it stopping (so nobody reuses it from now on), ask its supervisor, and finish the job
-        ourselves if the supervisor is gone or stuck. A server already gone counts as stopped."""
-        deadline = time.monotonic() + (wait if wait is not None else self.settings.stop_grace + 10)
-        with self.registry.locked():
-            current = self.registry.get(record.id)
-            if current is not None and current.state != "stopping":
-                current.state = "stopping"
-                self.registry.save(current)
-        # the supervisor removes the record, then exits: "stopped" means both
-        terminate_and_wait(record.supervisor_pid, record.id, deadline - time.monotonic())
-        if self.registry.get(record.id) is not None:  # supervisor gone or stuck: do it ourselves
-            if is_ours(record.pid, record.id):
-                kill_group(record.pid, self.settings.stop_grace)
-            with self.registry.locked():
-                self.registry.remove(record.id)
+    def logs(self, target: str, lines: int = 50) -> str:
+        return log_tail(self.registry.find(target).log_path, lines)
+
+    def _forget(self, record: ServerRecord) -> ServerRecord:
+        """A stopped server's leases are void: releasing them later has nothing left to do."""
         with self._lock:
             for lease_id in [k for k, v in self._leases.items() if v == record.id]:
                 del self._leases[lease_id]
         self._reap_supervisors()
         return record
-
-    def stop_all(self) -> list[ServerRecord]:
-        """Stop every server; one that is already gone (it stopped while we stopped the others) is skipped."""
-        return [self._stop_record(r) for r in self.registry.all()]
-
-    def logs(self, target: str, lines: int = 50) -> str:
-        return log_tail(self.registry.find(target).log_path, lines)
 
 
 class _WentAway(Exception):
@@ -448,18 +399,6 @@ class _WentAway(Exception):
 
 def _spec(kind: str, model_path: Path, served_name: str, parts: tuple[str, ...], extra_args: tuple[str, ...]) -> _Spec:
     return _Spec(kind, model_path, served_name, combine(*parts, f"served-name={served_name}"), extra_args)
-
-
-def _status(record: ServerRecord) -> ServerStatus:
-    memory = 0
-    if record.pid:
-        try:
-            leader = psutil.Process(record.pid)
-            memory = sum(p.memory_info().rss for p in [leader, *leader.children(recursive=True)])
-        except psutil.Error:
-            pass
-    owners = sum(1 for o in record.owners if o.alive())
-    return ServerStatus(record, memory, time.time() - record.started_at, owners)
 
 
 def _display_name(ref: str) -> str:
