@@ -138,6 +138,9 @@ def wait_ready(registry: Registry, server_id: str, log_path: str, timeout: float
                 "Check that the serving interpreter (SAGE_PYTHON) has sage_magic and vLLM installed; its "
                 f"error is below and in {log_path}.\n{failure_report(log_path)}"
             )
+        if record is not None and record.state == "stopping":
+            raise ServerFailed(f"The vLLM server for {what} ({record.id}) is being stopped (`sage stop`, or its "
+                               "keep-alive ran out), so it was not used.")
         if record is None or (record.pid is not None and not is_ours(record.pid, record.id)):
             raise ServerFailed(
                 f"The vLLM server for {what} exited after {elapsed:.0f} s before it was ready. Its log "

@@ -170,3 +170,36 @@ def test_cancel_while_waiting_for_the_registry_ends_the_call(demo_home: Path, tm
         thread.join(30)
     assert not thread.is_alive() and errors and isinstance(errors[0], Cancelled)
     assert manager.registry.all() == []
+
+
+def test_a_server_stopped_right_after_it_was_picked_for_reuse_is_replaced(demo_home: Path, tmp_path: Path,
+                                                                          hanging_python: str) -> None:
+    """`sage stop` (or a keep-alive running out) landing between the lookup and the hand-out: the reuse must
+    notice and start another server, not hand out one that is about to die."""
+    settings = make_settings(demo_home, tmp_path / "run", python=hanging_python)
+    manager = Manager(settings)
+    base = settings.models_root / DEMO_BASE
+    first_cancel, second_cancel = threading.Event(), threading.Event()
+    first, _ = _in_thread(lambda: manager.serve_model(base, cancel=first_cancel))
+    assert wait_until(lambda: any(r.pid for r in manager.registry.all()), 30)
+    (picked,) = manager.registry.all()
+    phases: list[str] = []
+
+    def stop_it_now(event: Progress) -> None:
+        phases.append(event.phase)
+        if event.phase == "reuse":
+            with manager.registry.locked():  # what `sage stop` does first
+                record = manager.registry.get(picked.id)
+                record.state = "stopping"
+                manager.registry.save(record)
+
+    second, errors = _in_thread(lambda: manager.serve_model(base, progress=stop_it_now, cancel=second_cancel))
+    assert wait_until(lambda: "launch" in phases, 30), phases
+    assert phases[0] == "reuse" and {r.id for r in manager.registry.all()} - {picked.id}
+    first_cancel.set()
+    second_cancel.set()
+    first.join(30)
+    second.join(30)
+    assert errors and isinstance(errors[0], Cancelled)
+    assert wait_until(lambda: not manager.registry.all() and not sage_processes(settings.runtime_dir), 20)
+    manager.close()
