@@ -157,10 +157,10 @@ class Manager:
         what = f"{spec.served_name} ({spec.kind})"
         for _ in range(_REUSE_ATTEMPTS):
             record, lease_id, launched, events = self._take(spec, port, keep_alive, call)
-            for event in events:  # never under the registry lock: a callback may ask the manager anything
-                call.progress(event)
             try:
                 started = time.monotonic()
+                for event in events:  # never under the registry lock: a callback may ask the manager anything
+                    call.progress(event)
                 record = wait_ready(self.registry, record.id, record.log_path, call.settings.ready_timeout,
                                     call.progress, what, call.cancel)
                 models = self._confirm(record, spec)
