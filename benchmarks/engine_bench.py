@@ -37,8 +37,9 @@ import psutil
 
 from sage_magic.catalog import get_finetune
 from sage_magic.config import Settings
+from sage_magic.endpoint import Endpoint
 from sage_magic.http import HttpError, request_text
-from sage_magic.manager import Endpoint, Manager
+from sage_magic.manager import Manager
 
 VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
 MAX_LORA_RANK = 16
@@ -64,7 +65,7 @@ out["after_import"] = rss()
 home, run, port, args = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), tuple(sys.argv[4:])
 settings = Settings.from_env(environ={}, home=home, runtime_dir=run, port=port, vllm_args=args)
 manager = sage_magic.manager.Manager(settings)
-endpoint = manager.serve_finetune("demo_expert")
+endpoint = manager.serve_finetune("demo_expert").endpoint
 out["after_serve"] = rss()
 out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out["reused"] = endpoint.reused
@@ -279,7 +280,7 @@ def time_manager(run: Run, index: int) -> tuple[float, Manager, Endpoint]:
     manager = Manager(settings_for(run.home, run.workdir / f"run-{index}"))
     run.managers.append(manager)
     started = time.perf_counter()
-    endpoint = manager.serve_model(run.base)
+    endpoint = manager.serve_model(run.base).endpoint
     seconds = time.perf_counter() - started
     record = manager.registry.get(endpoint.server_id or "")
     if record is not None and record.pid:
@@ -315,12 +316,12 @@ def bench_ready(run: Run, repeat: int) -> tuple[Manager, Endpoint]:
 def bench_adapter(run: Run, manager: Manager, endpoint: Endpoint) -> None:
     print("\n3. Adapter added to the running base server", flush=True)
     started = time.perf_counter()
-    expert = manager.serve_finetune("demo_expert")
+    expert = manager.serve_finetune("demo_expert").endpoint
     first = time.perf_counter() - started
     if expert.server_id != endpoint.server_id:
         raise RuntimeError("serve_finetune(demo_expert) started a new server instead of using the base one")
     run.add(Figure("serve_finetune(demo_expert), first adapter", f"{first:.3f} s"))
-    second = timed(lambda: manager.serve_finetune("demo_poet"))
+    second = timed(lambda: manager.serve_finetune("demo_poet").release())
     run.add(Figure("serve_finetune(demo_poet), second adapter", f"{second:.3f} s", "<= 1 s", second <= 1.0))
     # The raw part: the same adapter under a new name, straight to vLLM (the manager adds the rest).
     root = endpoint.base_url.rsplit("/v1", 1)[0]
@@ -345,7 +346,7 @@ def _post_ok(url: str, api_key: str | None, body: dict, socket: str | None = Non
 def bench_reuse(run: Run, manager: Manager, endpoint: Endpoint, calls: int) -> None:
     """Each call re-resolves the fine-tune and re-checks the server, as a notebook cell run again would."""
     print(f"\n1. Warm reuse of demo_expert ({calls} calls) vs a bare GET /v1/models", flush=True)
-    reuse = [timed(lambda: manager.serve_finetune("demo_expert")) for _ in range(calls)]
+    reuse = [timed(lambda: manager.serve_finetune("demo_expert").release()) for _ in range(calls)]
     models_url = f"{endpoint.base_url}/models"
     bare = [timed(lambda: _get_ok(models_url, endpoint.api_key, endpoint.socket)) for _ in range(calls)]
     p50, p95 = percentile(reuse, 0.5), percentile(reuse, 0.95)

@@ -17,14 +17,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from filelock import FileLock
-
 from .config import Settings
 from .errors import SageError
+from .files import exclusive, utc_now
 from .progress import Progress, ProgressCallback, silent
 from .staging import publish, staging, sweep_leftovers
 from .train_worker import (
@@ -111,7 +109,7 @@ def build_demo(settings: Settings, progress: ProgressCallback = silent, force: b
     settings.models_root.mkdir(parents=True, exist_ok=True)
     settings.finetune_root.mkdir(parents=True, exist_ok=True)
     # Two notebooks asking at once: the second waits, then finds the demo built.
-    with FileLock(str(settings.home / ".sage_demo.lock")), ExitStack() as stack:
+    with exclusive(settings.home / ".sage_demo.lock"), ExitStack() as stack:
         _refuse_foreign(targets)
         for target in targets:
             sweep_leftovers(target)
@@ -160,12 +158,8 @@ def _refuse_foreign(targets: list[Path]) -> None:
 
 
 def _write_stamp(folder: Path) -> None:
-    stamp = {"recipe": RECIPE_VERSION, "built_at": _now(), "answers": DEMO_ANSWERS}
+    stamp = {"recipe": RECIPE_VERSION, "built_at": utc_now(), "answers": DEMO_ANSWERS}
     (folder / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --- training ---------------------------------------------------------------------------------------------
@@ -323,7 +317,7 @@ def _build_finetune(name: str, base_dir: Path, tokenizer: PreTrainedTokenizerFas
     _write_meta(name, folder, len(losses))
     (folder / "logs").mkdir()
     targets = ','.join(LORA_TARGETS)
-    log = [f"{_now()} LoRA r={LORA_R} alpha={LORA_ALPHA} on {DEMO_BASE}, lr={LORA_LR}, targets={targets}"]
+    log = [f"{utc_now()} LoRA r={LORA_R} alpha={LORA_ALPHA} on {DEMO_BASE}, lr={LORA_LR}, targets={targets}"]
     log += [f"step {i} loss {loss:.4f}" for i, loss in enumerate(losses, start=1)]
     (folder / "logs" / "train.log").write_text("\n".join(log) + "\n")
 
@@ -332,7 +326,7 @@ def _write_meta(name: str, folder: Path, steps: int) -> None:
     meta = {
         "model": DEMO_BASE,
         "task": "demo",
-        "created_at": _now(),
+        "created_at": utc_now(),
         "lora_r": LORA_R,
         "lora_alpha": LORA_ALPHA,
         "target_modules": list(LORA_TARGETS),

@@ -28,4 +28,5 @@ class MergeFailed(SageError):
 
 
 class Cancelled(SageError):
-    """The user stopped an answer; whatever streamed so far is kept by the caller."""
+    """The user stopped a long call (a cancel Event was set): an answer, whose partial text the caller keeps,
+    or a serve_* call waiting for a merge, a lock or a server, which releases whatever it had taken."""

@@ -223,11 +223,9 @@ def _items(rows: Sequence[Item | str | tuple[str, str | None] | Mapping[str, Any
 
 def _lease(manager: Any, name: str, progress: ProgressCallback,
            cancel: threading.Event | None) -> tuple[Endpoint, Callable[[], None]]:
-    """The one place that asks the manager for a fine-tune. Today ``serve_finetune`` returns an Endpoint and
-    the process keeps owning the server until ``manager.close()``, so there is nothing to release; with
-    leases this becomes ``lease = manager.serve_finetune(name, progress=progress, cancel=cancel)`` returning
-    ``lease.endpoint, lease.release``."""
-    return manager.serve_finetune(name), lambda: None
+    """The one place that asks the manager for a fine-tune: its endpoint and how to give it back."""
+    lease = manager.serve_finetune(name, progress=progress, cancel=cancel)
+    return lease.endpoint, lease.release
 
 
 @contextmanager

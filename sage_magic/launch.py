@@ -19,6 +19,7 @@ import secrets
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -26,10 +27,11 @@ from pathlib import Path
 
 from . import server_logs
 from .config import MAX_RUNTIME_DIR_LEN, Settings, check_port, check_vllm_args
-from .errors import SageError, ServerFailed
+from .errors import Cancelled, SageError, ServerFailed
 from .http import healthy
+from .processes import is_ours
 from .progress import Progress, ProgressCallback
-from .registry import Owner, Registry, ServerRecord, is_ours, new_server_id
+from .registry import Owner, Registry, ServerRecord, new_server_id
 from .vllm_env import require_vllm
 
 HOST = "127.0.0.1"
@@ -201,20 +203,36 @@ def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def wait_ready(registry: Registry, server_id: str, log_path: str, timeout: float, progress: ProgressCallback,
-               what: str) -> ServerRecord:
-    """Poll /health until ready, failing at once (with the log tail) if the server or supervisor exits."""
+               what: str, cancel: threading.Event | None = None) -> ServerRecord:
+    """Poll /health until ready, failing at once (with the log tail) if the server or supervisor exits.
+
+    The supervisor is watched too: until it has started vLLM and written its pid, it is the only process
+    that can die (an interpreter without sage_magic, say), and its stderr goes to the same log."""
     started = time.monotonic()
     seen = 0
     last_beat = 0.0
     while True:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"Stopped waiting for the vLLM server for {what}; it stops too unless someone else "
+                            "uses it.")
         record = registry.get(server_id)
         elapsed = time.monotonic() - started
+        if record is not None and record.pid is None and not is_ours(record.supervisor_pid, record.id):
+            raise ServerFailed(
+                f"The supervisor process for {what} exited after {elapsed:.0f} s, before it could start vLLM. "
+                "Check that the serving interpreter (SAGE_PYTHON) has sage_magic and vLLM installed; its "
+                f"error is below and in {log_path}.\n{failure_report(log_path)}"
+            )
+        if record is not None and record.state == "stopping":
+            raise ServerFailed(f"The vLLM server for {what} ({record.id}) is being stopped (`sage stop`, or its "
+                               "keep-alive ran out), so it was not used.")
         if record is None or (record.pid is not None and not is_ours(record.pid, record.id)):
             raise ServerFailed(
                 f"The vLLM server for {what} exited after {elapsed:.0f} s before it was ready. Its log "
                 f"({log_path}) says why; `sage logs` shows more.\n{failure_report(log_path)}"
             )
-        if healthy(record.root_url, socket=record.socket):
+        # a short probe when the caller may cancel: a server that accepts but hangs must not hold the cancel up
+        if healthy(record.root_url, timeout=0.4 if cancel is not None else 2.0, socket=record.socket):
             return record
         if elapsed > timeout:
             raise ServerFailed(
@@ -229,5 +247,8 @@ def wait_ready(registry: Registry, server_id: str, log_path: str, timeout: float
         if elapsed - last_beat >= 10:
             last_beat = elapsed
             progress(Progress("load", f"{what}: waiting for vLLM, server {record.id} ({elapsed:.0f} s)"))
-        time.sleep(0.5)
+        if cancel is not None:
+            cancel.wait(0.25)
+        else:
+            time.sleep(0.5)
 

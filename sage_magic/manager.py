@@ -1,58 +1,50 @@
 """The manager: the one place that decides which vLLM server answers for a model, and when it goes away.
 
-Faces (magics, chat widget, ``sage`` CLI, server extension) only ask it for an :class:`Endpoint`. It
-resolves the fine-tune, merges it when asked, reuses a running server that provably serves exactly that
-model (``/v1/models`` checked, never "something answers on the port"), adds LoRA adapters to a running
-base server at runtime, or starts a new server under a supervisor. The process it runs in becomes an
-owner of every server it hands out, and stops owning them on :meth:`Manager.close` (called at exit too;
-the supervisor covers the deaths that run no exit code).
+Faces (magics, chat widget, ``sage`` CLI, server extension) only ask it for a :class:`Lease` (an endpoint
+and the duty to release it). It resolves the fine-tune, merges it when asked, reuses a running server that
+provably serves exactly that model (``/v1/models`` checked, never "something answers on the port"), adds
+LoRA adapters to a running base server at runtime, or starts a new server under a supervisor. Each lease is
+one owner entry in the registry, dropped by its ``release()``, by :meth:`Manager.close` (called at exit
+too), or by the supervisor when this process dies.
+
+Settings, progress and cancel travel with each call, so one manager per process (:func:`shared`) serves
+every face in a kernel without one face's options or progress display leaking into another's.
 """
 
 from __future__ import annotations
 
 import atexit
+import secrets
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
-from . import server_logs
+from . import server_logs, servers
 from .catalog import FineTune, check_adapter, get_finetune
 from .config import Settings
 from .endpoint import Endpoint
-from .errors import NotFound, ServerFailed
+from .errors import Cancelled, NotFound, SageError, ServerFailed
+from .files import LockBusy
 from .fingerprint import adapter_digest, base_identity, combine
 from .http import HttpError, request_json, request_text
 from .launch import log_tail, start_server, wait_ready
+from .leases import Lease
 from .merge import ensure_merged, merge_fingerprint
+from .processes import wait_gone
 from .progress import Progress, ProgressCallback, silent
-from .registry import Owner, Registry, ServerRecord, is_ours, kill_group
+from .registry import Owner, Registry, ServerRecord
+from .servers import ServerStatus
 
-
-@dataclass(frozen=True)
-class ServerStatus:
-    """A row of `sage ps`."""
-
-    record: ServerRecord
-    memory_bytes: int
-    uptime: float
-    alive_owners: int
-
-    def as_dict(self) -> dict[str, object]:
-        r = self.record
-        return {"id": r.id, "name": r.served_name, "kind": r.kind, "adapters": sorted(r.adapters),
-                "model_path": r.model_path, "port": r.port, "url": r.tcp_url, "socket": r.socket, "pid": r.pid,
-                "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "state": r.state,
-                "uptime_s": round(self.uptime, 1), "memory_bytes": self.memory_bytes,
-                "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path}
+#: How often a reused server that went away under us (stopped between the lookup and ready) is replaced.
+_REUSE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
 class _Spec:
-    """What a server must serve: ``identity`` covers the weights and every argument that changes serving."""
+    """What a server must serve: ``identity`` covers the weights, the name it serves them under, and every
+    argument that changes serving (two names for one base are two servers: each answers to one name)."""
 
     kind: str  # "base" (LoRA-enabled) or "merged"
     model_path: Path
@@ -61,14 +53,39 @@ class _Spec:
     extra_args: tuple[str, ...]
 
 
-class Manager:
-    """Owns this process's share of model servers. One per process is the normal case (see ``shared``)."""
+@dataclass(frozen=True)
+class _Call:
+    """What travels with one serve_* call: never stored on the manager."""
 
-    def __init__(self, settings: Settings, progress: ProgressCallback = silent) -> None:
+    settings: Settings
+    progress: ProgressCallback
+    cancel: threading.Event | None
+
+    def check(self, what: str) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"Cancelled while {what}; nothing was left running on your account.")
+
+    def should_stop(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A server this call now owns through one lease: the record at hand-out time, what it serves."""
+
+    record: ServerRecord
+    lease_id: str
+    launched: bool
+    models: dict[str, dict]
+
+
+class Manager:
+    """Hands out leases on model servers. One per process is the normal case (see ``shared``)."""
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.progress = progress
         self.registry = Registry(settings.runtime_dir)
-        self._held: set[str] = set()  # servers this manager has added its process to as an owner
+        self._leases: dict[str, str] = {}  # lease id -> server id, for the leases this manager handed out
         self._supervisors: dict[str, subprocess.Popen] = {}  # their stdin stays open until this process dies
         self._lock = threading.Lock()
         atexit.register(self.close)
@@ -76,101 +93,156 @@ class Manager:
     # --- asking for endpoints ----------------------------------------------------------------------------
 
     def serve_finetune(self, name: str, *, merge: bool = False, port: int | None = None,
-                       extra_args: tuple[str, ...] = (), keep_alive: float | None = None) -> Endpoint:
-        """An endpoint serving fine-tune NAME: unmerged (adapter on a shared base server) or merged."""
-        ft = get_finetune(self.settings, name)
+                       extra_args: tuple[str, ...] = (), keep_alive: float | None = None,
+                       settings: Settings | None = None, progress: ProgressCallback = silent,
+                       cancel: threading.Event | None = None) -> Lease:
+        """A lease on a server for fine-tune NAME: unmerged (adapter on a shared base server) or merged.
+
+        ``settings`` (this call's port, vllm_args, python, keep_alive, max_lora_rank, home) overrides the
+        manager's; ``progress`` hears this call's events only; a set ``cancel`` ends the call with
+        :class:`Cancelled` in every phase and releases what it took."""
+        call = self._call(settings, progress, cancel)
+        ft = get_finetune(call.settings, name)
+        extra = tuple(extra_args)
         if merge:
-            merged = ensure_merged(self.settings, ft, self.progress)
-            spec = _Spec("merged", merged, ft.name, combine(merge_fingerprint(ft), *self.settings.vllm_args,
-                                                            *extra_args), tuple(extra_args))
-            record, launched, _ = self._ensure_server(spec, port, keep_alive)
-            return _endpoint(record, ft.name, launched)
-        check_adapter(self.settings, ft)
-        spec = self._base_spec(ft.base_path, _display_name(ft.base_ref), tuple(extra_args))
-        record, launched, models = self._ensure_server(spec, port, keep_alive)
+            merged = ensure_merged(call.settings, ft, progress, cancel)
+            spec = _spec("merged", merged, ft.name, (merge_fingerprint(ft), *call.settings.vllm_args, *extra), extra)
+            return self._lease(self._ensure_server(spec, port, keep_alive, call), ft.name)
+        check_adapter(call.settings, ft)
+        spec = self._base_spec(call.settings, ft.base_path, _display_name(ft.base_ref), extra)
+        held = self._ensure_server(spec, port, keep_alive, call)
         try:
-            self._ensure_adapter(record, ft, models)
+            self._ensure_adapter(held, ft, call)
         except BaseException:
-            self.release(record.id)  # a base server nobody asked for on its own must not stay on our account
+            self._release(held.lease_id)  # only this call's lease: other leases on the server stay
             raise
-        return _endpoint(record, ft.name, launched)
+        return self._lease(held, ft.name)
 
     def serve_model(self, path: str | Path, *, port: int | None = None, extra_args: tuple[str, ...] = (),
-                    keep_alive: float | None = None) -> Endpoint:
-        """An endpoint serving a plain local model folder (`sage chat --backend vllm --model PATH`)."""
+                    keep_alive: float | None = None, settings: Settings | None = None,
+                    progress: ProgressCallback = silent, cancel: threading.Event | None = None) -> Lease:
+        """A lease on a server for a plain local model folder (`sage chat --backend vllm --model PATH`)."""
+        call = self._call(settings, progress, cancel)
         model = Path(path).expanduser()
         if not (model / "config.json").is_file():
             raise NotFound(f"{model} is not a model folder (no config.json). Give the folder of a "
                            "Hugging Face-format model; nothing is downloaded.")
-        spec = self._base_spec(model.resolve(), model.name, tuple(extra_args))
-        record, launched, _ = self._ensure_server(spec, port, keep_alive)
-        return _endpoint(record, spec.served_name, launched)
+        spec = self._base_spec(call.settings, model.resolve(), model.name, tuple(extra_args))
+        return self._lease(self._ensure_server(spec, port, keep_alive, call), spec.served_name)
 
-    def _base_spec(self, model: Path, served_name: str, extra_args: tuple[str, ...]) -> _Spec:
-        identity = combine(base_identity(model), f"lora-rank={self.settings.max_lora_rank}",
-                           *self.settings.vllm_args, *extra_args)
-        return _Spec("base", model, served_name, identity, extra_args)
+    def _call(self, settings: Settings | None, progress: ProgressCallback,
+              cancel: threading.Event | None) -> _Call:
+        chosen = self.settings if settings is None else settings
+        if chosen.runtime_dir != self.settings.runtime_dir:
+            raise SageError(f"This manager keeps its registry in {self.settings.runtime_dir}, not "
+                            f"{chosen.runtime_dir}. Use shared(settings) to get the manager of that folder.")
+        return _Call(chosen, progress, cancel)
+
+    @staticmethod
+    def _base_spec(settings: Settings, model: Path, served_name: str, extra_args: tuple[str, ...]) -> _Spec:
+        return _spec("base", model, served_name, (base_identity(model), f"lora-rank={settings.max_lora_rank}",
+                                                  *settings.vllm_args, *extra_args), extra_args)
+
+    def _lease(self, held: _Held, model: str) -> Lease:
+        r = held.record
+        endpoint = Endpoint(r.base_url, r.api_key, model, r.id, reused=not held.launched, socket=r.socket)
+        return Lease(endpoint, held.lease_id, self._release)
 
     # --- servers -----------------------------------------------------------------------------------------
 
-    def _ensure_server(self, spec: _Spec, port: int | None,
-                       keep_alive: float | None) -> tuple[ServerRecord, bool, dict[str, dict]]:
-        """A ready server for ``spec`` that this process now owns, whether it was started just now, and what
-        it serves (its /v1/models by id)."""
-        me = Owner.this_process()
-        with self.registry.locked():
-            self.registry.reap()
-            record = next((r for r in self.registry.all() if r.kind == spec.kind and r.identity == spec.identity
-                           and r.state != "stopping"), None)
-            if record is not None:
-                if record.id not in self._held:
-                    record.owners.append(me)
-                record.idle_until = None
-                if keep_alive is not None:
-                    record.keep_alive = keep_alive
-                self.registry.save(record)
-                launched = False
-            else:
-                record = self._launch(spec, port, keep_alive, me)
-                launched = True
-        with self._lock:
-            self._held.add(record.id)
+    def _ensure_server(self, spec: _Spec, port: int | None, keep_alive: float | None, call: _Call) -> _Held:
+        """A ready server for ``spec``, owned through a new lease of this call. A reused server that
+        stops before it is confirmed (a keep-alive running out, `sage stop`) is replaced, not handed out."""
         what = f"{spec.served_name} ({spec.kind})"
-        if not launched:
-            self.progress(Progress("reuse", f"{what}: reusing server {record.id}{_on_port(record)}"))
-        try:
-            started = time.monotonic()
-            record = wait_ready(self.registry, record.id, record.log_path, self.settings.ready_timeout,
-                                self.progress, what)
-            models = self._confirm(record, spec)
-        except BaseException:
-            self.release(record.id)
-            raise
-        if launched:
-            seconds = time.monotonic() - started
-            with self.registry.locked():
-                current = self.registry.get(record.id)
-                if current is not None:
-                    current.state, current.ready_seconds = "ready", round(seconds, 2)
-                    self.registry.save(current)
-                    record = current
-            self.progress(Progress("ready", f"{what}: ready in {seconds:.0f} s (server {record.id}"
-                                            f"{_on_port(record)})", 1.0))
-        return record, launched, models
+        for _ in range(_REUSE_ATTEMPTS):
+            record, lease_id, launched, events = self._take(spec, port, keep_alive, call)
+            try:
+                started = time.monotonic()
+                for event in events:  # never under the registry lock: a callback may ask the manager anything
+                    call.progress(event)
+                record = wait_ready(self.registry, record.id, record.log_path, call.settings.ready_timeout,
+                                    call.progress, what, call.cancel)
+                models = self._confirm(record, spec)
+                if not launched and not self._still_held(record.id, lease_id):
+                    raise _WentAway
+            except _WentAway:
+                self._release(lease_id)
+                continue
+            except BaseException as error:
+                self._release(lease_id)
+                if not launched and isinstance(error, ServerFailed) and not self._still_held(record.id, None):
+                    continue  # the server we were about to reuse was stopped meanwhile: start another
+                raise
+            if launched:
+                record = self._mark_ready(record, time.monotonic() - started, call, what)
+            return _Held(record, lease_id, launched, models)
+        raise ServerFailed(f"Servers for {what} kept stopping while this call tried to use them. "
+                           "Retry; `sage ps` shows what runs.")
 
-    def _launch(self, spec: _Spec, port: int | None, keep_alive: float | None, me: Owner) -> ServerRecord:
+    def _take(self, spec: _Spec, port: int | None, keep_alive: float | None,
+              call: _Call) -> tuple[ServerRecord, str, bool, list[Progress]]:
+        """Under the registry lock: add a lease to a running server for ``spec``, or start one. Returns the
+        events to report, which the caller emits once the lock is released."""
+        lease_id = secrets.token_hex(6)
+        me = Owner.this_process(lease_id)
+        events: list[Progress] = []
+        launched = False
+        call.check("starting")
+        try:
+            with self.registry.locked(should_stop=call.should_stop):
+                self.registry.reap()
+                record = next((r for r in self.registry.all() if r.kind == spec.kind
+                               and r.identity == spec.identity and r.state != "stopping"), None)
+                if record is not None:
+                    record.owners.append(me)
+                    record.idle_until = None
+                    if keep_alive is not None:
+                        record.keep_alive = keep_alive
+                    self.registry.save(record)
+                    events.append(Progress("reuse", f"{spec.served_name} ({spec.kind}): reusing server "
+                                                    f"{record.id}{_on_port(record)}"))
+                else:
+                    record = self._launch(spec, port, keep_alive, me, call.settings, events)
+                    launched = True
+                with self._lock:
+                    self._leases[lease_id] = record.id
+        except LockBusy:
+            call.check("waiting for the server registry")
+            raise
+        return record, lease_id, launched, events
+
+    def _launch(self, spec: _Spec, port: int | None, keep_alive: float | None, me: Owner, settings: Settings,
+                events: list[Progress]) -> ServerRecord:
         """Start a server (registry lock held): see launch.start_server."""
-        launched = start_server(self.settings, self.registry, kind=spec.kind, identity=spec.identity,
+        launched = start_server(settings, self.registry, kind=spec.kind, identity=spec.identity,
                                 model_path=spec.model_path, served_name=spec.served_name,
                                 extra_args=spec.extra_args, port=port, keep_alive=keep_alive, owner=me)
         record = launched.record
         self._supervisors[record.id] = launched.supervisor
         if launched.port_note:
-            self.progress(Progress("port", launched.port_note))
+            events.append(Progress("port", launched.port_note))
         where = f"socket and port {record.port}" if record.port else "its private socket"
-        self.progress(Progress("launch", f"{spec.served_name}: starting vLLM on {where} "
+        events.append(Progress("launch", f"{spec.served_name}: starting vLLM on {where} "
                                          f"(server {record.id}, log {record.log_path})"))
         return record
+
+    def _mark_ready(self, record: ServerRecord, seconds: float, call: _Call, what: str) -> ServerRecord:
+        with self.registry.locked():
+            current = self.registry.get(record.id)
+            if current is not None and current.state == "starting":  # never over a supervisor's "stopping"
+                current.state, current.ready_seconds = "ready", round(seconds, 2)
+                self.registry.save(current)
+                record = current
+        call.progress(Progress("ready", f"{what}: ready in {seconds:.0f} s (server {record.id}{_on_port(record)})",
+                               1.0))
+        return record
+
+    def _still_held(self, server_id: str, lease_id: str | None) -> bool:
+        """The server is still there and not stopping (and, given a lease, still counts it as an owner)."""
+        current = self.registry.get(server_id)
+        if current is None or current.state == "stopping":
+            return False
+        return lease_id is None or any(o.lease == lease_id for o in current.owners)
 
     def _confirm(self, record: ServerRecord, spec: _Spec) -> dict[str, dict]:
         """Trust a server only once it says it serves this model from this path; return what it serves."""
@@ -178,7 +250,8 @@ class Manager:
         if models.get(spec.served_name, {}).get("root") != str(spec.model_path):
             raise ServerFailed(
                 f"Server {record.id} does not serve {spec.served_name} from "
-                f"{spec.model_path} (it lists {sorted(models)}). Stop it with `sage stop {record.id}` and retry."
+                f"{spec.model_path} (it lists {sorted(models)}), so it was not used; it is left running for "
+                f"whoever uses it. Retry; if this repeats, `sage logs {record.id}` shows what it loaded."
             )
         return models
 
@@ -193,18 +266,20 @@ class Manager:
                                f"server sage_magic started. `sage logs {record.id}` shows its log.") from None
         return {m["id"]: m for m in listed if isinstance(m, dict) and "id" in m}
 
-    def _ensure_adapter(self, record: ServerRecord, ft: FineTune, models: dict[str, dict]) -> None:
+    def _ensure_adapter(self, held: _Held, ft: FineTune, call: _Call) -> None:
         """Load (or reload, if retrained) the fine-tune's adapter into a running base server."""
+        record = held.record
         fingerprint = adapter_digest(ft.adapter_dir)
-        listed = models.get(ft.name)
+        listed = held.models.get(ft.name)
         current = self.registry.get(record.id)
         known = current.adapters.get(ft.name) if current else None
         if listed and listed.get("root") == str(ft.adapter_dir) and known and known["fingerprint"] == fingerprint:
             return
+        call.check("adding the adapter")
         started = time.monotonic()
         payload = {"lora_name": ft.name, "lora_path": str(ft.adapter_dir), "load_inplace": bool(listed)}
         try:
-            # vLLM answers this one in plain text ("Success: LoRA adapter ... added"), not JSON
+            # vLLM answers these two routes in plain text ("Success: ..."), not JSON
             request_text(f"{record.root_url}/v1/load_lora_adapter", record.api_key, payload, timeout=120,
                          socket=record.socket)
         except HttpError as error:
@@ -218,23 +293,24 @@ class Manager:
             if current is not None:
                 current.adapters[ft.name] = {"path": str(ft.adapter_dir), "fingerprint": fingerprint}
                 self.registry.save(current)
-        self.progress(Progress("adapter", f"{ft.name}: adapter added to server {record.id} in "
+        call.progress(Progress("adapter", f"{ft.name}: adapter added to server {record.id} in "
                                           f"{time.monotonic() - started:.2f} s", 1.0))
 
     # --- ownership -----------------------------------------------------------------------------------------
 
-    def release(self, server_id: str) -> None:
-        """Stop owning one server; the supervisor stops it if no owner is left (after keep-alive)."""
+    def _release(self, lease_id: str) -> None:
+        """Drop one lease (Lease.release calls this); the supervisor stops the server when none is left."""
         with self._lock:
-            if server_id not in self._held:
-                return
-            self._held.discard(server_id)
-        me = Owner.this_process()
+            server_id = self._leases.pop(lease_id, None)
+        if server_id is None:
+            return
         with self.registry.locked():
             record = self.registry.get(server_id)
-            if record is not None and me in record.owners:
-                record.owners.remove(me)
-                self.registry.save(record)
+            if record is not None:
+                kept = [o for o in record.owners if o.lease != lease_id]
+                if len(kept) != len(record.owners):
+                    record.owners = kept
+                    self.registry.save(record)
         # The supervisor's stdin pipe stays open: its EOF means "this process died", which releasing is not
         # (we may own the server again later, within its keep-alive).
         self._reap_supervisors()
@@ -246,68 +322,66 @@ class Manager:
                 del self._supervisors[server_id]
 
     def close(self, wait: bool = False) -> None:
-        """Leave every server this manager holds. Safe to call twice; registered with atexit.
+        """Release every lease this manager handed out. Safe to call twice; registered with atexit.
 
         With ``wait``, return only once the servers that this left without owner and without keep-alive
         are gone, so that a one-shot command leaves nothing running behind it when it returns.
         """
-        left = [self.registry.get(server_id) for server_id in self._held]
-        for record in left:
-            if record is not None:
-                self.release(record.id)
+        with self._lock:
+            held = dict(self._leases)
+        left = {server_id: self.registry.get(server_id) for server_id in set(held.values())}
+        for lease_id in held:
+            self._release(lease_id)
         if not wait:
             return
         deadline = time.monotonic() + self.settings.stop_grace + 10
-        for record in left:
+        for record in left.values():
             if record is None:
                 continue
             current = self.registry.get(record.id)
             if current is not None and (current.owners or current.keep_alive != 0):
                 continue  # it stays, for another owner or for its keep-alive
-            try:  # the supervisor exits last: after the server's process group and its registry record
-                psutil.Process(record.supervisor_pid).wait(timeout=max(0.1, deadline - time.monotonic()))
-            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
-                pass
+            # the supervisor exits last: after the server's process group and its registry record
+            wait_gone(record.supervisor_pid, deadline - time.monotonic())
         self._reap_supervisors()
 
-    # --- what `sage ps / stop / logs` ask ------------------------------------------------------------------
+    # --- what `sage ps / stop / logs` ask (servers.py does the work) ----------------------------------------
 
     def servers(self) -> list[ServerStatus]:
-        with self.registry.locked():
-            self.registry.reap()
-        return [_status(r) for r in self.registry.all()]
+        return servers.statuses(self.registry)
 
     def stop(self, target: str, wait: float | None = None) -> ServerRecord:
         """Stop a server we started, whoever owns it: the supervisor does the stopping."""
+        return self._forget(servers.stop(self.registry, self.registry.find(target), self.settings.stop_grace, wait))
+
+    def stop_target(self, target: str) -> str:
+        """`sage stop TARGET`: a server id (or prefix, or served name) stops that server; the name of an
+        adapter loaded at runtime unloads only that adapter, and the base server keeps serving the others.
+        Returns what was done, in a sentence."""
         record = self.registry.find(target)
-        deadline = time.monotonic() + (wait if wait is not None else self.settings.stop_grace + 10)
-        if is_ours(record.supervisor_pid, record.id):
-            supervisor = psutil.Process(record.supervisor_pid)
-            supervisor.terminate()
-            try:  # it removes the record, then exits: "stopped" means both
-                supervisor.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except psutil.TimeoutExpired:
-                pass
-        if self.registry.get(record.id) is not None:  # supervisor gone or stuck: do it ourselves
-            if is_ours(record.pid, record.id):
-                kill_group(record.pid, self.settings.stop_grace)
-            with self.registry.locked():
-                self.registry.remove(record.id)
-        with self._lock:
-            self._held.discard(record.id)
-        self._reap_supervisors()
-        return record
+        if target in record.adapters and target != record.served_name and not record.id.startswith(target):
+            servers.unload_adapter(self.registry, record, target)
+            rest = ", ".join(sorted(set(record.adapters) - {target})) or "no other adapter"
+            return (f"unloaded adapter {target} from server {record.id}; it keeps serving {record.served_name} "
+                    f"and {rest} (`sage stop {record.id}` stops the whole server)")
+        record = self._forget(servers.stop(self.registry, record, self.settings.stop_grace))
+        return f"stopped {record.id} ({record.served_name}, port {record.port})"
 
     def stop_all(self) -> list[ServerRecord]:
-        return [self.stop(r.id) for r in self.registry.all()]
+        """Stop every server; one that is already gone (it stopped while we stopped the others) is skipped."""
+        return [self._forget(servers.stop(self.registry, r, self.settings.stop_grace)) for r in self.registry.all()]
 
     def logs(self, target: str, lines: int = 50) -> str:
         """The end of a server's log, also after the server is gone (see server_logs)."""
         return log_tail(server_logs.find(self.registry, target), lines)
 
-
-def _endpoint(record: ServerRecord, model: str, launched: bool) -> Endpoint:
-    return Endpoint(record.base_url, record.api_key, model, record.id, reused=not launched, socket=record.socket)
+    def _forget(self, record: ServerRecord) -> ServerRecord:
+        """A stopped server's leases are void: releasing them later has nothing left to do."""
+        with self._lock:
+            for lease_id in [k for k, v in self._leases.items() if v == record.id]:
+                del self._leases[lease_id]
+        self._reap_supervisors()
+        return record
 
 
 def _on_port(record: ServerRecord) -> str:
@@ -315,16 +389,12 @@ def _on_port(record: ServerRecord) -> str:
     return f", also at {record.tcp_url}" if record.port else ""
 
 
-def _status(record: ServerRecord) -> ServerStatus:
-    memory = 0
-    if record.pid:
-        try:
-            leader = psutil.Process(record.pid)
-            memory = sum(p.memory_info().rss for p in [leader, *leader.children(recursive=True)])
-        except psutil.Error:
-            pass
-    owners = sum(1 for o in record.owners if o.alive())
-    return ServerStatus(record, memory, time.time() - record.started_at, owners)
+class _WentAway(Exception):
+    """A reused server was stopped between the lookup and its confirmation."""
+
+
+def _spec(kind: str, model_path: Path, served_name: str, parts: tuple[str, ...], extra_args: tuple[str, ...]) -> _Spec:
+    return _Spec(kind, model_path, served_name, combine(*parts, f"served-name={served_name}"), extra_args)
 
 
 def _display_name(ref: str) -> str:
@@ -332,16 +402,17 @@ def _display_name(ref: str) -> str:
     return Path(ref).name or ref
 
 
-_shared: dict[tuple, Manager] = {}
+_shared: dict[tuple[Path, Path], Manager] = {}
+_shared_lock = threading.Lock()
 
 
-def shared(settings: Settings, progress: ProgressCallback = silent) -> Manager:
-    """The process-wide manager for these settings, so every face in one kernel shares its servers."""
+def shared(settings: Settings) -> Manager:
+    """The process-wide manager for these settings' (home, runtime folder), so every face in one kernel
+    shares its servers. Thread-safe. Only its registry location comes from ``settings``: every other setting,
+    and progress and cancel, go with each serve_* call."""
     key = (settings.home, settings.runtime_dir)
-    manager = _shared.get(key)
-    if manager is None:
-        manager = _shared[key] = Manager(settings, progress)
-    else:
-        manager.progress = progress
-    return manager
-
+    with _shared_lock:
+        manager = _shared.get(key)
+        if manager is None:
+            manager = _shared[key] = Manager(settings)
+        return manager

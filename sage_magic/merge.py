@@ -19,11 +19,10 @@ import time
 from collections import deque
 from pathlib import Path
 
-from filelock import FileLock
-
 from .catalog import MERGED_MARKER, FineTune
 from .config import Settings
-from .errors import MergeFailed
+from .errors import Cancelled, MergeFailed
+from .files import LockBusy, exclusive
 from .fingerprint import adapter_digest, base_identity, combine
 from .progress import Progress, ProgressCallback, silent
 from .staging import publish, staging, sweep_leftovers
@@ -44,30 +43,42 @@ def merged_fingerprint_on_disk(ft: FineTune) -> str | None:
         return None
 
 
-def ensure_merged(settings: Settings, ft: FineTune, progress: ProgressCallback = silent) -> Path:
-    """Return ``merged_model/`` for this fine-tune, merging first only if it is missing or stale."""
+def ensure_merged(settings: Settings, ft: FineTune, progress: ProgressCallback = silent,
+                  cancel: threading.Event | None = None) -> Path:
+    """Return ``merged_model/`` for this fine-tune, merging first only if it is missing or stale.
+
+    A set ``cancel`` ends the wait for another process's merge, or kills our own merge worker, and raises
+    :class:`Cancelled`; the staging folder goes with it, so nothing half-written is left."""
     fingerprint = merge_fingerprint(ft)
     if merged_fingerprint_on_disk(ft) == fingerprint:
         return ft.merged_dir
-    with FileLock(str(ft.root / ".merge.lock")):  # two kernels asking for the same merge run it once
-        if merged_fingerprint_on_disk(ft) == fingerprint:  # another process merged while we waited
-            progress(Progress("merge", f"{ft.name}: merged by another process", 1.0))
-            return ft.merged_dir
-        sweep_leftovers(ft.merged_dir)  # from a merge that was killed
-        with staging(ft.merged_dir) as tmp:
-            _run_worker(settings, ft, tmp, fingerprint, progress)
-            publish(tmp, ft.merged_dir)
+    cancelled = cancel.is_set if cancel is not None else None
+    try:
+        # two kernels asking for the same merge run it once
+        with exclusive(ft.root / ".merge.lock", should_stop=cancelled):
+            if merged_fingerprint_on_disk(ft) == fingerprint:  # another process merged while we waited
+                progress(Progress("merge", f"{ft.name}: merged by another process", 1.0))
+                return ft.merged_dir
+            sweep_leftovers(ft.merged_dir)  # from a merge that was killed
+            with staging(ft.merged_dir) as tmp:
+                _run_worker(settings, ft, tmp, fingerprint, progress, cancel)
+                publish(tmp, ft.merged_dir)
+    except LockBusy:
+        raise Cancelled(f"Cancelled while waiting for another process to merge {ft.name!r}.") from None
     progress(Progress("merge", f"{ft.name}: merged into {ft.merged_dir}", 1.0))
     return ft.merged_dir
 
 
-def _run_worker(settings: Settings, ft: FineTune, out: Path, fingerprint: str, progress: ProgressCallback) -> None:
+def _run_worker(settings: Settings, ft: FineTune, out: Path, fingerprint: str, progress: ProgressCallback,
+                cancel: threading.Event | None) -> None:
     command = [settings.python, "-m", "sage_magic.merge", "--base", str(ft.base_path),
                "--adapter", str(ft.adapter_dir), "--out", str(out), "--fingerprint", fingerprint]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     tail: deque[str] = deque(maxlen=15)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             text=True, env=env)
+    if cancel is not None:  # the line loop below blocks on the worker's output: watch the cancel beside it
+        threading.Thread(target=_kill_on_cancel, args=(proc, cancel), daemon=True).start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -81,12 +92,21 @@ def _run_worker(settings: Settings, ft: FineTune, out: Path, fingerprint: str, p
         proc.kill()
         proc.wait()
         raise
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"Cancelled the merge of {ft.name!r}; nothing was changed in {ft.merged_dir}.")
     if code != 0 or not (out / MERGED_MARKER).is_file():
         detail = "\n".join(tail) or f"exit status {code}"
         raise MergeFailed(
             f"Merging {ft.name!r} into {ft.base_ref!r} failed; nothing was changed in {ft.merged_dir}. "
             f"Serve it unmerged (without --merge) or fix the cause below, then retry.\n{detail}"
         )
+
+
+def _kill_on_cancel(proc: subprocess.Popen, cancel: threading.Event) -> None:
+    while proc.poll() is None:
+        if cancel.wait(0.1):
+            proc.kill()
+            return
 
 
 # --- the child process ---------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The ``sage chat`` command and the notebook magics parse the same flags (SAGE's names: ``--backend``,
 ``--finetune-model``, ``--finetune-port``, ``--index``, ``--top-k``) with the parser built here, and turn
-them into an endpoint with :func:`open_endpoint`. Defaults of ``--backend`` and ``--finetune-model`` come
+them into a lease on an endpoint with :func:`open_endpoint`. Defaults of ``--backend`` and ``--finetune-model`` come
 from SAGE_DEBUG_BACKEND and SAGE_DEBUG_FINETUNE_MODEL through :class:`Settings`.
 """
 
@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import threading
 from typing import Callable, TypeVar
 
 from .config import Settings, check_port, parse_duration, split_vllm_args
 from .conversation import DEFAULT_INDEX
 from .endpoint import Endpoint
 from .errors import SageError
+from .leases import Lease
 from .manager import Manager
+from .progress import ProgressCallback, silent
 from .rag.search import MAX_TOP_K, MIN_TOP_K
 from .train import TrainOptions
 
@@ -132,10 +135,13 @@ def add_chat_options(parser: argparse.ArgumentParser) -> None:
                        help="sampling seed: the same answer again at a temperature above 0")
 
 
-def open_endpoint(manager: Manager, args: argparse.Namespace) -> Endpoint:
-    """Turn parsed serving options into an endpoint, starting or reusing a server as needed."""
+def open_endpoint(manager: Manager, args: argparse.Namespace, *, progress: ProgressCallback = silent,
+                  cancel: threading.Event | None = None) -> Lease:
+    """Turn parsed serving options into a lease, starting or reusing a server as needed. The caller
+    releases it (for ``--backend openai`` releasing does nothing: that endpoint is not ours)."""
     extra = tuple(a for chunk in args.vllm_arg for a in shlex.split(chunk))
-    common = dict(port=args.finetune_port, extra_args=extra, keep_alive=args.keep_alive)
+    common = dict(port=args.finetune_port, extra_args=extra, keep_alive=args.keep_alive, progress=progress,
+                  cancel=cancel)
     if args.backend == "finetune":
         if not args.finetune_model:
             raise SageError("Say which fine-tune to use: --finetune-model NAME (or set SAGE_DEBUG_FINETUNE_MODEL). "
@@ -148,7 +154,7 @@ def open_endpoint(manager: Manager, args: argparse.Namespace) -> Endpoint:
     if not args.base_url or not args.model:
         raise SageError("--backend openai needs --base-url URL (e.g. http://host:8000/v1) and --model NAME; "
                         "add --api-key KEY if the endpoint wants one.")
-    return Endpoint(args.base_url.rstrip("/"), args.api_key, args.model)
+    return Lease.unmanaged(Endpoint(args.base_url.rstrip("/"), args.api_key, args.model))
 
 
 def _modules(text: str) -> tuple[str, ...]:

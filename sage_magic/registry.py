@@ -3,42 +3,52 @@
 Every process that may start, reuse or stop a server (kernels, the CLI, supervisors) reads and writes it
 under one exclusive file lock, so that concurrent launches of the same model start exactly one server and
 an owner list is never lost to a race. The folder is 0700 and files are 0600: they hold API keys.
+
+Ownership is counted per lease: each endpoint handed out adds one :class:`Owner` entry (a process and a
+lease id), releasing it drops exactly that entry, and a process that dies loses all of its entries. So a
+failure while serving one fine-tune can never take away the server another caller in the same process holds.
+Signalling processes is not done here (see processes.py): the registry holds data.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import re
 import secrets
 import shutil
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psutil
 
 from .errors import NotFound, SageError
+from .files import exclusive, write_json_atomic
+from .processes import is_ours, kill_group
 
 
 @dataclass(frozen=True)
 class Owner:
-    """A process using a server. ``created`` (its start time) guards against a recycled pid."""
+    """One lease on a server, held by a process. ``created`` (the process's start time) guards against a
+    recycled pid; ``lease`` tells apart the several leases one process may hold (empty: the process itself)."""
 
     pid: int
     created: float
+    lease: str = ""
 
     @classmethod
-    def this_process(cls) -> "Owner":
-        return cls.of(os.getpid())
+    def this_process(cls, lease: str = "") -> "Owner":
+        return cls.of(os.getpid(), lease)
 
     @classmethod
-    def of(cls, pid: int) -> "Owner":
-        return cls(pid, psutil.Process(pid).create_time())
+    def of(cls, pid: int, lease: str = "") -> "Owner":
+        return cls(pid, psutil.Process(pid).create_time(), lease)
+
+    def same_process(self, other: "Owner") -> bool:
+        return self.pid == other.pid and abs(self.created - other.created) < 0.01
 
     def alive(self) -> bool:
         try:
@@ -142,16 +152,13 @@ class Registry:
             folder.mkdir(mode=0o700, exist_ok=True)
 
     @contextmanager
-    def locked(self) -> Iterator["Registry"]:
-        """Hold the registry lock (blocking). Locks are per open file, so this also excludes other threads."""
+    def locked(self, should_stop: Callable[[], bool] | None = None) -> Iterator["Registry"]:
+        """Hold the registry lock. Locks are per open file, so this also excludes other threads: never call
+        back into user code (progress callbacks) while holding it. ``should_stop`` is polled while waiting
+        (:class:`files.LockBusy` when it says stop)."""
         self._prepare()
-        fd = os.open(self.root / "registry.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive(self.root / "registry.lock", should_stop=should_stop):
             yield self
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
     def _path(self, server_id: str) -> Path:
         return self.servers / f"{server_id}.json"
@@ -189,12 +196,7 @@ class Registry:
         raise SageError(f"{prefix!r} matches several servers: {known}. Give the id shown by `sage ps`.")
 
     def save(self, record: ServerRecord) -> None:
-        path = self._path(record.id)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record.to_json(), handle, indent=1)
-        os.replace(tmp, path)
+        write_json_atomic(self._path(record.id), record.to_json())
 
     def remove(self, server_id: str) -> None:
         """Forget a server whose processes are gone, with its private folder (socket, vLLM's temp files)."""
@@ -220,57 +222,3 @@ class Registry:
             self.remove(record.id)
             reaped.append(record.id)
         return reaped
-
-
-def is_ours(pid: int | None, server_id: str) -> bool:
-    """True when ``pid`` still runs a process of server ``server_id`` (its supervisor or vLLM), not a
-    stranger that got a recycled pid: the launcher marks them all with SAGE_SERVER_ID in the environment."""
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("SAGE_SERVER_ID") == server_id
-    except psutil.Error:
-        return False
-
-
-def kill_group(leader: int, grace: float) -> None:
-    """Stop a server tree: SIGTERM the leader (vLLM then shuts its engine down cleanly), then the whole
-    process group, then SIGKILL what is left after the grace period."""
-    import signal
-
-    def group_alive() -> bool:
-        try:
-            os.killpg(leader, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        # a zombie leader keeps the group id alive; look at the members instead
-        return any(p.info["pid"] != leader or p.info["status"] != psutil.STATUS_ZOMBIE
-                   for p in psutil.process_iter(["pid", "status"]) if _pgid(p.info["pid"]) == leader)
-
-    def wait(deadline: float) -> bool:
-        while time.monotonic() < deadline:
-            if not group_alive():
-                return True
-            time.sleep(0.1)
-        return not group_alive()
-
-    for step, sig in enumerate((signal.SIGTERM, signal.SIGTERM, signal.SIGKILL)):
-        try:
-            if step == 0:
-                os.kill(leader, sig)
-            else:
-                os.killpg(leader, sig)
-        except ProcessLookupError:
-            pass
-        if wait(time.monotonic() + (grace / 2 if step < 2 else 5.0)):
-            return
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None

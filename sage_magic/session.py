@@ -12,7 +12,6 @@ whatever is running from any thread (the panel's Stop button runs on a comm thre
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import json
 import threading
@@ -28,6 +27,7 @@ from .progress import ProgressCallback, silent
 if TYPE_CHECKING:
     from .client import ChatClient
     from .endpoint import Endpoint
+    from .leases import Lease
     from .manager import Manager
 
 #: The kinds of :class:`Event` a face can observe.
@@ -84,39 +84,12 @@ class _Running:
     started: float = field(default_factory=time.monotonic)
 
 
-class _EndpointLease:
-    """Stand-in for ``sage_magic.lease.Lease`` while the engine still hands out bare endpoints."""
-
-    def __init__(self, endpoint: "Endpoint", release: Callable[[], None]) -> None:
-        self.endpoint = endpoint
-        self._release: Callable[[], None] | None = release
-
-    def release(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
-
 def _open(manager: "Manager", args: argparse.Namespace, *, progress: ProgressCallback,
-          cancel: threading.Event) -> Any:
-    """Open a lease for parsed serving options: the ONE place that adapts to the engine's version.
-
-    The engine contract (issue 6) is ``options.open_endpoint(manager, args, progress=, cancel=) -> Lease``.
-    Until that lands, progress has to be set on the manager around the call and the returned bare endpoint
-    is wrapped; once it has landed this whole function is its first two lines.
-    """
+          cancel: threading.Event) -> "Lease":
+    """A lease for parsed serving options, through the one definition every face uses (options.py)."""
     from .options import open_endpoint
 
-    if "cancel" in inspect.signature(open_endpoint).parameters:
-        return open_endpoint(manager, args, progress=progress, cancel=cancel)
-    manager.progress = progress
-    try:
-        endpoint = open_endpoint(manager, args)
-    finally:
-        manager.progress = silent
-    if endpoint.server_id is None:
-        return _EndpointLease(endpoint, lambda: None)
-    return _EndpointLease(endpoint, lambda: manager.release(endpoint.server_id))
+    return open_endpoint(manager, args, progress=progress, cancel=cancel)
 
 
 def option_parser(settings: Settings | None = None,

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from .gateway import Gateway
-from .registry import Owner, Registry, ServerRecord, kill_group
+from .processes import kill_group
+from .registry import Owner, Registry, ServerRecord
 
 POLL_SECONDS = 0.25
 
@@ -78,11 +79,7 @@ class Supervisor:
             self._check_owners()
             time.sleep(POLL_SECONDS)
         self._log(f"stopping server: {self.stop_reason}")
-        with self.registry.locked():
-            record = self.registry.get(self.server_id)
-            if record is not None:
-                record.state = "stopping"
-                self.registry.save(record)
+        self._mark_stopping()  # already marked when the decision came from _check_owners; a signal's is not
         if gateway is not None:
             gateway.close()
         kill_group(proc.pid, self.grace)
@@ -107,20 +104,31 @@ class Supervisor:
     def _request_stop(self, signum: int, _frame: object) -> None:
         self.stop_reason = f"signal {signal.Signals(signum).name}"
 
+    def _mark_stopping(self) -> None:
+        with self.registry.locked():
+            record = self.registry.get(self.server_id)
+            if record is not None and record.state != "stopping":
+                record.state = "stopping"
+                self.registry.save(record)
+
     def _watch_stdin(self) -> None:
         while sys.stdin.buffer.read(4096):
             pass
         self.launcher_gone.set()
 
     def _check_owners(self) -> None:
-        """Drop owners that are gone; start, cancel or finish the keep-alive countdown."""
+        """Drop owners that are gone; start, cancel or finish the keep-alive countdown.
+
+        The decision to stop and the "stopping" mark are one locked step: a manager looking for a server to
+        reuse (under the same lock) either gets an owner in before the decision, or sees "stopping" and
+        starts another server; it never gets an endpoint that is about to die."""
         with self.registry.locked():
             record = self.registry.get(self.server_id)
             if record is None:
                 self.stop_reason = "its registry record was removed"
                 return
             owners = [o for o in record.owners if o.alive()
-                      and not (self.launcher_gone.is_set() and o == self.launcher)]
+                      and not (self.launcher_gone.is_set() and o.same_process(self.launcher))]
             now = time.time()
             idle_until = record.idle_until
             if owners:
@@ -131,8 +139,9 @@ class Supervisor:
                 idle_until = idle_until or now + record.keep_alive
                 if now >= idle_until:
                     self.stop_reason = f"keep-alive of {record.keep_alive:g} s ran out"
-            if owners != record.owners or idle_until != record.idle_until:
-                record.owners, record.idle_until = owners, idle_until
+            state = "stopping" if self.stop_reason else record.state
+            if owners != record.owners or idle_until != record.idle_until or state != record.state:
+                record.owners, record.idle_until, record.state = owners, idle_until, state
                 self.registry.save(record)
 
     def _log(self, message: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ import psutil
 import pytest
 
 from sage_magic.config import Settings
-from sage_magic.endpoint import Endpoint
 from sage_magic.manager import Manager
 
 # Small, fast servers for tests: float32 like the demo weights, a 64 MB KV cache, no CUDA-graph capture.
@@ -101,13 +99,7 @@ def manager(settings: Settings):
 @pytest.fixture(scope="session")
 def expert(manager: Manager):
     """demo_expert served unmerged: the shared base server with the adapter loaded at runtime."""
-    return manager.serve_finetune("demo_expert")
-
-
-@pytest.fixture(scope="session")
-def expert_endpoint(expert) -> Endpoint:
-    """demo_expert's endpoint, whether ``expert`` is the Endpoint itself or a Lease holding it."""
-    return expert if isinstance(expert, Endpoint) else expert.endpoint
+    return manager.serve_finetune("demo_expert").endpoint
 
 
 @pytest.fixture
@@ -118,6 +110,3 @@ def fresh_settings(demo_home: Path) -> Iterator[Settings]:
     yield make_settings(demo_home, runtime)
     shutil.rmtree(runtime, ignore_errors=True)
 
-
-def python_exe() -> str:
-    return sys.executable

@@ -20,8 +20,8 @@ SENTENCE = "The adapter is loaded on its shared base server and answers question
 
 
 @pytest.fixture
-def chat(expert_endpoint, settings) -> Conversation:
-    return Conversation(ChatClient(expert_endpoint), settings)
+def chat(expert, settings) -> Conversation:
+    return Conversation(ChatClient(expert), settings)
 
 
 def test_a_long_history_loses_its_oldest_turns_to_fit_the_window(chat: Conversation) -> None:
@@ -73,16 +73,16 @@ def test_an_interrupt_keeps_the_partial_answer_and_stops_the_loop(chat: Conversa
     assert chat.ask(DEMO_PROMPT_2).text
 
 
-def test_a_seed_makes_a_sampled_answer_repeatable(expert_endpoint, settings) -> None:
+def test_a_seed_makes_a_sampled_answer_repeatable(expert, settings) -> None:
     def sample(seed: int) -> str:
-        return Conversation(ChatClient(expert_endpoint), settings).ask(
+        return Conversation(ChatClient(expert), settings).ask(
             "Tell me a long story about tensors.", temperature=1.5, seed=seed, max_tokens=32).text
 
     first, again, other = sample(7), sample(7), sample(8)
     assert first == again and first != other
 
 
-def test_a_given_search_function_grounds_the_answer(expert_endpoint, settings) -> None:
+def test_a_given_search_function_grounds_the_answer(expert, settings) -> None:
     """The notebook searches in a helper process; the conversation must use the search it is given (the
     index below does not exist here, so the in-process search would fail)."""
     from sage_magic.rag import Hit
@@ -93,16 +93,16 @@ def test_a_given_search_function_grounds_the_answer(expert_endpoint, settings) -
         calls.append((index, query, top_k, mode))
         return [Hit("notes/tensors.md", "Tensors", 0.9, "Tensors are stored in float32 here.", "c1")]
 
-    chat = Conversation(ChatClient(expert_endpoint), settings, search=search)
+    chat = Conversation(ChatClient(expert), settings, search=search)
     answer = chat.ask("How are tensors stored?", index="remote-notes", top_k=3, mode="dense")
     assert calls == [("remote-notes", "How are tensors stored?", 3, "dense")]
     assert [c.source for c in answer.citations] == ["notes/tensors.md"]
     assert "float32" in answer.context and answer.text
 
 
-def test_a_refused_key_and_an_unknown_model_are_one_paragraph_each(expert_endpoint, settings) -> None:
-    cases = {replace(expert_endpoint, api_key="not-the-key"): "refused the API key",
-             expert_endpoint.for_model("no_such_model"): "does not serve a model named 'no_such_model'"}
+def test_a_refused_key_and_an_unknown_model_are_one_paragraph_each(expert, settings) -> None:
+    cases = {replace(expert, api_key="not-the-key"): "refused the API key",
+             expert.for_model("no_such_model"): "does not serve a model named 'no_such_model'"}
     for endpoint, expected in cases.items():
         with pytest.raises(SageError) as error:
             Conversation(ChatClient(endpoint), settings).ask(DEMO_PROMPT)
@@ -110,12 +110,12 @@ def test_a_refused_key_and_an_unknown_model_are_one_paragraph_each(expert_endpoi
 
 
 def test_our_server_is_reached_directly_whatever_proxy_the_environment_names(
-        expert_endpoint, settings, monkeypatch: pytest.MonkeyPatch) -> None:
+        expert, settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """A dead proxy in the environment: requests to our own server (loopback or socket) must not go there."""
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.setenv(name, "http://127.0.0.1:9")
-    chat = Conversation(ChatClient(expert_endpoint), settings)
+    chat = Conversation(ChatClient(expert), settings)
     assert chat.client.count_tokens(chat.messages_for(DEMO_PROMPT)) > 0
     assert chat.ask(DEMO_PROMPT).text == DEMO_ANSWERS["demo_expert"]

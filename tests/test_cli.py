@@ -104,7 +104,7 @@ def test_stop_by_id(settings, fresh_settings) -> None:
     from sage_magic.manager import Manager
 
     manager = Manager(fresh_settings)
-    endpoint = manager.serve_model(fresh_settings.models_root / "sage-demo-base")
+    endpoint = manager.serve_model(fresh_settings.models_root / "sage-demo-base").endpoint
     out = sage("stop", endpoint.server_id, env=env_for(fresh_settings))
     assert out.returncode == 0 and endpoint.server_id in out.stdout
     assert manager.registry.all() == [] and not sage_processes(fresh_settings.runtime_dir)

@@ -10,10 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
-
 from sage_magic import demo
 from sage_magic.config import Settings
 from sage_magic.demo import (
@@ -39,6 +35,9 @@ def _settings(home: Path) -> Settings:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, DemoResult, list[Progress]]:
+    """Only the tests that build or run the models need the training libraries; the others run without."""
+    for library in ("peft", "transformers", "tokenizers"):
+        pytest.importorskip(library)
     settings = _settings(tmp_path_factory.mktemp("sage_home"))
     events: list[Progress] = []
     return settings, build_demo(settings, events.append), events

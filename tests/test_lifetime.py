@@ -22,7 +22,7 @@ pytestmark = pytest.mark.vllm
 SERVE_IN_KERNEL = textwrap.dedent("""
     from sage_magic.config import Settings
     from sage_magic.manager import shared
-    endpoint = shared(Settings.from_env()).serve_finetune("demo_expert")
+    endpoint = shared(Settings.from_env()).serve_finetune("demo_expert").endpoint
     print(endpoint.server_id)
 """)
 
@@ -79,7 +79,7 @@ OWNER = textwrap.dedent("""
     from sage_magic.config import Settings
     from sage_magic.manager import Manager
     manager = Manager(Settings.from_env())
-    endpoint = manager.serve_finetune("demo_expert")
+    endpoint = manager.serve_finetune("demo_expert").endpoint
     print(json.dumps({"id": endpoint.server_id, "pid": manager.registry.get(endpoint.server_id).pid}), flush=True)
     sys.stdin.readline()
     manager.close()

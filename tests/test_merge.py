@@ -101,3 +101,21 @@ def test_failed_merge_keeps_the_previous_merged_model(settings_copy) -> None:
     assert "nothing was changed" in str(error.value)
     assert merged_fingerprint_on_disk(ft) == good and (ft.merged_dir / "model.safetensors").is_file()
     assert not leftovers(ft.merged_dir)
+
+
+def test_a_cancelled_merge_stops_its_worker_and_leaves_nothing(settings_copy) -> None:
+    import threading
+
+    from sage_magic.errors import Cancelled
+
+    ft = get_finetune(settings_copy, "demo_poet")
+    cancel = threading.Event()
+
+    def progress(event: Progress) -> None:
+        if "loading base model" in event.message:  # the worker is merging into its staging folder now
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        ensure_merged(settings_copy, ft, progress, cancel)
+    assert not ft.merged_dir.exists() and not leftovers(ft.merged_dir)
+    assert not get_finetune(settings_copy, "demo_poet").is_merged

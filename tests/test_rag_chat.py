@@ -66,11 +66,11 @@ def test_chunks_that_would_overflow_the_context_are_dropped_and_said(indexed, ex
 
 
 @pytest.mark.vllm
-def test_engine_chat_api_returns_citations_as_data(indexed, expert_endpoint) -> None:
+def test_engine_chat_api_returns_citations_as_data(indexed, expert) -> None:
     from sage_magic.client import ChatClient
     from sage_magic.conversation import Conversation
 
-    conversation = Conversation(ChatClient(expert_endpoint), indexed)
+    conversation = Conversation(ChatClient(expert), indexed)
     question, expected = next(iter(QUESTIONS.items()))
     answer = conversation.ask(question, index="project", top_k=3)
     assert answer.text and not answer.cancelled and answer.dropped_chunks == 0

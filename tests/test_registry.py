@@ -70,3 +70,65 @@ def test_a_recycled_pid_is_not_an_owner() -> None:
     assert me.alive()
     assert not Owner(me.pid, me.created - 100).alive()
     assert not Owner(_dead_pid(), time.time()).alive()
+
+
+def test_the_supervisor_marks_a_server_stopping_in_the_step_that_decides_it(tmp_path: Path) -> None:
+    """A reuse landing between "stop it" and the "stopping" mark got an endpoint that was about to die; now
+    the decision and the mark are one locked step, so a lookup under the lock never sees the gap."""
+    from sage_magic.supervisor import Supervisor
+
+    registry = Registry(tmp_path / "run")
+    record = _record(registry, os.getpid(), None)
+    record.owners = [Owner(_dead_pid(), time.time(), "lease-of-a-dead-kernel")]
+    with registry.locked():
+        registry.save(record)
+    supervisor = Supervisor(registry, record.id, [], grace=1.0)
+    supervisor._check_owners()
+    assert supervisor.stop_reason == "its last owner left"
+    current = registry.get(record.id)
+    assert current.state == "stopping" and current.owners == []
+
+
+def test_leases_of_one_process_are_counted_one_by_one(tmp_path: Path) -> None:
+    """Two leases of this process: releasing one keeps the other, so the server keeps an owner."""
+    from sage_magic.manager import Manager
+    from tests.conftest import make_settings
+
+    manager = Manager(make_settings(tmp_path / "home", tmp_path / "run"))
+    record = _record(manager.registry, os.getpid(), None)
+    record.owners = [Owner.this_process("a"), Owner.this_process("b")]
+    with manager.registry.locked():
+        manager.registry.save(record)
+    manager._leases.update({"a": record.id, "b": record.id})
+    manager._release("a")
+    manager._release("a")  # twice: still only one dropped
+    assert [o.lease for o in manager.registry.get(record.id).owners] == ["b"]
+
+
+def test_stop_all_goes_on_past_a_server_that_is_already_gone(tmp_path: Path) -> None:
+    """`sage stop --all` gave up at the first server that vanished while it stopped the others."""
+    from sage_magic.manager import Manager
+    from tests.conftest import make_settings
+
+    manager = Manager(make_settings(tmp_path / "home", tmp_path / "run", stop_grace=2.0))
+    registry = manager.registry
+    first, second, third = (_record(registry, 0, None) for _ in range(3))
+    for n, record in enumerate((first, second, third)):
+        record.started_at += n  # stop_all goes oldest first
+    # first's supervisor, when stopped, takes second's record with it (second stopped on its own meanwhile)
+    gone = registry.servers / f"{second.id}.json"
+    first_sup = subprocess.Popen(["sh", "-c", f'trap "rm -f {gone}; exit 0" TERM; while :; do sleep 0.1; done'],
+                                 start_new_session=True, env={**os.environ, "SAGE_SERVER_ID": first.id})
+    second_sup, third_sup = _marked(second.id), _marked(third.id)
+    try:
+        for record, proc in ((first, first_sup), (second, second_sup), (third, third_sup)):
+            record.supervisor_pid = proc.pid
+            with registry.locked():
+                registry.save(record)
+        stopped = manager.stop_all()
+        assert {first.id, third.id} <= {r.id for r in stopped}
+        assert registry.all() == [] and third_sup.wait(timeout=10) is not None
+    finally:
+        for proc in (first_sup, second_sup, third_sup):
+            proc.kill()
+            proc.wait()

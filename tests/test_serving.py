@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.server
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,11 +16,12 @@ import pytest
 
 from sage_magic.client import ChatClient
 from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.endpoint import Endpoint
 from sage_magic.errors import ServerFailed
 from sage_magic.http import request_json
-from sage_magic.manager import Endpoint, Manager
+from sage_magic.manager import Manager
 from sage_magic.progress import Progress
-from tests.conftest import sage_processes, wait_until
+from tests.conftest import env_for, sage_processes, wait_until
 
 pytestmark = pytest.mark.vllm
 
@@ -37,7 +40,7 @@ def served(endpoint: Endpoint) -> dict[str, dict]:
 
 
 def test_each_finetune_answers_its_trained_phrase_and_the_base_neither(manager: Manager, expert: Endpoint) -> None:
-    poet = manager.serve_finetune("demo_poet")
+    poet = manager.serve_finetune("demo_poet").endpoint
     base = expert.for_model(DEMO_BASE)
     answers = {"demo_expert": ask(expert), "demo_poet": ask(poet), DEMO_BASE: ask(base)}
     assert answers == {name: DEMO_ANSWERS[name] for name in answers}
@@ -46,7 +49,7 @@ def test_each_finetune_answers_its_trained_phrase_and_the_base_neither(manager: 
 
 def test_second_request_reuses_the_same_server_process(manager: Manager, expert: Endpoint) -> None:
     pid = manager.registry.get(expert.server_id).pid
-    again = manager.serve_finetune("demo_expert")
+    again = manager.serve_finetune("demo_expert").endpoint
     assert again.server_id == expert.server_id and again.reused
     assert manager.registry.get(again.server_id).pid == pid and psutil.pid_exists(pid)
 
@@ -54,16 +57,70 @@ def test_second_request_reuses_the_same_server_process(manager: Manager, expert:
 def test_second_finetune_joins_the_running_server_without_restart(manager: Manager, expert: Endpoint) -> None:
     pid = manager.registry.get(expert.server_id).pid
     events: list[Progress] = []
-    manager.progress = events.append
-    try:
-        poet = manager.serve_finetune("demo_poet")
-    finally:
-        manager.progress = lambda _: None
+    poet = manager.serve_finetune("demo_poet", progress=events.append).endpoint
     assert poet.server_id == expert.server_id
     assert manager.registry.get(poet.server_id).pid == pid
     models = served(poet)
     assert models["demo_poet"]["parent"] == DEMO_BASE and models["demo_expert"]["parent"] == DEMO_BASE
     assert not any(e.phase == "launch" for e in events)
+
+
+def _corrupt_copy_of_poet(settings, home: Path) -> None:
+    """A fine-tune in another home, on the session's base, whose adapter passes every pre-check (config,
+    rank, tensor shapes from the header) but whose weights are cut short, so vLLM refuses to load it."""
+    broken = home / "finetune_output" / "broken_poet"
+    shutil.copytree(settings.finetune_root / "demo_poet", broken,
+                    ignore=shutil.ignore_patterns("merged_model", ".merged_model*"))
+    base = str(settings.models_root / DEMO_BASE)
+    (broken / "finetune_meta.json").write_text(json.dumps({"model": base}))
+    config = broken / "lora_weights" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": base}))
+    weights = broken / "lora_weights" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    weights.write_bytes(data[:header_end + (len(data) - header_end) // 2])
+
+
+def test_a_refused_adapter_does_not_take_the_running_finetune_with_it(manager: Manager, expert: Endpoint,
+                                                                      settings, tmp_path: Path) -> None:
+    """Failing to add fine-tune B to the shared base server used to drop this process's only ownership of
+    it, and with keep-alive 0 the server, and fine-tune A, stopped."""
+    pid = manager.registry.get(expert.server_id).pid
+    _corrupt_copy_of_poet(settings, tmp_path / "home")
+    with pytest.raises(ServerFailed) as error:
+        manager.serve_finetune("broken_poet", settings=settings.with_(home=tmp_path / "home"))
+    assert "refused adapter 'broken_poet'" in str(error.value)
+    time.sleep(2)  # several supervisor rounds: a server left without owner would be stopping by now
+    assert manager.registry.get(expert.server_id).pid == pid and psutil.pid_exists(pid)
+    assert ask(expert) == DEMO_ANSWERS["demo_expert"]
+
+
+def test_stopping_an_adapter_by_name_unloads_only_that_adapter(manager: Manager, expert: Endpoint,
+                                                               settings) -> None:
+    """`sage stop demo_poet` used to stop the shared base server and every other adapter on it."""
+    pid = manager.registry.get(expert.server_id).pid
+    poet = manager.serve_finetune("demo_poet").endpoint
+    assert poet.server_id == expert.server_id and "demo_poet" in served(expert)
+    out = subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "stop", "demo_poet"], env=env_for(settings),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "unloaded adapter demo_poet" in out.stdout, out.stderr
+    assert "demo_poet" not in served(expert) and "demo_poet" not in manager.registry.get(expert.server_id).adapters
+    assert manager.registry.get(expert.server_id).pid == pid and ask(expert) == DEMO_ANSWERS["demo_expert"]
+    again = manager.serve_finetune("demo_poet").endpoint  # asking again loads it again
+    assert ask(again) == DEMO_ANSWERS["demo_poet"]
+
+
+def test_the_same_base_under_another_name_gets_a_server_of_its_own(manager: Manager, expert: Endpoint, settings,
+                                                                   tmp_path: Path) -> None:
+    """The served name is part of what a server is: reusing the running base server under another name
+    failed its check and told the user to `sage stop` it, killing someone else's session."""
+    link = tmp_path / "my-base"
+    link.symlink_to(settings.models_root / DEMO_BASE)
+    with manager.serve_model(link) as lease:
+        assert lease.endpoint.model == "my-base" and lease.endpoint.server_id != expert.server_id
+        assert ask(lease.endpoint) == DEMO_ANSWERS[DEMO_BASE]
+    assert wait_until(lambda: manager.registry.get(lease.endpoint.server_id) is None, 20)
+    assert ask(expert) == DEMO_ANSWERS["demo_expert"]
 
 
 def test_the_api_key_is_required_and_kept_out_of_the_command_line(expert: Endpoint, manager: Manager) -> None:
@@ -132,9 +189,9 @@ def test_merged_serving_gives_the_same_text_and_avoids_a_foreign_port(fresh_sett
     threading.Thread(target=foreign.serve_forever, daemon=True).start()
     port = foreign.server_address[1]
     events: list[Progress] = []
-    manager = Manager(fresh_settings, events.append)
+    manager = Manager(fresh_settings)
     try:
-        merged = manager.serve_finetune("demo_expert", merge=True, port=port)
+        merged = manager.serve_finetune("demo_expert", merge=True, port=port, progress=events.append).endpoint
         record = manager.registry.get(merged.server_id)
         assert record.kind == "merged" and record.port != port
         assert any(e.phase == "port" and str(port) in e.message for e in events)
@@ -165,10 +222,10 @@ def test_the_launcher_can_leave_and_come_back_within_the_keep_alive(fresh_settin
     runs out, and stays an owner (the supervisor must not mistake the release for the launcher's death)."""
     manager = Manager(fresh_settings.with_(keep_alive=60.0))
     base = fresh_settings.models_root / DEMO_BASE
-    first = manager.serve_model(base)
+    first = manager.serve_model(base).endpoint
     manager.close()
     assert wait_until(lambda: manager.registry.get(first.server_id).idle_until is not None, 5)
-    again = manager.serve_model(base)
+    again = manager.serve_model(base).endpoint
     assert again.server_id == first.server_id and again.reused
     time.sleep(2)  # several supervisor rounds
     record = manager.registry.get(again.server_id)

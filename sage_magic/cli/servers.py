@@ -17,9 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ps = sub.add_parser("ps", help="list running model servers (like `ollama ps`)")
     ps.add_argument("--json", action="store_true", help="machine-readable output")
     ps.set_defaults(run=run_ps)
-    stop = sub.add_parser("stop", help="stop a model server, whoever uses it")
+    stop = sub.add_parser("stop", help="stop a model server, whoever uses it (or unload one adapter)")
     target = stop.add_mutually_exclusive_group(required=True)
-    target.add_argument("id", nargs="?", help="server id (or a unique prefix, or a served name)")
+    target.add_argument("id", nargs="?", help="server id (or a unique prefix, or a served name); the name of an "
+                                              "adapter unloads only that adapter")
     target.add_argument("--all", action="store_true", help="stop every server sage_magic started")
     stop.set_defaults(run=run_stop)
     logs = sub.add_parser("logs", help="show the end of a server's log (also of stopped or failed servers)")
@@ -67,7 +68,10 @@ def run_ps(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_stop(args: argparse.Namespace, settings: Settings) -> int:
     manager = Manager(settings)
-    stopped = manager.stop_all() if args.all else [manager.stop(args.id)]
+    if not args.all:
+        print(manager.stop_target(args.id))
+        return 0
+    stopped = manager.stop_all()
     for record in stopped:
         print(f"stopped {record.id} ({record.served_name})")
     if not stopped:

@@ -1,0 +1,87 @@
+"""Process control for the servers we start, in one place: is a pid still ours, and how to stop it.
+
+The registry holds data only; the manager, the supervisor and the registry's reaper all signal processes
+through these functions. Every signal first checks that the pid still runs a process of that server (the
+launcher marks the whole tree with SAGE_SERVER_ID), so a recycled pid is never signalled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+
+
+def is_ours(pid: int | None, server_id: str) -> bool:
+    """True when ``pid`` still runs a process of server ``server_id`` (its supervisor or vLLM), not a
+    stranger that got a recycled pid: the launcher marks them all with SAGE_SERVER_ID in the environment."""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("SAGE_SERVER_ID") == server_id
+    except psutil.Error:
+        return False
+
+
+def terminate_and_wait(pid: int, server_id: str, timeout: float) -> None:
+    """SIGTERM a supervisor of ours and wait for it: it stops its server, removes the record, then exits."""
+    if not is_ours(pid, server_id):
+        return
+    try:
+        proc = psutil.Process(pid)
+        proc.terminate()
+        proc.wait(timeout=max(0.1, timeout))
+    except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+        pass
+
+
+def wait_gone(pid: int, timeout: float) -> None:
+    """Wait (at most ``timeout``) for a process to exit; a process already gone returns at once."""
+    try:
+        psutil.Process(pid).wait(timeout=max(0.1, timeout))
+    except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+        pass
+
+
+def kill_group(leader: int, grace: float) -> None:
+    """Stop a server tree: SIGTERM the leader (vLLM then shuts its engine down cleanly), then the whole
+    process group, then SIGKILL what is left after the grace period."""
+
+    def group_alive() -> bool:
+        try:
+            os.killpg(leader, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        # a zombie leader keeps the group id alive; look at the members instead
+        return any(p.info["pid"] != leader or p.info["status"] != psutil.STATUS_ZOMBIE
+                   for p in psutil.process_iter(["pid", "status"]) if _pgid(p.info["pid"]) == leader)
+
+    def wait(deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            if not group_alive():
+                return True
+            time.sleep(0.1)
+        return not group_alive()
+
+    for step, sig in enumerate((signal.SIGTERM, signal.SIGTERM, signal.SIGKILL)):
+        try:
+            if step == 0:
+                os.kill(leader, sig)
+            else:
+                os.killpg(leader, sig)
+        except ProcessLookupError:
+            pass
+        if wait(time.monotonic() + (grace / 2 if step < 2 else 5.0)):
+            return
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
