@@ -103,10 +103,16 @@ def expert(manager: Manager):
 
 
 @pytest.fixture
-def fresh_settings(demo_home: Path) -> Iterator[Settings]:
-    """Same demo models, but a registry of its own: servers started here are never shared. Directly under
-    /tmp, because pytest's tmp_path is too long for the Unix sockets a server keeps in it."""
+def short_runtime() -> Iterator[Path]:
+    """A runtime folder of its own directly under /tmp: pytest's tmp_path is too long for the Unix sockets a
+    server keeps in it (a socket path holds 107 bytes)."""
     runtime = Path(tempfile.mkdtemp(prefix="sage-run-", dir="/tmp"))
-    yield make_settings(demo_home, runtime)
+    yield runtime
     shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_settings(demo_home: Path, short_runtime: Path) -> Settings:
+    """Same demo models, but a registry of its own: servers started here are never shared."""
+    return make_settings(demo_home, short_runtime)
 

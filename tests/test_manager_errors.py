@@ -24,11 +24,12 @@ from sage_magic.progress import Progress
 from tests.conftest import make_settings, sage_processes, wait_until
 
 
-def test_no_vllm_in_the_serving_interpreter_says_how_to_install(demo_home: Path, tmp_path: Path, monkeypatch) -> None:
+def test_no_vllm_in_the_serving_interpreter_says_how_to_install(
+        short_runtime: Path, demo_home: Path, tmp_path: Path, monkeypatch) -> None:
     from sage_magic import vllm_env
 
     monkeypatch.setattr(vllm_env, "installed_vllm", lambda: None)
-    manager = Manager(make_settings(demo_home, tmp_path / "run"))
+    manager = Manager(make_settings(demo_home, short_runtime))
     with pytest.raises(SageError) as error:
         manager.serve_finetune("demo_expert")
     assert "install-cpu.sh" in str(error.value) and "--backend openai" in str(error.value)
@@ -67,10 +68,11 @@ def _in_thread(call) -> tuple[threading.Thread, list[BaseException]]:
     return thread, errors
 
 
-def test_a_supervisor_that_cannot_start_fails_at_once_with_its_error(demo_home: Path, tmp_path: Path,
+def test_a_supervisor_that_cannot_start_fails_at_once_with_its_error(
+        short_runtime: Path, demo_home: Path, tmp_path: Path,
                                                                      bare_python: str) -> None:
     """It used to wait for the full ready timeout (900 s here) and then say "still running, pid None"."""
-    settings = make_settings(demo_home, tmp_path / "run", ready_timeout=900.0, python=bare_python)
+    settings = make_settings(demo_home, short_runtime, ready_timeout=900.0, python=bare_python)
     manager = Manager(settings)
     with pytest.raises(ServerFailed) as error:
         manager.serve_finetune("demo_expert")
@@ -81,10 +83,10 @@ def test_a_supervisor_that_cannot_start_fails_at_once_with_its_error(demo_home: 
     assert wait_until(lambda: not sage_processes(settings.runtime_dir), 10)
 
 
-def test_a_progress_callback_may_ask_the_manager_what_runs(demo_home: Path, tmp_path: Path,
+def test_a_progress_callback_may_ask_the_manager_what_runs(short_runtime: Path, demo_home: Path, tmp_path: Path,
                                                            bare_python: str) -> None:
     """A face refreshing its server list from its progress callback deadlocked: callbacks ran under the lock."""
-    manager = Manager(make_settings(demo_home, tmp_path / "run", python=bare_python))
+    manager = Manager(make_settings(demo_home, short_runtime, python=bare_python))
     phases: list[str] = []
 
     def progress(event: Progress) -> None:
@@ -98,9 +100,9 @@ def test_a_progress_callback_may_ask_the_manager_what_runs(demo_home: Path, tmp_
     manager.close()
 
 
-def test_shared_is_one_manager_and_each_call_brings_its_own_settings_and_progress(
+def test_shared_is_one_manager_and_each_call_brings_its_own_settings_and_progress(short_runtime: Path,
         demo_home: Path, tmp_path: Path, bare_python: str) -> None:
-    settings = make_settings(demo_home, tmp_path / "run")
+    settings = make_settings(demo_home, short_runtime)
     barrier = threading.Barrier(8)
     managers: list[Manager] = []
 
@@ -125,9 +127,10 @@ def test_shared_is_one_manager_and_each_call_brings_its_own_settings_and_progres
     manager.close()
 
 
-def test_cancel_while_waiting_for_the_server_ends_the_call_and_releases_it(demo_home: Path, tmp_path: Path,
+def test_cancel_while_waiting_for_the_server_ends_the_call_and_releases_it(
+        short_runtime: Path, demo_home: Path, tmp_path: Path,
                                                                           hanging_python: str) -> None:
-    settings = make_settings(demo_home, tmp_path / "run", python=hanging_python)
+    settings = make_settings(demo_home, short_runtime, python=hanging_python)
     manager = Manager(settings)
     cancel = threading.Event()
     phases: list[str] = []
@@ -142,10 +145,11 @@ def test_cancel_while_waiting_for_the_server_ends_the_call_and_releases_it(demo_
     manager.close()
 
 
-def test_cancel_while_another_process_merges_ends_the_call(demo_home: Path, tmp_path: Path) -> None:
+def test_cancel_while_another_process_merges_ends_the_call(
+        short_runtime: Path, demo_home: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     shutil.copytree(demo_home, home, ignore=shutil.ignore_patterns("merged_model", ".merged_model*"))
-    settings = make_settings(home, tmp_path / "run")
+    settings = make_settings(home, short_runtime)
     manager = Manager(settings)
     cancel = threading.Event()
     with exclusive(settings.finetune_root / "demo_poet" / ".merge.lock"):  # "another process is merging"
@@ -158,8 +162,9 @@ def test_cancel_while_another_process_merges_ends_the_call(demo_home: Path, tmp_
     assert manager.registry.all() == [] and not (settings.finetune_root / "demo_poet" / "merged_model").exists()
 
 
-def test_cancel_while_waiting_for_the_registry_ends_the_call(demo_home: Path, tmp_path: Path) -> None:
-    settings: Settings = make_settings(demo_home, tmp_path / "run")
+def test_cancel_while_waiting_for_the_registry_ends_the_call(
+        short_runtime: Path, demo_home: Path, tmp_path: Path) -> None:
+    settings: Settings = make_settings(demo_home, short_runtime)
     manager = Manager(settings)
     cancel = threading.Event()
     with manager.registry.locked():  # another process is starting a server
@@ -172,11 +177,12 @@ def test_cancel_while_waiting_for_the_registry_ends_the_call(demo_home: Path, tm
     assert manager.registry.all() == []
 
 
-def test_a_server_stopped_right_after_it_was_picked_for_reuse_is_replaced(demo_home: Path, tmp_path: Path,
+def test_a_server_stopped_right_after_it_was_picked_for_reuse_is_replaced(
+        short_runtime: Path, demo_home: Path, tmp_path: Path,
                                                                           hanging_python: str) -> None:
     """`sage stop` (or a keep-alive running out) landing between the lookup and the hand-out: the reuse must
     notice and start another server, not hand out one that is about to die."""
-    settings = make_settings(demo_home, tmp_path / "run", python=hanging_python)
+    settings = make_settings(demo_home, short_runtime, python=hanging_python)
     manager = Manager(settings)
     base = settings.models_root / DEMO_BASE
     first_cancel, second_cancel = threading.Event(), threading.Event()

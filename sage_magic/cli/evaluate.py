@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     items = items_from_table(read_table(args.data), args.prompt_col, args.expected_col)
     progress = TerminalProgress()
-    manager = Manager(settings, progress)
+    manager = Manager(settings)
     try:
         result = evaluate(items, model_names(args.models), manager=manager, remote=remote_endpoint(args),
                           metrics=args.metrics, concurrency=args.concurrency, seed=args.seed,
