@@ -17,6 +17,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from sage_magic.charts import bar_chart, line_chart
 from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.manager import shared
 from tests.conftest import env_for, make_settings, wait_until
 from tests.test_magics import HEAVY, html_of, magics, new_shell
 
@@ -84,6 +85,9 @@ def ip(settings, expert, monkeypatch: pytest.MonkeyPatch):
     yield shell
     shell.extension_manager.unload_extension("sage_magic")
     assert not _workers()
+    # What a kernel exit does: until evaluate._lease hands out Leases, the eval's manager (the process-wide one
+    # the session uses) owns the servers it asked for until it closes.
+    shared(settings).close()
 
 
 @pytest.fixture
