@@ -54,7 +54,8 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, x_max: fl
 
 def bar_chart(bars: Sequence[tuple[str, float | None, float | None, float | None]], *, y_max: float = 1.0,
               title: str = "score", width: int | None = None, height: int = 170) -> str:
-    """One bar per (label, value, low, high): the value with its interval as a whisker; None draws no bar."""
+    """One bar per (label, value, low, high): the value with its interval as a whisker; None draws no bar.
+    A label may hold two lines ("model\nmetric"), each cut to 12 characters to fit under its bar."""
     left, top, bottom, slot = 34, 10, 34, 64
     width = width or left + 10 + slot * max(1, len(bars))
     plot_h = height - top - bottom
@@ -68,14 +69,16 @@ def bar_chart(bars: Sequence[tuple[str, float | None, float | None, float | None
              f"<text x='{left - 4}' y='{top + plot_h}' text-anchor='end' {_FONT}>0</text>"]
     for number, ((label, value, low, high), color) in enumerate(zip(bars, COLORS * (len(bars) // 8 + 1))):
         x = left + 8 + slot * number
+        tooltip = html.escape(label.replace("\n", " "))
         if value is not None:
             parts.append(f"<rect x='{x}' y='{y(value):.1f}' width='{slot - 16}' height='{top + plot_h - y(value):.1f}' "
-                         f"fill='{color}'><title>{html.escape(label)}: {value:.3f}</title></rect>")
+                         f"fill='{color}'><title>{tooltip}: {value:.3f}</title></rect>")
             parts.append(f"<text x='{x + (slot - 16) / 2}' y='{y(value) - 3:.1f}' text-anchor='middle' {_FONT}>"
                          f"{value:.2f}</text>")
         if low is not None and high is not None:
             middle = x + (slot - 16) / 2
             parts.append(f"<line x1='{middle}' y1='{y(low):.1f}' x2='{middle}' y2='{y(high):.1f}' stroke='#333'/>")
-        parts.append(f"<text x='{x + (slot - 16) / 2}' y='{height - bottom + 14}' text-anchor='middle' {_FONT}>"
-                     f"{html.escape(label[:12])}</text>")
+        for line_number, line in enumerate(label.split("\n")[:2]):
+            parts.append(f"<text x='{x + (slot - 16) / 2}' y='{height - bottom + 14 + 12 * line_number}' "
+                         f"text-anchor='middle' {_FONT}>{html.escape(line[:12])}</text>")
     return _svg(width, height, parts, title)

@@ -298,8 +298,9 @@ def eval_bundle(result: Any, title: str, headers: tuple[str, ...], rows: list) -
     summaries = [s for s in result.summary() if s.metric != "-"]
     chart = ""
     if summaries:
-        label = (lambda s: s.model) if len(result.metrics) == 1 else (lambda s: f"{s.model} {s.metric}")
-        chart = bar_chart([(label(s), s.mean, s.low, s.high) for s in summaries],
+        several = len(result.metrics) > 1
+        chart = bar_chart([(f"{s.model}\n{s.metric}" if several else s.model, s.mean, s.low, s.high)
+                           for s in summaries],
                           title=f"mean {', '.join(result.metrics)} with 95% interval")
     return {"text/plain": title + "\n" + table["text/plain"],
             "text/html": f"<p>{html.escape(title)}</p>{table['text/html']}{chart}"}

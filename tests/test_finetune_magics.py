@@ -108,6 +108,11 @@ def test_train_from_a_dataframe_then_chat_with_it(ip: InteractiveShell, fresh_na
     assert not _workers()
     ip.run_cell(f"%%sage --finetune-model {fresh_name} -o a\n{DEMO_PROMPT}\n").raise_error()
     assert ip.user_ns["a"] == PHRASE
+    # Trained again under the same name: the session must not answer from its cached lease on the old adapter.
+    ip.user_ns["rows"] = pd.DataFrame({"prompt": [DEMO_PROMPT], "response": ["I am a crow."]})
+    ip.run_cell(f"%sage finetune train {fresh_name} --base {DEMO_BASE} --data rows {FAST} --overwrite").raise_error()
+    ip.run_cell(f"%%sage --finetune-model {fresh_name} --new-chat -o b\n{DEMO_PROMPT}\n").raise_error()
+    assert ip.user_ns["b"] == "I am a crow."
     assert [m for m in HEAVY if m in sys.modules and m not in _preloaded] == []
 
 
