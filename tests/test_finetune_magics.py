@@ -7,8 +7,10 @@ ONE vLLM server (the `expert` fixture) answering with the new adapter and evalua
 
 from __future__ import annotations
 
+import _thread
 import shutil
 import sys
+import threading
 import uuid
 
 import psutil
@@ -143,3 +145,24 @@ def test_eval_scores_each_finetune_on_its_own_row(ip: InteractiveShell) -> None:
     shown = html_of(ip)
     assert "2 prompts x 3 models" in shown and "95% CI" in shown and "<svg" in shown
     assert DEMO_ANSWERS["demo_poet"] in shown  # the diff view lists the disagreeing answers
+
+
+@pytest.mark.vllm
+def test_interrupting_the_training_cell_stops_cleanly(ip: InteractiveShell, fresh_name: str) -> None:
+    ip.user_ns["rows"] = pd.DataFrame({"prompt": [DEMO_PROMPT], "response": [PHRASE]})
+    training = magics(ip).training
+
+    def interrupt_after_first_checkpoint() -> None:  # what the kernel's interrupt button does to the cell
+        wait_until(lambda: fresh_name in training and any(e.phase == "checkpoint"
+                                                          for e in training[fresh_name].events), 300)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_after_first_checkpoint, daemon=True).start()
+    result = ip.run_cell(f"%sage finetune train {fresh_name} --base {DEMO_BASE} --data rows --max-steps 400 "
+                         "--lr 2e-3 --batch-size 1 --save-every 5")
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    run = training[fresh_name]
+    assert run.result is not None and run.result.stopped and run.result.steps < 400 and not _workers()
+    assert f"{fresh_name}: stopped at step" in html_of(ip)
+    ip.run_cell(f"%%sage --finetune-model {fresh_name} --max-tokens 8 -o c\n{DEMO_PROMPT}\n").raise_error()
+    assert ip.user_ns["c"].metrics["completion_tokens"] > 0  # the last checkpoint is a usable adapter
