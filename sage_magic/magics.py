@@ -312,7 +312,8 @@ class SageMagics(Magics):
 
     @line_magic("sage")
     def sage_line(self, line: str) -> Any:
-        """Manage servers and the chat: %sage status|stop|logs|models|indexes|history|reset|export|help."""
+        """Manage servers and the chat (%sage status|stop|logs|models|indexes|history|reset|export|help) and run
+        the fine-tune loop (%sage finetune train|watch|stop, %sage eval: loop_face.py)."""
         tokens = split(line)
         if not tokens or tokens[0] in ("help", "-h", "--help"):
             return self._help()
