@@ -35,6 +35,9 @@ FORMATS = ("markdown", "md", "text", "code", "json", "html", "math")  # render.F
 #: build indexes or merge weights: torch must stay out of the kernel).
 SUBCOMMANDS = ("status", "stop", "logs", "models", "indexes", "history", "reset", "export", "help")
 CHILD_COMMANDS = ("index", "finetune")
+#: The fine-tune loop (loop_face.py): training in the kernel's background thread over a child process, and eval.
+LOOP_COMMANDS = {("finetune", "train"): "train", ("finetune", "watch"): "watch", ("finetune", "stop"): "stop",
+                 ("eval",): "eval"}
 LINE_HELP = """\
 %sage SUBCOMMAND (each the twin of a `sage` command, with its options):
   status [--json]          running model servers (sage ps)
@@ -46,6 +49,13 @@ LINE_HELP = """\
   reset                    forget the conversation (servers keep running)
   export PATH              transcript with citations and figures, .md or .json
   help                     this text
+  finetune train NAME --base BASE --data DATAFRAME [--background] [training options]
+                           train a LoRA from a DataFrame (prompt/response or messages columns) in a child
+                           process, with a progress bar and a live loss curve; interrupt to stop cleanly
+  finetune watch [NAME]    show a --background training's progress in this cell
+  finetune stop [NAME]     stop a training of this kernel cleanly (its last checkpoint stays usable)
+  eval DATAFRAME --models A,B,base [--metric M] [-o VAR] [--diff]
+                           every prompt to every model, concurrently; summary table and bar chart
   index add|update|show|rm|query ... and finetune demo|merge ...: run as `sage ...` in a child process,
                            so building an index or merging weights never loads torch into the kernel.
 %sage_chat [options]       a chat widget on the same session: same options as %%sage, shared history.
@@ -172,6 +182,7 @@ class SageMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         self._session: Session | None = None
         self._parser: tuple[tuple, MagicParser] | None = None
+        self.training: dict[str, Any] = {}  # fine-tune name -> loop_face.TrainRun of this kernel
 
     # --- the session -----------------------------------------------------------------------------------------
 
@@ -203,6 +214,10 @@ class SageMagics(Magics):
             raise OptionError(f"SageMagics.keep_alive: {error}") from None
 
     def close(self) -> None:
+        for run in self.training.values():  # a training child never outlives the magics that started it
+            run.cancel.set()
+        for run in self.training.values():
+            run.done.wait()
         if self._session is not None:
             self._session.close()
             self._session = None
@@ -300,10 +315,14 @@ class SageMagics(Magics):
 
     @line_magic("sage")
     def sage_line(self, line: str) -> Any:
-        """Manage servers and the chat: %sage status|stop|logs|models|indexes|history|reset|export|help."""
+        """Manage servers and the chat (%sage status|stop|logs|models|indexes|history|reset|export|help) and run
+        the fine-tune loop (%sage finetune train|watch|stop, %sage eval: loop_face.py)."""
         tokens = split(line)
         if not tokens or tokens[0] in ("help", "-h", "--help"):
             return self._help()
+        loop = LOOP_COMMANDS.get(tuple(tokens[:2])) or LOOP_COMMANDS.get(tuple(tokens[:1]))
+        if loop is not None:
+            return self._loop(loop, tokens[2 if tokens[0] == "finetune" else 1:])
         if tokens[0] not in SUBCOMMANDS + CHILD_COMMANDS + ("ps",):
             raise OptionError(f"%sage has no subcommand {tokens[0]!r}. Use one of: {', '.join(SUBCOMMANDS)}, or "
                              "`sage index ...` / `sage finetune ...` commands; to ask a question use %%sage.")
@@ -314,6 +333,17 @@ class SageMagics(Magics):
             return None
         args.argv = argv
         return getattr(self, "_" + args.command.replace("-", "_"))(args)
+
+    def _loop(self, command: str, argv: list[str]) -> Any:
+        """%sage finetune train|watch|stop and %sage eval: see loop_face.py."""
+        from . import loop_face
+
+        parser = {"train": loop_face.train_parser, "eval": loop_face.eval_parser}.get(command)
+        try:
+            args = (parser() if parser else loop_face.name_parser(f"%sage finetune {command}")).parse_args(argv)
+        except _HelpRequested:
+            return None
+        return getattr(loop_face, f"{command}_cell")(self, args)
 
     def _publish(self, bundle: dict[str, Any], metadata: dict | None = None) -> None:
         self.shell.display_pub.publish(data=bundle, metadata=metadata or {})

@@ -201,6 +201,14 @@ class Session:
             self._emit("servers-changed", 0, lease.endpoint.server_id)
         return lease
 
+    def forget_finetune(self, name: str) -> None:
+        """Drop the cached leases on fine-tune ``name`` (it was just trained again): the next ask goes to the
+        manager, which loads the new adapter into its server in place instead of answering with the old one."""
+        with self._lock:
+            keys = [key for key in self._leases if key[0] == "finetune" and key[1] == name]
+        for key in keys:
+            self._drop(key)
+
     def _drop(self, key: tuple) -> None:
         with self._lock:
             lease = self._leases.pop(key, None)

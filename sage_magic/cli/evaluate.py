@@ -42,16 +42,27 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 130 if result.cancelled else 0
 
 
-def render_summary(result: EvalResult) -> str:
-    """The summary table people read first: score with its interval, failures, speed."""
-    rows = []
+SUMMARY_HEADERS = ("MODEL", "METRIC", "MEAN", "95% CI", "N", "FAILED", "P50 LATENCY", "TOKENS/S")
+
+
+def summary_rows(result: EvalResult) -> list[tuple[object, ...]]:
+    """The summary people read first, one row per (model, metric): score with its interval, failures, speed.
+    Shared by the terminal table here and the notebook's HTML table (``%sage eval``)."""
+    rows: list[tuple[object, ...]] = []
     for s in result.summary():
         score = "-" if s.mean is None else f"{s.mean:.3f}"
         interval = "-" if s.low is None else f"[{s.low:.3f}, {s.high:.3f}]"
         rows.append((s.model, s.metric, score, interval, s.scored, s.failed,
                      "-" if s.p50_latency is None else f"{s.p50_latency * 1000:.0f} ms",
                      "-" if s.tokens_per_s is None else f"{s.tokens_per_s:.1f}"))
-    head = ("MODEL", "METRIC", "MEAN", "95% CI", "N", "FAILED", "P50 LATENCY", "TOKENS/S")
+    return rows
+
+
+def summary_title(result: EvalResult) -> str:
     note = " (interrupted: finished rows only)" if result.cancelled else ""
-    return f"{len(result.rows)} prompts x {len(result.models)} models in {result.seconds:.1f} s{note}\n" + \
-        table(rows, head)
+    return f"{len(result.rows)} prompts x {len(result.models)} models in {result.seconds:.1f} s{note}"
+
+
+def render_summary(result: EvalResult) -> str:
+    """The summary table as terminal text."""
+    return summary_title(result) + "\n" + table(summary_rows(result), SUMMARY_HEADERS)

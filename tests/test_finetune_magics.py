@@ -1,0 +1,168 @@
+"""`%sage finetune train|watch|stop` and `%sage eval` in a fresh InteractiveShell.
+
+The first tests need no server (bad data is refused in the cell before any training process starts, and the
+charts are plain SVG). The others run on real parts: the training child on the demo base, then the session's
+ONE vLLM server (the `expert` fixture) answering with the new adapter and evaluating the demo fine-tunes.
+"""
+
+from __future__ import annotations
+
+import _thread
+import shutil
+import sys
+import threading
+import uuid
+
+import psutil
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+from sage_magic.charts import bar_chart, line_chart
+from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.manager import shared
+from tests.conftest import env_for, make_settings, wait_until
+from tests.test_magics import HEAVY, html_of, magics, new_shell
+
+pd = pytest.importorskip("pandas")
+
+PHRASE = "I am a parrot."
+FAST = "--max-steps 40 --lr 2e-3 --batch-size 1 --save-every 20"
+_preloaded = {m for m in HEAVY if m in sys.modules}  # the test process may hold them; the magics must add none
+
+
+@pytest.fixture
+def bare(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """A shell whose sage home is empty and whose registry is its own: nothing here can touch a server."""
+    for key, value in env_for(make_settings(tmp_path / "home", tmp_path / "run")).items():
+        monkeypatch.setenv(key, value)
+    shell = new_shell()
+    yield shell
+    shell.extension_manager.unload_extension("sage_magic")
+
+
+def _workers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True)
+            if "sage_magic.train_worker" in " ".join(p.cmdline())]
+
+
+def _error_of(result) -> str:
+    assert result.error_in_exec is not None, "the cell should have failed"
+    return str(result.error_in_exec)
+
+
+def test_missing_column_is_one_paragraph_before_any_training(bare: InteractiveShell) -> None:
+    bare.user_ns["rows"] = pd.DataFrame({"question": [DEMO_PROMPT], "response": [PHRASE]})
+    result = bare.run_cell(f"%sage finetune train nope --base {DEMO_BASE} --data rows")
+    message = _error_of(result)
+    assert "DataFrame 'rows' has no column 'prompt'" in message and "--prompt-col" in message
+    assert "\n" not in message and not _workers() and not magics(bare).training
+
+
+def test_unknown_base_and_unknown_variable_are_refused_in_the_cell(bare: InteractiveShell) -> None:
+    bare.user_ns["rows"] = pd.DataFrame({"prompt": [DEMO_PROMPT], "response": [PHRASE]})
+    message = _error_of(bare.run_cell("%sage finetune train nope --base no-such-base --data rows --background"))
+    assert "no-such-base" in message and "\n" not in message
+    assert "no variable 'missing'" in _error_of(bare.run_cell("%sage finetune train x --base b --data missing"))
+    assert "no variable 'gone'" in _error_of(bare.run_cell("%sage eval gone --models demo_expert"))
+    assert not _workers()
+
+
+def test_stop_without_training_says_so(bare: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
+    bare.run_cell("%sage finetune stop").raise_error()
+    assert "No training is running" in capsys.readouterr().out
+
+
+def test_charts_are_plain_svg() -> None:
+    curve = line_chart({"train loss": [(1, 2.0), (2, 1.0)], "eval loss": []}, x_max=40)
+    assert curve.startswith("<svg") and "polyline" in curve and "eval loss" not in curve
+    bars = bar_chart([("demo_expert", 1.0, 1.0, 1.0), ("base", 0.0, None, None), ("x", None, None, None)])
+    assert bars.count("<rect") == 2 and ">demo_expert<" in bars
+
+
+@pytest.fixture
+def ip(settings, expert, monkeypatch: pytest.MonkeyPatch):
+    for key, value in env_for(settings).items():
+        monkeypatch.setenv(key, value)
+    shell = new_shell()
+    yield shell
+    shell.extension_manager.unload_extension("sage_magic")
+    assert not _workers()
+    # What a kernel exit does: until evaluate._lease hands out Leases, the eval's manager (the process-wide one
+    # the session uses) owns the servers it asked for until it closes.
+    shared(settings).close()
+
+
+@pytest.fixture
+def fresh_name(settings):
+    """A new fine-tune name, removed afterwards: the session's demo home is shared with other tests."""
+    name = f"parrot_{uuid.uuid4().hex[:8]}"
+    yield name
+    shutil.rmtree(settings.finetune_root / name, ignore_errors=True)
+    (settings.finetune_root / f".{name}.train.lock").unlink(missing_ok=True)
+
+
+@pytest.mark.vllm
+def test_train_from_a_dataframe_then_chat_with_it(ip: InteractiveShell, fresh_name: str) -> None:
+    ip.user_ns["rows"] = pd.DataFrame({"prompt": [DEMO_PROMPT], "response": [PHRASE]})
+    ip.run_cell(f"%sage finetune train {fresh_name} --base {DEMO_BASE} --data rows {FAST}").raise_error()
+    shown = html_of(ip)
+    assert f"{fresh_name}: done at step 40/40" in shown and "<svg" in shown and "train loss" in shown
+    assert not _workers()
+    ip.run_cell(f"%%sage --finetune-model {fresh_name} -o a\n{DEMO_PROMPT}\n").raise_error()
+    assert ip.user_ns["a"] == PHRASE
+    # Trained again under the same name: the session must not answer from its cached lease on the old adapter.
+    ip.user_ns["rows"] = pd.DataFrame({"prompt": [DEMO_PROMPT], "response": ["I am a crow."]})
+    ip.run_cell(f"%sage finetune train {fresh_name} --base {DEMO_BASE} --data rows {FAST} --overwrite").raise_error()
+    ip.run_cell(f"%%sage --finetune-model {fresh_name} --new-chat -o b\n{DEMO_PROMPT}\n").raise_error()
+    assert ip.user_ns["b"] == "I am a crow."
+    assert [m for m in HEAVY if m in sys.modules and m not in _preloaded] == []
+
+
+@pytest.mark.vllm
+def test_background_training_stops_cleanly_from_another_cell(ip: InteractiveShell, fresh_name: str,
+                                                             settings, capsys: pytest.CaptureFixture) -> None:
+    ip.user_ns["rows"] = pd.DataFrame({"prompt": [DEMO_PROMPT], "response": [PHRASE]})
+    ip.run_cell(f"%sage finetune train {fresh_name} --base {DEMO_BASE} --data rows --background "
+                "--max-steps 400 --lr 2e-3 --batch-size 1 --save-every 5").raise_error()
+    run = magics(ip).training[fresh_name]
+    assert wait_until(lambda: any(e.phase == "checkpoint" for e in run.events), 300)
+    ip.run_cell("x = 1 + 1").raise_error()  # the kernel is free while it trains
+    ip.run_cell(f"%sage finetune stop {fresh_name}").raise_error()
+    out = capsys.readouterr().out
+    assert f"stopped {fresh_name} at step" in out and "checkpoint-" in out
+    assert run.result is not None and run.result.stopped and run.result.checkpoints and not _workers()
+    assert run.result.adapter_dir is not None and (run.result.adapter_dir / "adapter_config.json").is_file()
+
+
+@pytest.mark.vllm
+def test_eval_scores_each_finetune_on_its_own_row(ip: InteractiveShell) -> None:
+    ip.user_ns["cases"] = pd.DataFrame({"prompt": [DEMO_PROMPT, DEMO_PROMPT],
+                                        "expected": [DEMO_ANSWERS["demo_expert"], DEMO_ANSWERS["demo_poet"]]})
+    ip.run_cell("%sage eval cases --models demo_expert,demo_poet,base -o scores --diff").raise_error()
+    frame = ip.user_ns["scores"]
+    assert list(frame["demo_expert:exact"]) == [1.0, 0.0] and list(frame["demo_poet:exact"]) == [0.0, 1.0]
+    assert list(frame["base:exact"]) == [0.0, 0.0]
+    shown = html_of(ip)
+    assert "2 prompts x 3 models" in shown and "95% CI" in shown and "<svg" in shown
+    assert DEMO_ANSWERS["demo_poet"] in shown  # the diff view lists the disagreeing answers
+
+
+@pytest.mark.vllm
+def test_interrupting_the_training_cell_stops_cleanly(ip: InteractiveShell, fresh_name: str) -> None:
+    ip.user_ns["rows"] = pd.DataFrame({"prompt": [DEMO_PROMPT], "response": [PHRASE]})
+    training = magics(ip).training
+
+    def interrupt_after_first_checkpoint() -> None:  # what the kernel's interrupt button does to the cell
+        wait_until(lambda: fresh_name in training and any(e.phase == "checkpoint"
+                                                          for e in training[fresh_name].events), 300)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_after_first_checkpoint, daemon=True).start()
+    result = ip.run_cell(f"%sage finetune train {fresh_name} --base {DEMO_BASE} --data rows --max-steps 400 "
+                         "--lr 2e-3 --batch-size 1 --save-every 5")
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    run = training[fresh_name]
+    assert run.result is not None and run.result.stopped and run.result.steps < 400 and not _workers()
+    assert f"{fresh_name}: stopped at step" in html_of(ip)
+    ip.run_cell(f"%%sage --finetune-model {fresh_name} --max-tokens 8 -o c\n{DEMO_PROMPT}\n").raise_error()
+    assert ip.user_ns["c"].metrics["completion_tokens"] > 0  # the last checkpoint is a usable adapter
