@@ -453,9 +453,9 @@ class Session:
             stopped, spared = [self.manager.stop(target)], []
         else:
             with self._lock:
-                used = {lease.endpoint.server_id: lease.endpoint.reused for lease in self._leases.values()
-                        if lease.endpoint.server_id}
-            started = sorted(s for s, reused in used.items() if not reused and s in self._started)
+                used = {lease.endpoint.server_id for lease in self._leases.values() if lease.endpoint.server_id}
+            # a server this session launched stays "started here" however many later leases reused it
+            started = sorted(s for s in used if s in self._started)
             spared = sorted(s for s in used if s not in started)
             stopped = [self.manager.stop(s) for s in started if self.manager.registry.get(s) is not None]
         gone = {r.id for r in stopped}

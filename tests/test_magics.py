@@ -386,3 +386,25 @@ def test_bare_stop_only_stops_what_this_session_started(shell: InteractiveShell,
     assert "This session started no server" in capsys.readouterr().out
     with pytest.raises(Exception, match="No running server matches 'nope'"):
         shell.run_line_magic("sage", "stop nope")
+
+
+def test_bare_stop_stops_a_server_this_session_launched_even_after_later_reuses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bookkeeping only, so no real server: the first lease launched server s1 and a later one (a sibling
+    fine-tune, or --compare) reused it. The quickstart's closing `%sage stop` once left s1 running."""
+    from types import SimpleNamespace
+
+    from sage_magic import session as session_module
+    from sage_magic.endpoint import Endpoint
+    from sage_magic.leases import Lease
+
+    endpoints = iter([Endpoint("http://localhost/v1", "k", "demo_expert", "s1", reused=False),
+                      Endpoint("http://localhost/v1", "k", "demo_poet", "s1", reused=True)])
+    monkeypatch.setattr(session_module, "_open", lambda manager, args, **_: Lease.unmanaged(next(endpoints)))
+    stopped: list[str] = []
+    session = session_module.Session(make_settings(tmp_path, tmp_path / "run"))
+    session._manager = SimpleNamespace(registry=SimpleNamespace(get=lambda _id: object()),
+                                       stop=lambda s: stopped.append(s) or SimpleNamespace(id=s))
+    session.lease(session.options(finetune_model="demo_expert"))
+    session.lease(session.options(finetune_model="demo_poet"))
+    assert session.stop() == ([SimpleNamespace(id="s1")], []) and stopped == ["s1"]
