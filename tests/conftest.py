@@ -116,3 +116,34 @@ def fresh_settings(demo_home: Path, short_runtime: Path) -> Settings:
     """Same demo models, but a registry of its own: servers started here are never shared."""
     return make_settings(demo_home, short_runtime)
 
+
+def new_shell():
+    """A fresh, non-singleton IPython shell with the magics loaded and its displays captured."""
+    from IPython.core.displaypub import CapturingDisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    shell = InteractiveShell(config=Config())
+    shell.display_pub = CapturingDisplayPublisher()
+    shell.extension_manager.load_extension("sage_magic")
+    return shell
+
+
+@pytest.fixture
+def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A shell whose sage home is empty and whose registry is its own: nothing here can touch a server."""
+    for key, value in env_for(make_settings(tmp_path / "home", tmp_path / "run")).items():
+        monkeypatch.setenv(key, value)
+    ip = new_shell()
+    yield ip
+    ip.extension_manager.unload_extension("sage_magic")
+
+
+@pytest.fixture
+def ip(settings: Settings, expert, monkeypatch: pytest.MonkeyPatch):
+    """A shell on the session's demo home and registry: its cells reuse the one shared vLLM server."""
+    for key, value in env_for(settings).items():
+        monkeypatch.setenv(key, value)
+    shell = new_shell()
+    yield shell
+    shell.extension_manager.unload_extension("sage_magic")

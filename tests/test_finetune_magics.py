@@ -13,15 +13,14 @@ import sys
 import threading
 import uuid
 
-import psutil
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from sage_magic.charts import bar_chart, line_chart
 from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
-from sage_magic.manager import shared
-from tests.conftest import env_for, make_settings, wait_until
-from tests.test_magics import HEAVY, html_of, magics, new_shell
+from tests.conftest import wait_until
+from tests.test_finetune_loop import _workers
+from tests.test_magics import HEAVY, html_of, magics
 
 pd = pytest.importorskip("pandas")
 
@@ -30,45 +29,30 @@ FAST = "--max-steps 40 --lr 2e-3 --batch-size 1 --save-every 20"
 _preloaded = {m for m in HEAVY if m in sys.modules}  # the test process may hold them; the magics must add none
 
 
-@pytest.fixture
-def bare(tmp_path, monkeypatch: pytest.MonkeyPatch):
-    """A shell whose sage home is empty and whose registry is its own: nothing here can touch a server."""
-    for key, value in env_for(make_settings(tmp_path / "home", tmp_path / "run")).items():
-        monkeypatch.setenv(key, value)
-    shell = new_shell()
-    yield shell
-    shell.extension_manager.unload_extension("sage_magic")
-
-
-def _workers() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True)
-            if "sage_magic.train_worker" in " ".join(p.cmdline())]
-
-
 def _error_of(result) -> str:
     assert result.error_in_exec is not None, "the cell should have failed"
     return str(result.error_in_exec)
 
 
-def test_missing_column_is_one_paragraph_before_any_training(bare: InteractiveShell) -> None:
-    bare.user_ns["rows"] = pd.DataFrame({"question": [DEMO_PROMPT], "response": [PHRASE]})
-    result = bare.run_cell(f"%sage finetune train nope --base {DEMO_BASE} --data rows")
+def test_missing_column_is_one_paragraph_before_any_training(shell: InteractiveShell) -> None:
+    shell.user_ns["rows"] = pd.DataFrame({"question": [DEMO_PROMPT], "response": [PHRASE]})
+    result = shell.run_cell(f"%sage finetune train nope --base {DEMO_BASE} --data rows")
     message = _error_of(result)
     assert "DataFrame 'rows' has no column 'prompt'" in message and "--prompt-col" in message
-    assert "\n" not in message and not _workers() and not magics(bare).training
+    assert "\n" not in message and not _workers() and not magics(shell).training
 
 
-def test_unknown_base_and_unknown_variable_are_refused_in_the_cell(bare: InteractiveShell) -> None:
-    bare.user_ns["rows"] = pd.DataFrame({"prompt": [DEMO_PROMPT], "response": [PHRASE]})
-    message = _error_of(bare.run_cell("%sage finetune train nope --base no-such-base --data rows --background"))
+def test_unknown_base_and_unknown_variable_are_refused_in_the_cell(shell: InteractiveShell) -> None:
+    shell.user_ns["rows"] = pd.DataFrame({"prompt": [DEMO_PROMPT], "response": [PHRASE]})
+    message = _error_of(shell.run_cell("%sage finetune train nope --base no-such-base --data rows --background"))
     assert "no-such-base" in message and "\n" not in message
-    assert "no variable 'missing'" in _error_of(bare.run_cell("%sage finetune train x --base b --data missing"))
-    assert "no variable 'gone'" in _error_of(bare.run_cell("%sage eval gone --models demo_expert"))
+    assert "no variable 'missing'" in _error_of(shell.run_cell("%sage finetune train x --base b --data missing"))
+    assert "no variable 'gone'" in _error_of(shell.run_cell("%sage eval gone --models demo_expert"))
     assert not _workers()
 
 
-def test_stop_without_training_says_so(bare: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
-    bare.run_cell("%sage finetune stop").raise_error()
+def test_stop_without_training_says_so(shell: InteractiveShell, capsys: pytest.CaptureFixture) -> None:
+    shell.run_cell("%sage finetune stop").raise_error()
     assert "No training is running" in capsys.readouterr().out
 
 
@@ -79,17 +63,10 @@ def test_charts_are_plain_svg() -> None:
     assert bars.count("<rect") == 2 and ">demo_expert<" in bars
 
 
-@pytest.fixture
-def ip(settings, expert, monkeypatch: pytest.MonkeyPatch):
-    for key, value in env_for(settings).items():
-        monkeypatch.setenv(key, value)
-    shell = new_shell()
-    yield shell
-    shell.extension_manager.unload_extension("sage_magic")
+@pytest.fixture(autouse=True)
+def _no_training_left_behind():
+    yield
     assert not _workers()
-    # What a kernel exit does: until evaluate._lease hands out Leases, the eval's manager (the process-wide one
-    # the session uses) owns the servers it asked for until it closes.
-    shared(settings).close()
 
 
 @pytest.fixture

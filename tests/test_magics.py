@@ -20,32 +20,13 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from IPython.core.displaypub import CapturingDisplayPublisher
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
 
 from sage_magic.magics import _HelpRequested, line_parser
-from tests.conftest import env_for, make_settings
+from tests.conftest import env_for, make_settings, new_shell
 
 HEAVY = ("torch", "transformers", "peft", "vllm", "sentence_transformers", "faiss")
-
-
-def new_shell() -> InteractiveShell:
-    shell = InteractiveShell(config=Config())
-    shell.display_pub = CapturingDisplayPublisher()
-    shell.extension_manager.load_extension("sage_magic")
-    return shell
-
-
-@pytest.fixture
-def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A shell whose sage home is empty and whose registry is its own: nothing here can touch a server."""
-    for key, value in env_for(make_settings(tmp_path / "home", tmp_path / "run")).items():
-        monkeypatch.setenv(key, value)
-    ip = new_shell()
-    yield ip
-    ip.extension_manager.unload_extension("sage_magic")
 
 
 def magics(ip: InteractiveShell):

@@ -13,19 +13,9 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
-from tests.conftest import env_for
-from tests.test_magics import HEAVY, html_of, magics, new_shell
+from tests.test_magics import HEAVY, html_of, magics
 
 pytestmark = pytest.mark.vllm
-
-
-@pytest.fixture
-def ip(settings, expert, monkeypatch: pytest.MonkeyPatch):
-    for key, value in env_for(settings).items():
-        monkeypatch.setenv(key, value)
-    shell = new_shell()
-    yield shell
-    shell.extension_manager.unload_extension("sage_magic")
 
 
 def ask(ip: InteractiveShell, line: str, prompt: str = DEMO_PROMPT):
