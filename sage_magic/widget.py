@@ -47,7 +47,11 @@ function render({ model, el }) {
   box.style.boxSizing = "border-box";
   box.value = model.get("value");
   box.addEventListener("input", () => { model.set("value", box.value); model.save_changes(); });
+  // Keys typed here are text, not notebook shortcuts (Shift+Enter would re-run the cell), as in ipywidgets' own
+  // Textarea.
+  box.addEventListener("keypress", (e) => e.stopPropagation());
   box.addEventListener("keydown", (e) => {
+    e.stopPropagation();
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
       model.set("value", box.value);
