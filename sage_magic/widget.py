@@ -145,8 +145,8 @@ class ChatWidget:
         self.finetune = widgets.Dropdown(
             description="Fine-tune", options=tunes if current in tunes or current is None else [current, *tunes],
             value=current, disabled=options.backend != "finetune")
-        self.index = widgets.Dropdown(description="Index", options=[("(none)", None)] + [
-            (i.name, i.name) for i in session.indexes()], value=options.index if options.index else None)
+        self.index = widgets.Dropdown(description="Index", options=[("(none)", "")] + [
+            (i.name, i.name) for i in session.indexes()], value=options.index or "")
         self.top_k = widgets.BoundedIntText(description="Top-k", value=options.top_k, min=MIN_TOP_K, max=MAX_TOP_K,
                                             layout=widgets.Layout(width="10em"))
         self.status = widgets.HTML()
@@ -188,7 +188,7 @@ class ChatWidget:
         args = argparse.Namespace(**vars(self.options))
         if args.backend == "finetune" and self.finetune.value:
             args.finetune_model = self.finetune.value
-        args.index, args.top_k = self.index.value, self.top_k.value
+        args.index, args.top_k = self.index.value or None, self.top_k.value
         return args
 
     def send(self, text: str | None = None) -> threading.Event | None:
