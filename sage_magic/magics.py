@@ -426,6 +426,7 @@ class SageMagics(Magics):
         live = LiveOutput(self.shell, self.update_interval)
         lease = self.session.lease(args, progress=live.progress)
         live.show({"text/plain": f"Chatting with {lease.endpoint.model}."})
+        self.session.max_model_len(lease.endpoint)  # warms the client now, not on the panel's first question
         from .widget import ChatWidget
 
         return ChatWidget(self.session, args)
