@@ -33,9 +33,14 @@ from typing import Any, Callable
 from .errors import SageError
 from .session import Event, Reply, Session
 
-#: What a re-displayed panel says when its widget model is gone (the kernel that drew it stopped).
+#: What a re-opened notebook shows above a panel whose kernel stopped. JupyterLab draws a widget whose model
+#: is gone as "Error displaying widget: model not found" and never falls back to the bundle's text/html, so
+#: ``%sage_chat`` shows this note as an output of its own just before the panel, and a live panel hides it
+#: (:data:`_HIDE_GONE`): the note is seen only when the panel below it is dead.
 GONE = ("<div class='sage-chat-gone' style='border: 1px solid #c90; padding: 0.5em'><strong>SAGE chat:</strong> "
         "this chat panel belonged to a kernel that has stopped. Run <code>%sage_chat</code> again.</div>")
+_HIDE_GONE = ("<style>.jp-OutputArea-child:has(+ .jp-OutputArea-child .sage-chat) .sage-chat-gone "
+              "{ display: none; }</style>")
 
 _ESM = """
 function render({ model, el }) {
@@ -144,14 +149,14 @@ class ChatWidget:
         current = options.finetune_model
         self.finetune = widgets.Dropdown(
             description="Fine-tune", options=tunes if current in tunes or current is None else [current, *tunes],
-            value=current, disabled=options.backend != "finetune")
+            value=current, layout=widgets.Layout(display="" if options.backend == "finetune" else "none"))
         self.index = widgets.Dropdown(description="Index", options=[("(none)", "")] + [
             (i.name, i.name) for i in session.indexes()], value=options.index or "")
         self.top_k = widgets.BoundedIntText(description="Top-k", value=options.top_k, min=MIN_TOP_K, max=MAX_TOP_K,
                                             layout=widgets.Layout(width="10em"))
         self.status = widgets.HTML()
         self.progress = widgets.FloatProgress(min=0, max=1, layout=widgets.Layout(display="none", width="12em"))
-        self.saved = widgets.HTML()
+        self.saved = widgets.HTML(_HIDE_GONE)  # a live panel hides the "kernel gone" note above it
         self.box = widgets.VBox([
             widgets.HBox([self.finetune, self.index, self.top_k]),
             self.messages,
@@ -176,10 +181,7 @@ class ChatWidget:
         self._worker.start()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        bundle = self.box._repr_mimebundle_(**kwargs)
-        # Front ends without the widget model (static views, a notebook without ipywidgets) show this instead.
-        bundle.setdefault("text/html", GONE)
-        return bundle
+        return self.box._repr_mimebundle_(**kwargs)
 
     # --- actions (buttons) ---------------------------------------------------------------------------------
 
@@ -211,7 +213,7 @@ class ChatWidget:
         """Start a new conversation: the model forgets it (for ``%%sage`` too); Export still has it."""
         self.session.reset()
         self.messages.children = ()
-        self.saved.value = ""
+        self.saved.value = _HIDE_GONE
 
     def export(self) -> Path | None:
         """Write the session's transcript (citations and figures included) and show where."""
@@ -219,9 +221,9 @@ class ChatWidget:
         try:
             written = self.session.export(path)
         except SageError as error:
-            self.saved.value = f"<span style='color: #b00'>{html.escape(str(error))}</span>"
+            self.saved.value = f"{_HIDE_GONE}<span style='color: #b00'>{html.escape(str(error))}</span>"
             return None
-        self.saved.value = f"saved to <code class='sage-export'>{html.escape(str(written))}</code>"
+        self.saved.value = f"{_HIDE_GONE}saved to <code class='sage-export'>{html.escape(str(written))}</code>"
         return written
 
     def close(self) -> None:

@@ -284,6 +284,7 @@ def test_chat_panel_enter_sends_and_stop_keeps_the_partial_answer(page, lab_for,
         _run_in_new_notebook(page, f"%load_ext sage_magic\n%sage_chat {fake.line}")
         box = page.locator(".sage-chat textarea.sage-chat-input")
         box.wait_for(timeout=120_000)
+        assert page.locator(".sage-chat-gone").is_hidden()  # the live panel hides its "kernel gone" note
         box.click()
         box.type("Tell me a long story")
         box.press("Shift+Enter")  # a new line, not a send
@@ -298,5 +299,24 @@ def test_chat_panel_enter_sends_and_stop_keeps_the_partial_answer(page, lab_for,
         assert "w5" in last and "w299" not in last and "stopped" in last
         assert fake.requests[-1]["messages"][-1]["content"] == "Tell me a long story\nabout tensors."
         _shot(page, "7-stopped-partial-kept")
+
+        # the kernel restarts; the saved notebook is opened again: the panel must say its kernel is gone
+        page.evaluate("""async () => {
+            const panel = window.jupyterapp.shell.currentWidget;
+            await panel.context.save();
+            await panel.sessionContext.session.kernel.restart();
+        }""")
+        page.reload()
+        page.wait_for_function("() => window.jupyterapp !== undefined", timeout=60_000)
+        page.evaluate("async () => { await window.jupyterapp.restored; }")
+        page.evaluate("async () => { await window.jupyterapp.commands.execute('docmanager:open', "
+                      "{path: 'Untitled.ipynb'}); }")
+        output = page.locator(".jp-OutputArea-output").last
+        output.wait_for(timeout=30_000)
+        time.sleep(3)
+        shown = page.locator(".jp-OutputArea").last.inner_text()
+        print("re-displayed after a restart:", repr(shown))
+        assert "belonged to a kernel that has stopped" in shown
+        _shot(page, "8-panel-after-kernel-restart")
     finally:
         fake.close()

@@ -81,9 +81,10 @@ def _elements(fragment: str) -> tuple[set[str], list[tuple[str, str | None]]]:
 
 
 @pytest.mark.vllm
-def test_re_displayed_panel_has_a_kernel_gone_fallback(ip: InteractiveShell) -> None:
-    bundle = _panel(ip, "--finetune-model demo_expert")._repr_mimebundle_()
-    assert "application/vnd.jupyter.widget-view+json" in bundle and bundle["text/html"] == GONE
+def test_the_panel_comes_with_a_kernel_gone_note_that_a_live_panel_hides(ip: InteractiveShell) -> None:
+    panel = _panel(ip, "--finetune-model demo_expert")
+    assert GONE in ip.display_pub.outputs[-1]["data"]["text/html"]  # an output of its own, above the panel
+    assert ".sage-chat-gone" in panel.saved.value and "display: none" in panel.saved.value
 
 
 # --- against the real server --------------------------------------------------------------------------------
