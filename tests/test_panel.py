@@ -154,3 +154,18 @@ def test_stop_keeps_the_partial_answer_marked_stopped(shell: InteractiveShell) -
         assert magics(shell).session.history[-1].get("stopped") is True
     finally:
         fake.close()
+
+
+@pytest.mark.vllm
+def test_index_control_grounds_the_answer_and_each_citation_opens_its_passage(ip: InteractiveShell,
+                                                                               tmp_path: Path) -> None:
+    pytest.importorskip("sage_magic.rag.service", reason="the RAG helper process is not in this tree yet")
+    doc = tmp_path / "notes.md"
+    doc.write_text("# Keep-alive\n\nSAGE_KEEP_ALIVE sets how long a server outlives its last owner.\n")
+    ip.run_line_magic("sage", f"index add panel-notes {doc}")
+    panel = _panel(ip, "--finetune-model demo_expert")
+    assert "panel-notes" in [value for _label, value in panel.index.options]
+    panel.index.value, panel.top_k.value = "panel-notes", 2
+    last = _ask(panel, "What does SAGE_KEEP_ALIVE set?")
+    assert "<details class='sage-citation'><summary>[1] " in last and "notes.md" in last
+    assert "outlives its last owner" in last.split("<details class='sage-citation'>")[1]  # the passage itself
