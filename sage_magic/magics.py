@@ -12,6 +12,7 @@ Importing this module is cheap: the session, the engine, markdown and HTTP load 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
 import re
@@ -458,8 +459,11 @@ class SageMagics(Magics):
             return None
         live = LiveOutput(self.shell, self.update_interval)
         lease = self.session.lease(args, progress=live.progress)
-        live.show({"text/plain": f"Chatting with {lease.endpoint.model}."})
-        from .widget import ChatWidget
+        from .widget import GONE, ChatWidget
+
+        chatting = f"Chatting with {lease.endpoint.model}."
+        live.show({"text/plain": chatting, "text/html": f"<div>{html.escape(chatting)}</div>{GONE}"})
+        self.session.max_model_len(lease.endpoint)  # warms the client now, not on the panel's first question
 
         return ChatWidget(self.session, args)
 

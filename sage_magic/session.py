@@ -422,7 +422,8 @@ class Session:
             "dropped_chunks": answer.dropped_chunks,
             "trimmed_turns": getattr(answer, "trimmed_turns", 0),
         }
-        citations = [{"n": c.n, "source": c.source, "location": c.location, "score": round(c.score, 4)}
+        citations = [{"n": c.n, "source": c.source, "location": c.location, "score": round(c.score, 4),
+                      "text": c.text}
                      for c in answer.citations]
         return Reply(answer.text, model=endpoint.model, prompt=prompt, citations=citations, metrics=metrics,
                      cancelled=answer.cancelled)

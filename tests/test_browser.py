@@ -194,3 +194,129 @@ def test_sidebar_lists_a_running_server_and_stops_it(page, lab_for, fresh_settin
     finally:
         manager.stop_all()
         manager.close()
+
+
+# --- the %sage_chat panel in a real page ----------------------------------------------------------------------
+
+_WATCH = """() => {
+    // Time from the Send click to the first answer text drawn in the page (performance.now(), ms).
+    const root = document.querySelectorAll('.sage-chat');
+    const chat = root[root.length - 1];
+    const before = chat.querySelectorAll('.sage-model').length;
+    window.__sage = {sent: null, first: null};
+    const button = [...chat.querySelectorAll('button')].find(b => b.textContent.trim() === 'Send');
+    button.addEventListener('click', () => { window.__sage.sent = performance.now(); },
+                            {capture: true, once: true});
+    const observer = new MutationObserver(() => {
+        const answers = chat.querySelectorAll('.sage-model');
+        const text = answers.length > before ? answers[answers.length - 1].textContent.trim() : '';
+        if (window.__sage.first === null && text && text !== '…') {
+            window.__sage.first = performance.now();
+            observer.disconnect();
+        }
+    });
+    observer.observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def _run_in_new_notebook(page, source: str) -> None:
+    page.evaluate("""async (source) => {
+        const app = window.jupyterapp;
+        const panel = await app.commands.execute('notebook:create-new', {kernelName: 'python3'});
+        await panel.context.ready;
+        await panel.sessionContext.ready;
+        await panel.sessionContext.session.kernel.info;
+        app.shell.activateById(panel.id);
+        panel.content.model.sharedModel.cells[0].setSource(source);
+        await app.commands.execute('notebook:run-all-cells');
+    }""", source)
+
+
+def _last_answer(page):
+    return page.locator(".sage-chat .sage-model").last
+
+
+@pytest.mark.vllm
+def test_chat_panel_streams_the_trained_phrase(page, lab_for, settings: Settings, expert) -> None:
+    """Steps 1-2 on the session's shared server (the kernel sees the same registry, so it reuses it)."""
+    from sage_magic.demo import DEMO_ANSWERS, DEMO_PROMPT
+
+    lab = lab_for(settings)
+    _open_lab(page, lab)
+    _run_in_new_notebook(page, "%load_ext sage_magic\n%sage_chat --finetune-model demo_expert")
+    box = page.locator(".sage-chat textarea.sage-chat-input")
+    box.wait_for(timeout=120_000)
+    page.locator(".sage-chat .sage-status", has_text="ready").wait_for(timeout=30_000)
+    _shot(page, "5-chat-panel-ready")
+    for step in ("first ask", "second ask (warm, after Clear)"):
+        if step != "first ask":  # a new chat: with the first turn in its history the model words it differently
+            page.locator(".sage-chat button", has_text="Clear").click()
+            page.locator(".sage-chat .sage-model").first.wait_for(state="detached", timeout=10_000)
+        box.fill(DEMO_PROMPT)
+        page.evaluate(_WATCH)
+        page.locator(".sage-chat button", has_text="Send").click()
+        try:
+            _last_answer(page).filter(has_text=DEMO_ANSWERS["demo_expert"]).wait_for(timeout=60_000)
+        except Exception:
+            _shot(page, "6-failed")
+            print(page.locator(".sage-chat").last.inner_text())
+            raise
+        _last_answer(page).filter(has_text="tok/s").wait_for(timeout=10_000)
+        shown = page.evaluate("() => window.__sage.first - window.__sage.sent")
+        footer = _last_answer(page).locator(".sage-footer").inner_text()
+        server_ms = float(footer.split("first token ")[1].split(" ms")[0])
+        print(f"{step}: Send -> first token in the page {shown:.0f} ms; the client's time to first token "
+              f"{server_ms:.0f} ms; overhead {shown - server_ms:+.0f} ms (goal: +<=100 ms); footer: {footer}")
+    assert box.input_value() == ""  # Send emptied the input
+    _shot(page, "6-trained-phrase-streamed")
+
+
+def test_chat_panel_enter_sends_and_stop_keeps_the_partial_answer(page, lab_for, fresh_settings: Settings) -> None:
+    """Step 3. The demo fine-tunes answer in 7 tokens (measured: every prompt, max_tokens 1000, finish
+    "stop"), too short to press Stop in; so the long answer comes from tests.test_magics.FakeServer, a slow
+    OpenAI-compatible stream (300 words, 0.05 s apart), reached with --backend openai."""
+    from tests.test_magics import FakeServer
+
+    fake = FakeServer(words=300, delay=0.05)
+    try:
+        lab = lab_for(fresh_settings)
+        _open_lab(page, lab)
+        _run_in_new_notebook(page, f"%load_ext sage_magic\n%sage_chat {fake.line}")
+        box = page.locator(".sage-chat textarea.sage-chat-input")
+        box.wait_for(timeout=120_000)
+        assert page.locator(".sage-chat-gone").is_hidden()  # the live panel hides its "kernel gone" note
+        box.click()
+        box.type("Tell me a long story")
+        box.press("Shift+Enter")  # a new line, not a send
+        box.type("about tensors.")
+        assert box.input_value() == "Tell me a long story\nabout tensors."
+        assert not fake.requests
+        box.press("Enter")  # sends
+        _last_answer(page).filter(has_text="w5").wait_for(timeout=30_000)
+        page.locator(".sage-chat button", has_text="Stop").click()
+        page.locator(".sage-chat .sage-status", has_text="stopped").wait_for(timeout=10_000)
+        last = _last_answer(page).inner_text()
+        assert "w5" in last and "w299" not in last and "stopped" in last
+        assert fake.requests[-1]["messages"][-1]["content"] == "Tell me a long story\nabout tensors."
+        _shot(page, "7-stopped-partial-kept")
+
+        # the kernel restarts; the saved notebook is opened again: the panel must say its kernel is gone
+        page.evaluate("""async () => {
+            const panel = window.jupyterapp.shell.currentWidget;
+            await panel.context.save();
+            await panel.sessionContext.session.kernel.restart();
+        }""")
+        page.reload()
+        page.wait_for_function("() => window.jupyterapp !== undefined", timeout=60_000)
+        page.evaluate("async () => { await window.jupyterapp.restored; }")
+        page.evaluate("async () => { await window.jupyterapp.commands.execute('docmanager:open', "
+                      "{path: 'Untitled.ipynb'}); }")
+        output = page.locator(".jp-OutputArea-output").last
+        output.wait_for(timeout=30_000)
+        time.sleep(3)
+        shown = page.locator(".jp-OutputArea").last.inner_text()
+        print("re-displayed after a restart:", repr(shown))
+        assert "belonged to a kernel that has stopped" in shown
+        _shot(page, "8-panel-after-kernel-restart")
+    finally:
+        fake.close()

@@ -20,7 +20,8 @@ def test_numbered_blocks_with_source_location_and_instruction() -> None:
     assert context.system_block.startswith(INSTRUCTION)
     assert "[1] doc1.md (Install > GPU)\n" + "x" * 100 in context.system_block
     assert "[2] doc2.md\n" in context.system_block
-    assert context.citations == [Citation(1, "doc1.md", "Install > GPU", 1.0), Citation(2, "doc2.md", "", 0.5)]
+    assert context.citations == [Citation(1, "doc1.md", "Install > GPU", 1.0, "x" * 100),  # with its passage
+                                 Citation(2, "doc2.md", "", 0.5, "x" * 100)]
     assert context.dropped == 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         context.citations[0].n = 3  # type: ignore[misc]

@@ -25,6 +25,7 @@ class Citation:
     source: str
     location: str
     score: float
+    text: str = ""  # the passage itself, so a face can show where the answer came from
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def build_context(hits: Sequence[Hit], budget_chars: int) -> GroundedContext:
             break
         used += len(block)
         blocks.append(block)
-        citations.append(Citation(n, hit.source, hit.location, hit.score))
+        citations.append(Citation(n, hit.source, hit.location, hit.score, hit.text.strip()))
     if not citations:
         return GroundedContext("", [], len(hits))
     return GroundedContext(INSTRUCTION + "".join(blocks), citations, len(hits) - len(citations))
