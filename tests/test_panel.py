@@ -16,9 +16,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from sage_magic.demo import DEMO_ANSWERS, DEMO_PROMPT
 from sage_magic.session import Reply
 from sage_magic.widget import GONE, ChatWidget, reply_html
-from tests.conftest import env_for, wait_until
-from tests.test_magics import FakeServer, magics, new_shell
-from tests.test_magics import shell as shell  # noqa: F401  (the fixture with an empty home, for the fake)
+from tests.conftest import wait_until
+from tests.test_magics import FakeServer, magics
 
 
 def _panel(ip: InteractiveShell, line: str) -> ChatWidget:
@@ -38,15 +37,6 @@ def _ask(panel: ChatWidget, prompt: str = DEMO_PROMPT) -> str:
 
 def _texts(panel: ChatWidget) -> str:
     return "\n".join(w.value for w in panel.messages.children)
-
-
-@pytest.fixture
-def ip(settings, expert, monkeypatch: pytest.MonkeyPatch):
-    for key, value in env_for(settings).items():
-        monkeypatch.setenv(key, value)
-    shell = new_shell()
-    yield shell
-    shell.extension_manager.unload_extension("sage_magic")
 
 
 # --- without a server ---------------------------------------------------------------------------------------
