@@ -180,7 +180,8 @@ def _pandas() -> Any:
     try:
         import pandas
     except ImportError:
-        raise SageError("A DataFrame needs pandas: `pip install 'sage-magic[notebook]'`, or use .records().") from None
+        raise SageError("A DataFrame needs pandas: `pip install -e '.[notebook]'` in the sage_magic checkout, "
+                        "or use .records().") from None
     return pandas
 
 

@@ -123,5 +123,5 @@ def embedding_scores(pairs: Sequence[tuple[str, str]], python: str, embedder: st
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-3:])
         raise SageError(f"The embedding metric failed ({tail}). Install the document-index extra "
-                        "(`pip install 'sage-magic[rag]'`) or drop --metric embedding.")
+                        "(`pip install -e '.[rag]'` in the sage_magic checkout) or drop --metric embedding.")
     return [float(x) for x in json.loads(done.stdout)]

