@@ -6,9 +6,16 @@ and what to do next. Faces print ``str(error)`` and nothing else; a raw tracebac
 
 from __future__ import annotations
 
+#: Where a server failure's message turns from its explanation (and logged causes) to the raw log tail.
+LOG_TAIL_HEADING = "Last lines of the log:"
+
 
 class SageError(Exception):
     """A failure explained for the user; the message says what to do next."""
+
+    def brief(self) -> str:
+        """The message without a log tail: what a notebook cell shows (`%sage logs` shows the log itself)."""
+        return str(self).split(f"\n{LOG_TAIL_HEADING}", 1)[0]
 
 
 class NotFound(SageError):

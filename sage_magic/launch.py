@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import server_logs
 from .config import MAX_RUNTIME_DIR_LEN, Settings, check_port, check_vllm_args
-from .errors import Cancelled, SageError, ServerFailed
+from .errors import LOG_TAIL_HEADING, Cancelled, SageError, ServerFailed
 from .http import healthy
 from .processes import is_ours
 from .progress import Progress, ProgressCallback
@@ -191,7 +191,7 @@ def failure_report(path: str | Path, lines: int = 12) -> str:
         if "Engine core initialization failed" not in cause and cause not in causes:
             causes.append(cause)
     head = "".join(f"Cause: {c}\n" for c in causes[-3:])
-    return f"{head}Last lines of the log:\n{log_tail(path, lines)}"
+    return f"{head}{LOG_TAIL_HEADING}\n{log_tail(path, lines)}"
 
 
 def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES) -> str:

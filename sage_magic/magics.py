@@ -535,7 +535,8 @@ HANDLED = (SageError, OptionError)  # the only exceptions whose display the exte
 def _show_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
     """A SageError or OptionError in a cell: its one paragraph as the cell's error output (no traceback)."""
     shown = UsageError if issubclass(etype, OptionError) else etype
-    stb = [f"\x1b[0;31m{shown.__name__}\x1b[0m: {value}"]
+    text = value.brief() if isinstance(value, SageError) else str(value)
+    stb = [f"\x1b[0;31m{shown.__name__}\x1b[0m: {text}"]
     shell._showtraceback(shown, value, stb)  # ipykernel sends it as the cell's error: nbclient/nbval see it
     return stb
 

@@ -9,6 +9,8 @@ a few lines of OpenAI-compatible streaming over http.server, and say so.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -389,3 +391,59 @@ def test_bare_stop_stops_a_server_this_session_launched_even_after_later_reuses(
     session.lease(session.options(finetune_model="demo_expert"))
     session.lease(session.options(finetune_model="demo_poet"))
     assert session.stop() == ([SimpleNamespace(id="s1")], []) and stopped == ["s1"]
+
+
+def _finetune(home: Path, name: str, base: str, adapter_from: Path) -> None:
+    """A fine-tune in the SAGE layout whose meta names ``base`` and whose adapter is copied from another."""
+    folder = home / "finetune_output" / name
+    shutil.copytree(adapter_from, folder / "lora_weights")
+    (folder / "finetune_meta.json").write_text(json.dumps({"model": base}))
+
+
+@pytest.fixture
+def home_shell(demo_home: Path, tmp_path: Path, short_runtime: Path, monkeypatch: pytest.MonkeyPatch):
+    """A shell on a copy of the demo home (to add broken fine-tunes to) with a registry of its own."""
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home, symlinks=True)
+    for key, value in env_for(make_settings(home, short_runtime)).items():
+        monkeypatch.setenv(key, value)
+    ip = new_shell()
+    yield ip, home
+    ip.extension_manager.unload_extension("sage_magic")
+
+
+def test_missing_base_and_adapter_mismatch_are_one_paragraph_each(home_shell, capsys: pytest.CaptureFixture) -> None:
+    ip, home = home_shell
+    adapter = home / "finetune_output" / "demo_expert" / "lora_weights"
+    _finetune(home, "orphan", "no-such-base", adapter)
+    out = _paragraph(capsys, run(ip, "--finetune-model orphan", "hi"), "NotFound")
+    assert "'no-such-base' was not found" in out and "models.json" in out
+    narrow = home / "models" / "narrow-base"  # same architecture, other layer sizes: the adapter cannot fit
+    shutil.copytree(home / "models" / "sage-demo-base", narrow)
+    config = json.loads((narrow / "config.json").read_text())
+    config.update(hidden_size=64, intermediate_size=128, head_dim=16)
+    (narrow / "config.json").write_text(json.dumps(config))
+    _finetune(home, "misfit", "narrow-base", adapter)
+    out = _paragraph(capsys, run(ip, "--finetune-model misfit", "hi"), "IncompatibleAdapter")
+    assert "'misfit' was trained on 'sage-demo-base'" in out and 'Point "model" at the base' in out
+    assert not [p for p in Path(os.environ["SAGE_RUNTIME_DIR"]).rglob("*.json")]  # refused before registering
+
+
+def test_a_bad_port_is_a_usage_error_that_says_the_range(shell: InteractiveShell) -> None:
+    result = run(shell, "--finetune-model demo_expert --finetune-port 70000", "hi")
+    assert isinstance(result.error_in_exec, UsageError) and "1 to 65535" in str(result.error_in_exec)
+
+
+def test_a_server_that_cannot_start_says_why_in_one_paragraph(home_shell, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """SAGE_PYTHON names an interpreter without sage_magic (a bare venv): the start fails at once with the
+    supervisor's own error as the cause, not after the 900 s ready timeout."""
+    ip, _home = home_shell
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    monkeypatch.setenv("SAGE_PYTHON", str(bare / "bin" / "python"))
+    monkeypatch.setenv("SAGE_READY_TIMEOUT", "900")
+    out = _paragraph(capsys, run(ip, "--finetune-model demo_expert", "hi"), "ServerFailed")
+    assert "Cause: ModuleNotFoundError: No module named" in out and "SAGE_PYTHON" in out
+    assert "/logs/" in out and "Traceback" not in out  # where the whole log is, not the log itself
