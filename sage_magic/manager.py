@@ -86,6 +86,7 @@ class Manager:
         self.settings = settings
         self.registry = Registry(settings.runtime_dir)
         self._leases: dict[str, str] = {}  # lease id -> server id, for the leases this manager handed out
+        self._used: set[str] = set()  # every server a lease of this manager was ever on (close(wait=True) waits)
         self._supervisors: dict[str, subprocess.Popen] = {}  # their stdin stays open until this process dies
         self._lock = threading.Lock()
         atexit.register(self.close)
@@ -206,6 +207,7 @@ class Manager:
                     launched = True
                 with self._lock:
                     self._leases[lease_id] = record.id
+                    self._used.add(record.id)
         except LockBusy:
             call.check("waiting for the server registry")
             raise
@@ -329,7 +331,8 @@ class Manager:
         """
         with self._lock:
             held = dict(self._leases)
-        left = {server_id: self.registry.get(server_id) for server_id in set(held.values())}
+            used = set(self._used)  # leases released before close count too: `--ask` releases its own first
+        left = {server_id: self.registry.get(server_id) for server_id in used}
         for lease_id in held:
             self._release(lease_id)
         if not wait:
