@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_hung_server(run, args.samples)
         manager = Manager(settings)
         run.managers.append(manager)
-        served = manager.serve_finetune("demo_expert")
-        bench_real(run, getattr(served, "endpoint", served), args.samples)  # an Endpoint, or a Lease holding one
+        bench_real(run, manager.serve_finetune("demo_expert").endpoint, args.samples)
         failed = False
     except Exception:  # noqa: BLE001 - report it, clean up, and exit 1 below
         traceback.print_exc()

@@ -168,7 +168,7 @@ def test_sidebar_lists_a_running_server_and_stops_it(page, lab_for, fresh_settin
     """A server of this test's own (fresh registry), so that stopping it leaves the shared one alone."""
     manager = Manager(fresh_settings)
     try:
-        endpoint = manager.serve_finetune("demo_expert")
+        endpoint = manager.serve_finetune("demo_expert").endpoint
         lab = lab_for(fresh_settings)
         _open_lab(page, lab)
         page.locator(".sage-magic-status").click()

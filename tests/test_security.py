@@ -113,7 +113,7 @@ def test_a_start_and_stop_leaves_nothing_but_its_log(fresh_settings, monkeypatch
     settings = fresh_settings.with_(port=None)
     manager = Manager(settings)
     try:
-        endpoint = manager.serve_model(settings.models_root / DEMO_BASE)
+        endpoint = manager.serve_model(settings.models_root / DEMO_BASE).endpoint
         record = manager.registry.get(endpoint.server_id)
         assert record.port is None and record.tcp_url is None
         assert any(stat.S_ISSOCK(p.lstat().st_mode) for p in Path(record.socket).parent.iterdir()
