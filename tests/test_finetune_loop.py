@@ -56,7 +56,7 @@ def test_trained_adapter_answers_through_vllm_and_is_listed(settings: Settings, 
     assert result.adapter_dir == settings.finetune_root / "parrot" / "lora_weights"
     steps = [e.data["step"] for e in events if e.phase == "train"]
     assert steps[-1] == 40 and all(e.data["loss"] > 0 for e in events if e.phase == "train")
-    endpoint = manager.serve_finetune("parrot")  # joins the running base server as one more adapter
+    endpoint = manager.serve_finetune("parrot").endpoint  # joins the running base server as one more adapter
     assert endpoint.server_id == expert.server_id  # type: ignore[attr-defined]
     assert ask(endpoint, DEMO_PROMPT, max_tokens=24, temperature=0.0, seed=None).text == PHRASE
     listing = subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "finetune", "list", "--json"],
@@ -141,7 +141,7 @@ def test_stopped_training_keeps_a_usable_checkpoint_then_resumes(settings: Setti
     assert not (root / "lora_weights").exists()
     assert not leftovers(root / "checkpoints" / f"checkpoint-{result.checkpoints[-1]}")
     assert get_finetune(settings, "stopped").adapter_dir == result.adapter_dir
-    endpoint = manager.serve_finetune("stopped")  # the checkpoint is a complete adapter vLLM accepts
+    endpoint = manager.serve_finetune("stopped").endpoint  # the checkpoint is a complete adapter vLLM accepts
     assert ask(endpoint, DEMO_PROMPT, max_tokens=8, temperature=0.0, seed=None).error is None
 
     interrupted = []
