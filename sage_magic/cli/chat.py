@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def ask_options(args: argparse.Namespace) -> dict:
     return dict(index=args.index, top_k=args.top_k, mode=args.mode, max_tokens=args.max_tokens,
-                temperature=args.temperature)
+                temperature=args.temperature, seed=args.seed)
 
 
 COMMANDS = {
