@@ -1,4 +1,7 @@
-"""A thin streaming chat client over the ``openai`` package, for our servers and any compatible endpoint.
+"""A thin streaming chat client for our servers and any OpenAI-compatible endpoint, over httpx alone.
+
+It speaks the chat-completions stream (server-sent events) itself instead of through the ``openai`` package,
+whose import alone costs over a second: that second would land on the first question of every fresh kernel.
 
 It measures what a person asks about (time to first token, tokens per second, token usage) and can be
 stopped at any moment from any thread, keeping whatever text already arrived: the blocking request runs on
@@ -9,6 +12,7 @@ reached through the proxy the environment names.
 
 from __future__ import annotations
 
+import json
 import queue
 import socket as _socket
 import threading
@@ -43,17 +47,15 @@ class ChatClient:
 
     def __init__(self, endpoint: Endpoint, timeout: float = 600.0) -> None:
         import httpx
-        import openai
 
         self.endpoint = endpoint
         self.timeout = timeout
         self._window: int | None = None
+        self._httpx = httpx
         transport = httpx.HTTPTransport(uds=endpoint.socket) if endpoint.socket else None
-        http_client = httpx.Client(trust_env=not endpoint.is_local, timeout=timeout, transport=transport)
-        self._openai = openai
-        self._transport_error = httpx.HTTPError
-        self._client = openai.OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key or "EMPTY",
-                                     http_client=http_client, max_retries=0)
+        headers = {"Authorization": f"Bearer {endpoint.api_key or 'EMPTY'}", "Accept": "text/event-stream"}
+        self._client = httpx.Client(trust_env=not endpoint.is_local, timeout=timeout, transport=transport,
+                                    headers=headers)
 
     def close(self) -> None:
         self._client.close()
@@ -118,14 +120,15 @@ class ChatClient:
                     raise self._failure(value, started_streaming=False, partial="")
                 if kind == "broke":
                     raise self._failure(value, started_streaming=True, partial="".join(parts))
-                usage = value.usage or usage
-                for choice in value.choices:
-                    finish = choice.finish_reason or finish
-                    if choice.delta.content:
+                usage = value.get("usage") or usage
+                for choice in value.get("choices") or []:
+                    finish = choice.get("finish_reason") or finish
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
                         first = first or time.monotonic()
-                        parts.append(choice.delta.content)
+                        parts.append(content)
                         if on_delta is not None:
-                            on_delta(choice.delta.content)
+                            on_delta(content)
         except KeyboardInterrupt:
             raise StreamInterrupted(_result(parts, finish, usage, started, first, True)) from None
         finally:
@@ -135,44 +138,72 @@ class ChatClient:
 
     def _pump(self, messages: list[dict[str, str]], params: dict[str, Any], call: _Call,
               events: queue.Queue) -> None:
-        """The worker: make the request and queue each chunk, until the end, a failure or an abort."""
+        """The worker: make the request and queue each decoded chunk, until the end, a failure or an abort."""
+        payload = {"model": self.endpoint.model, "messages": messages, "stream": True,
+                   "stream_options": {"include_usage": True}, **params}
         try:
-            stream = self._client.chat.completions.create(
-                model=self.endpoint.model, messages=messages, stream=True,
-                stream_options={"include_usage": True}, **params)
+            response = self._client.send(self._client.build_request(
+                "POST", f"{self.endpoint.base_url}/chat/completions", json=payload), stream=True)
         except Exception as error:  # noqa: BLE001 - handed to the caller's thread, which explains it
             events.put(("failed", error))
             return
-        if not call.attach(stream):
-            return
         try:
-            for chunk in stream:
+            if response.status_code >= 400:
+                events.put(("failed", _Refused(response.status_code, response.read().decode("utf-8", "replace"))))
+                return
+            if not call.attach(response):
+                return
+            for line in response.iter_lines():
                 if call.aborted:
                     return
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, other SSE fields
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if isinstance(chunk, dict) and "error" in chunk:  # the server failed after the stream began
+                    raise _Refused(500, data)
                 events.put(("chunk", chunk))
             events.put(("end", None))
         except Exception as error:  # noqa: BLE001 - as above
             if not call.aborted:
                 events.put(("broke", error))
         finally:
-            stream.close()
+            response.close()
 
     def _failure(self, error: Exception, *, started_streaming: bool, partial: str) -> Exception:
         """One paragraph for what went wrong, with the next step."""
-        openai = self._openai
+        httpx = self._httpx
         where = self.endpoint.base_url
-        if started_streaming and isinstance(error, (openai.APIError, self._transport_error)):
+        if started_streaming and isinstance(error, (httpx.HTTPError, _Refused, ValueError)):
             return ServerFailed(f"The model at {where} broke off its answer ({error}); the partial answer was: "
                                 f"{partial!r}. `sage logs` shows why.")
-        if isinstance(error, openai.APITimeoutError):
+        if isinstance(error, httpx.TimeoutException):
             return ServerFailed(f"The model at {where} did not answer within {self.timeout:g} s. `sage logs` shows "
                                 "what the server is doing; a busy CPU server may need a longer timeout.")
-        if isinstance(error, openai.APIConnectionError):
+        if isinstance(error, httpx.TransportError):
             return ServerFailed(f"Cannot reach the model at {where} ({error}). `sage ps` shows running servers; "
                                 "start one again or check --base-url.")
-        if isinstance(error, openai.APIStatusError):
+        if isinstance(error, _Refused):
             return SageError(_status_message(self.endpoint, error))
         return error  # not a fault of the server or the network: a bug, shown as one
+
+
+class _Refused(Exception):
+    """An HTTP error answer (or an error event in the stream): its status and the server's own message."""
+
+    def __init__(self, status_code: int, body: str) -> None:
+        self.status_code = status_code
+        try:
+            decoded = json.loads(body)
+        except ValueError:
+            decoded = body
+        if isinstance(decoded, dict):
+            inner = decoded.get("error", decoded)
+            decoded = inner.get("message", inner) if isinstance(inner, dict) else inner
+        self.message = str(decoded)[:500]
+        super().__init__(f"{status_code}: {self.message}")
 
 
 class StreamInterrupted(KeyboardInterrupt):
@@ -194,13 +225,12 @@ class _Call:
         self._stream: Any = None
         self.aborted = False
 
-    def attach(self, stream: Any) -> bool:
-        """Hand over the open stream; False (and closed) when the call was aborted before it opened."""
+    def attach(self, response: Any) -> bool:
+        """Hand over the open response; False when the call was aborted before it opened (the worker closes it)."""
         with self._lock:
             if not self.aborted:
-                self._stream = stream
+                self._stream = response
                 return True
-        stream.close()
         return False
 
     def abort(self) -> None:
@@ -208,7 +238,7 @@ class _Call:
             self.aborted, stream = True, self._stream
         if stream is None:  # no headers yet: the worker closes the stream as soon as it opens (see attach)
             return
-        network = stream.response.extensions.get("network_stream")
+        network = stream.extensions.get("network_stream")
         sock = network.get_extra_info("socket") if network is not None else None
         if sock is not None:
             try:  # the base class's shutdown: an SSL socket's own would tear down its state under the reader
@@ -220,11 +250,11 @@ class _Call:
 def _result(parts: list[str], finish: str | None, usage: Any, started: float, first: float | None,
             cancelled: bool) -> StreamResult:
     ended = time.monotonic()
-    completion = usage.completion_tokens if usage else None
+    completion = usage.get("completion_tokens") if usage else None
     rate = None
     if completion and first is not None and ended > first and completion > 1:
         rate = (completion - 1) / (ended - first)
-    return StreamResult("".join(parts), finish, usage.prompt_tokens if usage else None, completion,
+    return StreamResult("".join(parts), finish, usage.get("prompt_tokens") if usage else None, completion,
                         None if first is None else first - started, rate, ended - started, cancelled)
 
 
