@@ -111,6 +111,17 @@ def _open_lab(page, lab: Lab) -> None:
     page.evaluate("async () => { await window.jupyterapp.restored; }")
 
 
+# Opens a new notebook on a ready kernel and makes it the active one (leaves ``app`` and ``panel`` defined).
+_NEW_NOTEBOOK = """
+        const app = window.jupyterapp;
+        const panel = await app.commands.execute('notebook:create-new', {kernelName: 'python3'});
+        await panel.context.ready;
+        await panel.sessionContext.ready;
+        await panel.sessionContext.session.kernel.info;
+        app.shell.activateById(panel.id);
+"""
+
+
 def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
@@ -148,13 +159,7 @@ def test_sidebar_status_item_and_commands_appear(page, lab_for, fresh_settings: 
     assert labels == ["SAGE: Open chat in this notebook", "SAGE: Stop all model servers"]
     _shot(page, "1-sidebar-and-status-item")
 
-    cells = page.evaluate("""async () => {
-        const app = window.jupyterapp;
-        const panel = await app.commands.execute('notebook:create-new', {kernelName: 'python3'});
-        await panel.context.ready;
-        await panel.sessionContext.ready;
-        await panel.sessionContext.session.kernel.info;
-        app.shell.activateById(panel.id);
+    cells = page.evaluate("async () => {" + _NEW_NOTEBOOK + """
         await app.commands.execute('sage-magic:open-chat');
         return panel.content.model.sharedModel.cells.map(c => [c.getSource(), c.execution_count]);
     }""")
@@ -220,13 +225,7 @@ _WATCH = """() => {
 
 
 def _run_in_new_notebook(page, source: str) -> None:
-    page.evaluate("""async (source) => {
-        const app = window.jupyterapp;
-        const panel = await app.commands.execute('notebook:create-new', {kernelName: 'python3'});
-        await panel.context.ready;
-        await panel.sessionContext.ready;
-        await panel.sessionContext.session.kernel.info;
-        app.shell.activateById(panel.id);
+    page.evaluate("async (source) => {" + _NEW_NOTEBOOK + """
         panel.content.model.sharedModel.cells[0].setSource(source);
         await app.commands.execute('notebook:run-all-cells');
     }""", source)
