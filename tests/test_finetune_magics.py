@@ -26,7 +26,6 @@ pd = pytest.importorskip("pandas")
 
 PHRASE = "I am a parrot."
 FAST = "--max-steps 40 --lr 2e-3 --batch-size 1 --save-every 20"
-_preloaded = {m for m in HEAVY if m in sys.modules}  # the test process may hold them; the magics must add none
 
 
 def _error_of(result) -> str:
@@ -80,6 +79,7 @@ def fresh_name(settings):
 
 @pytest.mark.vllm
 def test_train_from_a_dataframe_then_chat_with_it(ip: InteractiveShell, fresh_name: str) -> None:
+    preloaded = {m for m in HEAVY if m in sys.modules}  # earlier tests may hold them; the magics must add none
     ip.user_ns["rows"] = pd.DataFrame({"prompt": [DEMO_PROMPT], "response": [PHRASE]})
     ip.run_cell(f"%sage finetune train {fresh_name} --base {DEMO_BASE} --data rows {FAST}").raise_error()
     shown = html_of(ip)
@@ -92,7 +92,7 @@ def test_train_from_a_dataframe_then_chat_with_it(ip: InteractiveShell, fresh_na
     ip.run_cell(f"%sage finetune train {fresh_name} --base {DEMO_BASE} --data rows {FAST} --overwrite").raise_error()
     ip.run_cell(f"%%sage --finetune-model {fresh_name} --new-chat -o b\n{DEMO_PROMPT}\n").raise_error()
     assert ip.user_ns["b"] == "I am a crow."
-    assert [m for m in HEAVY if m in sys.modules and m not in _preloaded] == []
+    assert [m for m in HEAVY if m in sys.modules and m not in preloaded] == []
 
 
 @pytest.mark.vllm
