@@ -64,7 +64,12 @@ function render({ model, el }) {
       model.send({ event: "submit" });
     }
   });
-  model.on("change:value", () => { if (box.value !== model.get("value")) box.value = model.get("value"); });
+  // While the person types, the kernel's echo of an earlier value must not overwrite newer keystrokes (on a
+  // busy machine it arrives after them); the kernel itself only ever empties the box, after a send.
+  model.on("change:value", () => {
+    const value = model.get("value");
+    if (box.value !== value && (document.activeElement !== box || value === "")) box.value = value;
+  });
   el.appendChild(box);
 }
 export default { render };
