@@ -110,40 +110,27 @@ def test_cancel_from_another_thread_ends_a_wait_for_the_first_byte() -> None:
     thread.join(5)
 
 
-def test_cancel_from_another_thread_during_prefill_hangs_up_so_the_server_aborts() -> None:
-    """Headers sent, first token not yet (what a long prompt's prefill looks like): a cancel must end the call
-    and close the connection, which is how vLLM learns to abort the request."""
+@pytest.mark.parametrize(("sent", "kept"), [
+    (b"", ""),  # headers sent, first token not yet: what a long prompt's prefill looks like
+    (_http_chunk(_chunk("Roses")) + _http_chunk(_chunk(" are")), "Roses are"),  # mid-stream, then a stall
+], ids=["prefill", "mid-stream"])
+def test_cancel_from_another_thread_keeps_the_text_and_hangs_up_so_the_server_aborts(sent: bytes, kept: str) -> None:
+    """A cancel must end the call, keep what arrived and close the connection, which is how vLLM learns to
+    abort the request."""
     left = threading.Event()
 
-    def prefill_forever(conn: socket.socket) -> None:
-        conn.sendall(STREAM_HEAD)
+    def stall(conn: socket.socket) -> None:
+        conn.sendall(STREAM_HEAD + sent)
         _until_client_leaves(conn, left)
 
-    port, thread = _serve_once(prefill_forever)
+    port, thread = _serve_once(stall)
     client = ChatClient(Endpoint(f"http://127.0.0.1:{port}/v1", "k", "m"), timeout=60)
     cancel = threading.Event()
     _cancel_soon(cancel)
     result = client.stream([{"role": "user", "content": "hi"}], cancel=cancel)
-    assert result.cancelled and result.text == ""
+    assert result.cancelled and result.text == kept
     thread.join(10)
     assert left.is_set(), "the server never saw the client hang up, so vLLM would go on generating"
-
-
-def test_cancel_from_another_thread_mid_stream_keeps_the_text_and_hangs_up() -> None:
-    left = threading.Event()
-
-    def stall_after_two_chunks(conn: socket.socket) -> None:
-        conn.sendall(STREAM_HEAD + _http_chunk(_chunk("Roses")) + _http_chunk(_chunk(" are")))
-        _until_client_leaves(conn, left)
-
-    port, thread = _serve_once(stall_after_two_chunks)
-    client = ChatClient(Endpoint(f"http://127.0.0.1:{port}/v1", "k", "m"), timeout=60)
-    cancel = threading.Event()
-    _cancel_soon(cancel)
-    result = client.stream([{"role": "user", "content": "hi"}], cancel=cancel)
-    assert result.cancelled and result.text == "Roses are"
-    thread.join(10)
-    assert left.is_set()
 
 
 class _RecordingProxy(http.server.BaseHTTPRequestHandler):
