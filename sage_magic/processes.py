@@ -7,11 +7,23 @@ launcher marks the whole tree with SAGE_SERVER_ID), so a recycled pid is never s
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import time
 
 import psutil
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when the thread that forked it exits: a child of ours (vLLM, a
+    training or search helper) must not outlive a parent that died without running any code. Call it in the
+    child (``preexec_fn``, or first thing in its main) while it is still single-threaded."""
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: the death pipe (EOF on stdin) still ends every child of ours
 
 
 def is_ours(pid: int | None, server_id: str) -> bool:

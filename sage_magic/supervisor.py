@@ -13,7 +13,6 @@ a SIGKILLed supervisor takes the API server with it; the record it leaves is rea
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import socket
@@ -24,19 +23,10 @@ import time
 from pathlib import Path
 
 from .gateway import Gateway
-from .processes import kill_group
+from .processes import die_with_parent, kill_group
 from .registry import Owner, Registry, ServerRecord
 
 POLL_SECONDS = 0.25
-
-
-def _die_with_parent() -> None:
-    """Runs in the forked child before exec (the supervisor is single-threaded at that point)."""
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: the supervisor's own stop path still covers every graceful case
 
 
 class Supervisor:
@@ -55,7 +45,7 @@ class Supervisor:
         log_path = self.registry.log_path(self.server_id)
         with open(log_path, "ab", buffering=0) as log:
             proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+                                    start_new_session=True, preexec_fn=die_with_parent)
         with self.registry.locked():
             record = self.registry.get(self.server_id)
             if record is not None:

@@ -34,8 +34,8 @@ from .catalog import META_FILE, checkpoints_of, get_finetune, read_json, resolve
 from .config import Settings
 from .errors import NotFound, SageError
 from .files import LockBusy, exclusive
+from .processes import die_with_parent
 from .progress import Progress, ProgressCallback, silent
-from .supervisor import _die_with_parent
 from .tables import Table, is_missing
 
 Messages = list[dict[str, str]]
@@ -263,7 +263,7 @@ class _Child:
         env = {**os.environ, **settings.extra_env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         self.proc = subprocess.Popen([settings.python, "-m", "sage_magic.train_worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write((json.dumps(job) + "\n").encode())
         self.proc.stdin.flush()

@@ -34,7 +34,7 @@ from typing import IO, Any
 
 from ..config import Settings
 from ..errors import SageError
-from ..supervisor import _die_with_parent
+from ..processes import die_with_parent
 from . import store
 from .embedder import load_embedder
 from .search import search
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sage_magic.rag.worker")
     parser.add_argument("--parent", type=int, required=True, help="pid of the process this worker serves")
     args = parser.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != args.parent:  # the parent died before the death signal was armed
         return 0
     answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
