@@ -17,6 +17,13 @@ thread; the partial answer stays, marked stopped.
 Enter-to-send: ipywidgets' Textarea has no key events, so the input is a tiny anywidget (:class:`PromptInput`,
 a textarea and a dozen lines of ESM) that sends a ``submit`` message on Enter. Without anywidget the panel falls
 back to a plain Textarea (Send button only).
+
+Why the typed text travels in custom messages and not as synced state: the front end throttles state updates
+(one in flight per model; later ones wait until the kernel is idle) but sends custom messages at once, so a
+``submit`` sent after a ``save_changes()`` can reach the kernel BEFORE the last keystrokes (CI saw "about
+tenso" asked for "about tensors."). Every keystroke and the submit are custom messages, delivered in the order
+typed; the kernel records them without an echo, and clears the box with a ``sent`` message that removes only
+the text it sent, so keys typed meanwhile survive.
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ function render({ model, el }) {
   box.style.width = "100%";
   box.style.boxSizing = "border-box";
   box.value = model.get("value");
-  box.addEventListener("input", () => { model.set("value", box.value); model.save_changes(); });
+  const typed = () => model.send({ event: "input", text: box.value });
+  box.addEventListener("input", typed);
   // Keys typed here are text, not notebook shortcuts (Shift+Enter would re-run the cell), as in ipywidgets' own
   // Textarea.
   box.addEventListener("keypress", (e) => e.stopPropagation());
@@ -59,17 +67,18 @@ function render({ model, el }) {
     e.stopPropagation();
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
-      model.set("value", box.value);
-      model.save_changes();
-      model.send({ event: "submit" });
+      model.send({ event: "submit", text: box.value });
     }
   });
-  // While the person types, the kernel's echo of an earlier value must not overwrite newer keystrokes (on a
-  // busy machine it arrives after them); the kernel itself only ever empties the box, after a send.
-  model.on("change:value", () => {
-    const value = model.get("value");
-    if (box.value !== value && (document.activeElement !== box || value === "")) box.value = value;
+  // The kernel took `text`: drop it from the front of the box, keeping whatever was typed since.
+  model.on("msg:custom", (msg) => {
+    if (msg.event === "sent" && box.value.startsWith(msg.text)) {
+      box.value = box.value.slice(msg.text.length);
+      typed();
+    }
   });
+  // A value set from Python (the kernel never echoes the browser's own keystrokes back).
+  model.on("change:value", () => { box.value = model.get("value"); });
   el.appendChild(box);
 }
 export default { render };
@@ -89,6 +98,15 @@ def _prompt_input() -> Any:
     class PromptInput(anywidget.AnyWidget):
         _esm = _ESM
         value = traitlets.Unicode("").tag(sync=True)
+
+        def typed(self, text: str) -> None:
+            """Record the browser's text without sending it back (``set_state`` does not echo)."""
+            self.set_state({"value": text})
+
+        def taken(self, text: str) -> None:
+            """The panel asked ``text``: empty the kernel's copy and tell the browser to drop it."""
+            self.typed("")
+            self.send({"event": "sent", "text": text})
 
     return PromptInput(layout=widgets.Layout(width="100%"))
 
@@ -145,7 +163,7 @@ class ChatWidget:
         self.messages = widgets.VBox([], layout=widgets.Layout(max_height="32em", overflow="auto"))
         self.input = _prompt_input()
         if hasattr(self.input, "on_msg"):
-            self.input.on_msg(lambda _w, content, _b: content.get("event") == "submit" and self.send())
+            self.input.on_msg(self._on_input_msg)
         self.send_button = widgets.Button(description="Send", button_style="primary")
         self.stop_button = widgets.Button(description="Stop", disabled=True)
         self.clear_button = widgets.Button(description="Clear")
@@ -198,12 +216,26 @@ class ChatWidget:
         args.index, args.top_k = self.index.value or None, self.top_k.value
         return args
 
+    def _on_input_msg(self, _widget: Any, content: dict[str, Any], _buffers: Any) -> None:
+        text = str(content.get("text", ""))
+        if content.get("event") == "input":
+            self.input.typed(text)
+        elif content.get("event") == "submit":
+            self.input.typed(text)
+            self.send()
+
     def send(self, text: str | None = None) -> threading.Event | None:
-        """Ask ``text`` (default: the input box). Returns an event set once the answer is complete."""
+        """Ask ``text`` (default: the input box). Returns an event set once the answer is complete.
+
+        A busy panel ignores it and the input keeps the text, so nothing typed is lost."""
         prompt = self.input.value if text is None else text
         if not prompt.strip() or self.send_button.disabled:
             return None
-        self.input.value = ""
+        if text is None:
+            if hasattr(self.input, "taken"):
+                self.input.taken(prompt)
+            else:
+                self.input.value = ""
         done = threading.Event()
         self._cancel = threading.Event()
         self.send_button.disabled, self.stop_button.disabled = True, False
