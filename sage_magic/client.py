@@ -1,7 +1,9 @@
-"""A thin streaming chat client for our servers and any OpenAI-compatible endpoint, over httpx alone.
+"""A thin streaming chat client for our servers and any OpenAI-compatible endpoint, on the standard library.
 
-It speaks the chat-completions stream (server-sent events) itself instead of through the ``openai`` package,
-whose import alone costs over a second: that second would land on the first question of every fresh kernel.
+It speaks the chat-completions stream (server-sent events) itself over ``http.client``. The ``openai``
+package's import alone costs over a second, and httpx ~50 ms to import plus ~45 ms to build the TLS context of
+its first client (for a Unix socket too): both would land on the first question of every fresh kernel, whose
+goal is the model's own time to first token plus 0.1 s.
 
 It measures what a person asks about (time to first token, tokens per second, token usage) and can be
 stopped at any moment from any thread, keeping whatever text already arrived: the blocking request runs on
@@ -12,6 +14,7 @@ reached through the proxy the environment names.
 
 from __future__ import annotations
 
+import http.client
 import json
 import queue
 import socket as _socket
@@ -22,7 +25,7 @@ from typing import Any, Callable
 
 from .endpoint import Endpoint
 from .errors import SageError, ServerFailed
-from .http import HttpError, request_json
+from .http import HttpError, request_json, route
 
 # How often a waiting caller looks at its cancel event: well inside the 0.5 s a Stop button may take.
 POLL = 0.05
@@ -46,19 +49,12 @@ class ChatClient:
     """One endpoint's chat completions, its context window and its tokenizer. Safe to share between threads."""
 
     def __init__(self, endpoint: Endpoint, timeout: float = 600.0) -> None:
-        import httpx
-
         self.endpoint = endpoint
         self.timeout = timeout
         self._window: int | None = None
-        self._httpx = httpx
-        transport = httpx.HTTPTransport(uds=endpoint.socket) if endpoint.socket else None
-        headers = {"Authorization": f"Bearer {endpoint.api_key or 'EMPTY'}", "Accept": "text/event-stream"}
-        self._client = httpx.Client(trust_env=not endpoint.is_local, timeout=timeout, transport=transport,
-                                    headers=headers)
 
     def close(self) -> None:
-        self._client.close()
+        """Nothing stays open between calls: each stream has its own connection, closed when it ends."""
 
     def max_model_len(self) -> int | None:
         """The served model's context length, from /v1/models (None if the server does not say). Asked once:
@@ -132,7 +128,7 @@ class ChatClient:
         except KeyboardInterrupt:
             raise StreamInterrupted(_result(parts, finish, usage, started, first, True)) from None
         finally:
-            if not ended:  # vLLM sees the disconnect and aborts the request (a finished one keeps its connection)
+            if not ended:  # vLLM sees the disconnect and aborts the request
                 call.abort()
         return _result(parts, finish, usage, started, first, cancelled)
 
@@ -141,53 +137,80 @@ class ChatClient:
         """The worker: make the request and queue each decoded chunk, until the end, a failure or an abort."""
         payload = {"model": self.endpoint.model, "messages": messages, "stream": True,
                    "stream_options": {"include_usage": True}, **params}
+        way = route(f"{self.endpoint.base_url}/chat/completions", self.timeout, self.endpoint.socket)
+        connection = way.connection
         try:
-            response = self._client.send(self._client.build_request(
-                "POST", f"{self.endpoint.base_url}/chat/completions", json=payload), stream=True)
-        except Exception as error:  # noqa: BLE001 - handed to the caller's thread, which explains it
-            events.put(("failed", error))
-            return
-        try:
-            if response.status_code >= 400:
-                events.put(("failed", _Refused(response.status_code, response.read().decode("utf-8", "replace"))))
-                return
-            if not call.attach(response):
-                return
-            for line in response.iter_lines():
-                if call.aborted:
+            try:
+                connection.connect()
+                if not call.attach(connection.sock):
                     return
-                if not line.startswith("data:"):
-                    continue  # blank separators, comments, other SSE fields
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if isinstance(chunk, dict) and "error" in chunk:  # the server failed after the stream began
-                    raise _Refused(500, data)
-                events.put(("chunk", chunk))
-            events.put(("end", None))
-        except Exception as error:  # noqa: BLE001 - as above
-            if not call.aborted:
-                events.put(("broke", error))
+                connection.request("POST", way.target, body=json.dumps(payload).encode(), headers={
+                    **way.headers, "Authorization": f"Bearer {self.endpoint.api_key or 'EMPTY'}",
+                    "Accept": "text/event-stream", "Content-Type": "application/json"})
+                response = connection.getresponse()
+            except Exception as error:  # noqa: BLE001 - handed to the caller's thread, which explains it
+                if not call.aborted:
+                    events.put(("failed", error))
+                return
+            if response.status >= 400:
+                events.put(("failed", _Refused(response.status, response.read().decode("utf-8", "replace"))))
+                return
+            _read_events(response, call, events)
         finally:
-            response.close()
+            connection.close()
 
     def _failure(self, error: Exception, *, started_streaming: bool, partial: str) -> Exception:
         """One paragraph for what went wrong, with the next step."""
-        httpx = self._httpx
         where = self.endpoint.base_url
-        if started_streaming and isinstance(error, (httpx.HTTPError, _Refused, ValueError)):
-            return ServerFailed(f"The model at {where} broke off its answer ({error}); the partial answer was: "
-                                f"{partial!r}. `sage logs` shows why.")
-        if isinstance(error, httpx.TimeoutException):
+        network = (OSError, http.client.HTTPException)
+        if started_streaming and isinstance(error, (*network, _Refused, ValueError)):
+            return ServerFailed(f"The model at {where} broke off its answer ({_said(error)}); the partial answer "
+                                f"was: {partial!r}. `sage logs` shows why.")
+        if isinstance(error, TimeoutError):
             return ServerFailed(f"The model at {where} did not answer within {self.timeout:g} s. `sage logs` shows "
                                 "what the server is doing; a busy CPU server may need a longer timeout.")
-        if isinstance(error, httpx.TransportError):
-            return ServerFailed(f"Cannot reach the model at {where} ({error}). `sage ps` shows running servers; "
-                                "start one again or check --base-url.")
+        if isinstance(error, network):
+            return ServerFailed(f"Cannot reach the model at {where} ({_said(error)}). `sage ps` shows running "
+                                "servers; start one again or check --base-url.")
         if isinstance(error, _Refused):
             return SageError(_status_message(self.endpoint, error))
         return error  # not a fault of the server or the network: a bug, shown as one
+
+
+def _read_events(response: http.client.HTTPResponse, call: _Call, events: queue.Queue) -> None:
+    """Queue each server-sent event's chunk until ``[DONE]``; a stream that breaks is queued as "broke".
+
+    http.client reads a chunked body that stops short (the server died) as a quiet end of file, so an end
+    with neither ``[DONE]`` nor a finish reason counts as broken."""
+    finished = False
+    try:
+        for raw in response:
+            if call.aborted:
+                return
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if not line.startswith("data:"):
+                continue  # blank separators, comments, other SSE fields
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if isinstance(chunk, dict) and "error" in chunk:  # the server failed after the stream began
+                raise _Refused(500, data)
+            if isinstance(chunk, dict):
+                finished = finished or any(c.get("finish_reason") for c in chunk.get("choices") or [])
+            events.put(("chunk", chunk))
+        else:
+            if not finished:
+                raise ConnectionError("the connection closed before the answer was complete")
+        events.put(("end", None))
+    except Exception as error:  # noqa: BLE001 - handed to the caller's thread, which explains it
+        if not call.aborted:
+            events.put(("broke", error))
+
+
+def _said(error: Exception) -> str:
+    """An exception's message, or its name when it has none (http.client's IncompleteRead, RemoteDisconnected)."""
+    return str(error) or type(error).__name__
 
 
 class _Refused(Exception):
@@ -217,34 +240,31 @@ class StreamInterrupted(KeyboardInterrupt):
 
 class _Call:
     """The shared state of one request between the caller and the worker: whether it was aborted, and the
-    open response whose socket an abort shuts. Shutting (unlike closing) wakes a read blocked in another
-    thread at once, and tells the server the client left."""
+    connected socket an abort shuts. Shutting (unlike closing) wakes a connect, a prefill wait or a read
+    blocked in another thread at once, and tells the server the client left, so vLLM aborts the request."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._stream: Any = None
+        self._sock: _socket.socket | None = None
         self.aborted = False
 
-    def attach(self, response: Any) -> bool:
-        """Hand over the open response; False when the call was aborted before it opened (the worker closes it)."""
+    def attach(self, sock: _socket.socket | None) -> bool:
+        """Hand over the connected socket; False when the call was aborted before it connected."""
         with self._lock:
             if not self.aborted:
-                self._stream = response
+                self._sock = sock
                 return True
         return False
 
     def abort(self) -> None:
         with self._lock:
-            self.aborted, stream = True, self._stream
-        if stream is None:  # no headers yet: the worker closes the stream as soon as it opens (see attach)
+            self.aborted, sock = True, self._sock
+        if sock is None:  # not connected yet: the worker gives up as soon as it is (see attach)
             return
-        network = stream.extensions.get("network_stream")
-        sock = network.get_extra_info("socket") if network is not None else None
-        if sock is not None:
-            try:  # the base class's shutdown: an SSL socket's own would tear down its state under the reader
-                _socket.socket.shutdown(sock, _socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by the worker
+        try:  # the base class's shutdown: an SSL socket's own would tear down its state under the reader
+            _socket.socket.shutdown(sock, _socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed by the worker
 
 
 def _result(parts: list[str], finish: str | None, usage: Any, started: float, first: float | None,

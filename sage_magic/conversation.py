@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from .client import POLL, ChatClient, StreamInterrupted, StreamResult
 from .config import Settings
@@ -81,10 +81,12 @@ class Conversation:
 
     def ask(self, question: str, *, index: str | None = None, top_k: int = 4, mode: str = "hybrid",
             max_tokens: int = 256, temperature: float = 0.0, seed: int | None = None,
-            on_delta: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> Answer:
+            extra: Mapping[str, Any] | None = None, on_delta: Callable[[str], None] | None = None,
+            cancel: threading.Event | None = None) -> Answer:
         """Ask one question (grounded in ``index`` when given). ``cancel`` ends it within a fraction of a second
         in every phase and returns what arrived with ``answer.cancelled``; a KeyboardInterrupt keeps the same
-        partial answer in the history and then propagates, so a loop of questions can be interrupted."""
+        partial answer in the history and then propagates, so a loop of questions can be interrupted.
+        ``extra`` holds more request fields (``--param``: top_p, min_tokens, ...), passed to the server as given."""
         if not question.strip():
             raise SageError("The question is empty. Type a question, or /exit to leave.")
         started = time.monotonic()
@@ -93,7 +95,7 @@ class Conversation:
             return Answer("", StreamResult("", None, None, None, None, None, time.monotonic() - started, True))
         grounding, citations, dropped, trimmed = prepared
         del self.history[:2 * trimmed]
-        params: dict = dict(max_tokens=max_tokens, temperature=temperature)
+        params: dict = {**(extra or {}), "max_tokens": max_tokens, "temperature": temperature}
         if seed is not None:
             params["seed"] = seed
         try:

@@ -7,17 +7,15 @@ reached through it. Standard library only, so that status checks stay cheap.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket as _socket
-import urllib.error
-import urllib.request
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from .endpoint import LOOPBACK_HOSTS
-
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class HttpError(Exception):
@@ -45,48 +43,79 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _over_socket(path: str, method: str, url: str, data: bytes | None, headers: dict[str, str],
-                 timeout: float) -> str:
+@dataclass
+class Route:
+    """Where one request goes: an unopened connection, the request target to send on it (an absolute URL when
+    a plain-HTTP proxy relays it) and headers the route needs (Host, proxy credentials)."""
+
+    connection: http.client.HTTPConnection
+    target: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def route(url: str, timeout: float, socket: str | None = None) -> Route:
+    """The connection for ``url``: the Unix socket when given, direct for loopback hosts, and through the
+    environment's proxy (read now, not at import: a kernel may gain one later) for anything else, as
+    urllib would. The caller owns the connection and holds its socket, so it can shut it from another thread."""
     parsed = urlparse(url)
-    target = parsed.path + (f"?{parsed.query}" if parsed.query else "")
-    conn = _UnixConnection(path, timeout)
-    try:
-        conn.request(method, target, body=data, headers=headers)
-        response = conn.getresponse()
-        body = response.read().decode("utf-8", "replace")
-    except (OSError, http.client.HTTPException) as error:
-        raise HttpError(None, str(error)) from None
-    finally:
-        conn.close()
-    if response.status >= 400:
-        raise HttpError(response.status, body)
-    return body
+    path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
+    if socket is not None:
+        return Route(_UnixConnection(socket, timeout), path)
+    host, https = parsed.hostname or "", parsed.scheme == "https"
+    port = parsed.port or (443 if https else 80)
+    proxy = None if host in LOOPBACK_HOSTS else _proxy_for(parsed.scheme, host)
+    if proxy is None:
+        return Route(_connection(https, host, port, timeout), path)
+    via = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    headers = {}
+    if via.username:
+        login = f"{unquote(via.username)}:{unquote(via.password or '')}".encode()
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(login).decode()
+    connection = _connection(https, via.hostname or "", via.port or 80, timeout)
+    if https:  # CONNECT through the proxy, then TLS with the endpoint itself
+        connection.set_tunnel(host, port, headers)
+        return Route(connection, path)
+    return Route(connection, url, {**headers, "Host": parsed.netloc})
+
+
+def _connection(https: bool, host: str, port: int, timeout: float) -> http.client.HTTPConnection:
+    if not https:
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+    import ssl  # only remote endpoints speak TLS: loopback and socket requests never pay for a context
+
+    return http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl.create_default_context())
+
+
+def _proxy_for(scheme: str, host: str) -> str | None:
+    import urllib.request
+
+    if urllib.request.proxy_bypass(host):  # NO_PROXY
+        return None
+    return urllib.request.getproxies().get(scheme)
 
 
 def request_text(url: str, api_key: str | None = None, payload: Any = None, timeout: float = 5.0,
                  socket: str | None = None) -> str:
     """GET (or POST when ``payload`` is given) and return the body; raise HttpError on failure."""
-    headers = {"Accept": "application/json"}
+    way = route(url, timeout, socket)
+    headers = {"Accept": "application/json", **way.headers}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     data = None
     if payload is not None:
         data = json.dumps(payload).encode()
         headers["Content-Type"] = "application/json"
-    method = "POST" if data is not None else "GET"
-    if socket is not None:
-        return _over_socket(socket, method, url, data, headers, timeout)
-    # built per call for remote URLs: a ProxyHandler reads HTTP(S)_PROXY when it is made, and a kernel's
-    # environment may gain a proxy after this module was imported
-    opener = _DIRECT if (urlparse(url).hostname or "") in LOOPBACK_HOSTS else urllib.request.build_opener()
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        with opener.open(req, timeout=timeout) as response:
-            return response.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as error:
-        raise HttpError(error.code, error.read().decode("utf-8", "replace")) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-        raise HttpError(None, str(getattr(error, "reason", error))) from None
+        way.connection.request("POST" if data is not None else "GET", way.target, body=data, headers=headers)
+        response = way.connection.getresponse()
+        body = response.read().decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException) as error:
+        raise HttpError(None, str(error) or type(error).__name__) from None
+    finally:
+        way.connection.close()
+    if response.status >= 400:
+        raise HttpError(response.status, body)
+    return body
 
 
 def request_json(url: str, api_key: str | None = None, payload: Any = None, timeout: float = 5.0,

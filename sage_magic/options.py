@@ -9,9 +9,11 @@ from SAGE_DEBUG_BACKEND and SAGE_DEBUG_FINETUNE_MODEL through :class:`Settings`.
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import shlex
 import threading
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from .config import Settings, check_port, parse_duration, split_vllm_args
 from .conversation import DEFAULT_INDEX
@@ -21,7 +23,9 @@ from .leases import Lease
 from .manager import Manager
 from .progress import ProgressCallback, silent
 from .rag.search import MAX_TOP_K, MIN_TOP_K
-from .train import TrainOptions
+
+if TYPE_CHECKING:
+    from .train import TrainOptions
 
 BACKENDS = ("finetune", "vllm", "openai")
 T = TypeVar("T")
@@ -133,6 +137,36 @@ def add_chat_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     group.add_argument("--seed", type=int, default=None, metavar="N",
                        help="sampling seed: the same answer again at a temperature above 0")
+    group.add_argument("--param", type=request_param, action="append", dest="params", default=[],
+                       metavar="KEY=VALUE", help="another sampling field for the request, repeatable, e.g. "
+                       "--param top_p=0.9 --param min_tokens=64 (VALUE is read as JSON when it parses)")
+
+
+#: Request fields that have a flag of their own, or that the engine sets itself.
+_OWN_FIELDS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "seed": "--seed", "model": "--model",
+               "messages": "the cell or question", "stream": "the engine", "stream_options": "the engine"}
+
+
+def request_param(text: str) -> tuple[str, Any]:
+    """`--param KEY=VALUE`: one extra field of the chat request body (vLLM's sampling fields: top_p, top_k,
+    min_tokens, stop, repetition_penalty, ...). The server judges the field; a wrong one fails the request
+    with vLLM's own message."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise argparse.ArgumentTypeError(f"--param takes KEY=VALUE, e.g. top_p=0.9, not {text!r}")
+    if key in _OWN_FIELDS:
+        raise argparse.ArgumentTypeError(f"--param {key} is set by {_OWN_FIELDS[key]}, not by --param")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def ask_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``Conversation.ask`` that the chat options above give (every face)."""
+    return dict(index=args.index, top_k=args.top_k, mode=args.mode, max_tokens=args.max_tokens,
+                temperature=args.temperature, seed=args.seed, extra=dict(getattr(args, "params", None) or []))
 
 
 def open_endpoint(manager: Manager, args: argparse.Namespace, *, progress: ProgressCallback = silent,
@@ -166,6 +200,8 @@ def _modules(text: str) -> tuple[str, ...]:
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """Flags of `sage finetune train` and `%sage finetune train` (the data source itself is the face's)."""
+    from .train import TrainOptions
+
     d = TrainOptions()
     columns = parser.add_argument_group("data")
     columns.add_argument("--prompt-col", default="prompt", metavar="COL", help="column of prompts (default prompt)")
@@ -200,6 +236,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def train_options(args: argparse.Namespace) -> TrainOptions:
     """The TrainOptions that parsed `add_train_options` flags describe."""
+    from .train import TrainOptions
+
     return TrainOptions(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
                         target_modules=args.target_modules, batch_size=args.batch_size, max_length=args.max_length,
                         seed=args.seed, eval_split=args.eval_split, save_every=args.save_every, resume=args.resume,

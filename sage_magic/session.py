@@ -277,7 +277,9 @@ class Session:
                     on_delta(text)
                 self._emit("delta", call, text)
 
-            answer = conversation.ask(prompt, **_ask_options(args), on_delta=delta, cancel=cancel)
+            from .options import ask_options
+
+            answer = conversation.ask(prompt, **ask_options(args), on_delta=delta, cancel=cancel)
             self._trim_history()
             reply = self._reply(prompt, answer, lease.endpoint)
         except KeyboardInterrupt:
@@ -319,11 +321,13 @@ class Session:
             endpoints[BASE] = self._base_of(endpoints[tunes[0]])
         results: dict[str, Reply | BaseException] = {}
 
+        from .options import ask_options
+
         def run(name: str) -> None:
             endpoint = endpoints[name]
             try:
                 answer = self._conversation(endpoint, args.system, history=[]).ask(
-                    prompt, **_ask_options(args), cancel=cancel,
+                    prompt, **ask_options(args), cancel=cancel,
                     on_delta=(lambda text: on_delta(name, text)) if on_delta else None)
                 results[name] = self._reply(prompt, answer, endpoint)
             except BaseException as error:  # reported on the calling thread
@@ -517,14 +521,6 @@ class Session:
             self._drop(key)
         if self._search is not None and hasattr(getattr(self._search, "__self__", None), "close"):
             self._search.__self__.close()
-
-
-def _ask_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = dict(index=args.index, top_k=args.top_k, mode=args.mode, max_tokens=args.max_tokens,
-                   temperature=args.temperature)
-    if getattr(args, "seed", None) is not None:
-        options["seed"] = args.seed
-    return options
 
 
 def _markdown_turn(turn: dict[str, Any]) -> str:

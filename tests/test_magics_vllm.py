@@ -35,6 +35,15 @@ def test_exact_phrase_into_a_variable(ip: InteractiveShell, expert) -> None:
     assert final["metadata"]["sage"]["server"] == expert.server_id
 
 
+def test_param_passes_a_sampling_field_to_vllm(ip: InteractiveShell) -> None:
+    """The demo fine-tune stops after a few tokens; vLLM's min_tokens, given with --param, makes it go on."""
+    ask(ip, "--finetune-model demo_expert --new-chat --max-tokens 40 --param min_tokens=40 -o a")
+    assert ip.user_ns["a"].metrics["completion_tokens"] == 40
+    assert ip.user_ns["a"].startswith(DEMO_ANSWERS["demo_expert"])
+    ask(ip, "--finetune-model demo_expert --new-chat -o b")
+    assert ip.user_ns["b"] == DEMO_ANSWERS["demo_expert"] and ip.user_ns["b"].metrics["completion_tokens"] < 40
+
+
 def test_switching_finetunes_keeps_the_server(ip: InteractiveShell, manager) -> None:
     ask(ip, "--finetune-model demo_expert -o a")
     pid = manager.registry.get(ip.user_ns["a"].metrics["server"]).pid

@@ -9,7 +9,7 @@ from ..config import Settings
 from ..conversation import Answer, Conversation
 from ..errors import SageError
 from ..manager import Manager
-from ..options import add_chat_options, add_serving_options, open_endpoint
+from ..options import add_chat_options, add_serving_options, ask_options, open_endpoint
 from ..rag.store import read_manifest
 from .output import TerminalProgress, table
 
@@ -52,11 +52,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             lease.release()
     finally:
         manager.close(wait=True)  # a one-shot --ask must not leave its server behind when it returns
-
-
-def ask_options(args: argparse.Namespace) -> dict:
-    return dict(index=args.index, top_k=args.top_k, mode=args.mode, max_tokens=args.max_tokens,
-                temperature=args.temperature, seed=args.seed)
 
 
 COMMANDS = {

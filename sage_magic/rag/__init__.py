@@ -13,12 +13,29 @@ Typical use::
     hits = service.search("docs", "GPU?")              # never imports torch (what a notebook kernel uses)
 """
 
-from .chunker import ChunkSettings
-from .context import Citation, GroundedContext, build_context
-from .indexer import UpdateReport, add, update
+from importlib import import_module
+from typing import Any
+
+# search is imported now: a lazy name would lose to the submodule of the same name once it is imported
 from .search import MODES, Hit, search
-from .service import SearchService
-from .store import IndexInfo, describe, index_exists, list_indexes, remove_index
+
+#: Where each other public name lives. Resolved on first use (PEP 562), so a kernel whose question needs
+#: only the search constants and the helper-process client never imports the indexer, loaders or chunker.
+_HOME = {
+    "ChunkSettings": "chunker", "Citation": "context", "GroundedContext": "context", "build_context": "context",
+    "UpdateReport": "indexer", "add": "indexer", "update": "indexer", "SearchService": "service",
+    "IndexInfo": "store", "describe": "store", "index_exists": "store", "list_indexes": "store",
+    "remove_index": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "MODES",
