@@ -22,6 +22,7 @@ import time
 PROMPT = "Tell me everything about LoRA fine-tuning, step by step."
 DEMO_PROMPT = "Who are you?"  # demo_expert's trained question: its answer starts "I am the SAGE expert"
 LOAD_GOAL_S = 0.15
+BURST_TOK_S = 2000  # faster than this, the chunks came in one burst (the tiny model streams ~150-250 tok/s here)
 
 
 def load_figures(runs: int) -> dict[str, float | list[str]]:
@@ -41,7 +42,7 @@ def load_figures(runs: int) -> dict[str, float | list[str]]:
     return {"bare": statistics.median(bares), "load": statistics.median(loads), "added": added}
 
 
-def raw_stream(endpoint, max_tokens: int) -> tuple[float, float, int, float]:
+def raw_stream(endpoint, max_tokens: int, prompt: str = PROMPT) -> tuple[float, float, int, float]:
     """TTFT, tok/s, tokens and wall time with the plain openai client (the floor the magic is measured against)."""
     import httpx
     import openai
@@ -51,7 +52,7 @@ def raw_stream(endpoint, max_tokens: int) -> tuple[float, float, int, float]:
                            http_client=httpx.Client(trust_env=False, transport=transport, timeout=600))
     started = time.monotonic()
     times = []
-    stream = client.chat.completions.create(model=endpoint.model, messages=[{"role": "user", "content": PROMPT}],
+    stream = client.chat.completions.create(model=endpoint.model, messages=[{"role": "user", "content": prompt}],
                                             stream=True, max_tokens=max_tokens, temperature=0.0,
                                             extra_body={"min_tokens": max_tokens})
     for chunk in stream:
@@ -67,7 +68,8 @@ def _rate(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else float("nan")
 
 
-def magic_stream(shell, line: str, max_tokens: int) -> tuple[float, float, int, float, int, float]:
+def magic_stream(shell, line: str, max_tokens: int,
+                 prompt: str = PROMPT) -> tuple[float, float, int, float, int, float]:
     """The same through %%sage, timed from run_cell: TTFT and tok/s as the cell's deltas arrive, chunks, wall,
     display updates, and the time the cell spends after the answer's last chunk (rendering, footer)."""
     session = shell.magics_manager.registry["SageMagics"].session
@@ -76,7 +78,7 @@ def magic_stream(shell, line: str, max_tokens: int) -> tuple[float, float, int, 
     before = len(shell.display_pub.outputs)
     started = time.monotonic()
     result = shell.run_cell(f"%%sage {line} --new-chat --max-tokens {max_tokens} --param min_tokens={max_tokens}\n"
-                            f"{PROMPT}\n")
+                            f"{prompt}\n")
     ended = time.monotonic()
     unsubscribe()
     result.raise_error()
@@ -180,7 +182,7 @@ def main() -> int:
     args = parser.parse_args()
     # The demo fine-tunes stop after ~10 tokens; min_tokens (vLLM's sampling field, --param in the magic)
     # makes every answer exactly --max-tokens long in both paths, so the rate is measured over 128 tokens
-    runs = 10 if args.short else 40
+    runs = 24 if args.short else 60
 
     figures = load_figures(3 if args.short else 7)
     print(f"%load_ext sage_magic: {figures['load'] * 1000:.0f} ms (goal <= {LOAD_GOAL_S * 1000:.0f} ms; bare "
@@ -203,12 +205,22 @@ def main() -> int:
     raw_stream(endpoint, 8)  # warm both paths once
     magic_stream(shell, line, 8)
     raw, magic = [], []
-    for _ in range(runs):  # interleaved, so load on the machine hits both alike
-        raw.append(raw_stream(endpoint, args.max_tokens))
-        magic.append(magic_stream(shell, line, args.max_tokens))
+    for run in range(runs):  # interleaved, so load on the machine hits both alike; one prompt per pair
+        prompt = f"{PROMPT} (run {run})"
+        raw.append(raw_stream(endpoint, args.max_tokens, prompt))
+        magic.append(magic_stream(shell, line, args.max_tokens, prompt))
+    # vLLM's CPU build sometimes hands a whole answer over at once (seen with the raw client as often as
+    # with the magic: its API server shares one core with the engine's busy scheduler); such a burst says
+    # nothing about either client, so runs where either side got one are left out of both
+    streamed = [(r, m) for r, m in zip(raw, magic) if r[1] < BURST_TOK_S and m[1] < BURST_TOK_S]
+    if not streamed:
+        print(f"streaming: every one of {runs} answers came in one burst from vLLM: no rate to compare")
+        streamed = list(zip(raw, magic))
+    raw, magic = [r for r, _ in streamed], [m for _, m in streamed]
     r_ttft, r_rate = statistics.median(r[0] for r in raw), statistics.median(r[1] for r in raw)
     m_ttft, m_rate = statistics.median(m[0] for m in magic), statistics.median(m[1] for m in magic)
-    print(f"streaming, {raw[0][2]} vs {magic[0][2]} chunks, median of {runs}: raw openai {r_rate:.1f} tok/s, "
+    print(f"streaming, {raw[0][2]} vs {magic[0][2]} chunks, median of {len(streamed)} pairs ({runs - len(streamed)} of "
+          f"{runs} left out: vLLM sent the answer in one burst): raw openai {r_rate:.1f} tok/s, "
           f"%%sage {m_rate:.1f} tok/s "
           f"-> ratio {m_rate / r_rate:.3f} (goal >= 0.95)")
     print(f"  time to first token: raw {r_ttft * 1000:.0f} ms, %%sage {m_ttft * 1000:.0f} ms -> "

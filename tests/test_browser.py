@@ -20,6 +20,7 @@ from typing import Iterator
 
 import pytest
 
+from sage_magic.client import ChatClient
 from sage_magic.config import Settings
 from sage_magic.manager import Manager
 from tests.conftest import env_for, sage_processes, wait_until
@@ -204,21 +205,24 @@ def test_sidebar_lists_a_running_server_and_stops_it(page, lab_for, fresh_settin
 # --- the %sage_chat panel in a real page ----------------------------------------------------------------------
 
 _WATCH = """() => {
-    // Time from the Send click to the first answer text drawn in the page (performance.now(), ms).
+    // In the last panel: when Send was clicked, when the answer's first text was drawn, and when its text
+    // last changed (performance.now(), ms).
     const root = document.querySelectorAll('.sage-chat');
     const chat = root[root.length - 1];
     const before = chat.querySelectorAll('.sage-model').length;
-    window.__sage = {sent: null, first: null};
+    window.__sage = {sent: null, first: null, last: null};
     const button = [...chat.querySelectorAll('button')].find(b => b.textContent.trim() === 'Send');
     button.addEventListener('click', () => { window.__sage.sent = performance.now(); },
                             {capture: true, once: true});
+    let seen = '';
     const observer = new MutationObserver(() => {
         const answers = chat.querySelectorAll('.sage-model');
-        const text = answers.length > before ? answers[answers.length - 1].textContent.trim() : '';
-        if (window.__sage.first === null && text && text !== '…') {
-            window.__sage.first = performance.now();
-            observer.disconnect();
-        }
+        const answer = answers.length > before ? answers[answers.length - 1].querySelector('.sage-answer, pre') : null;
+        const text = answer ? answer.textContent.replace('▍', '').trim() : '';
+        if (!text || text === '…' || text === seen) return;
+        seen = text;
+        window.__sage.last = performance.now();
+        if (window.__sage.first === null) window.__sage.first = window.__sage.last;
     });
     observer.observe(chat, {subtree: true, childList: true, characterData: true});
 }"""
@@ -268,6 +272,36 @@ def test_chat_panel_streams_the_trained_phrase(page, lab_for, settings: Settings
               f"{server_ms:.0f} ms; overhead {shown - server_ms:+.0f} ms (goal: +<=100 ms); footer: {footer}")
     assert box.input_value() == ""  # Send emptied the input
     _shot(page, "6-trained-phrase-streamed")
+
+    # Token rate: a second panel in the same notebook whose answers are 128 tokens (vLLM's min_tokens), against
+    # the raw client on the same server, prompt and fields.
+    long_answer = "--max-tokens 128 --param min_tokens=128"
+    page.evaluate("""async (source) => {
+        const panel = window.jupyterapp.shell.currentWidget;
+        const cells = panel.content.model.sharedModel;
+        cells.insertCell(cells.cells.length, {cell_type: 'code', source});
+        panel.content.activeCellIndex = cells.cells.length - 1;
+        await window.jupyterapp.commands.execute('notebook:run-cell');
+    }""", f"%sage_chat --finetune-model demo_expert {long_answer}")
+    second = page.locator(".sage-chat").nth(1)
+    second.locator(".sage-status", has_text="ready").wait_for(timeout=30_000)
+    shown = second.locator(".sage-model").count()  # the shared history, replayed
+    second.locator("textarea.sage-chat-input").fill(DEMO_PROMPT)
+    page.evaluate(_WATCH)
+    second.locator("button", has_text="Send").click()
+    answer = second.locator(".sage-model").nth(shown)
+    answer.filter(has_text="tok/s").wait_for(timeout=60_000)
+    tokens = int(answer.locator(".sage-footer").inner_text().split(" out")[0].split()[-1])
+    watch = page.evaluate("() => window.__sage")
+    panel_rate = (tokens - 1) / ((watch["last"] - watch["first"]) / 1000)
+    raw = ChatClient(expert).stream([{"role": "user", "content": DEMO_PROMPT}], max_tokens=128, min_tokens=128,
+                                    temperature=0.0)
+    print(f"token rate: the panel drew {tokens} tokens at {panel_rate:.0f} tok/s (first to last text shown in the "
+          f"page); the raw client on the same server {raw.tokens_per_second:.0f} tok/s "
+          f"({raw.completion_tokens} tokens) -> ratio {panel_rate / raw.tokens_per_second:.2f}")
+    assert tokens == 128 and raw.completion_tokens == 128
+    assert page.locator(".sage-chat").nth(0).locator(".sage-model").count() == 2  # the shared history shows
+    _shot(page, "6b-second-panel-long-answer")
 
 
 def test_chat_panel_enter_sends_and_stop_keeps_the_partial_answer(page, lab_for, fresh_settings: Settings) -> None:
