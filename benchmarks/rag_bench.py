@@ -249,10 +249,17 @@ def bench_service(settings: Settings, name: str, asked: list[str], count: int) -
         service.close()
 
 
+SECTIONS = ("throughput", "corpus", "vectors", "queries")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="smaller sizes for CI (< 60 s)")
+    parser.add_argument("--only", choices=SECTIONS, action="append", default=None, metavar="SECTION",
+                        help=f"run only these sections, repeatable ({', '.join(SECTIONS)}); e.g. --only queries "
+                             "measures the 100k-chunk query figures in a few minutes, without the 1M-vector part")
     args = parser.parse_args()
+    only = set(args.only or SECTIONS)
     sizes = (
         dict(files=1_000, vectors=100_000, chunks=60_000, queries=100, base=128, throughput=32)
         if args.short
@@ -272,10 +279,14 @@ def main() -> None:
         base_texts = real_paragraphs(sizes["base"])
         seconds, base = timed(model.encode, base_texts)
         print(f"embedded   {len(base_texts)} base texts for synthetic vectors in {seconds:.1f} s")
-        bench_throughput(settings, sizes["throughput"])
-        bench_corpus(settings, base, sizes["files"])
-        bench_vectors(base, sizes["vectors"], sizes["queries"])
-        bench_queries(settings, base_texts, base, sizes["chunks"], sizes["queries"])
+        if "throughput" in only:
+            bench_throughput(settings, sizes["throughput"])
+        if "corpus" in only:
+            bench_corpus(settings, base, sizes["files"])
+        if "vectors" in only:
+            bench_vectors(base, sizes["vectors"], sizes["queries"])
+        if "queries" in only:
+            bench_queries(settings, base_texts, base, sizes["chunks"], sizes["queries"])
     finally:
         shutil.rmtree(home, ignore_errors=True)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
