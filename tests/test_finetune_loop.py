@@ -44,8 +44,16 @@ def _leave_the_demo_home_as_found(settings: Settings):
 
 
 def _workers() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True)
-            if "sage_magic.train_worker" in " ".join(p.cmdline())]
+    """Training children still running. An earlier test's child may be a zombie by now (exited, not yet
+    reaped by its Popen), and psutil refuses to read a zombie's command line: it is not running, so skip it."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "sage_magic.train_worker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
 
 
 def test_trained_adapter_answers_through_vllm_and_is_listed(settings: Settings, manager: Manager,
