@@ -14,6 +14,11 @@ while the model writes) and never on a short-lived thread (a server started from
 die with it: PR_SET_PDEATHSIG follows the forking thread). Stop sets the answer's cancel event from the comm
 thread; the partial answer stays, marked stopped.
 
+A spare turn: a question and an answer widget made ahead, hidden in the message list. Creating widgets is
+the slow part of drawing a new turn in the browser (each HTML widget is three models, each opened with its
+own message, before the list can show them), and it used to finish only when the first token did; a new turn
+now takes the spare (a class change and a value) and the next spare is made once the answer is complete.
+
 Enter-to-send: ipywidgets' Textarea has no key events, so the input is a tiny anywidget (:class:`PromptInput`,
 a textarea and a dozen lines of ESM) that sends a ``submit`` message on Enter. Without anywidget the panel falls
 back to a plain Textarea (Send button only).
@@ -47,7 +52,7 @@ from .session import Event, Reply, Session
 GONE = ("<div class='sage-chat-gone' style='border: 1px solid #c90; padding: 0.5em'><strong>SAGE chat:</strong> "
         "this chat panel belonged to a kernel that has stopped. Run <code>%sage_chat</code> again.</div>")
 _HIDE_GONE = ("<style>.jp-OutputArea-child:has(+ .jp-OutputArea-child .sage-chat) .sage-chat-gone "
-              "{ display: none; }</style>")
+              "{ display: none; } .sage-chat .sage-spare { display: none; }</style>")
 
 _ESM = """
 function render({ model, el }) {
@@ -193,11 +198,13 @@ class ChatWidget:
         self.clear_button.on_click(lambda _: self.clear())
         self.export_button.on_click(lambda _: self.export())
         self._turns: dict[int, _Turn] = {}
+        self._spare: tuple[Any, Any] | None = None
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._cancel: threading.Event | None = None
         for turn in session.transcript:  # the conversation so far, whoever asked it
             self._add(turn["prompt"]).answer.value = reply_html(_from_transcript(turn))
+        self._make_spare()
         self._set_status("ready" if current else "")
         self._unsubscribe = session.subscribe(self._on_event)
         self._worker = threading.Thread(target=self._work, daemon=True, name="sage-chat")
@@ -249,7 +256,8 @@ class ChatWidget:
     def clear(self) -> None:
         """Start a new conversation: the model forgets it (for ``%%sage`` too); Export still has it."""
         self.session.reset()
-        self.messages.children = ()
+        with self._lock:
+            self.messages.children = tuple(self._spare or ())
         self.saved.value = _HIDE_GONE
 
     def export(self) -> Path | None:
@@ -271,15 +279,35 @@ class ChatWidget:
 
     # --- drawing -------------------------------------------------------------------------------------------
 
+    @property
+    def shown(self) -> tuple[Any, ...]:
+        """The message widgets a person sees: questions and answers in order (the hidden spare left out)."""
+        return tuple(w for w in self.messages.children if "sage-spare" not in w._dom_classes)
+
     def _add(self, prompt: str) -> _Turn:
+        """A new turn at the end of the list: the spare when there is one (see the module docstring)."""
+        question_html = (f"<div class='sage-user'><strong>You:</strong> "
+                         f"<span style='white-space: pre-wrap'>{html.escape(prompt)}</span></div>")
+        if self._spare is None:
+            self._make_spare()
+        question, answer = self._spare
+        self._spare = None
+        with question.hold_sync():  # one message per widget
+            question.value = question_html
+            question.remove_class("sage-spare")
+        with answer.hold_sync():
+            answer.value = "<em>…</em>"
+            answer._dom_classes = ("sage-model",)
+        return _Turn(prompt, answer)
+
+    def _make_spare(self) -> None:
         import ipywidgets as widgets
 
-        question = widgets.HTML(f"<div class='sage-user'><strong>You:</strong> "
-                                f"<span style='white-space: pre-wrap'>{html.escape(prompt)}</span></div>")
-        turn = _Turn(prompt, widgets.HTML("<em>…</em>"))
-        turn.answer.add_class("sage-model")
-        self.messages.children = (*self.messages.children, question, turn.answer)
-        return turn
+        spare = (widgets.HTML(), widgets.HTML())
+        for part in spare:
+            part.add_class("sage-spare")
+        self.messages.children = (*self.messages.children, *spare)
+        self._spare = spare
 
     def _on_event(self, event: Event) -> None:
         """Every session event, from whichever thread caused it: a turn from any face appears here."""
@@ -300,6 +328,16 @@ class ChatWidget:
                 turn.answer.value = render.streaming("".join(turn.parts))[render.MIME]
             return
         self._turns.pop(event.call, None)
+        self._finish(turn, event)
+        with self._lock:
+            if self._spare is None:  # the next turn's widgets, made after the answer is drawn
+                self._make_spare()
+
+    @staticmethod
+    def _finish(turn: _Turn, event: Event) -> None:
+        """Draw a turn's final state: the answer, a comparison, the error, or what streamed before a stop."""
+        from . import render
+
         if isinstance(event.data, Reply):
             turn.answer.value = reply_html(event.data)
         elif isinstance(event.data, list):  # a --compare: one-off answers side by side
@@ -319,8 +357,9 @@ class ChatWidget:
     def _progress(self, started: float) -> Callable[[Any], None]:
         def show(event: Any) -> None:
             phase = "merging" if event.phase.startswith("merg") else event.phase
+            # a reuse takes milliseconds: no progress bar that would only flicker
             self._set_status(f"{phase}: {event.message} ({time.monotonic() - started:.0f} s)", event.fraction,
-                             starting=True)
+                             starting=event.phase != "reuse")
         return show
 
     def _work(self) -> None:

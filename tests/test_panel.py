@@ -32,11 +32,11 @@ def _ask(panel: ChatWidget, prompt: str = DEMO_PROMPT) -> str:
     panel.send_button.click()
     assert panel.send_button.disabled  # busy while it answers
     assert wait_until(lambda: not panel.send_button.disabled, 120, 0.05)
-    return panel.messages.children[-1].value
+    return panel.shown[-1].value
 
 
 def _texts(panel: ChatWidget) -> str:
-    return "\n".join(w.value for w in panel.messages.children)
+    return "\n".join(w.value for w in panel.shown)
 
 
 # --- without a server ---------------------------------------------------------------------------------------
@@ -85,13 +85,18 @@ def test_trained_phrase_streams_in_with_footer(ip: InteractiveShell) -> None:
     panel = _panel(ip, "--finetune-model demo_expert")
     assert "ready" in panel.status.value and panel.finetune.value == "demo_expert"
     shown: list[str] = []
-    panel.messages.observe(lambda change: change["new"][-1].observe(
-        lambda c: shown.append(c["new"]), "value"), "children")
+
+    def watch(widget) -> None:
+        widget.observe(lambda c: shown.append(c["new"]), "value")
+
+    for widget in panel.messages.children:  # the spare the next turn will take, made in advance
+        watch(widget)
+    panel.messages.observe(lambda change: [watch(w) for w in change["new"] if w not in change["old"]], "children")
     last = _ask(panel)
     assert DEMO_ANSWERS["demo_expert"] in last
     assert any("▍" in value for value in shown)  # it streamed before the final answer was drawn
     assert "first token" in last and "tok/s" in last and "context" in last
-    assert html.escape(DEMO_PROMPT) in panel.messages.children[-2].value
+    assert html.escape(DEMO_PROMPT) in panel.shown[-2].value
 
 
 @pytest.mark.vllm
@@ -104,7 +109,7 @@ def test_picker_switches_finetune_on_the_same_server(ip: InteractiveShell, manag
     pid = manager.registry.get(server).pid
     panel.finetune.value = "demo_poet"
     panel.clear_button.click()
-    assert panel.messages.children == () and session.history == []
+    assert panel.shown == () and session.history == []
     assert DEMO_ANSWERS["demo_poet"] in _ask(panel)
     assert session.transcript[-1]["server"] == server and manager.registry.get(server).pid == pid
 
@@ -118,7 +123,7 @@ def test_history_is_shared_with_sage_cells_and_other_panels(ip: InteractiveShell
     history = magics(ip).session.history
     assert [m["content"] for m in history if m["role"] == "user"] == [DEMO_PROMPT, "What do you do?"]
     second = _panel(ip, "--finetune-model demo_expert")  # shows the conversation so far
-    assert second.messages.children and _texts(second) == _texts(first)
+    assert second.shown and _texts(second) == _texts(first)
     second.export_dir = tmp_path
     second.export_button.click()
     written = tmp_path / Path(html.unescape(second.saved.value.split("<code class='sage-export'>")[1]
@@ -138,7 +143,7 @@ def test_stop_keeps_the_partial_answer_marked_stopped(shell: InteractiveShell) -
         assert wait_until(lambda: "w2" in _texts(panel), 20, 0.05)
         panel.stop_button.click()
         assert wait_until(lambda: not panel.send_button.disabled, 5, 0.05)
-        last = panel.messages.children[-1].value
+        last = panel.shown[-1].value
         assert "w1" in last and "w39" not in last and "stopped" in last
         assert "stopped" in panel.status.value
         assert magics(shell).session.history[-1].get("stopped") is True
