@@ -456,8 +456,8 @@ def bench_gateway_hop(run: Run, calls: int) -> None:
                 _get_ok(f"http://127.0.0.1:{plain_port}/v1/models", None)
                 _get_ok(gateway_url, "key")
                 break
-            except OSError:
-                if time.monotonic() > deadline:
+            except (OSError, RuntimeError):  # not listening yet, or the gateway's 503 while its upstream socket
+                if time.monotonic() > deadline:  # does not exist yet
                     raise
                 time.sleep(0.2)
         samples: dict[str, list[float]] = {"socket": [], "plain TCP": [], "gateway": []}
