@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from .endpoint import Endpoint
 from .errors import SageError, ServerFailed
-from .http import HttpError, request_json, route
+from .http import HttpError, error_text, request_json, route
 
 # How often a waiting caller looks at its cancel event: well inside the 0.5 s a Stop button may take.
 POLL = 0.05
@@ -164,13 +164,13 @@ class ChatClient:
         where = self.endpoint.base_url
         network = (OSError, http.client.HTTPException)
         if started_streaming and isinstance(error, (*network, _Refused, ValueError)):
-            return ServerFailed(f"The model at {where} broke off its answer ({_said(error)}); the partial answer "
+            return ServerFailed(f"The model at {where} broke off its answer ({error_text(error)}); the partial answer "
                                 f"was: {partial!r}. `sage logs` shows why.")
         if isinstance(error, TimeoutError):
             return ServerFailed(f"The model at {where} did not answer within {self.timeout:g} s. `sage logs` shows "
                                 "what the server is doing; a busy CPU server may need a longer timeout.")
         if isinstance(error, network):
-            return ServerFailed(f"Cannot reach the model at {where} ({_said(error)}). `sage ps` shows running "
+            return ServerFailed(f"Cannot reach the model at {where} ({error_text(error)}). `sage ps` shows running "
                                 "servers; start one again or check --base-url.")
         if isinstance(error, _Refused):
             return SageError(_status_message(self.endpoint, error))
@@ -194,9 +194,9 @@ def _read_events(response: http.client.HTTPResponse, call: _Call, events: queue.
             if data == "[DONE]":
                 break
             chunk = json.loads(data)
-            if isinstance(chunk, dict) and "error" in chunk:  # the server failed after the stream began
-                raise _Refused(500, data)
             if isinstance(chunk, dict):
+                if "error" in chunk:  # the server failed after the stream began
+                    raise _Refused(500, data)
                 finished = finished or any(c.get("finish_reason") for c in chunk.get("choices") or [])
             events.put(("chunk", chunk))
         else:
@@ -206,11 +206,6 @@ def _read_events(response: http.client.HTTPResponse, call: _Call, events: queue.
     except Exception as error:  # noqa: BLE001 - handed to the caller's thread, which explains it
         if not call.aborted:
             events.put(("broke", error))
-
-
-def _said(error: Exception) -> str:
-    """An exception's message, or its name when it has none (http.client's IncompleteRead, RemoteDisconnected)."""
-    return str(error) or type(error).__name__
 
 
 class _Refused(Exception):

@@ -94,6 +94,11 @@ def _proxy_for(scheme: str, host: str) -> str | None:
     return urllib.request.getproxies().get(scheme)
 
 
+def error_text(error: BaseException) -> str:
+    """An exception's message, or its name when it has none (http.client's IncompleteRead, RemoteDisconnected)."""
+    return str(error) or type(error).__name__
+
+
 def request_text(url: str, api_key: str | None = None, payload: Any = None, timeout: float = 5.0,
                  socket: str | None = None) -> str:
     """GET (or POST when ``payload`` is given) and return the body; raise HttpError on failure."""
@@ -110,7 +115,7 @@ def request_text(url: str, api_key: str | None = None, payload: Any = None, time
         response = way.connection.getresponse()
         body = response.read().decode("utf-8", "replace")
     except (OSError, http.client.HTTPException) as error:
-        raise HttpError(None, str(error) or type(error).__name__) from None
+        raise HttpError(None, error_text(error)) from None
     finally:
         way.connection.close()
     if response.status >= 400:

@@ -166,7 +166,7 @@ def request_param(text: str) -> tuple[str, Any]:
 def ask_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of ``Conversation.ask`` that the chat options above give (every face)."""
     return dict(index=args.index, top_k=args.top_k, mode=args.mode, max_tokens=args.max_tokens,
-                temperature=args.temperature, seed=args.seed, extra=dict(getattr(args, "params", None) or []))
+                temperature=args.temperature, seed=args.seed, extra=dict(args.params))
 
 
 def open_endpoint(manager: Manager, args: argparse.Namespace, *, progress: ProgressCallback = silent,

@@ -297,7 +297,8 @@ class ChatWidget:
             question.remove_class("sage-spare")
         with answer.hold_sync():
             answer.value = "<em>…</em>"
-            answer._dom_classes = ("sage-model",)
+            answer.remove_class("sage-spare")
+            answer.add_class("sage-model")
         return _Turn(prompt, answer)
 
     def _make_spare(self) -> None:
