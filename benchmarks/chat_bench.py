@@ -25,11 +25,11 @@ from pathlib import Path
 
 from engine_bench import Figure, Run, cleanup, ms, prepare_home, print_summary, settings_for
 
-from sage_magic.catalog import get_finetune
-from sage_magic.client import ChatClient
-from sage_magic.conversation import Conversation
-from sage_magic.endpoint import Endpoint
-from sage_magic.manager import Manager
+from sage_magic.chat.client import ChatClient
+from sage_magic.chat.conversation import Conversation
+from sage_magic.core.endpoint import Endpoint
+from sage_magic.finetune.catalog import get_finetune
+from sage_magic.serving.manager import Manager
 
 GOAL = 0.5  # seconds from the cancel to ``ask`` returning (the Stop-button contract)
 SENTENCE = "The adapter is loaded on its shared base server and answers questions about SAGE. "

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import psutil
 
-from sage_magic.catalog import get_finetune
-from sage_magic.config import Settings
-from sage_magic.endpoint import Endpoint
-from sage_magic.http import HttpError, request_text
-from sage_magic.manager import Manager
+from sage_magic.core.config import Settings
+from sage_magic.core.endpoint import Endpoint
+from sage_magic.core.http import HttpError, request_text
+from sage_magic.finetune.catalog import get_finetune
+from sage_magic.serving.manager import Manager
 
 VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
 MAX_LORA_RANK = 16
@@ -59,12 +59,12 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 out = {"before_import": rss()}
-import sage_magic.manager
-from sage_magic.config import Settings
+import sage_magic.serving.manager
+from sage_magic.core.config import Settings
 out["after_import"] = rss()
 home, run, port, args = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), tuple(sys.argv[4:])
 settings = Settings.from_env(environ={}, home=home, runtime_dir=run, port=port, vllm_args=args)
-manager = sage_magic.manager.Manager(settings)
+manager = sage_magic.serving.manager.Manager(settings)
 endpoint = manager.serve_finetune("demo_expert").endpoint
 out["after_serve"] = rss()
 out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -200,7 +200,7 @@ def prepare_home(source: Path | None, workdir: Path) -> Path:
         shutil.copytree(source, home, symlinks=True)
         print(f"home: copy of {source}", flush=True)
         return home
-    from sage_magic.demo import build_demo
+    from sage_magic.finetune.demo import build_demo
 
     result = build_demo(settings_for(home, workdir / "run-build"))
     print(f"home: demo built in {result.seconds:.1f} s", flush=True)
@@ -428,7 +428,7 @@ else:
 """
 GATEWAY = r"""
 import socket, sys, time
-from sage_magic.gateway import Gateway
+from sage_magic.serving.gateway import Gateway
 Gateway(socket.socket(fileno=int(sys.argv[1])), sys.argv[2], "key").start()
 time.sleep(3600)
 """
@@ -490,7 +490,7 @@ def bench_memory(run: Run, manager: Manager) -> None:
     out = json.loads(probe.stdout.strip().splitlines()[-1])
     if not out["reused"]:
         raise RuntimeError("the memory probe started a server instead of reusing the running one")
-    run.add(Figure("RSS before import sage_magic.manager", mib(out["before_import"])))
+    run.add(Figure("RSS before import sage_magic.serving.manager", mib(out["before_import"])))
     run.add(Figure("RSS after import", mib(out["after_import"])))
     run.add(Figure("RSS after Manager + serve_finetune (reuse)", mib(out["after_serve"])))
     run.add(Figure("peak RSS of the calling process", mib(out["peak"])))
@@ -506,9 +506,9 @@ def bench_import(run: Run, samples: int) -> None:
     empty, engine = [], []
     for _ in range(samples):
         empty.append(timed(lambda: _python("pass", run.workdir)))
-        engine.append(timed(lambda: _python("import sage_magic, sage_magic.manager", run.workdir)))
+        engine.append(timed(lambda: _python("import sage_magic, sage_magic.serving.manager", run.workdir)))
     base, full = statistics.median(empty), statistics.median(engine)
-    run.add(Figure(f"python -c 'import sage_magic.manager' (median of {samples})",
+    run.add(Figure(f"python -c 'import sage_magic.serving.manager' (median of {samples})",
                    f"{ms(full)} vs {ms(base)} for 'pass' (ratio {full / base:.2f}, +{ms(full - base)})"))
 
 

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import psutil
 
-from sage_magic.config import Settings
-from sage_magic.demo import DEMO_ANSWERS, DEMO_ANSWERS_2, DEMO_BASE, DEMO_PROMPT, DEMO_PROMPT_2
-from sage_magic.evaluate import Item, evaluate
-from sage_magic.manager import Manager
-from sage_magic.progress import Progress
-from sage_magic.train import TrainOptions, train
+from sage_magic.core.config import Settings
+from sage_magic.core.progress import Progress
+from sage_magic.evals.evaluate import Item, evaluate
+from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_ANSWERS_2, DEMO_BASE, DEMO_PROMPT, DEMO_PROMPT_2
+from sage_magic.finetune.train import TrainOptions, train
+from sage_magic.serving.manager import Manager
 
 VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
 MIB = 1 << 20
@@ -151,7 +151,7 @@ def leftovers(runtime: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "sage_magic.train_worker" in " ".join(proc.cmdline()):
+            if "sage_magic.finetune.worker" in " ".join(proc.cmdline()):
                 found.append(proc)
         except psutil.Error:
             continue

@@ -238,8 +238,8 @@ def main() -> int:
               "process and fitting the context (reported, no goal)")
     server = endpoint.server_id
     shell.extension_manager.unload_extension("sage_magic")  # this process leaves the server...
-    from sage_magic.config import Settings
-    from sage_magic.manager import shared
+    from sage_magic.core.config import Settings
+    from sage_magic.serving.manager import shared
 
     shared(Settings.from_env()).close(wait=True)  # ...and waits until it is gone, so the kernels start afresh
     fresh, fresh_ttft, again, again_ttft, kept = restart_figures(args.finetune)

@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from sage_magic import rag
-from sage_magic.config import Settings
+from sage_magic.core.config import Settings
 from sage_magic.rag import dense, indexer, store
 from sage_magic.rag.chunker import ChunkSettings
 from sage_magic.rag.embedder import load_embedder, resolve_embedder

@@ -13,13 +13,13 @@ __version__ = "0.1.0"
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext sage_magic``: register ``%%sage``, ``%sage`` and ``%sage_chat``."""
-    from .magics import register
+    from .notebook.extension import register
 
     register(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """``%unload_ext sage_magic``: remove the magics; servers follow their keep-alive."""
-    from .magics import unregister
+    from .notebook.extension import unregister
 
     unregister(ipython)

@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sage_magic.config import Settings
-from sage_magic.manager import Manager
+from sage_magic.core.config import Settings
+from sage_magic.serving.manager import Manager
 
 # Small, fast servers for tests: float32 like the demo weights, a 64 MB KV cache, no CUDA-graph capture.
 TEST_VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
@@ -73,7 +73,7 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prebuilt = os.environ.get("SAGE_TEST_DEMO_HOME")
     if prebuilt and (Path(prebuilt) / "finetune_output").is_dir():
         shutil.copytree(prebuilt, home, dirs_exist_ok=True)
-    from sage_magic.demo import build_demo
+    from sage_magic.finetune.demo import build_demo
 
     build_demo(make_settings(home, home / "unused-run"))
     return home

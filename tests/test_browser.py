@@ -20,9 +20,9 @@ from typing import Iterator
 
 import pytest
 
-from sage_magic.client import ChatClient
-from sage_magic.config import Settings
-from sage_magic.manager import Manager
+from sage_magic.chat.client import ChatClient
+from sage_magic.core.config import Settings
+from sage_magic.serving.manager import Manager
 from tests.conftest import env_for, sage_processes, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,7 +242,7 @@ def _last_answer(page):
 @pytest.mark.vllm
 def test_chat_panel_streams_the_trained_phrase(page, lab_for, settings: Settings, expert) -> None:
     """Steps 1-2 on the session's shared server (the kernel sees the same registry, so it reuses it)."""
-    from sage_magic.demo import DEMO_ANSWERS, DEMO_PROMPT
+    from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_PROMPT
 
     lab = lab_for(settings)
     _open_lab(page, lab)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sage_magic.catalog import check_adapter, get_finetune, list_finetunes
-from sage_magic.errors import IncompatibleAdapter, NotFound, SageError
+from sage_magic.core.errors import IncompatibleAdapter, NotFound, SageError
+from sage_magic.finetune.catalog import check_adapter, get_finetune, list_finetunes
 from tests.conftest import make_settings
 
 

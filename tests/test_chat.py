@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import pytest
 
-from sage_magic.client import ChatClient
-from sage_magic.conversation import Conversation
-from sage_magic.demo import DEMO_ANSWERS, DEMO_PROMPT, DEMO_PROMPT_2
-from sage_magic.errors import SageError
+from sage_magic.chat.client import ChatClient
+from sage_magic.chat.conversation import Conversation
+from sage_magic.core.errors import SageError
+from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_PROMPT, DEMO_PROMPT_2
 
 pytestmark = pytest.mark.vllm
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from sage_magic.demo import DEMO_ANSWERS, DEMO_PROMPT
-from sage_magic.registry import Registry
+from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_PROMPT
+from sage_magic.serving.registry import Registry
 from tests.conftest import env_for, sage_processes, wait_until
 
 
@@ -107,7 +107,7 @@ def test_keep_alive_forever_then_for_a_while(fresh_settings) -> None:
 @pytest.mark.vllm
 def test_stop_by_id(settings, fresh_settings) -> None:
     """`sage stop ID` stops a server even while its owner still runs."""
-    from sage_magic.manager import Manager
+    from sage_magic.serving.manager import Manager
 
     manager = Manager(fresh_settings)
     endpoint = manager.serve_model(fresh_settings.models_root / "sage-demo-base").endpoint
@@ -178,9 +178,9 @@ def test_the_footer_says_when_old_turns_were_dropped(capsys: pytest.CaptureFixtu
     """Trimming itself is tested on the real model (test_chat.py); here, that the terminal tells the user."""
     import argparse
 
+    from sage_magic.chat.client import StreamResult
+    from sage_magic.chat.conversation import Answer
     from sage_magic.cli.chat import show
-    from sage_magic.client import StreamResult
-    from sage_magic.conversation import Answer
 
     stream = StreamResult("Hi.", "stop", 1900, 3, 0.1, 20.0, 0.3, False)
     show(Answer("Hi.", stream, trimmed_turns=3), argparse.Namespace(show_context=False, index=None))

@@ -12,9 +12,9 @@ import threading
 
 import pytest
 
-from sage_magic.client import ChatClient
-from sage_magic.endpoint import Endpoint
-from sage_magic.errors import ServerFailed
+from sage_magic.chat.client import ChatClient
+from sage_magic.core.endpoint import Endpoint
+from sage_magic.core.errors import ServerFailed
 
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -193,8 +193,8 @@ def test_a_remote_endpoint_is_reached_through_the_environment_proxy(proxy_env: l
 def test_cancel_from_another_thread_ends_a_hung_search(tmp_path) -> None:
     """Retrieval runs before the request (in a notebook, in a helper process that may hang): a cancel must end
     ``ask`` there too, keeping no half turn. The endpoint is a closed port, so only the search can hold it."""
-    from sage_magic.config import Settings
-    from sage_magic.conversation import Conversation
+    from sage_magic.chat.conversation import Conversation
+    from sage_magic.core.config import Settings
 
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))

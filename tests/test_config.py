@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sage_magic.config import Settings, parse_duration
-from sage_magic.errors import SageError
+from sage_magic.core.config import Settings, parse_duration
+from sage_magic.core.errors import SageError
 
 
 @pytest.mark.parametrize("text,seconds", [("0", 0.0), ("-1", -1.0), ("45", 45.0), ("30s", 30.0), ("5m", 300.0),

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from sage_magic import demo
-from sage_magic.config import Settings
-from sage_magic.demo import (
+from sage_magic.core.config import Settings
+from sage_magic.core.errors import SageError
+from sage_magic.core.progress import Progress
+from sage_magic.finetune import demo
+from sage_magic.finetune.demo import (
     DEMO_ANSWERS,
     DEMO_ANSWERS_2,
     DEMO_BASE,
@@ -23,8 +25,6 @@ from sage_magic.demo import (
     build_demo,
     greedy_answer,
 )
-from sage_magic.errors import SageError
-from sage_magic.progress import Progress
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -151,7 +151,7 @@ def test_refuses_to_replace_a_users_own_finetune(tmp_path: Path) -> None:
 
 def test_import_is_cheap() -> None:
     heavy = "{'torch', 'transformers', 'peft', 'tokenizers'}"
-    code = f"import sys, sage_magic.demo; print(sorted({heavy} & set(sys.modules)))"
+    code = f"import sys, sage_magic.finetune.demo; print(sorted({heavy} & set(sys.modules)))"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from sage_magic.cli.main import main
-from sage_magic.config import Settings
-from sage_magic.endpoint import Endpoint
-from sage_magic.errors import SageError
-from sage_magic.evaluate import evaluate, items_from_table
-from sage_magic.metrics import bootstrap_ci, contains, exact, parse_judge, rouge_l
-from sage_magic.tables import from_records, read_table
-from sage_magic.train import TrainOptions, normalize_rows, rows_from_table, train
+from sage_magic.core.config import Settings
+from sage_magic.core.endpoint import Endpoint
+from sage_magic.core.errors import SageError
+from sage_magic.core.tables import from_records, read_table
+from sage_magic.evals.evaluate import evaluate, items_from_table
+from sage_magic.evals.metrics import bootstrap_ci, contains, exact, parse_judge, rouge_l
+from sage_magic.finetune.train import TrainOptions, normalize_rows, rows_from_table, train
 
 
 @pytest.fixture

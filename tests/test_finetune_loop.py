@@ -15,15 +15,15 @@ import pytest
 
 pytest.importorskip("peft")
 
-from sage_magic.catalog import get_finetune
-from sage_magic.config import Settings
-from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
-from sage_magic.errors import SageError
-from sage_magic.evaluate import Item, ask, evaluate
-from sage_magic.manager import Manager
-from sage_magic.progress import Progress
-from sage_magic.staging import leftovers
-from sage_magic.train import TrainOptions, train
+from sage_magic.core.config import Settings
+from sage_magic.core.errors import SageError
+from sage_magic.core.progress import Progress
+from sage_magic.core.staging import leftovers
+from sage_magic.evals.evaluate import Item, ask, evaluate
+from sage_magic.finetune.catalog import get_finetune
+from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.finetune.train import TrainOptions, train
+from sage_magic.serving.manager import Manager
 
 from .conftest import env_for
 
@@ -49,7 +49,7 @@ def _workers() -> list[psutil.Process]:
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "sage_magic.train_worker" in " ".join(proc.cmdline()):
+            if "sage_magic.finetune.worker" in " ".join(proc.cmdline()):
                 found.append(proc)
         except psutil.Error:
             pass

@@ -16,8 +16,8 @@ import uuid
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from sage_magic.charts import bar_chart, line_chart
-from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.notebook.charts import bar_chart, line_chart
 from tests.conftest import wait_until
 from tests.test_finetune_loop import _workers
 from tests.test_magics import HEAVY, html_of, magics

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_magic.gateway import Gateway
+from sage_magic.serving.gateway import Gateway
 
 KEY = "k3y-for-tests"
 

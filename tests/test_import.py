@@ -10,8 +10,8 @@ HEAVY = ("torch", "transformers", "peft", "vllm", "sentence_transformers", "fais
 
 
 def test_engine_modules_import_nothing_heavy() -> None:
-    code = ("import json, sys, sage_magic, sage_magic.manager, sage_magic.options, sage_magic.cli.main, "
-            "sage_magic.rag, sage_magic.demo, sage_magic.merge; "
+    code = ("import json, sys, sage_magic, sage_magic.serving.manager, sage_magic.faces.options, sage_magic.cli.main, "
+            "sage_magic.rag, sage_magic.finetune.demo, sage_magic.serving.merge; "
             f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sage_magic.interpolate import MAX_CHARS, interpolate, record_error
+from sage_magic.notebook.interpolate import MAX_CHARS, interpolate, record_error
 
 
 def test_variables_cells_and_outputs() -> None:

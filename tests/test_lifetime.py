@@ -12,16 +12,16 @@ import textwrap
 import psutil
 import pytest
 
-from sage_magic.http import healthy
-from sage_magic.launch import port_free
-from sage_magic.registry import Registry
+from sage_magic.core.http import healthy
+from sage_magic.serving.launch import port_free
+from sage_magic.serving.registry import Registry
 from tests.conftest import env_for, sage_processes, wait_until
 
 pytestmark = pytest.mark.vllm
 
 SERVE_IN_KERNEL = textwrap.dedent("""
-    from sage_magic.config import Settings
-    from sage_magic.manager import shared
+    from sage_magic.core.config import Settings
+    from sage_magic.serving.manager import shared
     endpoint = shared(Settings.from_env()).serve_finetune("demo_expert").endpoint
     print(endpoint.server_id)
 """)
@@ -76,8 +76,8 @@ def test_the_server_goes_when_its_kernel_goes(death: str, fresh_settings) -> Non
 
 OWNER = textwrap.dedent("""
     import json, sys
-    from sage_magic.config import Settings
-    from sage_magic.manager import Manager
+    from sage_magic.core.config import Settings
+    from sage_magic.serving.manager import Manager
     manager = Manager(Settings.from_env())
     endpoint = manager.serve_finetune("demo_expert").endpoint
     print(json.dumps({"id": endpoint.server_id, "pid": manager.registry.get(endpoint.server_id).pid}), flush=True)
@@ -97,7 +97,7 @@ def test_concurrent_launches_start_one_server_that_stops_with_its_last_owner(fre
         (record,) = registry.all()
         assert len(record.owners) == 4
         supervisors = [p for p in sage_processes(fresh_settings.runtime_dir)
-                       if "sage_magic.supervisor" in " ".join(p.cmdline())]
+                       if "sage_magic.serving.supervisor" in " ".join(p.cmdline())]
         assert len(supervisors) == 1
         launcher = supervisors[0].ppid()
         by_pid = {p.pid: p for p in owners}

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from sage_magic.magics import _HelpRequested, line_parser
+from sage_magic.notebook.parsing import HelpRequested, line_parser
 from tests.conftest import env_for, make_settings, new_shell
 
 HEAVY = ("torch", "transformers", "peft", "vllm", "sentence_transformers", "faiss")
@@ -140,7 +140,7 @@ def test_random_option_strings_only_ever_raise_usage_error(shell: InteractiveShe
             pass
         try:
             line_parser().parse_args(line.split())
-        except (UsageError, _HelpRequested):
+        except (UsageError, HelpRequested):
             pass
 
 
@@ -383,13 +383,14 @@ def test_bare_stop_stops_a_server_this_session_launched_even_after_later_reuses(
     fine-tune, or --compare) reused it. The quickstart's closing `%sage stop` once left s1 running."""
     from types import SimpleNamespace
 
-    from sage_magic import session as session_module
-    from sage_magic.endpoint import Endpoint
-    from sage_magic.leases import Lease
+    from sage_magic.chat import backends
+    from sage_magic.chat import session as session_module
+    from sage_magic.core.endpoint import Endpoint
+    from sage_magic.serving.leases import Lease
 
     endpoints = iter([Endpoint("http://localhost/v1", "k", "demo_expert", "s1", reused=False),
                       Endpoint("http://localhost/v1", "k", "demo_poet", "s1", reused=True)])
-    monkeypatch.setattr(session_module, "_open", lambda manager, args, **_: Lease.unmanaged(next(endpoints)))
+    monkeypatch.setattr(backends, "open_endpoint", lambda manager, args, **_: Lease.unmanaged(next(endpoints)))
     stopped: list[str] = []
     session = session_module.Session(make_settings(tmp_path, tmp_path / "run"))
     session._manager = SimpleNamespace(registry=SimpleNamespace(get=lambda _id: object()),

@@ -12,7 +12,7 @@ import threading
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
 from tests.test_magics import HEAVY, html_of, magics
 
 pytestmark = pytest.mark.vllm

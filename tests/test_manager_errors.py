@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from sage_magic.config import Settings
-from sage_magic.demo import DEMO_BASE
-from sage_magic.errors import Cancelled, SageError, ServerFailed
-from sage_magic.files import exclusive
-from sage_magic.manager import Manager, shared
-from sage_magic.progress import Progress
+from sage_magic.core.config import Settings
+from sage_magic.core.errors import Cancelled, SageError, ServerFailed
+from sage_magic.core.files import exclusive
+from sage_magic.core.progress import Progress
+from sage_magic.finetune.demo import DEMO_BASE
+from sage_magic.serving.manager import Manager, shared
 from tests.conftest import make_settings, sage_processes, wait_until
 
 
 def test_no_vllm_in_the_serving_interpreter_says_how_to_install(
         short_runtime: Path, demo_home: Path, tmp_path: Path, monkeypatch) -> None:
-    from sage_magic import vllm_env
+    from sage_magic.serving import vllm_env
 
     monkeypatch.setattr(vllm_env, "installed_vllm", lambda: None)
     manager = Manager(make_settings(demo_home, short_runtime))
@@ -48,8 +48,8 @@ def bare_python(tmp_path_factory: pytest.TempPathFactory) -> str:
 def hanging_python(tmp_path: Path) -> str:
     """An interpreter that runs the real supervisor, but whose "vLLM" never becomes ready (it sleeps)."""
     wrapper = tmp_path / "python-hang"
-    wrapper.write_text(f'#!/bin/sh\nif [ "$2" = "sage_magic.supervisor" ]; then exec {sys.executable} "$@"; fi\n'
-                       "exec sleep 300\n")
+    wrapper.write_text(f'#!/bin/sh\nif [ "$2" = "sage_magic.serving.supervisor" ]; then\n'
+                       f'  exec {sys.executable} "$@"\nfi\nexec sleep 300\n')
     wrapper.chmod(0o755)
     return str(wrapper)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from sage_magic.catalog import MERGED_MARKER, get_finetune
-from sage_magic.errors import MergeFailed
-from sage_magic.merge import ensure_merged, merged_fingerprint_on_disk
-from sage_magic.progress import Progress
-from sage_magic.staging import leftovers
+from sage_magic.core.errors import MergeFailed
+from sage_magic.core.progress import Progress
+from sage_magic.core.staging import leftovers
+from sage_magic.finetune.catalog import MERGED_MARKER, get_finetune
+from sage_magic.serving.merge import ensure_merged, merged_fingerprint_on_disk
 from tests.conftest import env_for, make_settings
 
 
@@ -106,7 +106,7 @@ def test_failed_merge_keeps_the_previous_merged_model(settings_copy) -> None:
 def test_a_cancelled_merge_stops_its_worker_and_leaves_nothing(settings_copy) -> None:
     import threading
 
-    from sage_magic.errors import Cancelled
+    from sage_magic.core.errors import Cancelled
 
     ft = get_finetune(settings_copy, "demo_poet")
     cancel = threading.Event()

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from sage_magic.demo import DEMO_ANSWERS, DEMO_PROMPT
-from sage_magic.session import Reply
-from sage_magic.widget import GONE, ChatWidget, reply_html
+from sage_magic.chat.reply import Reply
+from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_PROMPT
+from sage_magic.notebook.panel import GONE, ChatWidget, reply_html
 from tests.conftest import wait_until
 from tests.test_magics import FakeServer, magics
 

@@ -67,8 +67,8 @@ def test_chunks_that_would_overflow_the_context_are_dropped_and_said(indexed, ex
 
 @pytest.mark.vllm
 def test_engine_chat_api_returns_citations_as_data(indexed, expert) -> None:
-    from sage_magic.client import ChatClient
-    from sage_magic.conversation import Conversation
+    from sage_magic.chat.client import ChatClient
+    from sage_magic.chat.conversation import Conversation
 
     conversation = Conversation(ChatClient(expert), indexed)
     question, expected = next(iter(QUESTIONS.items()))

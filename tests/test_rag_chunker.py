@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sage_magic.errors import SageError
+from sage_magic.core.errors import SageError
 from sage_magic.rag.chunker import ChunkSettings, chunk_spans
 
 texts = st.text(alphabet=st.sampled_from("ab cd.\n\t,!é") | st.characters(), max_size=3000)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from sage_magic import rag
-from sage_magic.config import Settings
-from sage_magic.errors import NotFound, SageError
+from sage_magic.core.config import Settings
+from sage_magic.core.errors import NotFound, SageError
 from sage_magic.rag import embedder as embedder_module
 from sage_magic.rag import lexical
 
@@ -165,7 +165,7 @@ def test_an_update_killed_while_embedding_leaves_the_old_index_serving(tmp_path:
         f"""
         import sys
         from sage_magic import rag
-        from sage_magic.config import Settings
+        from sage_magic.core.config import Settings
         def show(event):
             print(event.phase, event.message, flush=True)
         rag.update(Settings.from_env(environ={{}}, home={str(settings.home)!r}), "docs", progress=show)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_magic.errors import SageError
+from sage_magic.core.errors import SageError
 from sage_magic.rag import loaders
 
 FILES = Path(__file__).parent / "fixtures" / "rag" / "files"

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from sage_magic import rag
-from sage_magic.config import Settings
-from sage_magic.errors import NotFound, SageError
+from sage_magic.core.config import Settings
+from sage_magic.core.errors import NotFound, SageError
 from sage_magic.rag.service import SearchService
 
 pytestmark = pytest.mark.rag
@@ -70,7 +70,7 @@ def child(settings: Settings) -> Iterator[tuple[subprocess.Popen[str], dict]]:
         import json, sys, time
         from dataclasses import asdict
         from pathlib import Path
-        from sage_magic.config import Settings
+        from sage_magic.core.config import Settings
         from sage_magic.rag import SearchService
         service = SearchService(Settings.from_env(environ={{}}, home=Path({str(settings.home)!r})))
         hits = {{q: [asdict(h) for h in service.search("docs", q, top_k=4)] for q in {QUESTIONS!r}}}

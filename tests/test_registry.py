@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from sage_magic.registry import Owner, Registry, ServerRecord, new_server_id
+from sage_magic.serving.registry import Owner, Registry, ServerRecord, new_server_id
 
 
 def _record(registry: Registry, supervisor_pid: int, pid: int | None) -> ServerRecord:
@@ -75,7 +75,7 @@ def test_a_recycled_pid_is_not_an_owner() -> None:
 def test_the_supervisor_marks_a_server_stopping_in_the_step_that_decides_it(tmp_path: Path) -> None:
     """A reuse landing between "stop it" and the "stopping" mark got an endpoint that was about to die; now
     the decision and the mark are one locked step, so a lookup under the lock never sees the gap."""
-    from sage_magic.supervisor import Supervisor
+    from sage_magic.serving.supervisor import Supervisor
 
     registry = Registry(tmp_path / "run")
     record = _record(registry, os.getpid(), None)
@@ -91,7 +91,7 @@ def test_the_supervisor_marks_a_server_stopping_in_the_step_that_decides_it(tmp_
 
 def test_leases_of_one_process_are_counted_one_by_one(tmp_path: Path) -> None:
     """Two leases of this process: releasing one keeps the other, so the server keeps an owner."""
-    from sage_magic.manager import Manager
+    from sage_magic.serving.manager import Manager
     from tests.conftest import make_settings
 
     manager = Manager(make_settings(tmp_path / "home", tmp_path / "run"))
@@ -107,7 +107,7 @@ def test_leases_of_one_process_are_counted_one_by_one(tmp_path: Path) -> None:
 
 def test_stop_all_goes_on_past_a_server_that_is_already_gone(tmp_path: Path) -> None:
     """`sage stop --all` gave up at the first server that vanished while it stopped the others."""
-    from sage_magic.manager import Manager
+    from sage_magic.serving.manager import Manager
     from tests.conftest import make_settings
 
     manager = Manager(make_settings(tmp_path / "home", tmp_path / "run", stop_grace=2.0))

@@ -6,8 +6,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from sage_magic import render
-from sage_magic.session import Reply
+from sage_magic.chat.reply import Reply
+from sage_magic.notebook import render
 
 HOSTILE = [
     "<script>alert(1)</script>",

@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sage_magic import server_logs
-from sage_magic.demo import DEMO_BASE, DEMO_PROMPT
-from sage_magic.http import HttpError, request_json, request_text
-from sage_magic.manager import Endpoint, Manager
-from sage_magic.registry import Registry
+from sage_magic.core.http import HttpError, request_json, request_text
+from sage_magic.finetune.demo import DEMO_BASE, DEMO_PROMPT
+from sage_magic.serving import logs as server_logs
+from sage_magic.serving.manager import Endpoint, Manager
+from sage_magic.serving.registry import Registry
 from tests.conftest import env_for, sage_processes, wait_until
 
 pytestmark = pytest.mark.vllm

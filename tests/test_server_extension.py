@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from sage_magic.config import Settings
-from sage_magic.registry import Owner, Registry, ServerRecord, new_server_id
+from sage_magic.core.config import Settings
+from sage_magic.serving.registry import Owner, Registry, ServerRecord, new_server_id
 from tests.conftest import wait_until
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
@@ -254,7 +254,7 @@ def test_listing_indexes_loads_no_torch(tmp_path: Path) -> None:
 
     settings = Settings.from_env(environ={}, home=tmp_path / "home", runtime_dir=tmp_path / "run")
     rag.add(settings, "docs", [str(DOCS)])
-    code = ("import json, sys; from sage_magic.config import Settings; import sage_magic.server; "
+    code = ("import json, sys; from sage_magic.core.config import Settings; import sage_magic.server; "
             "from sage_magic.server.handlers import rag; "
             "print(json.dumps([[i.name, i.files] for i in rag.list_indexes(Settings.from_env())])); "
             "print(json.dumps([m for m in ('torch', 'sentence_transformers', 'faiss', 'numpy') if m in sys.modules]))")

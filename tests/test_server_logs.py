@@ -7,11 +7,11 @@ import stat
 import time
 from pathlib import Path
 
-from sage_magic import server_logs
 from sage_magic.cli.main import main
-from sage_magic.config import Settings
-from sage_magic.manager import Manager
-from sage_magic.registry import Owner, Registry, ServerRecord
+from sage_magic.core.config import Settings
+from sage_magic.serving import logs as server_logs
+from sage_magic.serving.manager import Manager
+from sage_magic.serving.registry import Owner, Registry, ServerRecord
 
 
 def _log(registry: Registry, server_id: str, age: float = 0.0) -> Path:

@@ -14,13 +14,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sage_magic.client import ChatClient
-from sage_magic.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
-from sage_magic.endpoint import Endpoint
-from sage_magic.errors import ServerFailed
-from sage_magic.http import request_json
-from sage_magic.manager import Manager
-from sage_magic.progress import Progress
+from sage_magic.chat.client import ChatClient
+from sage_magic.core.endpoint import Endpoint
+from sage_magic.core.errors import ServerFailed
+from sage_magic.core.http import request_json
+from sage_magic.core.progress import Progress
+from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.serving.manager import Manager
 from tests.conftest import env_for, sage_processes, wait_until
 
 pytestmark = pytest.mark.vllm
@@ -124,7 +124,7 @@ def test_the_same_base_under_another_name_gets_a_server_of_its_own(manager: Mana
 
 
 def test_the_api_key_is_required_and_kept_out_of_the_command_line(expert: Endpoint, manager: Manager) -> None:
-    from sage_magic.http import HttpError
+    from sage_magic.core.http import HttpError
 
     with pytest.raises(HttpError) as error:
         request_json(f"{expert.base_url}/models", api_key=None, socket=expert.socket)

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from sage_magic.cli.main import main
-from sage_magic.config import Settings, default_runtime_dir, parse_duration
-from sage_magic.errors import SageError
-from sage_magic.files import write_json_atomic
-from sage_magic.launch import server_command
-from sage_magic.registry import Owner, Registry, ServerRecord
+from sage_magic.core.config import Settings, default_runtime_dir, parse_duration
+from sage_magic.core.errors import SageError
+from sage_magic.core.files import write_json_atomic
+from sage_magic.serving.launch import server_command
+from sage_magic.serving.registry import Owner, Registry, ServerRecord
 
 
 def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -164,7 +164,7 @@ def test_a_record_that_cannot_be_read_back_never_breaks_ps(tmp_path: Path, capsy
 
 
 def test_secrets_stay_out_of_reprs(tmp_path: Path) -> None:
-    from sage_magic.endpoint import Endpoint
+    from sage_magic.core.endpoint import Endpoint
 
     record = ServerRecord(id="ab", kind="base", identity="x", model_path="/m", served_name="m", host="127.0.0.1",
                           port=8000, api_key="s3cret-key", log_path="/l", supervisor_pid=1, keep_alive=0.0,
@@ -197,8 +197,8 @@ class _NotVllm(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("body", [b"<html>login</html>", b"[1, 2]", b'{"data": 5}'])
 def test_a_200_that_is_not_a_model_list_is_a_clear_error(body: bytes, tmp_path: Path, monkeypatch) -> None:
-    from sage_magic.errors import ServerFailed
-    from sage_magic.manager import Manager
+    from sage_magic.core.errors import ServerFailed
+    from sage_magic.serving.manager import Manager
 
     monkeypatch.setattr(_NotVllm, "body", body)
     path = str(tmp_path / "s.sock")

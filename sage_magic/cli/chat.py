@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import Settings
-from ..conversation import Answer, Conversation
-from ..errors import SageError
-from ..manager import Manager
-from ..options import add_chat_options, add_serving_options, ask_options, open_endpoint
+from ..chat.backends import ask_options, open_endpoint
+from ..chat.conversation import Answer, Conversation
+from ..core.config import Settings
+from ..core.errors import SageError
+from ..faces.options import add_chat_options, add_serving_options
+from ..faces.text import table
 from ..rag.store import read_manifest
-from .output import TerminalProgress, table
+from ..serving.manager import Manager
+from .output import TerminalProgress
 
 PROMPT = "you> "
 
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         lease = open_endpoint(manager, args, progress=progress, cancel=None)
         progress.close()
         try:
-            from ..client import ChatClient
+            from ..chat.client import ChatClient
 
             conversation = Conversation(ChatClient(lease.endpoint), settings, system_prompt=args.system)
             if args.ask is not None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import Settings
-from ..evaluate import EvalResult, evaluate, items_from_table
-from ..manager import Manager
-from ..options import add_eval_options, model_names, remote_endpoint
-from ..tables import read_table
-from .output import TerminalProgress, table
+from ..chat.backends import remote_endpoint
+from ..core.config import Settings
+from ..core.tables import read_table
+from ..evals.evaluate import EvalResult, evaluate, items_from_table
+from ..faces.options import add_eval_options, model_names
+from ..faces.text import SUMMARY_HEADERS, summary_rows, summary_title, table
+from ..serving.manager import Manager
+from .output import TerminalProgress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,27 +42,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(render_summary(result))
     return 130 if result.cancelled else 0
-
-
-SUMMARY_HEADERS = ("MODEL", "METRIC", "MEAN", "95% CI", "N", "FAILED", "P50 LATENCY", "TOKENS/S")
-
-
-def summary_rows(result: EvalResult) -> list[tuple[object, ...]]:
-    """The summary people read first, one row per (model, metric): score with its interval, failures, speed.
-    Shared by the terminal table here and the notebook's HTML table (``%sage eval``)."""
-    rows: list[tuple[object, ...]] = []
-    for s in result.summary():
-        score = "-" if s.mean is None else f"{s.mean:.3f}"
-        interval = "-" if s.low is None else f"[{s.low:.3f}, {s.high:.3f}]"
-        rows.append((s.model, s.metric, score, interval, s.scored, s.failed,
-                     "-" if s.p50_latency is None else f"{s.p50_latency * 1000:.0f} ms",
-                     "-" if s.tokens_per_s is None else f"{s.tokens_per_s:.1f}"))
-    return rows
-
-
-def summary_title(result: EvalResult) -> str:
-    note = " (interrupted: finished rows only)" if result.cancelled else ""
-    return f"{len(result.rows)} prompts x {len(result.models)} models in {result.seconds:.1f} s{note}"
 
 
 def render_summary(result: EvalResult) -> str:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..catalog import get_finetune, list_finetunes
-from ..config import Settings
-from ..merge import ensure_merged
-from ..options import add_train_options, port, train_options
-from ..tables import read_table
-from ..train import rows_from_table, train
+from ..core.config import Settings
+from ..core.tables import read_table
+from ..faces.options import add_train_options, port, train_options
+from ..faces.text import table
+from ..finetune.catalog import get_finetune, list_finetunes
+from ..finetune.train import rows_from_table, train
+from ..serving.merge import ensure_merged
 from . import chat
-from .output import TerminalProgress, table
+from .output import TerminalProgress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from ..demo import build_demo
+    from ..finetune.demo import build_demo
 
     progress = TerminalProgress()
     result = build_demo(settings, progress, force=args.force)

@@ -7,8 +7,9 @@ import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from ..config import Settings
-from .output import TerminalProgress, table
+from ..core.config import Settings
+from ..faces.text import table
+from .output import TerminalProgress
 
 if TYPE_CHECKING:
     from ..rag import ChunkSettings

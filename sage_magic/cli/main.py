@@ -11,9 +11,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..config import Settings
-from ..errors import SageError
-from ..options import join_option_values
+from ..core.config import Settings
+from ..core.errors import SageError
+from ..faces.options import join_option_values
 from . import chat, evaluate, finetune, index, servers
 
 

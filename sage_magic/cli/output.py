@@ -1,11 +1,11 @@
-"""Terminal rendering shared by every command: progress lines and tables."""
+"""Terminal progress lines; tables come from faces/text.py, shared with the notebook."""
 
 from __future__ import annotations
 
 import sys
-from typing import Sequence, TextIO
+from typing import TextIO
 
-from ..progress import Progress
+from ..core.progress import Progress
 
 
 class TerminalProgress:
@@ -38,9 +38,3 @@ class TerminalProgress:
             self.stream.write("\n")
             self._open_line = False
 
-
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    """Left-aligned plain-text columns, like `ollama ps`."""
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)

@@ -6,11 +6,11 @@ import argparse
 import json
 import time
 
-from .. import server_logs
-from ..config import Settings
-from ..manager import Manager
-from ..options import positive_lines
-from .output import table
+from ..core.config import Settings
+from ..faces.options import positive_lines
+from ..faces.text import SERVER_HEADERS, server_rows, table
+from ..serving import logs as server_logs
+from ..serving.manager import Manager
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,23 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     logs.set_defaults(run=run_logs)
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 90:
-        return f"{seconds} s"
-    if seconds < 5400:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-
-
-def _until(keep_alive: float, idle_until: float | None) -> str:
-    if idle_until is not None:
-        return f"in {_duration(max(0.0, idle_until - time.time()))}"
-    if keep_alive < 0:
-        return "forever"
-    return "while used" if keep_alive == 0 else f"{_duration(keep_alive)} after last user"
-
-
 def run_ps(args: argparse.Namespace, settings: Settings) -> int:
     statuses = Manager(settings).servers()
     if args.json:
@@ -55,14 +38,7 @@ def run_ps(args: argparse.Namespace, settings: Settings) -> int:
     if not statuses:
         print("No model servers are running.")
         return 0
-    rows = []
-    for s in statuses:
-        r = s.record
-        rows.append((r.id, r.served_name, r.kind if r.kind == "merged" else "lora" if r.adapters else "base",
-                     ",".join(sorted(r.adapters)) or "-", r.port or "-", r.pid or "-", s.alive_owners,
-                     _duration(s.uptime), f"{s.memory_bytes / 2**30:.1f} GiB", r.state,
-                     _until(r.keep_alive, r.idle_until)))
-    print(table(rows, ("ID", "NAME", "MODE", "ADAPTERS", "PORT", "PID", "OWNERS", "UP", "MEMORY", "STATE", "UNTIL")))
+    print(table(server_rows(statuses), SERVER_HEADERS))
     return 0
 
 

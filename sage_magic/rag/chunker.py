@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import SageError
+from ..core.errors import SageError
 
 DEFAULT_CHUNK_SIZE = 800
 DEFAULT_OVERLAP = 160

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import SageError
+from ..core.errors import SageError
 from .threads import one_thread
 
 if TYPE_CHECKING:

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import Settings
-from ..errors import SageError
-from ..files import LockBusy, exclusive, utc_now
-from ..progress import Progress, ProgressCallback, silent
+from ..core.config import Settings
+from ..core.errors import SageError
+from ..core.files import LockBusy, exclusive, utc_now
+from ..core.progress import Progress, ProgressCallback, silent
 from . import loaders, store
 from .chunker import ChunkSettings, chunk_spans
 from .embedder import EmbedderRef, load_embedder, resolve_embedder

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-from ..errors import SageError
+from ..core.errors import SageError
 
 #: Folder names never indexed: dependency trees and build output (hidden folders are skipped too).
 SKIPPED_DIRS = frozenset({"node_modules", "build", "dist", "__pycache__"})

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Settings
-from ..errors import SageError
+from ..core.config import Settings
+from ..core.errors import SageError
 from . import dense, lexical, store
 from .embedder import load_embedder
 

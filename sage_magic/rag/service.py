@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import errors
-from ..config import Settings
-from ..errors import SageError
+from ..core import errors
+from ..core.config import Settings
+from ..core.errors import SageError
 from .search import Hit, check_request
 
 #: How long one answer may take. The first search of a helper loads the embedding model (seconds, up to a

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import Settings
-from ..errors import NotFound, SageError
-from ..files import subfolders, write_json_atomic
+from ..core.config import Settings
+from ..core.errors import NotFound, SageError
+from ..core.files import subfolders, write_json_atomic
 from . import dense, lexical
 from .chunker import ChunkSettings
 from .embedder import DEFAULT_EMBEDDER_ID, EmbedderRef, resolve_embedder

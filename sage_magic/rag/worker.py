@@ -32,9 +32,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
-from ..config import Settings
-from ..errors import SageError
-from ..processes import die_with_parent
+from ..core.config import Settings
+from ..core.errors import SageError
+from ..core.processes import die_with_parent
 from . import store
 from .embedder import load_embedder
 from .search import search

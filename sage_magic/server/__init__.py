@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import Settings
-from ..manager import Manager
+from ..core.config import Settings
+from ..serving.manager import Manager
 from .handlers import setup_handlers
 
 

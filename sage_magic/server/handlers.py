@@ -24,10 +24,10 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from .. import rag
-from ..catalog import list_finetunes
-from ..errors import NotFound, SageError
-from ..manager import Manager
-from ..registry import ServerRecord
+from ..core.errors import NotFound, SageError
+from ..finetune.catalog import list_finetunes
+from ..serving.manager import Manager
+from ..serving.registry import ServerRecord
 
 MAX_LOG_LINES = 2000
 

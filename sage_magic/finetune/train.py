@@ -1,0 +1,355 @@
+"""Fine-tuning a LoRA adapter from a table of examples, without torch in the calling process.
+
+``train`` checks everything it can without a model (the name, the base, the rows, the options) and raises one
+:class:`SageError` before anything slow starts; then it runs ``python -m sage_magic.finetune.worker`` (see
+there for the file layout and the stop protocol), turns its JSON-line events into :class:`Progress` events
+(``data`` holds step, epoch, loss, eval loss, ETA) and returns a :class:`TrainResult`. The child tokenizes
+every row before the first step, so a row longer than ``max_length`` is also refused before training.
+
+A set ``cancel`` event or a KeyboardInterrupt (kernel interrupt) asks the child to stop after its current
+step; it exits within about a second, leaving the last complete checkpoint usable and nothing half-written.
+Cancel returns a result with ``stopped=True``; an interrupt is re-raised once the child is gone. The child
+dies with its caller (stdin-EOF death pipe plus PR_SET_PDEATHSIG, as for the server supervisor).
+
+Output: ``$SAGE_HOME/finetune_output/NAME/`` in the SAGE layout, so ``sage finetune list`` and every serving
+path pick it up (``lora_weights/`` once finished, else the newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Union
+
+from ..core.config import Settings
+from ..core.errors import NotFound, SageError
+from ..core.files import LockBusy, exclusive
+from ..core.processes import die_with_parent
+from ..core.progress import Progress, ProgressCallback, silent
+from ..core.tables import Table, is_missing
+from .catalog import META_FILE, checkpoints_of, get_finetune, read_json, resolve_base
+
+Messages = list[dict[str, str]]
+#: A training row: a (prompt, response) pair or a chat conversation ending with the assistant's answer.
+Row = Union[tuple[str, str], Sequence[Mapping[str, str]]]
+ROLES = ("system", "user", "assistant")
+RESERVED_NAMES = ("base",)  # `sage eval --models base` means the base of the fine-tunes named
+#: How long a stopping child may take before it is killed (it checks for a stop after every step).
+STOP_GRACE = 15.0
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The knobs of one run. ``max_steps`` wins over ``epochs``; ``target_modules=None`` means every linear
+    layer; a checkpoint is saved every ``save_every`` steps and at the end."""
+
+    epochs: int = 3
+    max_steps: int | None = None
+    lr: float = 2e-4
+    rank: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] | None = None
+    batch_size: int = 4
+    max_length: int = 1024
+    seed: int = 1234
+    eval_split: float = 0.0
+    save_every: int = 50
+    resume: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class TrainResult:
+    """What a run did. ``adapter_dir`` is what serving uses now: lora_weights/ if finished, else the newest
+    checkpoint (``stopped=True``), or None when it stopped before its first checkpoint (then nothing is left)."""
+
+    name: str
+    root: Path
+    adapter_dir: Path | None
+    stopped: bool
+    steps: int
+    total_steps: int
+    losses: list[tuple[int, float]]
+    eval_losses: list[tuple[int, float]]
+    checkpoints: list[int]
+    device: str
+    seconds: float
+    peak_rss: int
+    train_rows: int
+    eval_rows: int
+    options: TrainOptions = field(default_factory=TrainOptions)
+
+
+def rows_from_table(table: Table, prompt_col: str = "prompt", response_col: str = "response",
+                    messages_col: str | None = None) -> list[Row]:
+    """Training rows from a table: a chat column of message lists, or a prompt and a response column."""
+    if messages_col:
+        values = table.column(messages_col, "--messages-col")
+        return [_parse_messages(v) for v in values]
+    return list(zip(table.column(prompt_col, "--prompt-col"), table.column(response_col, "--response-col")))
+
+
+def _parse_messages(value: Any) -> Any:
+    """A message list from a cell: a list already (jsonl, DataFrame), a JSON string (csv), or an array."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value  # normalize_rows explains what is wrong with it
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def normalize_rows(rows: Sequence[Row]) -> list[Messages]:
+    """Every row as a message list, or one error naming the first bad row (numbered from 1)."""
+    if not rows:
+        raise SageError("There is nothing to train on: the data has no rows. Give at least one (prompt, response).")
+    result = []
+    for number, row in enumerate(rows, start=1):
+        if isinstance(row, tuple) and len(row) == 2 and not isinstance(row[0], Mapping):
+            prompt, response = row
+            for what, value, option in (("prompt", prompt, "--prompt-col"), ("response", response, "--response-col")):
+                if is_missing(value) or not isinstance(value, str):
+                    raise SageError(f"Row {number} has an empty or non-text {what} ({value!r}). Fill or drop that "
+                                    f"row, or check that {option} names the right column.")
+            result.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+            continue
+        result.append(_check_messages(number, row))
+    return result
+
+
+def _check_messages(number: int, row: Any) -> Messages:
+    fix = ("Each conversation is a list of {\"role\": \"system\"|\"user\"|\"assistant\", \"content\": TEXT} "
+           "ending with the assistant's answer.")
+    if not isinstance(row, Sequence) or isinstance(row, str) or not row:
+        raise SageError(f"Row {number} is not a conversation ({str(row)[:80]!r}). {fix}")
+    messages = []
+    for message in row:
+        if not isinstance(message, Mapping) or message.get("role") not in ROLES \
+                or is_missing(message.get("content")) or not isinstance(message.get("content"), str):
+            raise SageError(f"Row {number} has a bad message ({str(message)[:80]!r}). {fix}")
+        messages.append({"role": str(message["role"]), "content": str(message["content"])})
+    if messages[-1]["role"] != "assistant":
+        raise SageError(f"Row {number} does not end with an assistant message, so there is no answer to learn. {fix}")
+    return messages
+
+
+def check_name(name: str) -> None:
+    if not name or name.startswith(".") or "/" in name or "\\" in name or name in RESERVED_NAMES:
+        raise SageError(f"{name!r} cannot name a fine-tune: use letters, digits, '-' or '_' (not starting with '.', "
+                        f"and not {', '.join(RESERVED_NAMES)}, which `sage eval` reserves).")
+
+
+def _check_options(settings: Settings, options: TrainOptions) -> None:
+    problems = []
+    for label, value in (("--epochs", options.epochs), ("--rank", options.rank), ("--alpha", options.alpha),
+                         ("--batch-size", options.batch_size), ("--max-length", options.max_length),
+                         ("--save-every", options.save_every)):
+        if not isinstance(value, int) or value <= 0:
+            problems.append(f"{label} must be a positive whole number, not {value!r}")
+    if options.max_steps is not None and options.max_steps <= 0:
+        problems.append(f"--max-steps must be positive, not {options.max_steps}")
+    if not options.lr > 0:
+        problems.append(f"--lr must be positive, not {options.lr}")
+    if not 0 <= options.eval_split < 1:
+        problems.append(f"--eval-split is a fraction from 0 to below 1, not {options.eval_split}")
+    if options.resume and options.overwrite:
+        problems.append("--resume continues a run and --overwrite replaces it: give one of them")
+    if problems:
+        raise SageError("Cannot train with these options: " + "; ".join(problems) + ".")
+    if options.rank > settings.max_lora_rank:
+        raise SageError(f"--rank {options.rank} is above the serving limit of {settings.max_lora_rank}, so the "
+                        f"adapter could only be served merged. Pick --rank {settings.max_lora_rank} or less, or "
+                        f"raise the limit with SAGE_MAX_LORA_RANK={options.rank}.")
+
+
+def _job(settings: Settings, name: str, base: str | None, rows: Sequence[Row], options: TrainOptions) -> dict:
+    """Validate everything that needs no model and build the child's job."""
+    check_name(name)
+    _check_options(settings, options)
+    examples = normalize_rows(rows)
+    root = settings.finetune_root / name
+    resume_from, existing = None, []
+    if root.exists() and not (options.overwrite or options.resume):
+        raise SageError(f"A fine-tune named {name!r} already exists at {root}. Pick another name, add --resume to "
+                        "continue its training from its newest checkpoint, or --overwrite to replace it.")
+    if options.resume:
+        if not (root / META_FILE).is_file():
+            raise NotFound(f"There is no fine-tune {name!r} to resume under {settings.finetune_root}. "
+                           "Leave out --resume to start a new one.")
+        trained_on = read_json(root / META_FILE, f"The metadata of fine-tune {name!r}").get("model")
+        if base is not None and base != trained_on:
+            raise SageError(f"Fine-tune {name!r} was trained on {trained_on!r}, not {base!r}. Resume it on its own "
+                            "base (leave out --base), or use --overwrite to start again on the new one.")
+        base = trained_on
+        existing = [n for n, _ in checkpoints_of(root)]
+        resume_from = _resume_state(root, name)
+    if not base:
+        raise SageError("Say which model to fine-tune: --base NAME_OR_PATH (a folder under $SAGE_HOME/models, a "
+                        "name mapped in $SAGE_HOME/models.json, or a path).")
+    base_path = resolve_base(settings, base)
+    eval_rows = max(1, round(len(examples) * options.eval_split)) if options.eval_split > 0 else 0
+    if len(examples) - eval_rows < 1:
+        raise SageError(f"--eval-split {options.eval_split} leaves no row to train on out of {len(examples)}. "
+                        "Add rows or lower --eval-split.")
+    opts = asdict(options)
+    opts["target_modules"] = list(options.target_modules) if options.target_modules else None
+    return {"root": str(root), "name": name, "base_ref": base, "base_path": str(base_path), "examples": examples,
+            "row_numbers": list(range(1, len(examples) + 1)), "eval_rows": eval_rows, "options": opts,
+            "resume": options.resume, "overwrite": options.overwrite, "resume_from": resume_from,
+            "existing_checkpoints": existing}
+
+
+def _resume_state(root: Path, name: str) -> dict:
+    from .worker import OPTIMIZER_FILE, STATE_FILE
+
+    for _, folder in reversed(checkpoints_of(root)):
+        if (folder / STATE_FILE).is_file() and (folder / OPTIMIZER_FILE).is_file():
+            state = read_json(folder / STATE_FILE, f"The training state of {folder.name}")
+            return {"folder": str(folder), "step": int(state["step"]), "losses": state.get("losses", []),
+                    "eval_losses": state.get("eval_losses", [])}
+    raise SageError(f"Fine-tune {name!r} has no checkpoint with a saved training state to resume from (it was "
+                    "not trained by sage_magic, or stopped before its first checkpoint). Use --overwrite to train "
+                    "it again from the start.")
+
+
+@contextmanager
+def _training_lock(settings: Settings, name: str) -> Iterator[None]:
+    settings.finetune_root.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive(settings.finetune_root / f".{name}.train.lock", wait=False):
+            yield
+    except LockBusy:
+        raise SageError(f"Fine-tune {name!r} is being trained by another process right now. Wait for it to "
+                        "finish (or stop it), or train under another name.") from None
+
+
+def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
+          options: TrainOptions = TrainOptions(), progress: ProgressCallback = silent,
+          cancel: threading.Event | None = None) -> TrainResult:
+    """Train LoRA fine-tune NAME on ``base`` from ``rows`` in a child process; see the module docstring."""
+    job = _job(settings, name, base, rows, options)
+    with _training_lock(settings, name):
+        result = _run_child(settings, job, progress, cancel)
+    root = Path(job["root"])
+    state = "stopped" if result["stopped"] else "done"
+    progress(Progress("done", f"{name}: training {state} at step {result['steps']}/{result['total_steps']} in "
+                              f"{result['seconds']:.1f} s", result["steps"] / result["total_steps"],
+                      {"step": result["steps"], "total_steps": result["total_steps"], "stopped": result["stopped"]}))
+    adapter_dir = get_finetune(settings, name).adapter_dir if result["checkpoints"] else None
+    return TrainResult(name=name, root=root, adapter_dir=adapter_dir, stopped=result["stopped"],
+                       steps=result["steps"], total_steps=result["total_steps"],
+                       losses=[tuple(x) for x in result["losses"]],  # type: ignore[misc]
+                       eval_losses=[tuple(x) for x in result["eval_losses"]],  # type: ignore[misc]
+                       checkpoints=result["checkpoints"], device=result["device"], seconds=result["seconds"],
+                       peak_rss=result["peak_rss"], train_rows=result["train_rows"], eval_rows=result["eval_rows"],
+                       options=options)
+
+
+class _Child:
+    """The running worker: its events as they arrive, and the way to ask it to stop."""
+
+    def __init__(self, settings: Settings, job: dict, log: IO[bytes]) -> None:
+        env = {**os.environ, **settings.extra_env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.proc = subprocess.Popen([settings.python, "-m", "sage_magic.finetune.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True,
+                                     preexec_fn=die_with_parent)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write((json.dumps(job) + "\n").encode())
+        self.proc.stdin.flush()
+        self._fd = self.proc.stdout.fileno()
+        self._buffer = b""
+        self.eof = False
+        self.stop_sent = False
+
+    def events(self, timeout: float) -> list[dict]:
+        """Events that arrived within ``timeout`` seconds ([] if none); sets ``eof`` when the child is done."""
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        if not ready:
+            return []
+        chunk = os.read(self._fd, 65536)
+        if not chunk:
+            self.eof = True
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        found = []
+        for line in lines:
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+        return found
+
+    def stop(self) -> None:
+        if not self.stop_sent and self.proc.poll() is None:
+            self.stop_sent = True
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(b"stop\n")
+                self.proc.stdin.flush()
+            except OSError:
+                pass
+
+    def end(self) -> None:
+        """Make sure the child is gone: close its death pipe, give it a moment, then kill it."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _run_child(settings: Settings, job: dict, progress: ProgressCallback,
+               cancel: threading.Event | None) -> dict:
+    with tempfile.TemporaryFile() as log:
+        child = _Child(settings, job, log)
+        interrupted, outcome = False, None
+        deadline = None
+        try:
+            while not child.eof:
+                try:
+                    if cancel is not None and cancel.is_set() and not child.stop_sent:
+                        child.stop()
+                        deadline = time.monotonic() + STOP_GRACE
+                        progress(Progress("stop", f"{job['name']}: stopping after the current step"))
+                    if deadline is not None and time.monotonic() > deadline:
+                        break
+                    for event in child.events(0.1):
+                        if event.get("event") == "progress":
+                            progress(Progress(event["phase"], f"{job['name']}: {event['message']}",
+                                              event.get("fraction"), event.get("data")))
+                        else:
+                            outcome = event
+                except KeyboardInterrupt:
+                    if interrupted:  # a second interrupt: no more waiting
+                        raise
+                    interrupted = True
+                    child.stop()
+                    deadline = time.monotonic() + STOP_GRACE
+        finally:
+            child.end()
+        if outcome is not None and outcome.get("event") == "error":
+            raise SageError(outcome["message"])
+        if outcome is None or outcome.get("event") != "done":
+            log.seek(0)
+            tail = log.read().decode("utf-8", "replace").strip().splitlines()[-12:]
+            raise SageError(f"Training {job['name']!r} failed (the training process exited with status "
+                            f"{child.proc.returncode}). Its last output:\n" + "\n".join(tail))
+    if interrupted:
+        raise KeyboardInterrupt
+    return outcome["result"]

@@ -1,0 +1,83 @@
+"""``%sage eval``: every prompt of a DataFrame to every model, concurrently, as a summary table and a bar chart.
+
+Thin over :func:`sage_magic.evals.evaluate.evaluate`; the summary rows are the ones ``sage eval`` prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from .display import publish
+from .parsing import identifier, notebook_variable
+
+if TYPE_CHECKING:
+    from .context import CellContext
+    from .parsing import MagicParser
+
+
+def eval_parser() -> "MagicParser":
+    """``sage eval``'s options (options.add_eval_options), the table a DataFrame variable, plus -o and --diff."""
+    from ..faces.options import add_eval_options
+    from .parsing import MagicParser
+
+    parser = MagicParser(prog="%sage eval")
+    parser.add_argument("data", type=identifier, metavar="VAR", help="a DataFrame with a prompt column")
+    add_eval_options(parser)
+    parser.add_argument("-o", "--output", type=identifier, metavar="VAR",
+                        help="store the results DataFrame (one row per prompt) in VAR")
+    parser.add_argument("--diff", action="store_true", help="also list the rows where the models disagree")
+    return parser
+
+
+def eval_cell(magics: "CellContext", args: argparse.Namespace) -> Any:
+    """Evaluate the DataFrame's prompts with every model; show the summary table and a bar chart."""
+    from ..chat.backends import remote_endpoint
+    from ..core.tables import from_dataframe
+    from ..evals.evaluate import evaluate, items_from_table
+    from ..faces.options import model_names
+    from ..faces.text import SUMMARY_HEADERS, summary_rows, summary_title
+    from .display import LiveOutput
+
+    frame = notebook_variable(magics.shell.user_ns, args.data, "Pass the name of a pandas DataFrame of prompts.")
+    items = items_from_table(from_dataframe(frame, f"DataFrame {args.data!r}"), args.prompt_col, args.expected_col)
+    session = magics.session
+    live = LiveOutput(magics.shell, max(magics.update_interval, 0.25))
+    result = evaluate(items, model_names(args.models), manager=session.manager, remote=remote_endpoint(args),
+                      metrics=args.metrics, concurrency=args.concurrency, seed=args.seed, max_tokens=args.max_tokens,
+                      temperature=args.temperature, system=args.system, embedder=session.settings.embedder,
+                      progress=live.progress)
+    if args.output:
+        magics.shell.user_ns[args.output] = result.to_dataframe()
+    saved = f"; saved to {result.save(args.save)}" if args.save else ""
+    live.show(eval_bundle(result, summary_title(result) + saved, SUMMARY_HEADERS, summary_rows(result)))
+    if args.diff:
+        publish(magics.shell, diff_bundle(result))
+    return None
+
+
+def eval_bundle(result: Any, title: str, headers: tuple[str, ...], rows: list) -> dict[str, Any]:
+    import html
+
+    from . import render
+    from .charts import bar_chart
+
+    table = render.table(rows, headers, "Nothing was evaluated.")
+    summaries = [s for s in result.summary() if s.metric != "-"]
+    chart = ""
+    if summaries:
+        several = len(result.metrics) > 1
+        chart = bar_chart([(f"{s.model}\n{s.metric}" if several else s.model, s.mean, s.low, s.high)
+                           for s in summaries],
+                          title=f"mean {', '.join(result.metrics)} with 95% interval")
+    return {"text/plain": title + "\n" + table["text/plain"],
+            "text/html": f"<p>{html.escape(title)}</p>{table['text/html']}{chart}"}
+
+
+def diff_bundle(result: Any) -> dict[str, Any]:
+    from . import render
+
+    rows = [(row.index + 1, row.prompt, row.expected or "", *(
+        (row.answers[m].text if row.answers[m].text is not None else f"error: {row.answers[m].error}")
+        if m in row.answers else "-" for m in result.models)) for row in result.disagreements()]
+    return render.table(rows, ("ROW", "PROMPT", "EXPECTED", *result.models), "Every model gave the same answers.")

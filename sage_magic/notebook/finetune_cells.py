@@ -1,0 +1,236 @@
+"""The notebook face of training: ``%sage finetune train|watch|stop``.
+
+Thin over the engine: ``train.train`` (which runs training in its own child process, so torch never enters
+the kernel) and ``evaluate.evaluate``. What lives here is notebook glue.
+
+Threads: training always runs in a background thread of the kernel (it only reads the child's JSON events),
+with a ``cancel`` Event. By default the cell waits for it and draws the progress bar and the loss curve from
+the cell's own thread (so every display update carries that cell's parent message, which every frontend and
+nbclient route correctly); a kernel interrupt sets the cancel and waits for the clean stop. With
+``--background`` the cell returns as soon as the child has started (errors in the data, the name, the options
+or the base are still raised in the cell), other cells run meanwhile, ``%sage finetune watch NAME`` draws the
+progress in the cell that asks, and ``%sage finetune stop [NAME]`` ends it cleanly from any cell. Either way the
+last complete checkpoint stays usable.
+
+When a run ends, the session forgets its cached leases on that fine-tune, so the next ``%%sage
+--finetune-model NAME`` asks the manager again, which reloads a changed adapter in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..core.errors import SageError
+from .parsing import identifier, notebook_variable
+
+if TYPE_CHECKING:
+    from ..core.progress import Progress
+    from ..finetune.train import TrainOptions, TrainResult
+    from .context import CellContext
+    from .parsing import MagicParser
+
+#: How long a ``--background`` cell waits for the child's first event (validation happens before it).
+START_TIMEOUT = 120.0
+
+
+@dataclass
+class TrainRun:
+    """One training run of this kernel: its thread, the way to stop it, its events and its outcome."""
+
+    name: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    events: list["Progress"] = field(default_factory=list)
+    result: "TrainResult | None" = None
+    error: BaseException | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def progress(self, event: "Progress") -> None:
+        self.events.append(event)  # list.append is atomic: the watching thread reads a consistent prefix
+
+
+def train_parser() -> "MagicParser":
+    """``sage finetune train``'s options (one definition: options.add_train_options), --data a variable."""
+    from ..faces.options import add_train_options
+    from .parsing import MagicParser
+
+    parser = MagicParser(prog="%sage finetune train")
+    parser.add_argument("name")
+    parser.add_argument("--data", required=True, type=identifier, metavar="VAR",
+                        help="a pandas DataFrame in this notebook with the examples")
+    parser.add_argument("--background", action="store_true",
+                        help="return at once and train while other cells run (`%%sage finetune watch|stop NAME`)")
+    add_train_options(parser)
+    return parser
+
+
+def name_parser(prog: str) -> "MagicParser":
+    from .parsing import MagicParser
+
+    parser = MagicParser(prog=prog)
+    parser.add_argument("name", nargs="?", help="the fine-tune being trained (default: every run of this kernel)")
+    return parser
+
+
+# --- training -------------------------------------------------------------------------------------------------
+
+
+def start_training(magics: "CellContext", args: argparse.Namespace) -> TrainRun:
+    """Check the DataFrame in the cell's thread, then train in a background thread."""
+    from ..core.tables import from_dataframe
+    from ..faces.options import train_options
+    from ..finetune.train import rows_from_table
+
+    frame = notebook_variable(magics.shell.user_ns, args.data, "Pass the name of a pandas DataFrame with --data VAR.")
+    rows = rows_from_table(from_dataframe(frame, f"DataFrame {args.data!r}"), args.prompt_col, args.response_col,
+                           args.messages_col)
+    options = train_options(args)
+    runs = magics.training
+    current = runs.get(args.name)
+    if current is not None and not current.done.is_set():
+        raise SageError(f"Fine-tune {args.name!r} is already training in this kernel. `%sage finetune watch "
+                        f"{args.name}` shows it, `%sage finetune stop {args.name}` ends it.")
+    run = TrainRun(args.name)
+    runs[args.name] = run
+    session = magics.session
+    thread = threading.Thread(target=_train, args=(session, run, args.base, rows, options), daemon=True,
+                              name=f"sage-train-{args.name}")
+    thread.start()
+    return run
+
+
+def _train(session: Any, run: TrainRun, base: str | None, rows: list, options: "TrainOptions") -> None:
+    from ..finetune.train import train
+
+    try:
+        run.result = train(session.settings, run.name, base, rows, options, run.progress, run.cancel)
+    except BaseException as error:  # handed to the cell that watches; a thread has nobody else to tell
+        run.error = error
+    finally:
+        if run.result is not None:
+            session.forget_finetune(run.name)  # the next %%sage asks the manager: it reloads the new adapter
+        run.done.set()
+
+
+def wait_started(run: TrainRun) -> None:
+    """Until the child reports (validation passed) or the run ends; a validation error is raised here."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while not run.events and not run.done.wait(0.1) and time.monotonic() < deadline:
+        pass
+    if run.done.is_set() and run.error is not None:
+        raise run.error
+
+
+def watch(magics: "CellContext", run: TrainRun) -> "TrainResult | None":
+    """Draw the run's progress in this cell until it ends; an interrupt stops the training cleanly."""
+    from .display import LiveOutput
+
+    live = LiveOutput(magics.shell, max(magics.update_interval, 0.25))
+    shown = -1
+    interrupted = False
+    while True:
+        try:
+            finished = run.done.wait(0.1)
+        except KeyboardInterrupt:
+            if interrupted:
+                raise
+            interrupted = True
+            run.cancel.set()
+            continue
+        if finished or (len(run.events) != shown and live.due()):
+            shown = len(run.events)
+            live.show(training_bundle(run, time.monotonic() - run.started))
+        if finished:
+            break
+    if run.error is not None:
+        raise run.error
+    if interrupted:
+        raise KeyboardInterrupt
+    return run.result
+
+
+def training_bundle(run: TrainRun, elapsed: float) -> dict[str, Any]:
+    """Progress bar (step, epoch, ETA) and the loss curve (train and eval) from the run's events so far."""
+    import html
+
+    from .charts import line_chart
+
+    events = list(run.events)
+    steps = [e.data for e in events if e.phase == "train" and e.data]
+    losses = {int(d["step"]): float(d["loss"]) for d in steps}
+    eval_losses = {int(d["step"]): float(d["eval_loss"]) for d in steps if d.get("eval_loss") is not None}
+    if run.result is not None:  # the whole history (a resumed run starts with the earlier steps)
+        losses.update({int(s): float(v) for s, v in run.result.losses})
+        eval_losses.update({int(s): float(v) for s, v in run.result.eval_losses})
+    last = steps[-1] if steps else {}
+    total = last.get("total_steps") or (run.result.total_steps if run.result else None)
+    if run.result is not None:
+        state = "stopped" if run.result.stopped else "done"
+        line = (f"{run.name}: {state} at step {run.result.steps}/{run.result.total_steps} in "
+                f"{run.result.seconds:.0f} s on {run.result.device}; adapter: {run.result.adapter_dir or 'none'}")
+        fraction: float | None = run.result.steps / run.result.total_steps
+    elif run.error is not None:
+        line, fraction = f"{run.name}: failed", None
+    elif last:
+        eta = last.get("eta_s")
+        line = (f"{run.name}: step {last['step']}/{total}, epoch {last.get('epoch')}, loss {last['loss']:.4f}"
+                + (f", ETA {eta:.0f} s" if eta is not None else "")
+                + (" (stopping after this step)" if run.cancel.is_set() else ""))
+        fraction = last["step"] / total if total else None
+    else:
+        line = events[-1].message if events else f"{run.name}: starting the training process"
+        fraction = None
+    line += f" ({elapsed:.0f} s)"
+    bar = ("<progress style='width: 16em'></progress>" if fraction is None else
+           f"<progress style='width: 16em' value='{fraction:.3f}' max='1'></progress>")
+    chart = ""
+    if losses:
+        chart = line_chart({"train loss": sorted(losses.items()), "eval loss": sorted(eval_losses.items())},
+                           x_max=total, title=f"{run.name} loss")
+    text = line + (f"\nlast loss {losses[max(losses)]:.4f}" if losses else "")
+    return {"text/plain": text, "text/html": f"<div>{bar} {html.escape(line)}</div>{chart}"}
+
+
+def train_cell(magics: "CellContext", args: argparse.Namespace) -> None:
+    run = start_training(magics, args)
+    if args.background:
+        wait_started(run)
+        print(f"Training {args.name} in the background: `%sage finetune watch {args.name}` shows its progress, "
+              f"`%sage finetune stop {args.name}` ends it (the last complete checkpoint stays usable).")
+        return
+    watch(magics, run)
+
+
+def _runs(magics: "CellContext", name: str | None) -> list[TrainRun]:
+    runs = magics.training
+    if name is not None and name not in runs:
+        raise SageError(f"This kernel has not trained {name!r}. Runs here: {', '.join(runs) or 'none'}.")
+    return [runs[name]] if name else list(runs.values())
+
+
+def watch_cell(magics: "CellContext", args: argparse.Namespace) -> None:
+    runs = [r for r in _runs(magics, args.name) if args.name or not r.done.is_set()]
+    if not runs:
+        print("No training is running in this kernel.")
+    for run in runs:
+        watch(magics, run)
+
+
+def stop_cell(magics: "CellContext", args: argparse.Namespace) -> None:
+    running = [r for r in _runs(magics, args.name) if not r.done.is_set()]
+    for run in running:
+        run.cancel.set()
+    for run in running:
+        run.done.wait()
+        result = run.result
+        if result is not None:
+            print(f"stopped {run.name} at step {result.steps}/{result.total_steps}; adapter: "
+                  f"{result.adapter_dir or 'none (stopped before its first checkpoint)'}")
+        else:
+            print(f"{run.name} ended with an error: {run.error}")
+    if not running:
+        print("No training is running in this kernel.")

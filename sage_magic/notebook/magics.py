@@ -1,0 +1,257 @@
+"""The IPython face: ``%%sage`` (the cell is the prompt), ``%sage SUBCOMMAND`` and ``%sage_chat``.
+
+Thin on purpose: options come from faces/options.py (the flags of ``sage chat``), the work from
+:class:`sage_magic.chat.session.Session`, the HTML from render.py. What lives here is IPython glue: reading a
+line into options with :class:`UsageError` for mistakes, one display updated in place while an answer
+streams, ``-o``/``-f code`` effects on the namespace and the next cell, and showing a :class:`SageError`
+as its one paragraph (a custom handler limited to SageError, so other exceptions keep IPython's handling).
+
+Importing this module is cheap: the session, the engine, markdown and HTTP load at the first magic call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from traitlets import Bool, Float, Int, Unicode, observe
+
+from ..core.errors import SageError
+from .display import LiveOutput
+from .parsing import (
+    _ALIASES,
+    CHILD_COMMANDS,
+    FORMATS,
+    LOOP_COMMANDS,
+    SUBCOMMANDS,
+    HelpRequested,
+    MagicParser,
+    OptionError,
+    cell_parser,
+    line_parser,
+    split,
+)
+
+if TYPE_CHECKING:
+    from ..chat.reply import Reply
+    from ..chat.session import Session
+
+
+@magics_class
+class SageMagics(Magics):
+    """``%%sage``, ``%sage`` and ``%sage_chat``. Configure with ``%config SageMagics.<name> = value``."""
+
+    default_backend = Unicode(None, allow_none=True,
+                              help="--backend when a cell gives none (default: SAGE_DEBUG_BACKEND, else finetune)"
+                              ).tag(config=True)
+    default_finetune_model = Unicode(None, allow_none=True,
+                                     help="--finetune-model when a cell gives none (default: "
+                                          "SAGE_DEBUG_FINETUNE_MODEL)").tag(config=True)
+    default_format = Unicode("markdown", help=f"-f when a cell gives none: one of {', '.join(FORMATS)}"
+                             ).tag(config=True)
+    default_index = Unicode(None, allow_none=True, help="--index when a cell gives none (default: no grounding)"
+                            ).tag(config=True)
+    max_history = Int(20, allow_none=True, help="exchanges re-sent to the model (None: all that fit; 0: none)"
+                      ).tag(config=True)
+    keep_alive = Unicode(None, allow_none=True,
+                         help="--keep-alive when a cell gives none: 0, 30s, 5m, 1h, -1 (default SAGE_KEEP_ALIVE)"
+                         ).tag(config=True)
+    system_prompt = Unicode(None, allow_none=True, help="system prompt when a cell gives no --system"
+                            ).tag(config=True)
+    max_tokens = Int(256, help="--max-tokens when a cell gives none").tag(config=True)
+    interpolate = Bool(True, help="fill in {var}, {In[n]}, {Out[n]}, {Err[n]} (a cell can say --no-interpolate)"
+                       ).tag(config=True)
+    update_interval = Float(0.1, help="seconds between display updates while an answer streams").tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self._session: Session | None = None
+        self._parser: tuple[tuple, MagicParser] | None = None
+        self.training: dict[str, Any] = {}  # fine-tune name -> finetune_cells.TrainRun of this kernel
+
+    # --- the session -----------------------------------------------------------------------------------------
+
+    @property
+    def session(self) -> "Session":
+        """This kernel's session (created on first use, so `%load_ext` stays fast)."""
+        if self._session is None:
+            from ..chat.session import Session
+
+            self._session = Session()
+            self._configure()
+        return self._session
+
+    @observe("max_history", "system_prompt", "keep_alive")
+    def _changed(self, _: Any) -> None:
+        if self._session is not None:
+            self._configure()
+
+    def _configure(self) -> None:
+        from ..core.config import parse_duration
+
+        session = self._session
+        assert session is not None
+        session.max_history = self.max_history
+        session.system_prompt = self.system_prompt
+        try:
+            session.keep_alive = None if self.keep_alive is None else parse_duration(self.keep_alive)
+        except SageError as error:
+            raise OptionError(f"SageMagics.keep_alive: {error}") from None
+
+    def close(self) -> None:
+        for run in self.training.values():  # a training child never outlives the magics that started it
+            run.cancel.set()
+        for run in self.training.values():
+            run.done.wait()
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    # --- parsing ---------------------------------------------------------------------------------------------
+
+    def parse(self, line: str) -> argparse.Namespace | None:
+        """Options of one ``%%sage`` line (None after -h); mistakes raise UsageError with the option's help."""
+        defaults: dict[str, Any] = {"max_tokens": self.max_tokens, "format": None}
+        if self.default_backend:
+            defaults["backend"] = self.default_backend
+        if self.default_finetune_model:
+            defaults["finetune_model"] = self.default_finetune_model
+        key = tuple(sorted(defaults.items()))
+        if self._parser is None or self._parser[0] != key:  # building it costs a few ms per cell: keep it
+            self._parser = (key, cell_parser(self.session.settings))
+            self._parser[1].set_defaults(**defaults)
+        parser = self._parser[1]
+        try:
+            args = parser.parse_args(split(line))
+        except HelpRequested:
+            args = argparse.Namespace(help=True)
+        if args.help:
+            parser.print_help()
+            return None
+        if args.format is None:
+            args.format = self.default_format if self.default_format in FORMATS else "markdown"
+        if args.index is None and self.default_index:
+            args.index = self.default_index
+        for chunk in args.vllm_arg:
+            split(chunk)
+        return args
+
+    # --- %%sage ------------------------------------------------------------------------------------------------
+
+    @cell_magic("sage")
+    def sage(self, line: str, cell: str) -> None:
+        """Ask the model the cell's text. `%sage help` lists the options."""
+        args = self.parse(line)
+        if args is None:
+            return
+        prompt = cell.strip()
+        if self.interpolate and not args.no_interpolate:
+            from .interpolate import interpolate
+
+            prompt = interpolate(prompt, self.shell.user_ns)
+        if not prompt.strip():
+            raise OptionError("The cell is empty: write the question on the lines below %%sage.")
+        if args.compare:
+            return self._compare(prompt, args)
+        live = LiveOutput(self.shell, self.update_interval)
+        try:
+            reply = self.session.ask(prompt, args, on_delta=live.delta, on_progress=live.progress,
+                                     new_chat=args.new_chat)
+        except KeyboardInterrupt:
+            live.stopped()
+            raise
+        self._show(reply, args, live)
+
+    def _show(self, reply: "Reply", args: argparse.Namespace, live: "LiveOutput") -> None:
+        from . import render
+
+        bundle, metadata = render.answer(reply, args.format)
+        live.show(bundle, metadata)
+        if render.MIME not in bundle:
+            live.extra(render.footer(reply))
+        if args.format == "code" and reply.strip():
+            self.shell.set_next_input(render.extract_code(reply), replace=False)
+        if args.output:
+            self.shell.user_ns[args.output] = reply
+
+    def _compare(self, prompt: str, args: argparse.Namespace) -> None:
+        from . import render
+
+        names = [n.strip() for n in args.compare.split(",") if n.strip()]
+        texts: dict[str, list[str]] = {n: [] for n in names}
+        live = LiveOutput(self.shell, self.update_interval)
+
+        def redraw(force: bool = False) -> None:
+            if live.due() or force:
+                live.show(render.compare(names, {n: "".join(t) for n, t in texts.items()}))
+
+        try:
+            replies = self.session.compare(prompt, names, args, on_delta=lambda n, d: texts[n].append(d),
+                                           on_progress=live.progress, on_tick=redraw)
+        except KeyboardInterrupt:
+            redraw(force=True)
+            raise
+        live.show(render.compare(names, {}, replies, args.format),
+                  {"sage": {"compare": [r.provenance() for r in replies]}})
+        if args.output:
+            self.shell.user_ns[args.output] = dict(zip(names, replies))
+
+    # --- %sage SUBCOMMAND --------------------------------------------------------------------------------------
+
+    @line_magic("sage")
+    def sage_line(self, line: str) -> Any:
+        """Manage servers and the chat (%sage status|stop|logs|models|indexes|history|reset|export|help) and run
+        the fine-tune loop (%sage finetune train|watch|stop, %sage eval: finetune_cells.py, eval_cells.py)."""
+        tokens = split(line)
+        if not tokens or tokens[0] in ("help", "-h", "--help"):
+            from .subcommands import help
+
+            return help(self)
+        loop = LOOP_COMMANDS.get(tuple(tokens[:2])) or LOOP_COMMANDS.get(tuple(tokens[:1]))
+        if loop is not None:
+            return self._loop(loop, tokens[2 if tokens[0] == "finetune" else 1:])
+        if tokens[0] not in SUBCOMMANDS + CHILD_COMMANDS + ("ps",):
+            raise OptionError(f"%sage has no subcommand {tokens[0]!r}. Use one of: {', '.join(SUBCOMMANDS)}, or "
+                             "`sage index ...` / `sage finetune ...` commands; to ask a question use %%sage.")
+        try:
+            argv = _ALIASES.get(tokens[0], tokens[:1]) + tokens[1:]
+            args = line_parser().parse_args(argv)
+        except HelpRequested:
+            return None
+        args.argv = argv
+        from . import subcommands
+
+        handler = "status" if args.command == "ps" else args.command.replace("-", "_")
+        return getattr(subcommands, handler)(self, args)
+
+    def _loop(self, command: str, argv: list[str]) -> Any:
+        """%sage finetune train|watch|stop (finetune_cells.py) and %sage eval (eval_cells.py)."""
+        from . import eval_cells, finetune_cells
+
+        cells = eval_cells if command == "eval" else finetune_cells
+        parser = {"train": finetune_cells.train_parser, "eval": eval_cells.eval_parser}.get(command)
+        try:
+            args = (parser() if parser else finetune_cells.name_parser(f"%sage finetune {command}")).parse_args(argv)
+        except HelpRequested:
+            return None
+        return getattr(cells, f"{command}_cell")(self, args)
+
+    # --- %sage_chat --------------------------------------------------------------------------------------------
+
+    @line_magic("sage_chat")
+    def sage_chat(self, line: str) -> Any:
+        """A chat widget on this kernel's session; the backend starts here, with visible progress."""
+        args = self.parse(line)
+        if args is None:
+            return None
+        live = LiveOutput(self.shell, self.update_interval)
+        lease = self.session.lease(args, progress=live.progress)
+        from .panel import GONE, ChatWidget
+
+        chatting = f"Chatting with {lease.endpoint.model}."
+        live.show({"text/plain": chatting, "text/html": f"<div>{html.escape(chatting)}</div>{GONE}"})
+        self.session.max_model_len(lease.endpoint)  # warms the client now, not on the panel's first question
+
+        return ChatWidget(self.session, args)

@@ -1,0 +1,114 @@
+"""``%sage SUBCOMMAND``: status, stop, logs, models, indexes, history, reset, export, help, and the CLI
+commands that run as ``sage ...`` in a child process (building an index or merging weights loads torch, which
+must stay out of the kernel). Each takes the calling magics as a :class:`~.context.CellContext`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..core.errors import SageError
+from .display import publish
+from .parsing import LINE_HELP, OptionError, cell_parser
+
+if TYPE_CHECKING:
+    from .context import CellContext
+
+
+def status(magics: CellContext, args: argparse.Namespace) -> None:
+    from ..faces.text import SERVER_HEADERS, server_rows
+    from . import render
+
+    statuses = magics.session.servers()
+    if args.json:
+        return publish(magics.shell, {"application/json": [s.as_dict() for s in statuses],
+                              "text/plain": json.dumps([s.as_dict() for s in statuses], indent=2)})
+    publish(magics.shell, render.table(server_rows(statuses), SERVER_HEADERS, "No model servers are running."))
+
+def stop(magics: CellContext, args: argparse.Namespace) -> None:
+    stopped, spared = magics.session.stop(args.id, everything=args.all)
+    for record in stopped:
+        print(f"stopped {record.id} ({record.served_name}, port {record.port})")
+    for server in spared:
+        print(f"left {server} running: it was running before this session (`%sage stop {server}` stops it)")
+    if not stopped and not spared:
+        print("No model servers to stop." if args.all or args.id else
+              "This session started no server (`%sage stop --all` stops every one).")
+
+def logs(magics: CellContext, args: argparse.Namespace) -> None:
+    print(magics.session.logs(args.id, args.lines))
+
+def finetune(magics: CellContext, args: argparse.Namespace) -> None:
+    from . import render
+
+    if args.finetune_command == "chat":
+        raise OptionError("In a notebook, chat with `%%sage --finetune-model NAME` or `%sage_chat`.")
+    if args.finetune_command != "list":
+        return child(magics, args.argv)
+    entries = magics.session.finetunes()
+    if args.json:
+        return publish(magics.shell, {"application/json": [e.as_dict() for e in entries],
+                              "text/plain": json.dumps([e.as_dict() for e in entries], indent=2)})
+    rows = [(e.name, e.finetune.base_ref if e.finetune else "?", e.finetune.rank if e.finetune else "?",
+             "yes" if e.finetune and e.finetune.is_merged else "no", e.problem or "ok") for e in entries]
+    publish(magics.shell, render.table(rows, ("NAME", "BASE", "RANK", "MERGED", "STATUS"),
+                               f"No fine-tunes under {magics.session.settings.finetune_root}. "
+                               "`%sage finetune demo` builds two to try."))
+
+def index(magics: CellContext, args: argparse.Namespace) -> None:
+    from . import render
+
+    if args.index_command != "list":
+        return child(magics, args.argv)
+    infos = magics.session.indexes()
+    if args.json:
+        from dataclasses import asdict
+
+        return publish(magics.shell, {"application/json": [asdict(i) for i in infos],
+                              "text/plain": json.dumps([asdict(i) for i in infos], indent=2)})
+    rows = [(i.name, i.files, i.chunks, i.embedder, i.search, i.updated) for i in infos]
+    publish(magics.shell, render.table(rows, ("NAME", "FILES", "CHUNKS", "EMBEDDER", "SEARCH", "UPDATED"),
+                               "No indexes yet. `%sage index add NAME PATH...` builds one."))
+
+def child(magics: CellContext, argv: list[str]) -> None:
+    """Run a heavy CLI command (index build, merge) as `sage ...` in a child: torch stays out of the kernel."""
+    import subprocess
+
+    settings = magics.session.settings
+    env = {**os.environ, "SAGE_HOME": str(settings.home), "SAGE_RUNTIME_DIR": str(settings.runtime_dir)}
+    process = subprocess.Popen([sys.executable, "-m", "sage_magic.cli.main", *argv], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    last = ""
+    try:
+        assert process.stdout is not None
+        for out in process.stdout:
+            print(out, end="", flush=True)
+            last = out.strip() or last
+        process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        raise
+    if process.returncode != 0:
+        raise SageError(last.removeprefix("sage: ") or f"`sage {' '.join(argv)}` failed ({process.returncode}).")
+
+def history(magics: CellContext, _: argparse.Namespace) -> None:
+    from . import render
+
+    rows = [(m["role"], m["content"]) for m in magics.session.history]
+    publish(magics.shell, render.table(rows, ("ROLE", "TEXT"), "The conversation is empty."))
+
+def reset(magics: CellContext, _: argparse.Namespace) -> None:
+    magics.session.reset()
+    print("Conversation forgotten; servers keep running (`%sage stop` stops them).")
+
+def export(magics: CellContext, args: argparse.Namespace) -> None:
+    path = magics.session.export(args.path)
+    print(f"Transcript of {len(magics.session.transcript)} answer(s) written to {path}")
+
+def help(magics: CellContext, *_: Any) -> None:
+    print(cell_parser(magics.session.settings).format_help())
+    print(LINE_HELP)

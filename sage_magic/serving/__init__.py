@@ -1,0 +1,1 @@
+"""Model servers: finding, merging, launching, supervising, leasing and stopping real vLLM servers."""

@@ -1,0 +1,89 @@
+"""What `sage ps`, `sage stop` and `sage logs` do to the servers in the registry, whoever started them.
+
+Kept apart from the manager's lease handling: these act on a server as a whole (or on one of its adapters),
+never on behalf of one caller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from ..core.errors import ServerFailed
+from ..core.http import HttpError, request_text
+from ..core.processes import is_ours, kill_group, terminate_and_wait
+from .registry import Registry, ServerRecord
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """A row of `sage ps`."""
+
+    record: ServerRecord
+    memory_bytes: int
+    uptime: float
+    alive_owners: int
+
+    def as_dict(self) -> dict[str, object]:
+        r = self.record
+        return {"id": r.id, "name": r.served_name, "kind": r.kind, "adapters": sorted(r.adapters),
+                "model_path": r.model_path, "port": r.port, "url": r.tcp_url, "socket": r.socket, "pid": r.pid,
+                "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "state": r.state,
+                "uptime_s": round(self.uptime, 1), "memory_bytes": self.memory_bytes,
+                "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path}
+
+
+def statuses(registry: Registry) -> list[ServerStatus]:
+    """Every server, after dropping the records of supervisors that died."""
+    with registry.locked():
+        registry.reap()
+    return [_status(r) for r in registry.all()]
+
+
+def stop(registry: Registry, record: ServerRecord, grace: float, wait: float | None = None) -> ServerRecord:
+    """Mark it stopping (so nobody reuses it from now on), ask its supervisor, and finish the job ourselves
+    if the supervisor is gone or stuck. A server already gone counts as stopped."""
+    deadline = time.monotonic() + (wait if wait is not None else grace + 10)
+    with registry.locked():
+        current = registry.get(record.id)
+        if current is not None and current.state != "stopping":
+            current.state = "stopping"
+            registry.save(current)
+    # the supervisor removes the record, then exits: "stopped" means both
+    terminate_and_wait(record.supervisor_pid, record.id, deadline - time.monotonic())
+    if registry.get(record.id) is not None:  # supervisor gone or stuck: do it ourselves
+        if is_ours(record.pid, record.id):
+            kill_group(record.pid, grace)
+        with registry.locked():
+            registry.remove(record.id)
+    return record
+
+
+def unload_adapter(registry: Registry, record: ServerRecord, name: str) -> None:
+    """Take one runtime adapter off a base server (vLLM's /v1/unload_lora_adapter, a plain-text answer)."""
+    try:
+        request_text(f"{record.root_url}/v1/unload_lora_adapter", record.api_key, {"lora_name": name},
+                     timeout=30, socket=record.socket)
+    except HttpError as error:
+        if error.status != 404:  # 404: it was not loaded (any more); the registry catches up below
+            raise ServerFailed(f"Server {record.id} did not unload adapter {name!r} ({error}). "
+                               f"`sage logs {record.id}` shows why; `sage stop {record.id}` stops "
+                               "the whole server.") from None
+    with registry.locked():
+        current = registry.get(record.id)
+        if current is not None and current.adapters.pop(name, None) is not None:
+            registry.save(current)
+
+
+def _status(record: ServerRecord) -> ServerStatus:
+    memory = 0
+    if record.pid:
+        try:
+            leader = psutil.Process(record.pid)
+            memory = sum(p.memory_info().rss for p in [leader, *leader.children(recursive=True)])
+        except psutil.Error:
+            pass
+    owners = sum(1 for o in record.owners if o.alive())
+    return ServerStatus(record, memory, time.time() - record.started_at, owners)
