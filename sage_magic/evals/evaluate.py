@@ -3,7 +3,8 @@
 Models are fine-tune names, ``base`` (the base model of the fine-tunes named) or ``openai:MODEL`` on a remote
 endpoint. All fine-tunes of one base are adapters on ONE vLLM server, so comparing N of them costs one server,
 and vLLM batches the concurrent requests (``concurrency`` bounds how many are in flight). Requests are greedy
-by default. One failed request marks its own answer (``Answer.error``) and the run goes on; a set ``cancel``
+by default. One failed request marks its own answer (``Answer.error``) and the run goes on; so does a metric
+that cannot be computed (``Answer.score_errors``: the answers and the other metrics stay). A set ``cancel``
 or a KeyboardInterrupt keeps the rows already finished and returns them (``EvalResult.cancelled``).
 
 Only the standard library is used in the caller: HTTP through ``sage_magic.core.http`` (Unix sockets for our
@@ -12,6 +13,7 @@ servers), metrics from ``sage_magic.evals.metrics`` (``embedding`` runs in a chi
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -74,6 +76,7 @@ class Answer:
     completion_tokens: int | None = None
     scores: dict[str, float | None] = field(default_factory=dict)
     judge_replies: dict[str, str] = field(default_factory=dict)
+    score_errors: dict[str, str] = field(default_factory=dict)  # metric -> why it has no score
 
 
 @dataclass
@@ -88,7 +91,8 @@ class EvalRow:
 
 @dataclass(frozen=True)
 class Summary:
-    """One (model, metric) line of the summary table; ``mean``/``low``/``high`` None when nothing was scored."""
+    """One (model, metric) line of the summary table; ``mean``/``low``/``high`` None when nothing was scored.
+    ``failed`` counts the answers left without this score by a failure: their request, or this metric's scorer."""
 
     model: str
     metric: str
@@ -124,11 +128,13 @@ class EvalResult:
             failed = len(answers) - len(ok)
             for metric in self.metrics or ["-"]:
                 values = [a.scores[metric] for a in ok if a.scores.get(metric) is not None]
+                unscored = sum(metric in a.score_errors for a in ok)
                 mean = low = high = None
                 if values:
                     mean = sum(values) / len(values)  # type: ignore[arg-type]
                     low, high = bootstrap_ci(values, seed=self.settings.get("seed") or 0)  # type: ignore[arg-type]
-                lines.append(Summary(model, metric, mean, low, high, len(values), failed, median(latencies), rate))
+                lines.append(Summary(model, metric, mean, low, high, len(values), failed + unscored,
+                                     median(latencies), rate))
         return lines
 
     def disagreements(self) -> list[EvalRow]:
@@ -139,7 +145,8 @@ class EvalResult:
                 if len({normalize(a.text) for a in row.answers.values() if a.text is not None}) > 1]
 
     def records(self) -> list[dict[str, Any]]:
-        """One flat dict per prompt: each model's answer, scores, latency, tokens and error."""
+        """One flat dict per prompt: each model's answer, scores, latency, tokens and error (the request's, or
+        else why a metric has no score)."""
         flat = []
         for row in self.rows:
             record: dict[str, Any] = {"prompt": row.prompt, "expected": row.expected}
@@ -150,7 +157,7 @@ class EvalResult:
                     record[f"{model}:{metric}"] = answer.scores.get(metric) if answer else None
                 record[f"{model}:latency_s"] = answer.latency if answer else None
                 record[f"{model}:tokens"] = answer.completion_tokens if answer else None
-                record[f"{model}:error"] = (answer.error if answer else "not run (interrupted)")
+                record[f"{model}:error"] = _row_error(answer)
             flat.append(record)
         return flat
 
@@ -169,11 +176,47 @@ class EvalResult:
                           "answers": {m: a.__dict__ for m, a in r.answers.items()}} for r in self.rows]}
 
     def save(self, path: str | Path) -> Path:
-        """Write the results and the models' fingerprints as JSON, atomically, so runs can be compared later."""
+        """Write the results and the models' fingerprints as JSON, atomically, so runs can be compared later.
+
+        Faces call this after showing the results, so a failure here loses nothing already shown; it leaves no
+        half-written file (write beside, then rename) and is one paragraph."""
         target = Path(path).expanduser()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(target, self.to_json(), mode=0o644)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(target, self.to_json(), mode=0o644)
+        except OSError as error:
+            raise SageError(f"The results could not be saved to {target} ({error.strerror or error}); nothing was "
+                            "written there, and the results shown are not affected. Give the next run a --save "
+                            "path in a writable folder with free space.") from None
         return target
+
+
+def _row_error(answer: Answer | None) -> str | None:
+    if answer is None:
+        return "not run (interrupted)"
+    if answer.error is not None:
+        return answer.error
+    return "; ".join(f"{metric} not scored: {why}" for metric, why in answer.score_errors.items()) or None
+
+
+def check_save_path(path: str | Path) -> Path:
+    """Where ``--save`` will write, refused before the run if that cannot work: the answers of a whole run must
+    not be lost at its end. (The save itself can still fail later, e.g. on a full disk: see EvalResult.save.)"""
+    target = Path(path).expanduser().absolute()
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # save() creates the missing folders under the nearest one that exists
+    problem = None
+    if target.is_dir():
+        problem = "that is a folder"
+    elif not folder.is_dir():
+        problem = f"{folder} is a file, not a folder"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"{folder} is not writable"
+    if problem:
+        raise SageError(f"Cannot save the results to {target}: {problem}. Give --save a file path in a writable "
+                        "folder; nothing was evaluated.")
+    return target
 
 
 def _pandas() -> Any:
@@ -371,6 +414,8 @@ def _run(items: list[Item], targets: list[Target], graders: dict[str, Target], m
         def record(grade: Answer) -> None:
             answer.judge_replies[metric] = grade.text if grade.text is not None else f"error: {grade.error}"
             answer.scores[metric] = parse_judge(grade.text) if grade.text is not None else None
+            if grade.error is not None:
+                answer.score_errors[metric] = f"the grader's request failed: {grade.error}"
         return record
 
     def asking(endpoint: Endpoint, prompt: str, tokens: int, temp: float) -> Callable[[], Answer]:
@@ -444,7 +489,14 @@ def _pump(pool: ThreadPoolExecutor, jobs: list[Job], counts: dict[str, int], pro
 
 
 def _score_embeddings(rows: list[EvalRow], python: str, embedder: str | None) -> None:
+    """Embedding scores from the child process, or the reason each answer has none (the child's failure)."""
     scored = [(a, r.expected) for r in rows for a in r.answers.values()
               if a.text is not None and r.expected is not None]
-    for (answer, _), value in zip(scored, embedding_scores([(a.text, e) for a, e in scored], python, embedder)):
+    try:
+        values = embedding_scores([(a.text, e) for a, e in scored], python, embedder)
+    except SageError as error:
+        for answer, _ in scored:
+            answer.score_errors[EMBEDDING] = str(error)
+        return
+    for (answer, _), value in zip(scored, values):
         answer.scores[EMBEDDING] = value
