@@ -1,15 +1,17 @@
 """`%sage eval` and `sage eval` keep what a run produced: an unwritable --save is refused before anything is
-asked, a metric whose scorer fails is marked on its rows (the answers and other metrics stay), and a save that
-fails anyway is reported after the table.
+asked, a metric whose scorer fails is marked on its rows (the answers and other metrics stay), a save that
+fails anyway is reported after the table, and an interrupt shows the partial table, then stops the notebook's
+"Run all" (the CLI exits 130).
 
 The first tests need no server (the save path is checked before any model is asked); the others run on the
-session's one real vLLM server (the `expert` fixture), in-process and through the `sage` command.
+session's one real vLLM server (the `expert` fixture), in-process, through the `sage` command and in a real kernel.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +125,95 @@ def test_a_save_that_fails_after_the_run_is_reported_after_the_table(ip: Interac
     assert list(ip.user_ns["scores"]["demo_expert"]) == [EXPERT]
     assert "1 prompts x 1 models" in html_of(ip) and "95% CI" in html_of(ip)
     assert folder.read_text() == "someone else's file"
+
+
+# --- item 3: an interrupt keeps the partial results and stops "Run all" -------------------------------------
+
+
+EVAL_CELL = """%sage eval cases --models demo_expert --concurrency 1 -o partial --save {save}"""
+SETUP_CELL = """
+%load_ext sage_magic
+import pandas as pd
+cases = pd.DataFrame({{"prompt": [{prompt!r}] * {rows}, "expected": [{expected!r}] * {rows}}})
+"""
+
+
+def _reply(client, msg_id: str, timeout: float) -> dict:
+    while True:
+        reply = client.get_shell_msg(timeout=timeout)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply
+
+
+@pytest.mark.vllm
+@pytest.mark.kernel
+def test_interrupting_an_eval_cell_shows_the_partial_table_and_stops_run_all(settings, expert,
+                                                                            tmp_path: Path) -> None:
+    from jupyter_client import KernelManager
+
+    rows = 100  # one request at a time: the interrupt, sent when the first one is in, lands long before the last
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env=env_for(settings))
+    client = km.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=120)
+        setup = client.execute_interactive(SETUP_CELL.format(prompt=DEMO_PROMPT, expected=EXPERT, rows=rows),
+                                           timeout=120)
+        assert setup["content"]["status"] == "ok"
+        # "Run all": both cells are queued at once; the second must not run once the first is interrupted
+        evaluating = client.execute(EVAL_CELL.format(save=tmp_path / "partial.json"))
+        after = client.execute("ran_after_the_eval = True")
+        shown = ""
+        interrupted = False
+        while True:
+            msg = client.get_iopub_msg(timeout=300)
+            if msg["parent_header"].get("msg_id") != evaluating:
+                continue
+            if msg["msg_type"] in ("display_data", "update_display_data"):
+                shown = msg["content"]["data"].get("text/plain", "")
+                if not interrupted and "eval: " in shown and " requests" in shown:
+                    km.interrupt_kernel()  # a row has finished: the kernel's interrupt button
+                    interrupted = True
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        reply = _reply(client, evaluating, 300)["content"]
+        assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+        assert "(interrupted: finished rows only)" in shown and "95% CI" in shown
+        assert _reply(client, after, 60)["content"]["status"] == "aborted"
+        outputs: list[dict] = []
+        check = client.execute_interactive(
+            "import json; print(json.dumps({'ran_after': 'ran_after_the_eval' in globals(), "
+            "'answered': int(partial['demo_expert'].notna().sum()), "
+            "'not_run': int((partial['demo_expert:error'] == 'not run (interrupted)').sum())}))",
+            timeout=60, output_hook=outputs.append)
+        assert check["content"]["status"] == "ok"
+        state = json.loads("".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream"))
+        assert state["ran_after"] is False
+        assert state["answered"] >= 1 and state["not_run"] >= 1 and state["answered"] + state["not_run"] == rows
+        saved = json.loads((tmp_path / "partial.json").read_text())
+        assert saved["cancelled"] is True and len(saved["rows"]) == rows
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel(now=False)
+
+
+@pytest.mark.vllm
+def test_sage_eval_interrupted_prints_the_partial_table_and_exits_130(settings, expert, tmp_path: Path) -> None:
+    data = _csv(tmp_path / "rows.csv", [(DEMO_PROMPT, EXPERT)] * 100)
+    proc = subprocess.Popen([sys.executable, "-m", "sage_magic.cli.main", "eval", str(data), "--models",
+                             "demo_expert", "--concurrency", "1", "--save", str(tmp_path / "partial.json")],
+                            env=env_for(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # plain progress lines (not a TTY)
+            if "eval: " in line and " requests" in line:
+                proc.send_signal(signal.SIGINT)  # Ctrl-C once a row has finished
+                break
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "100 prompts x 1 models" in stdout and "(interrupted: finished rows only)" in stdout
+    saved = json.loads((tmp_path / "partial.json").read_text())
+    assert saved["cancelled"] is True and 1 <= len([r for r in saved["rows"] if r["answers"]]) < 100

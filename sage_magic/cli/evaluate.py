@@ -10,7 +10,7 @@ from ..chat.backends import remote_endpoint
 from ..core.config import Settings
 from ..core.errors import SageError
 from ..core.tables import read_table
-from ..evals.evaluate import EvalResult, check_save_path, evaluate, items_from_table
+from ..evals.evaluate import EvalInterrupted, EvalResult, check_save_path, evaluate, items_from_table
 from ..faces.options import add_eval_options, model_names
 from ..faces.text import SUMMARY_HEADERS, saved_note, summary_notes, summary_rows, summary_title, table
 from ..serving.manager import Manager
@@ -38,6 +38,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                           metrics=args.metrics, concurrency=args.concurrency, seed=args.seed,
                           max_tokens=args.max_tokens, temperature=args.temperature, system=args.system,
                           embedder=settings.embedder, progress=progress)
+    except EvalInterrupted as stop:
+        result = stop.result
     finally:
         progress.close()
         manager.close(wait=True)

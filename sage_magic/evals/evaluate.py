@@ -5,7 +5,9 @@ endpoint. All fine-tunes of one base are adapters on ONE vLLM server, so compari
 and vLLM batches the concurrent requests (``concurrency`` bounds how many are in flight). Requests are greedy
 by default. One failed request marks its own answer (``Answer.error``) and the run goes on; so does a metric
 that cannot be computed (``Answer.score_errors``: the answers and the other metrics stay). A set ``cancel``
-or a KeyboardInterrupt keeps the rows already finished and returns them (``EvalResult.cancelled``).
+keeps the rows already finished and returns them (``EvalResult.cancelled``); a KeyboardInterrupt keeps them
+too, but is raised again as :class:`EvalInterrupted` carrying that result, so that a script or a notebook's
+"Run all" stops there instead of going on as if the evaluation had finished.
 
 Only the standard library is used in the caller: HTTP through ``sage_magic.core.http`` (Unix sockets for our
 servers), metrics from ``sage_magic.evals.metrics`` (``embedding`` runs in a child process).
@@ -189,6 +191,17 @@ class EvalResult:
                             "written there, and the results shown are not affected. Give the next run a --save "
                             "path in a writable folder with free space.") from None
         return target
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt that ended an evaluation, carrying what had finished (``result``, cancelled).
+
+    A KeyboardInterrupt so that whoever does not look at it stops as an interrupt should; faces catch it to show
+    the partial results, then raise it again."""
+
+    def __init__(self, result: EvalResult) -> None:
+        super().__init__()
+        self.result = result
 
 
 def _row_error(answer: Answer | None) -> str | None:
@@ -424,7 +437,7 @@ def _run(items: list[Item], targets: list[Target], graders: dict[str, Target], m
     answer_jobs = [(target, asking(target.endpoint, row.prompt, max_tokens, temperature), answered(row, target))
                    for target in targets for row in rows]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sage-eval")
-    cancelled = False
+    cancelled = interrupted = False
     try:
         for phase in _phases(answer_jobs):
             if not _pump(pool, phase, counts, progress, cancel):
@@ -441,18 +454,22 @@ def _run(items: list[Item], targets: list[Target], graders: dict[str, Target], m
                     cancelled = True
                     break
     except KeyboardInterrupt:
-        cancelled = True
+        cancelled = interrupted = True
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     if EMBEDDING in metrics:
-        _score_embeddings(rows, python, embedder)
+        interrupted = _score_embeddings(rows, python, embedder, interrupted)
+        cancelled = cancelled or interrupted
     if cancelled:
         progress(Progress("eval", f"stopped: {counts['done']}/{counts['total']} requests finished and kept",
                           counts["done"] / counts["total"], dict(counts)))
     settings = {"concurrency": concurrency, "seed": seed, "max_tokens": max_tokens, "temperature": temperature,
                 "system": system}
-    return EvalResult(rows, labels, metrics, {t.label: dict(t.fingerprint) for t in targets}, cancelled,
-                      time.monotonic() - started, settings)
+    result = EvalResult(rows, labels, metrics, {t.label: dict(t.fingerprint) for t in targets}, cancelled,
+                        time.monotonic() - started, settings)
+    if interrupted:
+        raise EvalInterrupted(result)
+    return result
 
 
 Job = tuple[Target, Callable[[], Answer], Callable[[Answer], None]]
@@ -488,15 +505,23 @@ def _pump(pool: ThreadPoolExecutor, jobs: list[Job], counts: dict[str, int], pro
     return True
 
 
-def _score_embeddings(rows: list[EvalRow], python: str, embedder: str | None) -> None:
-    """Embedding scores from the child process, or the reason each answer has none (the child's failure)."""
+def _score_embeddings(rows: list[EvalRow], python: str, embedder: str | None, interrupted: bool) -> bool:
+    """Embedding scores from the child process, or the reason each answer has none (its failure, or an interrupt,
+    which skips the child: the person asked to stop now). Returns whether the run was interrupted."""
     scored = [(a, r.expected) for r in rows for a in r.answers.values()
               if a.text is not None and r.expected is not None]
-    try:
-        values = embedding_scores([(a.text, e) for a, e in scored], python, embedder)
-    except SageError as error:
-        for answer, _ in scored:
-            answer.score_errors[EMBEDDING] = str(error)
-        return
-    for (answer, _), value in zip(scored, values):
-        answer.scores[EMBEDDING] = value
+    reason = "the run was interrupted"
+    if not interrupted:
+        try:
+            values = embedding_scores([(a.text, e) for a, e in scored], python, embedder)
+        except SageError as error:
+            reason = str(error)
+        except KeyboardInterrupt:
+            interrupted = True
+        else:
+            for (answer, _), value in zip(scored, values):
+                answer.scores[EMBEDDING] = value
+            return False
+    for answer, _ in scored:
+        answer.score_errors[EMBEDDING] = reason
+    return interrupted

@@ -34,10 +34,14 @@ def eval_cell(magics: "CellContext", args: argparse.Namespace) -> Any:
     """Evaluate the DataFrame's prompts with every model; show the summary table and a bar chart.
 
     Whatever ends the run, what finished is shown and stored in ``-o`` first, then saved: an unwritable
-    ``--save`` is refused before anything is asked, and a save that fails anyway is raised after the table."""
+    ``--save`` is refused before anything is asked, a save that fails anyway is raised after the table, and an
+    interrupt is raised again after the partial table, so that "Run all" stops here as it does for training."""
+    import sys
+
     from ..chat.backends import remote_endpoint
+    from ..core.errors import SageError
     from ..core.tables import from_dataframe
-    from ..evals.evaluate import check_save_path, evaluate, items_from_table
+    from ..evals.evaluate import EvalInterrupted, check_save_path, evaluate, items_from_table
     from ..faces.options import model_names
     from ..faces.text import saved_note
     from .display import LiveOutput
@@ -48,17 +52,28 @@ def eval_cell(magics: "CellContext", args: argparse.Namespace) -> Any:
         check_save_path(args.save)
     session = magics.session
     live = LiveOutput(magics.shell, max(magics.update_interval, 0.25))
-    result = evaluate(items, model_names(args.models), manager=session.manager, remote=remote_endpoint(args),
-                      metrics=args.metrics, concurrency=args.concurrency, seed=args.seed, max_tokens=args.max_tokens,
-                      temperature=args.temperature, system=args.system, embedder=session.settings.embedder,
-                      progress=live.progress)
+    interrupted = False
+    try:
+        result = evaluate(items, model_names(args.models), manager=session.manager, remote=remote_endpoint(args),
+                          metrics=args.metrics, concurrency=args.concurrency, seed=args.seed,
+                          max_tokens=args.max_tokens, temperature=args.temperature, system=args.system,
+                          embedder=session.settings.embedder, progress=live.progress)
+    except EvalInterrupted as stop:
+        result, interrupted = stop.result, True
     if args.output:
         magics.shell.user_ns[args.output] = result.to_dataframe()
     live.show(eval_bundle(result))
     if args.diff:
         publish(magics.shell, diff_bundle(result))
     if args.save:
-        print(saved_note(result.save(args.save)))
+        try:
+            print(saved_note(result.save(args.save)))
+        except SageError as error:
+            if not interrupted:
+                raise
+            print(error, file=sys.stderr)  # the interrupt below is what must stop "Run all"
+    if interrupted:
+        raise KeyboardInterrupt  # as %sage finetune watch does: the cells after this one must not run
     return None
 
 
