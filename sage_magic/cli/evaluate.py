@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..chat.backends import remote_endpoint
 from ..core.config import Settings
+from ..core.errors import SageError
 from ..core.tables import read_table
-from ..evals.evaluate import EvalResult, evaluate, items_from_table
+from ..evals.evaluate import EvalInterrupted, EvalResult, check_save_path, evaluate, items_from_table
 from ..faces.options import add_eval_options, model_names
-from ..faces.text import SUMMARY_HEADERS, summary_rows, summary_title, table
+from ..faces.text import SUMMARY_HEADERS, saved_note, summary_notes, summary_rows, summary_title, table
 from ..serving.manager import Manager
 from .output import TerminalProgress
 
@@ -24,7 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the results (partial after Ctrl-C: exit 130), then save them: a failed save is reported after the
+    results it could not write (exit 2), never instead of them."""
     items = items_from_table(read_table(args.data), args.prompt_col, args.expected_col)
+    if args.save:
+        check_save_path(args.save)
     progress = TerminalProgress()
     manager = Manager(settings)
     try:
@@ -32,18 +38,22 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                           metrics=args.metrics, concurrency=args.concurrency, seed=args.seed,
                           max_tokens=args.max_tokens, temperature=args.temperature, system=args.system,
                           embedder=settings.embedder, progress=progress)
+    except EvalInterrupted as stop:
+        result = stop.result
     finally:
         progress.close()
         manager.close(wait=True)
+    print(json.dumps(result.to_json(), indent=1) if args.json else render_summary(result), flush=True)
+    status = 130 if result.cancelled else 0
     if args.save:
-        print(f"Saved to {result.save(args.save)}")
-    if args.json:
-        print(json.dumps(result.to_json(), indent=1))
-    else:
-        print(render_summary(result))
-    return 130 if result.cancelled else 0
+        try:
+            print(saved_note(result.save(args.save)), file=sys.stderr)
+        except SageError as error:
+            print(f"sage: {error}", file=sys.stderr)
+            status = status or 2
+    return status
 
 
 def render_summary(result: EvalResult) -> str:
-    """The summary table as terminal text."""
-    return summary_title(result) + "\n" + table(summary_rows(result), SUMMARY_HEADERS)
+    """The summary table as terminal text, with the reasons of unscored answers under it."""
+    return "\n".join([summary_title(result), table(summary_rows(result), SUMMARY_HEADERS), *summary_notes(result)])

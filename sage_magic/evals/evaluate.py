@@ -3,8 +3,11 @@
 Models are fine-tune names, ``base`` (the base model of the fine-tunes named) or ``openai:MODEL`` on a remote
 endpoint. All fine-tunes of one base are adapters on ONE vLLM server, so comparing N of them costs one server,
 and vLLM batches the concurrent requests (``concurrency`` bounds how many are in flight). Requests are greedy
-by default. One failed request marks its own answer (``Answer.error``) and the run goes on; a set ``cancel``
-or a KeyboardInterrupt keeps the rows already finished and returns them (``EvalResult.cancelled``).
+by default. One failed request marks its own answer (``Answer.error``) and the run goes on; so does a metric
+that cannot be computed (``Answer.score_errors``: the answers and the other metrics stay). A set ``cancel``
+keeps the rows already finished and returns them (``EvalResult.cancelled``); a KeyboardInterrupt keeps them
+too, but is raised again as :class:`EvalInterrupted` carrying that result, so that a script or a notebook's
+"Run all" stops there instead of going on as if the evaluation had finished.
 
 Only the standard library is used in the caller: HTTP through ``sage_magic.core.http`` (Unix sockets for our
 servers), metrics from ``sage_magic.evals.metrics`` (``embedding`` runs in a child process).
@@ -12,6 +15,7 @@ servers), metrics from ``sage_magic.evals.metrics`` (``embedding`` runs in a chi
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -74,6 +78,7 @@ class Answer:
     completion_tokens: int | None = None
     scores: dict[str, float | None] = field(default_factory=dict)
     judge_replies: dict[str, str] = field(default_factory=dict)
+    score_errors: dict[str, str] = field(default_factory=dict)  # metric -> why it has no score
 
 
 @dataclass
@@ -88,7 +93,8 @@ class EvalRow:
 
 @dataclass(frozen=True)
 class Summary:
-    """One (model, metric) line of the summary table; ``mean``/``low``/``high`` None when nothing was scored."""
+    """One (model, metric) line of the summary table; ``mean``/``low``/``high`` None when nothing was scored.
+    ``failed`` counts the answers left without this score by a failure: their request, or this metric's scorer."""
 
     model: str
     metric: str
@@ -124,11 +130,13 @@ class EvalResult:
             failed = len(answers) - len(ok)
             for metric in self.metrics or ["-"]:
                 values = [a.scores[metric] for a in ok if a.scores.get(metric) is not None]
+                unscored = sum(metric in a.score_errors for a in ok)
                 mean = low = high = None
                 if values:
                     mean = sum(values) / len(values)  # type: ignore[arg-type]
                     low, high = bootstrap_ci(values, seed=self.settings.get("seed") or 0)  # type: ignore[arg-type]
-                lines.append(Summary(model, metric, mean, low, high, len(values), failed, median(latencies), rate))
+                lines.append(Summary(model, metric, mean, low, high, len(values), failed + unscored,
+                                     median(latencies), rate))
         return lines
 
     def disagreements(self) -> list[EvalRow]:
@@ -139,7 +147,8 @@ class EvalResult:
                 if len({normalize(a.text) for a in row.answers.values() if a.text is not None}) > 1]
 
     def records(self) -> list[dict[str, Any]]:
-        """One flat dict per prompt: each model's answer, scores, latency, tokens and error."""
+        """One flat dict per prompt: each model's answer, scores, latency, tokens and error (the request's, or
+        else why a metric has no score)."""
         flat = []
         for row in self.rows:
             record: dict[str, Any] = {"prompt": row.prompt, "expected": row.expected}
@@ -150,7 +159,7 @@ class EvalResult:
                     record[f"{model}:{metric}"] = answer.scores.get(metric) if answer else None
                 record[f"{model}:latency_s"] = answer.latency if answer else None
                 record[f"{model}:tokens"] = answer.completion_tokens if answer else None
-                record[f"{model}:error"] = (answer.error if answer else "not run (interrupted)")
+                record[f"{model}:error"] = _row_error(answer)
             flat.append(record)
         return flat
 
@@ -169,11 +178,58 @@ class EvalResult:
                           "answers": {m: a.__dict__ for m, a in r.answers.items()}} for r in self.rows]}
 
     def save(self, path: str | Path) -> Path:
-        """Write the results and the models' fingerprints as JSON, atomically, so runs can be compared later."""
+        """Write the results and the models' fingerprints as JSON, atomically, so runs can be compared later.
+
+        Faces call this after showing the results, so a failure here loses nothing already shown; it leaves no
+        half-written file (write beside, then rename) and is one paragraph."""
         target = Path(path).expanduser()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(target, self.to_json(), mode=0o644)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(target, self.to_json(), mode=0o644)
+        except OSError as error:
+            raise SageError(f"The results could not be saved to {target} ({error.strerror or error}); nothing was "
+                            "written there, and the results shown are not affected. Give the next run a --save "
+                            "path in a writable folder with free space.") from None
         return target
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt that ended an evaluation, carrying what had finished (``result``, cancelled).
+
+    A KeyboardInterrupt so that whoever does not look at it stops as an interrupt should; faces catch it to show
+    the partial results, then raise it again."""
+
+    def __init__(self, result: EvalResult) -> None:
+        super().__init__()
+        self.result = result
+
+
+def _row_error(answer: Answer | None) -> str | None:
+    if answer is None:
+        return "not run (interrupted)"
+    if answer.error is not None:
+        return answer.error
+    return "; ".join(f"{metric} not scored: {why}" for metric, why in answer.score_errors.items()) or None
+
+
+def check_save_path(path: str | Path) -> Path:
+    """Where ``--save`` will write, refused before the run if that cannot work: the answers of a whole run must
+    not be lost at its end. (The save itself can still fail later, e.g. on a full disk: see EvalResult.save.)"""
+    target = Path(path).expanduser().absolute()
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # save() creates the missing folders under the nearest one that exists
+    problem = None
+    if target.is_dir():
+        problem = "that is a folder"
+    elif not folder.is_dir():
+        problem = f"{folder} is a file, not a folder"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"{folder} is not writable"
+    if problem:
+        raise SageError(f"Cannot save the results to {target}: {problem}. Give --save a file path in a writable "
+                        "folder; nothing was evaluated.")
+    return target
 
 
 def _pandas() -> Any:
@@ -371,6 +427,8 @@ def _run(items: list[Item], targets: list[Target], graders: dict[str, Target], m
         def record(grade: Answer) -> None:
             answer.judge_replies[metric] = grade.text if grade.text is not None else f"error: {grade.error}"
             answer.scores[metric] = parse_judge(grade.text) if grade.text is not None else None
+            if grade.error is not None:
+                answer.score_errors[metric] = f"the grader's request failed: {grade.error}"
         return record
 
     def asking(endpoint: Endpoint, prompt: str, tokens: int, temp: float) -> Callable[[], Answer]:
@@ -379,7 +437,7 @@ def _run(items: list[Item], targets: list[Target], graders: dict[str, Target], m
     answer_jobs = [(target, asking(target.endpoint, row.prompt, max_tokens, temperature), answered(row, target))
                    for target in targets for row in rows]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sage-eval")
-    cancelled = False
+    cancelled = interrupted = False
     try:
         for phase in _phases(answer_jobs):
             if not _pump(pool, phase, counts, progress, cancel):
@@ -396,18 +454,22 @@ def _run(items: list[Item], targets: list[Target], graders: dict[str, Target], m
                     cancelled = True
                     break
     except KeyboardInterrupt:
-        cancelled = True
+        cancelled = interrupted = True
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     if EMBEDDING in metrics:
-        _score_embeddings(rows, python, embedder)
+        interrupted = _score_embeddings(rows, python, embedder, interrupted)
+        cancelled = cancelled or interrupted
     if cancelled:
         progress(Progress("eval", f"stopped: {counts['done']}/{counts['total']} requests finished and kept",
                           counts["done"] / counts["total"], dict(counts)))
     settings = {"concurrency": concurrency, "seed": seed, "max_tokens": max_tokens, "temperature": temperature,
                 "system": system}
-    return EvalResult(rows, labels, metrics, {t.label: dict(t.fingerprint) for t in targets}, cancelled,
-                      time.monotonic() - started, settings)
+    result = EvalResult(rows, labels, metrics, {t.label: dict(t.fingerprint) for t in targets}, cancelled,
+                        time.monotonic() - started, settings)
+    if interrupted:
+        raise EvalInterrupted(result)
+    return result
 
 
 Job = tuple[Target, Callable[[], Answer], Callable[[Answer], None]]
@@ -443,8 +505,23 @@ def _pump(pool: ThreadPoolExecutor, jobs: list[Job], counts: dict[str, int], pro
     return True
 
 
-def _score_embeddings(rows: list[EvalRow], python: str, embedder: str | None) -> None:
+def _score_embeddings(rows: list[EvalRow], python: str, embedder: str | None, interrupted: bool) -> bool:
+    """Embedding scores from the child process, or the reason each answer has none (its failure, or an interrupt,
+    which skips the child: the person asked to stop now). Returns whether the run was interrupted."""
     scored = [(a, r.expected) for r in rows for a in r.answers.values()
               if a.text is not None and r.expected is not None]
-    for (answer, _), value in zip(scored, embedding_scores([(a.text, e) for a, e in scored], python, embedder)):
-        answer.scores[EMBEDDING] = value
+    reason = "the run was interrupted"
+    if not interrupted:
+        try:
+            values = embedding_scores([(a.text, e) for a, e in scored], python, embedder)
+        except SageError as error:
+            reason = str(error)
+        except KeyboardInterrupt:
+            interrupted = True
+        else:
+            for (answer, _), value in zip(scored, values):
+                answer.scores[EMBEDDING] = value
+            return False
+    for answer, _ in scored:
+        answer.score_errors[EMBEDDING] = reason
+    return interrupted

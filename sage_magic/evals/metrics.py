@@ -115,13 +115,24 @@ def median(values: Sequence[float]) -> float | None:
 
 def embedding_scores(pairs: Sequence[tuple[str, str]], python: str, embedder: str | None) -> list[float]:
     """Cosine similarity of each (answer, expected) with the RAG embedder, computed in a child process so that
-    torch and sentence-transformers never enter the caller."""
+    torch and sentence-transformers never enter the caller. Any way the child fails (cannot start, exits with an
+    error, answers nonsense) is one SageError, which the evaluator records on the answers it leaves unscored."""
     if not pairs:
         return []
     job = json.dumps({"embedder": embedder, "pairs": list(pairs)})
-    done = subprocess.run([python, "-m", "sage_magic.evals.similarity"], input=job, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-3:])
-        raise SageError(f"The embedding metric failed ({tail}). Install the document-index extra "
-                        "(`pip install -e '.[rag]'` in the sage_magic checkout) or drop --metric embedding.")
-    return [float(x) for x in json.loads(done.stdout)]
+    try:
+        done = subprocess.run([python, "-m", "sage_magic.evals.similarity"], input=job, capture_output=True,
+                              text=True)
+        failure = " ".join(done.stderr.strip().splitlines()[-3:]) if done.returncode != 0 else None
+    except OSError as error:
+        failure = f"{python} could not start: {error.strerror or error}"
+    if failure is None:
+        try:
+            values = [float(x) for x in json.loads(done.stdout)]
+        except (ValueError, TypeError):
+            values = []
+        if len(values) == len(pairs):
+            return values
+        failure = f"unreadable output: {done.stdout[:200]!r}"
+    raise SageError(f"The embedding metric failed ({failure}). Install the document-index extra "
+                    "(`pip install -e '.[rag]'` in the sage_magic checkout) or drop --metric embedding.")

@@ -71,3 +71,19 @@ def summary_rows(result: EvalResult) -> list[tuple[object, ...]]:
 def summary_title(result: EvalResult) -> str:
     note = " (interrupted: finished rows only)" if result.cancelled else ""
     return f"{len(result.rows)} prompts x {len(result.models)} models in {result.seconds:.1f} s{note}"
+
+
+def summary_notes(result: EvalResult) -> list[str]:
+    """Lines under the summary: why answers counted in FAILED have no score for a metric (its scorer failed),
+    one per metric and reason; a failed request's reason is in the per-prompt results."""
+    counts: dict[tuple[str, str], int] = {}
+    for row in result.rows:
+        for answer in row.answers.values():
+            for metric, reason in answer.score_errors.items():
+                counts[metric, reason] = counts.get((metric, reason), 0) + 1
+    return [f"{metric} not scored for {n} answer{'' if n == 1 else 's'}: {reason}"
+            for (metric, reason), n in counts.items()]
+
+
+def saved_note(path: object) -> str:
+    return f"Saved to {path}"

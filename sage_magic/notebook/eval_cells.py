@@ -31,38 +31,63 @@ def eval_parser() -> "MagicParser":
 
 
 def eval_cell(magics: "CellContext", args: argparse.Namespace) -> Any:
-    """Evaluate the DataFrame's prompts with every model; show the summary table and a bar chart."""
+    """Evaluate the DataFrame's prompts with every model; show the summary table and a bar chart.
+
+    Whatever ends the run, what finished is shown and stored in ``-o`` first, then saved: an unwritable
+    ``--save`` is refused before anything is asked, a save that fails anyway is raised after the table, and an
+    interrupt is raised again after the partial table, so that "Run all" stops here as it does for training."""
+    import sys
+
     from ..chat.backends import remote_endpoint
+    from ..core.errors import SageError
     from ..core.tables import from_dataframe
-    from ..evals.evaluate import evaluate, items_from_table
+    from ..evals.evaluate import EvalInterrupted, check_save_path, evaluate, items_from_table
     from ..faces.options import model_names
-    from ..faces.text import SUMMARY_HEADERS, summary_rows, summary_title
+    from ..faces.text import saved_note
     from .display import LiveOutput
 
     frame = notebook_variable(magics.shell.user_ns, args.data, "Pass the name of a pandas DataFrame of prompts.")
     items = items_from_table(from_dataframe(frame, f"DataFrame {args.data!r}"), args.prompt_col, args.expected_col)
+    if args.save:
+        check_save_path(args.save)
     session = magics.session
     live = LiveOutput(magics.shell, max(magics.update_interval, 0.25))
-    result = evaluate(items, model_names(args.models), manager=session.manager, remote=remote_endpoint(args),
-                      metrics=args.metrics, concurrency=args.concurrency, seed=args.seed, max_tokens=args.max_tokens,
-                      temperature=args.temperature, system=args.system, embedder=session.settings.embedder,
-                      progress=live.progress)
+    interrupted = False
+    try:
+        result = evaluate(items, model_names(args.models), manager=session.manager, remote=remote_endpoint(args),
+                          metrics=args.metrics, concurrency=args.concurrency, seed=args.seed,
+                          max_tokens=args.max_tokens, temperature=args.temperature, system=args.system,
+                          embedder=session.settings.embedder, progress=live.progress)
+    except EvalInterrupted as stop:
+        result, interrupted = stop.result, True
     if args.output:
         magics.shell.user_ns[args.output] = result.to_dataframe()
-    saved = f"; saved to {result.save(args.save)}" if args.save else ""
-    live.show(eval_bundle(result, summary_title(result) + saved, SUMMARY_HEADERS, summary_rows(result)))
+    live.show(eval_bundle(result))
     if args.diff:
         publish(magics.shell, diff_bundle(result))
+    if args.save:
+        try:
+            print(saved_note(result.save(args.save)))
+        except SageError as error:
+            if not interrupted:
+                raise
+            print(error, file=sys.stderr)  # the interrupt below is what must stop "Run all"
+    if interrupted:
+        raise KeyboardInterrupt  # as %sage finetune watch does: the cells after this one must not run
     return None
 
 
-def eval_bundle(result: Any, title: str, headers: tuple[str, ...], rows: list) -> dict[str, Any]:
+def eval_bundle(result: Any) -> dict[str, Any]:
+    """The summary table (the rows and notes ``sage eval`` prints) with a bar chart of the means."""
     import html
 
+    from ..faces.text import SUMMARY_HEADERS, summary_notes, summary_rows, summary_title
     from . import render
     from .charts import bar_chart
 
-    table = render.table(rows, headers, "Nothing was evaluated.")
+    title = summary_title(result)
+    table = render.table(summary_rows(result), SUMMARY_HEADERS, "Nothing was evaluated.")
+    notes = summary_notes(result)
     summaries = [s for s in result.summary() if s.metric != "-"]
     chart = ""
     if summaries:
@@ -70,8 +95,9 @@ def eval_bundle(result: Any, title: str, headers: tuple[str, ...], rows: list) -
         chart = bar_chart([(f"{s.model}\n{s.metric}" if several else s.model, s.mean, s.low, s.high)
                            for s in summaries],
                           title=f"mean {', '.join(result.metrics)} with 95% interval")
-    return {"text/plain": title + "\n" + table["text/plain"],
-            "text/html": f"<p>{html.escape(title)}</p>{table['text/html']}{chart}"}
+    return {"text/plain": "\n".join([title, table["text/plain"], *notes]),
+            "text/html": f"<p>{html.escape(title)}</p>{table['text/html']}"
+                         + "".join(f"<p>{html.escape(note)}</p>" for note in notes) + chart}
 
 
 def diff_bundle(result: Any) -> dict[str, Any]:
