@@ -7,20 +7,28 @@ or pass per-call ``on_delta`` / ``on_progress`` callbacks, and render for themse
 Why one object: a kernel has one conversation memory (``%%sage`` and the chat panel continue the same chat),
 one set of servers it owns (released together on reset, stop or kernel exit), and one place to cancel
 whatever is running from any thread (the panel's Stop button runs on a comm thread).
+
+Leases are cached per serving key (the options that pick a server) and opened by one thread per key at a
+time: a panel's worker and a ``%%sage`` cell asking at once share one lease instead of leaking the second. A
+cached lease is released only once its replacement is held (a server whose last owner lets go stops, and a
+cold start takes a minute), and the key never holds an API key in clear (reprs end up in logs and notebooks).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
+import secrets
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..core.config import Settings
-from ..core.errors import NotFound, SageError
+from ..core.errors import Cancelled, NotFound, SageError
 from ..core.progress import ProgressCallback, silent
 from .events import Event
 from .reply import Reply
@@ -29,6 +37,22 @@ if TYPE_CHECKING:
     from ..core.endpoint import Endpoint
     from ..serving.manager import Manager
     from .client import ChatClient
+
+#: The chat options that pick a server: a lease is cached per combination (see :func:`_lease_key`).
+_SERVING_OPTIONS = ("backend", "finetune_model", "merge", "model", "base_url", "api_key", "finetune_port", "vllm_arg")
+#: Keys the API key's digest in lease keys, so the digest cannot be looked up in a table of common keys.
+_KEY_SALT = secrets.token_bytes(16)
+
+
+def _lease_key(args: argparse.Namespace) -> tuple[str, ...]:
+    """The lease cache key for these options: each serving option as text, the API key as a salted digest."""
+    def part(name: str) -> str:
+        value = getattr(args, name, None)
+        if name == "api_key" and value is not None:
+            return "key:" + hashlib.blake2b(str(value).encode(), key=_KEY_SALT, digest_size=8).hexdigest()
+        return str(value)
+    return tuple(part(name) for name in _SERVING_OPTIONS)
+
 
 @dataclass
 class _Running:
@@ -53,6 +77,8 @@ class Session:
         self._no_service = False
         self._manager: Manager | None = None
         self._leases: dict[tuple, Any] = {}
+        self._stale: set[tuple] = set()  # leases to replace on next use (their fine-tune was trained again)
+        self._opening: dict[tuple, threading.Lock] = {}  # one opener per lease key (see the module docstring)
         self._clients: dict[Endpoint, ChatClient] = {}
         self._windows: dict[Endpoint, int | None] = {}
         self._bases: dict[Endpoint, str | None] = {}
@@ -118,43 +144,71 @@ class Session:
         """A lease for these serving options: reused while its server lives, else opened (maybe started)."""
         if args.keep_alive is None and self.keep_alive is not None:
             args.keep_alive = self.keep_alive
-        key = tuple(str(getattr(args, name, None)) for name in (
-            "backend", "finetune_model", "merge", "model", "base_url", "api_key", "finetune_port", "vllm_arg"))
-        with self._lock:
-            lease = self._leases.get(key)
-        if lease is not None:
-            server = lease.endpoint.server_id
-            if server is None or self.manager.registry.get(server) is not None:
-                return lease
-            self._drop(key)
-        if args.index is not None:
-            self._check_index(args.index)  # before a server starts for nothing
-        from .backends import open_endpoint
+        cancel = cancel or threading.Event()
+        key = _lease_key(args)
+        with self._opening_lock(key, cancel):
+            with self._lock:
+                old = self._leases.get(key)
+                stale = key in self._stale
+            if old is not None and not stale:
+                server = old.endpoint.server_id
+                if server is None or self.manager.registry.get(server) is not None:
+                    return old
+            if args.index is not None:
+                self._check_index(args.index)  # before a server starts for nothing
+            from .backends import open_endpoint
 
-        lease = open_endpoint(self.manager, args, progress=progress, cancel=cancel or threading.Event())
-        with self._lock:
-            self._leases[key] = lease
+            lease = open_endpoint(self.manager, args, progress=progress, cancel=cancel)
+            with self._lock:
+                self._leases[key] = lease
+                self._stale.discard(key)
+            if old is not None:
+                self._let_go(old)  # only now: while it was held, its server could not stop under us
         if lease.endpoint.server_id is not None and not lease.endpoint.reused:
             self._started.add(lease.endpoint.server_id)
             self._emit("servers-changed", 0, lease.endpoint.server_id)
         return lease
 
     def forget_finetune(self, name: str) -> None:
-        """Drop the cached leases on fine-tune ``name`` (it was just trained again): the next ask goes to the
-        manager, which loads the new adapter into its server in place instead of answering with the old one."""
+        """Fine-tune ``name`` was just trained again: its cached leases are replaced on their next use, when
+        the manager loads the new adapter into the same server in place instead of answering with the old one.
+
+        They are not released here: when a session holds a server's only lease, releasing it stops the server
+        (keep-alive 0), which would break an answer streaming now and make the next ask wait for a cold start.
+        """
         with self._lock:
-            keys = [key for key in self._leases if key[0] == "finetune" and key[1] == name]
-        for key in keys:
-            self._drop(key)
+            self._stale.update(key for key in self._leases if key[0] == "finetune" and key[1] == name)
+
+    @contextmanager
+    def _opening_lock(self, key: tuple, cancel: threading.Event) -> Iterator[None]:
+        """Hold ``key``'s opener lock (not the session lock: opening may start a server for a minute); a
+        ``cancel`` set while another thread opens ends the wait with :class:`Cancelled`."""
+        with self._lock:
+            lock = self._opening.setdefault(key, threading.Lock())
+        while not lock.acquire(timeout=0.1):
+            if cancel.is_set():
+                raise Cancelled("Cancelled while another question started the same server; nothing was left "
+                                "running on your account.")
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _drop(self, key: tuple) -> None:
         with self._lock:
             lease = self._leases.pop(key, None)
+            self._stale.discard(key)
         if lease is not None:
-            client = self._clients.pop(lease.endpoint, None)
-            if client is not None:
-                client.close()
-            lease.release()
+            self._let_go(lease)
+
+    def _let_go(self, lease: Any) -> None:
+        """Release a lease that is no longer cached, and its client unless a cached lease shares the endpoint."""
+        with self._lock:
+            shared = any(held.endpoint == lease.endpoint for held in self._leases.values())
+            client = None if shared else self._clients.pop(lease.endpoint, None)
+        if client is not None:
+            client.close()
+        lease.release()
 
     def _check_index(self, name: str) -> None:
         from ..rag import store
