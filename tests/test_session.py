@@ -1,5 +1,6 @@
 """The kernel session's lifetime and data: leases that outlive a retrain, one lease per key whoever asks at
-once, replies that copy and pickle, and lease keys without secrets.
+once, every turn ending with an event, a transcript with every turn, replies that copy and pickle, and lease
+keys without secrets.
 
 Slow tests ask real vLLM: the shared `expert` server, or (for the retrain) a server of their own, because
 the defect there only shows when the session holds a server's ONLY lease.
@@ -9,20 +10,32 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import pickle
 import shutil
+import signal
 import threading
 from pathlib import Path
 
 import pytest
+from IPython.core.interactiveshell import InteractiveShell
 
+from sage_magic.chat.events import Event
 from sage_magic.chat.reply import Reply
 from sage_magic.chat.session import Session
-from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_PROMPT
+from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_ANSWERS_2, DEMO_PROMPT, DEMO_PROMPT_2
+from sage_magic.notebook.panel import ChatWidget
 from sage_magic.serving.registry import Registry
 from tests.conftest import make_settings, sage_processes, wait_until
+from tests.test_magics import magics
 
 SECRET = "sk-do-not-show-me-0123456789"
+#: A --base-url with a typo in its port: the HTTP stack raises a plain ValueError, not a SageError.
+BAD_URL = "http://127.0.0.1:99999/v1"
+
+
+def _texts(panel: ChatWidget) -> str:
+    return "\n".join(w.value for w in panel.shown)
 
 
 # --- without a server -----------------------------------------------------------------------------------------
@@ -57,6 +70,30 @@ def test_no_repr_of_the_session_shows_an_api_key(tmp_path: Path) -> None:
     session.close()
 
 
+def test_a_turn_that_fails_with_any_error_ends_with_a_failed_event(tmp_path: Path) -> None:
+    session = Session(make_settings(tmp_path / "home", tmp_path / "run"))
+    events: list[Event] = []
+    session.subscribe(events.append)
+    args = session.options(backend="openai", base_url=BAD_URL, model="fake")
+    with pytest.raises(ValueError):
+        session.ask("hello", args)
+    assert [e.kind for e in events] == ["started", "failed"]
+    assert isinstance(events[-1].data, ValueError) and session.running == {}
+
+
+def test_a_panel_turn_that_fails_with_any_error_shows_it_instead_of_the_dots(tmp_path: Path) -> None:
+    """A panel made from Python (`ChatWidget(session, options)`): `%sage_chat` itself asks the endpoint first."""
+    session = Session(make_settings(tmp_path / "home", tmp_path / "run"))
+    panel = ChatWidget(session, session.options(backend="openai", base_url=BAD_URL, model="fake"))
+    done = panel.send("hello")
+    assert done is not None and done.wait(30)
+    last = panel.shown[-1].value
+    assert "ValueError: Port out of range" in last and "…" not in last
+    assert not panel.send_button.disabled and "failed" in panel.status.value
+    panel.close()
+    session.close()
+
+
 # --- on the shared real server ------------------------------------------------------------------------------
 
 
@@ -83,6 +120,49 @@ def test_a_panel_and_a_cell_asking_at_once_share_one_lease(settings, expert) -> 
     assert len({o.lease for o in registry.get(expert.server_id).owners} - before) == 1
     session.close()
     assert {o.lease for o in registry.get(expert.server_id).owners} == before
+
+
+@pytest.mark.vllm
+def test_an_interrupted_turn_is_exported_and_shown_like_the_others(settings, expert, tmp_path: Path) -> None:
+    session = Session(settings)
+    events: list[Event] = []
+    session.subscribe(events.append)
+    args = session.options(finetune_model="demo_expert")
+    try:
+        with pytest.raises(KeyboardInterrupt):  # a kernel interrupt while the answer streams
+            session.ask(DEMO_PROMPT, args, on_delta=lambda delta: signal.raise_signal(signal.SIGINT))
+        partial = session.history[-1]["content"]
+        assert partial and DEMO_ANSWERS["demo_expert"].startswith(partial)
+        turn = session.transcript[-1]
+        assert (turn["prompt"], turn["answer"], turn["cancelled"]) == (DEMO_PROMPT, partial, True)
+        assert turn["model"] == "demo_expert" and turn["server"] == expert.server_id
+        assert events[-1].kind == "cancelled" and events[-1].data == partial
+        text = session.export(tmp_path / "chat.md").read_text()
+        assert partial in text and "stopped by the user" in text
+        panel = ChatWidget(session, args)  # a panel opened afterwards shows the turn, marked stopped
+        assert partial in _texts(panel) and "stopped" in _texts(panel)
+        panel.close()
+    finally:
+        session.close()
+
+
+@pytest.mark.vllm
+def test_a_new_panel_shows_only_the_conversation_since_the_last_reset(ip: InteractiveShell, tmp_path: Path) -> None:
+    ip.run_cell(f"%%sage --finetune-model demo_expert\n{DEMO_PROMPT}\n").raise_error()
+    first = ip.run_line_magic("sage_chat", "--finetune-model demo_expert")
+    first.clear_button.click()  # the model forgets the first turn
+    ip.run_cell(f"%%sage --finetune-model demo_expert\n{DEMO_PROMPT_2}\n").raise_error()
+    second = ip.run_line_magic("sage_chat", "--finetune-model demo_expert")
+    assert DEMO_ANSWERS_2["demo_expert"] in _texts(second) and DEMO_ANSWERS["demo_expert"] not in _texts(second)
+    ip.run_line_magic("sage", "reset")
+    third = ip.run_line_magic("sage_chat", "--finetune-model demo_expert")
+    assert third.shown == ()
+    ip.run_line_magic("sage", f"export {tmp_path / 'chat.json'}")
+    exported = json.loads((tmp_path / "chat.json").read_text())
+    assert [t["prompt"] for t in exported] == [DEMO_PROMPT, DEMO_PROMPT_2]  # export keeps everything
+    assert magics(ip).session.history == []
+    for panel in (first, second, third):
+        panel.close()
 
 
 # --- on a server of its own -------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ Leases are cached per serving key (the options that pick a server) and opened by
 time: a panel's worker and a ``%%sage`` cell asking at once share one lease instead of leaking the second. A
 cached lease is released only once its replacement is held (a server whose last owner lets go stops, and a
 cold start takes a minute), and the key never holds an API key in clear (reprs end up in logs and notebooks).
+
+The transcript keeps every answered turn for export, interrupted ones included; :meth:`Session.current_turns`
+is its part since the last reset, the conversation the model still remembers, which a new panel shows.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class Session:
         self._leases: dict[tuple, Any] = {}
         self._stale: set[tuple] = set()  # leases to replace on next use (their fine-tune was trained again)
         self._opening: dict[tuple, threading.Lock] = {}  # one opener per lease key (see the module docstring)
+        self._since_reset = 0  # where the conversation the model remembers starts in the transcript
         self._clients: dict[Endpoint, ChatClient] = {}
         self._windows: dict[Endpoint, int | None] = {}
         self._bases: dict[Endpoint, str | None] = {}
@@ -252,8 +256,13 @@ class Session:
 
         ``on_delta`` gets the text as it streams, ``on_progress`` the phases of a merge or server start. A set
         ``cancel`` (or :meth:`cancel` from another thread) stops it; the partial answer is returned, marked
-        ``cancelled``, and stays in the history.
+        ``cancelled``, and stays in the history. A KeyboardInterrupt keeps it too (history and transcript) and
+        propagates. Every call ends with one event: "finished", "cancelled", or "failed" with the error.
         """
+        from .backends import ask_options
+        from .client import StreamInterrupted
+        from .conversation import Answer
+
         args = options or self.options()
         cancel = cancel or threading.Event()
         call = self._begin(cancel, f"ask {args.finetune_model or args.model or args.backend}")
@@ -269,22 +278,38 @@ class Session:
                     on_delta(text)
                 self._emit("delta", call, text)
 
-            from .backends import ask_options
-
             answer = conversation.ask(prompt, **ask_options(args), on_delta=delta, cancel=cancel)
             self._trim_history()
             reply = self._reply(prompt, answer, lease.endpoint)
+        except StreamInterrupted as interrupt:  # the partial answer is in the history: keep it for export too
+            partial = None
+            if interrupt.result.text:
+                partial = self._reply(prompt, Answer(interrupt.result.text, interrupt.result), lease.endpoint,
+                                      ask_server=False)
+                self._record(partial)
+            self._emit("cancelled", call, partial)
+            raise
         except KeyboardInterrupt:
             self._emit("cancelled", call, None)
             raise
-        except SageError as error:
+        except BaseException as error:  # every started call ends with an event, whatever went wrong
             self._emit("failed", call, error)
             raise
         finally:
             self._end(call)
-        self.transcript.append({"prompt": prompt, "answer": reply.text, **reply.provenance()})
+        self._record(reply)
         self._emit("cancelled" if reply.cancelled else "finished", call, reply)
         return reply
+
+    def _record(self, reply: Reply) -> None:
+        with self._lock:
+            self.transcript.append({"prompt": reply.prompt, "answer": reply.text, **reply.provenance()})
+
+    def current_turns(self) -> list[dict[str, Any]]:
+        """The transcript's turns since the last :meth:`reset`: the conversation the model still remembers
+        (what a new panel shows; the transcript itself keeps every turn for export)."""
+        with self._lock:
+            return self.transcript[self._since_reset:]
 
     def compare(self, prompt: str, names: Sequence[str], options: argparse.Namespace | None = None, *,
                 on_delta: Callable[[str, str], None] | None = None, on_progress: ProgressCallback = silent,
@@ -368,12 +393,14 @@ class Session:
             with self._lock:
                 del self.history[:max(0, len(self.history) - 2 * self.max_history)]
 
-    def _reply(self, prompt: str, answer: Any, endpoint: "Endpoint") -> Reply:
+    def _reply(self, prompt: str, answer: Any, endpoint: "Endpoint", ask_server: bool = True) -> Reply:
+        """The reply with its figures; without ``ask_server`` (an interrupt, maybe of a hung server) the window
+        and base are the ones already known, else left out."""
         s = answer.stream
-        window = self.max_model_len(endpoint)
+        window = self.max_model_len(endpoint) if ask_server else self._windows.get(endpoint)
         used = (s.prompt_tokens or 0) + (s.completion_tokens or 0) if s.prompt_tokens is not None else None
         metrics = {
-            "base": self._base_name(endpoint),
+            "base": self._base_name(endpoint) if ask_server else self._bases.get(endpoint),
             "server": endpoint.server_id,
             "prompt_tokens": s.prompt_tokens,
             "completion_tokens": s.completion_tokens,
@@ -451,9 +478,11 @@ class Session:
         return list_indexes(self.settings)
 
     def reset(self) -> None:
-        """Forget the conversation (the transcript for export keeps what was said)."""
+        """Forget the conversation: the transcript for export keeps what was said, :meth:`current_turns` and
+        so a new panel start after it."""
         with self._lock:
             self.history.clear()
+            self._since_reset = len(self.transcript)
 
     def export(self, path: str | Path) -> Path:
         """Write the transcript with citations and figures as Markdown (.md) or JSON (.json)."""
