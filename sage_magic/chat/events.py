@@ -11,7 +11,12 @@ EVENT_KINDS = ("started", "delta", "finished", "cancelled", "failed", "servers-c
 
 @dataclass(frozen=True)
 class Event:
-    """Something a face may want to show. ``call`` numbers one ask (0 for servers-changed)."""
+    """Something a face may want to show. ``call`` numbers one ask (0 for servers-changed).
+
+    Every "started" call ends with exactly one of "finished" (``data``: the Reply, or a list of them for a
+    comparison), "cancelled" (the partial Reply, or None when nothing was answered) or "failed" (the
+    exception, of any type), so a face never waits on a turn that will not end.
+    """
 
     kind: str
     call: int

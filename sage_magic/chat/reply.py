@@ -28,6 +28,12 @@ class Reply(str):
         reply.cancelled = cancelled
         return reply
 
+    def __getnewargs_ex__(self) -> tuple[tuple[str], dict[str, Any]]:
+        """What ``copy``, ``deepcopy`` and ``pickle`` (``%store``, multiprocessing) rebuild a reply from: the
+        keyword-only ``__new__`` above is not str's, so the default (the text alone) cannot call it."""
+        return (self.text,), {"model": self.model, "prompt": self.prompt, "citations": self.citations,
+                              "metrics": self.metrics, "cancelled": self.cancelled}
+
     @property
     def text(self) -> str:
         return str.__str__(self)

@@ -7,20 +7,31 @@ or pass per-call ``on_delta`` / ``on_progress`` callbacks, and render for themse
 Why one object: a kernel has one conversation memory (``%%sage`` and the chat panel continue the same chat),
 one set of servers it owns (released together on reset, stop or kernel exit), and one place to cancel
 whatever is running from any thread (the panel's Stop button runs on a comm thread).
+
+Leases are cached per serving key (the options that pick a server) and opened by one thread per key at a
+time: a panel's worker and a ``%%sage`` cell asking at once share one lease instead of leaking the second. A
+cached lease is released only once its replacement is held (a server whose last owner lets go stops, and a
+cold start takes a minute), and the key never holds an API key in clear (reprs end up in logs and notebooks).
+
+The transcript keeps every answered turn for export, interrupted ones included; :meth:`Session.current_turns`
+is its part since the last reset, the conversation the model still remembers, which a new panel shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
+import secrets
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..core.config import Settings
-from ..core.errors import NotFound, SageError
+from ..core.errors import Cancelled, NotFound, SageError
 from ..core.progress import ProgressCallback, silent
 from .events import Event
 from .reply import Reply
@@ -29,6 +40,22 @@ if TYPE_CHECKING:
     from ..core.endpoint import Endpoint
     from ..serving.manager import Manager
     from .client import ChatClient
+
+#: The chat options that pick a server: a lease is cached per combination (see :func:`_lease_key`).
+_SERVING_OPTIONS = ("backend", "finetune_model", "merge", "model", "base_url", "api_key", "finetune_port", "vllm_arg")
+#: Keys the API key's digest in lease keys, so the digest cannot be looked up in a table of common keys.
+_KEY_SALT = secrets.token_bytes(16)
+
+
+def _lease_key(args: argparse.Namespace) -> tuple[str, ...]:
+    """The lease cache key for these options: each serving option as text, the API key as a salted digest."""
+    def part(name: str) -> str:
+        value = getattr(args, name, None)
+        if name == "api_key" and value is not None:
+            return "key:" + hashlib.blake2b(str(value).encode(), key=_KEY_SALT, digest_size=8).hexdigest()
+        return str(value)
+    return tuple(part(name) for name in _SERVING_OPTIONS)
+
 
 @dataclass
 class _Running:
@@ -53,6 +80,9 @@ class Session:
         self._no_service = False
         self._manager: Manager | None = None
         self._leases: dict[tuple, Any] = {}
+        self._stale: set[tuple] = set()  # leases to replace on next use (their fine-tune was trained again)
+        self._opening: dict[tuple, threading.Lock] = {}  # one opener per lease key (see the module docstring)
+        self._since_reset = 0  # where the conversation the model remembers starts in the transcript
         self._clients: dict[Endpoint, ChatClient] = {}
         self._windows: dict[Endpoint, int | None] = {}
         self._bases: dict[Endpoint, str | None] = {}
@@ -118,43 +148,71 @@ class Session:
         """A lease for these serving options: reused while its server lives, else opened (maybe started)."""
         if args.keep_alive is None and self.keep_alive is not None:
             args.keep_alive = self.keep_alive
-        key = tuple(str(getattr(args, name, None)) for name in (
-            "backend", "finetune_model", "merge", "model", "base_url", "api_key", "finetune_port", "vllm_arg"))
-        with self._lock:
-            lease = self._leases.get(key)
-        if lease is not None:
-            server = lease.endpoint.server_id
-            if server is None or self.manager.registry.get(server) is not None:
-                return lease
-            self._drop(key)
-        if args.index is not None:
-            self._check_index(args.index)  # before a server starts for nothing
-        from .backends import open_endpoint
+        cancel = cancel or threading.Event()
+        key = _lease_key(args)
+        with self._opening_lock(key, cancel):
+            with self._lock:
+                old = self._leases.get(key)
+                stale = key in self._stale
+            if old is not None and not stale:
+                server = old.endpoint.server_id
+                if server is None or self.manager.registry.get(server) is not None:
+                    return old
+            if args.index is not None:
+                self._check_index(args.index)  # before a server starts for nothing
+            from .backends import open_endpoint
 
-        lease = open_endpoint(self.manager, args, progress=progress, cancel=cancel or threading.Event())
-        with self._lock:
-            self._leases[key] = lease
+            lease = open_endpoint(self.manager, args, progress=progress, cancel=cancel)
+            with self._lock:
+                self._leases[key] = lease
+                self._stale.discard(key)
+            if old is not None:
+                self._let_go(old)  # only now: while it was held, its server could not stop under us
         if lease.endpoint.server_id is not None and not lease.endpoint.reused:
             self._started.add(lease.endpoint.server_id)
             self._emit("servers-changed", 0, lease.endpoint.server_id)
         return lease
 
     def forget_finetune(self, name: str) -> None:
-        """Drop the cached leases on fine-tune ``name`` (it was just trained again): the next ask goes to the
-        manager, which loads the new adapter into its server in place instead of answering with the old one."""
+        """Fine-tune ``name`` was just trained again: its cached leases are replaced on their next use, when
+        the manager loads the new adapter into the same server in place instead of answering with the old one.
+
+        They are not released here: when a session holds a server's only lease, releasing it stops the server
+        (keep-alive 0), which would break an answer streaming now and make the next ask wait for a cold start.
+        """
         with self._lock:
-            keys = [key for key in self._leases if key[0] == "finetune" and key[1] == name]
-        for key in keys:
-            self._drop(key)
+            self._stale.update(key for key in self._leases if key[0] == "finetune" and key[1] == name)
+
+    @contextmanager
+    def _opening_lock(self, key: tuple, cancel: threading.Event) -> Iterator[None]:
+        """Hold ``key``'s opener lock (not the session lock: opening may start a server for a minute); a
+        ``cancel`` set while another thread opens ends the wait with :class:`Cancelled`."""
+        with self._lock:
+            lock = self._opening.setdefault(key, threading.Lock())
+        while not lock.acquire(timeout=0.1):
+            if cancel.is_set():
+                raise Cancelled("Cancelled while another question started the same server; nothing was left "
+                                "running on your account.")
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _drop(self, key: tuple) -> None:
         with self._lock:
             lease = self._leases.pop(key, None)
+            self._stale.discard(key)
         if lease is not None:
-            client = self._clients.pop(lease.endpoint, None)
-            if client is not None:
-                client.close()
-            lease.release()
+            self._let_go(lease)
+
+    def _let_go(self, lease: Any) -> None:
+        """Release a lease that is no longer cached, and its client unless a cached lease shares the endpoint."""
+        with self._lock:
+            shared = any(held.endpoint == lease.endpoint for held in self._leases.values())
+            client = None if shared else self._clients.pop(lease.endpoint, None)
+        if client is not None:
+            client.close()
+        lease.release()
 
     def _check_index(self, name: str) -> None:
         from ..rag import store
@@ -198,8 +256,13 @@ class Session:
 
         ``on_delta`` gets the text as it streams, ``on_progress`` the phases of a merge or server start. A set
         ``cancel`` (or :meth:`cancel` from another thread) stops it; the partial answer is returned, marked
-        ``cancelled``, and stays in the history.
+        ``cancelled``, and stays in the history. A KeyboardInterrupt keeps it too (history and transcript) and
+        propagates. Every call ends with one event: "finished", "cancelled", or "failed" with the error.
         """
+        from .backends import ask_options
+        from .client import StreamInterrupted
+        from .conversation import Answer
+
         args = options or self.options()
         cancel = cancel or threading.Event()
         call = self._begin(cancel, f"ask {args.finetune_model or args.model or args.backend}")
@@ -215,22 +278,38 @@ class Session:
                     on_delta(text)
                 self._emit("delta", call, text)
 
-            from .backends import ask_options
-
             answer = conversation.ask(prompt, **ask_options(args), on_delta=delta, cancel=cancel)
             self._trim_history()
             reply = self._reply(prompt, answer, lease.endpoint)
+        except StreamInterrupted as interrupt:  # the partial answer is in the history: keep it for export too
+            partial = None
+            if interrupt.result.text:
+                partial = self._reply(prompt, Answer(interrupt.result.text, interrupt.result), lease.endpoint,
+                                      ask_server=False)
+                self._record(partial)
+            self._emit("cancelled", call, partial)
+            raise
         except KeyboardInterrupt:
             self._emit("cancelled", call, None)
             raise
-        except SageError as error:
+        except BaseException as error:  # every started call ends with an event, whatever went wrong
             self._emit("failed", call, error)
             raise
         finally:
             self._end(call)
-        self.transcript.append({"prompt": prompt, "answer": reply.text, **reply.provenance()})
+        self._record(reply)
         self._emit("cancelled" if reply.cancelled else "finished", call, reply)
         return reply
+
+    def _record(self, reply: Reply) -> None:
+        with self._lock:
+            self.transcript.append({"prompt": reply.prompt, "answer": reply.text, **reply.provenance()})
+
+    def current_turns(self) -> list[dict[str, Any]]:
+        """The transcript's turns since the last :meth:`reset`: the conversation the model still remembers
+        (what a new panel shows; the transcript itself keeps every turn for export)."""
+        with self._lock:
+            return self.transcript[self._since_reset:]
 
     def compare(self, prompt: str, names: Sequence[str], options: argparse.Namespace | None = None, *,
                 on_delta: Callable[[str, str], None] | None = None, on_progress: ProgressCallback = silent,
@@ -314,12 +393,14 @@ class Session:
             with self._lock:
                 del self.history[:max(0, len(self.history) - 2 * self.max_history)]
 
-    def _reply(self, prompt: str, answer: Any, endpoint: "Endpoint") -> Reply:
+    def _reply(self, prompt: str, answer: Any, endpoint: "Endpoint", ask_server: bool = True) -> Reply:
+        """The reply with its figures; without ``ask_server`` (an interrupt, maybe of a hung server) the window
+        and base are the ones already known, else left out."""
         s = answer.stream
-        window = self.max_model_len(endpoint)
+        window = self.max_model_len(endpoint) if ask_server else self._windows.get(endpoint)
         used = (s.prompt_tokens or 0) + (s.completion_tokens or 0) if s.prompt_tokens is not None else None
         metrics = {
-            "base": self._base_name(endpoint),
+            "base": self._base_name(endpoint) if ask_server else self._bases.get(endpoint),
             "server": endpoint.server_id,
             "prompt_tokens": s.prompt_tokens,
             "completion_tokens": s.completion_tokens,
@@ -397,9 +478,11 @@ class Session:
         return list_indexes(self.settings)
 
     def reset(self) -> None:
-        """Forget the conversation (the transcript for export keeps what was said)."""
+        """Forget the conversation: the transcript for export keeps what was said, :meth:`current_turns` and
+        so a new panel start after it."""
         with self._lock:
             self.history.clear()
+            self._since_reset = len(self.transcript)
 
     def export(self, path: str | Path) -> Path:
         """Write the transcript with citations and figures as Markdown (.md) or JSON (.json)."""

@@ -204,7 +204,7 @@ class ChatWidget:
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._cancel: threading.Event | None = None
-        for turn in session.transcript:  # the conversation so far, whoever asked it
+        for turn in session.current_turns():  # the conversation since the last reset, whoever asked it
             self._add(turn["prompt"]).answer.value = reply_html(_from_transcript(turn))
         self._make_spare()
         self._set_status("ready" if current else "")
@@ -345,8 +345,10 @@ class ChatWidget:
             turn.answer.value = reply_html(event.data)
         elif isinstance(event.data, list):  # a --compare: one-off answers side by side
             turn.answer.value = render.compare([r.model for r in event.data], {}, event.data)[render.MIME]
-        elif event.kind == "failed":
-            turn.answer.value = render.error(str(event.data))[render.MIME]
+        elif event.kind == "failed":  # a SageError says what to do; anything else says what it is
+            error = event.data
+            text = str(error) if isinstance(error, SageError) else f"{type(error).__name__}: {error}"
+            turn.answer.value = render.error(text)[render.MIME]
         else:  # interrupted without a reply: keep what streamed
             turn.answer.value = (render.markdown_html("".join(turn.parts))
                                  + "<p class='sage-stopped'><strong>(stopped: partial answer)</strong></p>")
