@@ -328,8 +328,12 @@ class _Child:
             self.proc.wait()
 
 
-def stop_grace(slowest_step: float) -> float:
-    """Seconds a stopping child is given: its current step may be as slow as the slowest it reported."""
+def stop_grace(slowest_step: float | None) -> float:
+    """Seconds a stopping child is given: its current step may be as slow as the slowest it reported. Before
+    its first step is done (loading a big model takes long) there is no measure, so it is not timed: it stops
+    right before that step, or a second interrupt or ``stop --now`` kills it."""
+    if slowest_step is None:
+        return float("inf")
     return max(STOP_GRACE, STOP_GRACE_STEPS * slowest_step)
 
 
@@ -338,7 +342,7 @@ def _run_child(settings: Settings, job: dict, progress: ProgressCallback,
     with tempfile.TemporaryFile() as log:
         child = _Child(settings, log)
         interrupted, killed, outcome = False, False, None
-        stop_asked, slowest = None, 0.0
+        stop_asked, slowest = None, None
         try:
             child.send(job)
             while not child.eof:
@@ -353,7 +357,8 @@ def _run_child(settings: Settings, job: dict, progress: ProgressCallback,
                         break
                     for event in child.events(0.1):
                         if event.get("event") == "progress":
-                            slowest = max(slowest, (event.get("data") or {}).get("step_s") or 0.0)
+                            step_s = (event.get("data") or {}).get("step_s")
+                            slowest = slowest if step_s is None else max(slowest or 0.0, step_s)
                             progress(Progress(event["phase"], f"{job['name']}: {event['message']}",
                                               event.get("fraction"), event.get("data")))
                         else:
