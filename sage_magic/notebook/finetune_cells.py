@@ -234,8 +234,6 @@ def outcome(run: TrainRun) -> str:
         state = "stopped" if result.stopped else "done"
         return (f"{run.name}: {state} at step {result.steps}/{result.total_steps}; adapter: "
                 f"{result.adapter_dir or 'none (stopped before its first checkpoint)'}")
-    if isinstance(run.error, KeyboardInterrupt):
-        return f"{run.name}: interrupted"
     return f"{run.name}: failed: {run.error}"
 
 
