@@ -1,8 +1,14 @@
-"""The fine-tune loop's parts that need no model: tables, row checks, option checks, metrics, judge parsing."""
+"""The fine-tune loop's parts that need no model: tables, row checks, option checks, metrics, judge parsing,
+and the training child's start-up (a child that dies before it reads its job; its death signal)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -87,6 +93,50 @@ def test_cli_reports_bad_data_as_one_paragraph(home: Settings, tmp_path: Path,
                  str(tmp_path / "d.csv")])
     err = capsys.readouterr().err
     assert code == 2 and "no column 'prompt'" in err and "Traceback" not in err
+
+
+def test_a_training_child_that_dies_at_start_is_one_paragraph_with_its_cause(home: Settings,
+                                                                               tmp_path: Path) -> None:
+    """A child that cannot even import (here a broken stdlib module shadows the real one, as a broken torch
+    install would) never reads its job; with a job larger than the pipe's buffer the write hits a broken pipe."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "resource.py").write_text('raise ImportError("this Python cannot load resource (broken install)")\n')
+    path = os.pathsep.join(p for p in (str(broken), os.environ.get("PYTHONPATH")) if p)
+    settings = dataclasses.replace(home, extra_env={"PYTHONPATH": path})
+    rows = [(f"Question {n}: " + "why? " * 40, "Because.") for n in range(2000)]  # about 600 KB of job
+    with pytest.raises(SageError) as caught:
+        train(settings, "new", "tiny", rows)
+    message = str(caught.value)
+    assert "cannot load resource (broken install)" in message and "\n" not in message
+    assert "exited with status 1" in message
+    assert not (home.finetune_root / "new").exists()
+
+
+def test_the_death_signal_is_set_without_loading_anything_after_the_fork(tmp_path: Path) -> None:
+    """Between fork and exec in a threaded kernel an import or a dlopen can deadlock: the preexec function must
+    only make the call. Here both are broken after the preexec function is made, and the child still gets its
+    parent-death signal (read back with PR_GET_PDEATHSIG)."""
+    script = textwrap.dedent("""
+        import ctypes, subprocess, sys
+        from sage_magic.core.processes import death_signal
+        preexec = death_signal()
+        def refuse(*args, **kwargs):
+            raise OSError("nothing may be loaded between fork and exec")
+        ctypes.CDLL = refuse
+        class NoImports:
+            def find_spec(self, name, path=None, target=None):
+                raise ImportError(f"nothing may be imported between fork and exec: {name}")
+        child = ("import ctypes; value = ctypes.c_int(); "
+                 "ctypes.CDLL(None).prctl(2, ctypes.byref(value)); print(value.value)")
+        subprocess.run([sys.executable, "-c", "pass"], check=True)  # what Popen itself imports, loaded now
+        sys.meta_path.insert(0, NoImports())
+        print(subprocess.run([sys.executable, "-c", child], preexec_fn=preexec, capture_output=True,
+                             text=True, check=True).stdout.strip())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "15"  # SIGTERM
 
 
 def test_metrics_score_what_a_reader_expects() -> None:

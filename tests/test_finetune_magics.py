@@ -62,6 +62,20 @@ def test_charts_are_plain_svg() -> None:
     assert bars.count("<rect") == 2 and ">demo_expert<" in bars
 
 
+def test_a_long_runs_loss_curve_stays_small_and_keeps_its_shape() -> None:
+    """A day of training is ~100k steps; the chart is redrawn a few times a second and saved in the notebook."""
+    losses = [(step, 3.0 - step / 50_000) for step in range(1, 100_001)]
+    losses[61_233] = (61_234, 9.5)  # one spike, which must still show
+    curve = line_chart({"train loss": losses, "eval loss": losses[::1000]}, x_max=100_000)
+    assert len(curve) < 12_000
+    drawn = [tuple(float(v) for v in p.split(",")) for p in curve.split("points='")[1].split("'")[0].split()]
+    assert len(drawn) <= 300
+    short = line_chart({"train loss": [losses[0], (61_234, 9.5), losses[-1]]}, x_max=100_000)
+    ends_and_spike = [tuple(float(v) for v in p.split(",")) for p in short.split("points='")[1].split("'")[0].split()]
+    assert [drawn[0], drawn[-1]] == [ends_and_spike[0], ends_and_spike[-1]] and ends_and_spike[1] in drawn
+    assert ">9.5<" in curve  # the y axis still reaches the spike
+
+
 @pytest.fixture(autouse=True)
 def _no_training_left_behind():
     yield
@@ -106,7 +120,7 @@ def test_background_training_stops_cleanly_from_another_cell(ip: InteractiveShel
     ip.run_cell("x = 1 + 1").raise_error()  # the kernel is free while it trains
     ip.run_cell(f"%sage finetune stop {fresh_name}").raise_error()
     out = capsys.readouterr().out
-    assert f"stopped {fresh_name} at step" in out and "checkpoint-" in out
+    assert f"{fresh_name}: stopped at step" in out and "checkpoint-" in out
     assert run.result is not None and run.result.stopped and run.result.checkpoints and not _workers()
     assert run.result.adapter_dir is not None and (run.result.adapter_dir / "adapter_config.json").is_file()
 

@@ -8,22 +8,53 @@ launcher marks the whole tree with SAGE_SERVER_ID), so a recycled pid is never s
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import psutil
 
 
+def death_signal() -> Callable[[], None]:
+    """A ``preexec_fn`` asking the kernel to SIGTERM the child when the thread that forked it exits: a child
+    of ours (vLLM, a training or search helper) must not outlive a parent that died without running any code.
+
+    Everything is looked up here, in the parent: between fork and exec in a threaded process (a notebook
+    kernel) only the forking thread exists, so an import or a ``dlopen`` there can wait forever on a lock
+    another thread held at the fork. The returned function only makes the ``prctl`` call.
+    """
+    prctl, sigterm = _prctl(), int(signal.SIGTERM)
+    if prctl is None:
+        return _nothing
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigterm)
+
+    return preexec
+
+
 def die_with_parent() -> None:
-    """Ask the kernel to SIGTERM this process when the thread that forked it exits: a child of ours (vLLM, a
-    training or search helper) must not outlive a parent that died without running any code. Call it in the
-    child (``preexec_fn``, or first thing in its main) while it is still single-threaded."""
-    pr_set_pdeathsig = 1
+    """The same death signal, set by a child first thing in its main (while it is still single-threaded)."""
+    death_signal()()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.lru_cache(maxsize=1)
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, or None where there is none (not Linux: the death pipe, EOF on stdin, still ends every
+    child of ours)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: the death pipe (EOF on stdin) still ends every child of ours
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _nothing() -> None:
+    """The preexec function where prctl does not exist."""
 
 
 def is_ours(pid: int | None, server_id: str) -> bool:

@@ -7,9 +7,12 @@ there for the file layout and the stop protocol), turns its JSON-line events int
 every row before the first step, so a row longer than ``max_length`` is also refused before training.
 
 A set ``cancel`` event or a KeyboardInterrupt (kernel interrupt) asks the child to stop after its current
-step; it exits within about a second, leaving the last complete checkpoint usable and nothing half-written.
-Cancel returns a result with ``stopped=True``; an interrupt is re-raised once the child is gone. The child
-dies with its caller (stdin-EOF death pipe plus PR_SET_PDEATHSIG, as for the server supervisor).
+step (with its eval and save), leaving the last complete checkpoint usable and nothing half-written. Cancel
+returns a result with ``stopped=True``; an interrupt is re-raised once the child is gone. A step of a 1B+
+model on CPU can take minutes, so the stop is waited for as long as the slowest step the child reported
+takes, a few times over (:func:`stop_grace`); only a set ``kill`` event (``stop --now``) or a second
+interrupt ends the child at once. The child dies with its caller (stdin-EOF death pipe plus
+PR_SET_PDEATHSIG, as for the server supervisor).
 
 Output: ``$SAGE_HOME/finetune_output/NAME/`` in the SAGE layout, so ``sage finetune list`` and every serving
 path pick it up (``lora_weights/`` once finished, else the newest checkpoint).
@@ -33,7 +36,7 @@ from typing import IO, Any, Union
 from ..core.config import Settings
 from ..core.errors import NotFound, SageError
 from ..core.files import LockBusy, exclusive
-from ..core.processes import die_with_parent
+from ..core.processes import death_signal
 from ..core.progress import Progress, ProgressCallback, silent
 from ..core.tables import Table, is_missing
 from .catalog import META_FILE, checkpoints_of, get_finetune, read_json, resolve_base
@@ -43,8 +46,10 @@ Messages = list[dict[str, str]]
 Row = Union[tuple[str, str], Sequence[Mapping[str, str]]]
 ROLES = ("system", "user", "assistant")
 RESERVED_NAMES = ("base",)  # `sage eval --models base` means the base of the fine-tunes named
-#: How long a stopping child may take before it is killed (it checks for a stop after every step).
+#: The least time a stopping child is given before it is killed (it checks for a stop after every step).
 STOP_GRACE = 15.0
+#: A stopping child is given this many times its slowest reported step (with eval and save), if that is more.
+STOP_GRACE_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,8 @@ class TrainOptions:
 @dataclass
 class TrainResult:
     """What a run did. ``adapter_dir`` is what serving uses now: lora_weights/ if finished, else the newest
-    checkpoint (``stopped=True``), or None when it stopped before its first checkpoint (then nothing is left)."""
+    checkpoint (``stopped=True``), or None when it stopped before its first checkpoint (then NAME/ is as it was:
+    absent, or the old fine-tune that ``--overwrite`` would have replaced)."""
 
     name: str
     root: Path
@@ -236,11 +242,11 @@ def _training_lock(settings: Settings, name: str) -> Iterator[None]:
 
 def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
           options: TrainOptions = TrainOptions(), progress: ProgressCallback = silent,
-          cancel: threading.Event | None = None) -> TrainResult:
+          cancel: threading.Event | None = None, kill: threading.Event | None = None) -> TrainResult:
     """Train LoRA fine-tune NAME on ``base`` from ``rows`` in a child process; see the module docstring."""
     job = _job(settings, name, base, rows, options)
     with _training_lock(settings, name):
-        result = _run_child(settings, job, progress, cancel)
+        result = _run_child(settings, job, progress, cancel, kill)
     root = Path(job["root"])
     state = "stopped" if result["stopped"] else "done"
     progress(Progress("done", f"{name}: training {state} at step {result['steps']}/{result['total_steps']} in "
@@ -259,18 +265,26 @@ def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
 class _Child:
     """The running worker: its events as they arrive, and the way to ask it to stop."""
 
-    def __init__(self, settings: Settings, job: dict, log: IO[bytes]) -> None:
+    def __init__(self, settings: Settings, log: IO[bytes]) -> None:
         env = {**os.environ, **settings.extra_env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         self.proc = subprocess.Popen([settings.python, "-m", "sage_magic.finetune.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True,
-                                     preexec_fn=die_with_parent)
+                                     preexec_fn=death_signal())
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write((json.dumps(job) + "\n").encode())
-        self.proc.stdin.flush()
         self._fd = self.proc.stdout.fileno()
         self._buffer = b""
         self.eof = False
         self.stop_sent = False
+
+    def send(self, job: dict) -> None:
+        """The job, on the child's stdin. A child that died first (at import) closes the pipe: the caller
+        then reads its log for the cause, so a broken pipe is not an error here."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
 
     def events(self, timeout: float) -> list[dict]:
         """Events that arrived within ``timeout`` seconds ([] if none); sets ``eof`` when the child is done."""
@@ -305,7 +319,7 @@ class _Child:
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
-        except OSError:
+        except OSError:  # BrokenPipeError from flushing what a dead child never read
             pass
         try:
             self.proc.wait(timeout=5)
@@ -314,23 +328,37 @@ class _Child:
             self.proc.wait()
 
 
+def stop_grace(slowest_step: float | None) -> float:
+    """Seconds a stopping child is given: its current step may be as slow as the slowest it reported. Before
+    its first step is done (loading a big model takes long) there is no measure, so it is not timed: it stops
+    right before that step, or a second interrupt or ``stop --now`` kills it."""
+    if slowest_step is None:
+        return float("inf")
+    return max(STOP_GRACE, STOP_GRACE_STEPS * slowest_step)
+
+
 def _run_child(settings: Settings, job: dict, progress: ProgressCallback,
-               cancel: threading.Event | None) -> dict:
+               cancel: threading.Event | None, kill: threading.Event | None) -> dict:
     with tempfile.TemporaryFile() as log:
-        child = _Child(settings, job, log)
-        interrupted, outcome = False, None
-        deadline = None
+        child = _Child(settings, log)
+        interrupted, killed, outcome = False, False, None
+        stop_asked, slowest = None, None
         try:
+            child.send(job)
             while not child.eof:
                 try:
                     if cancel is not None and cancel.is_set() and not child.stop_sent:
                         child.stop()
-                        deadline = time.monotonic() + STOP_GRACE
+                        stop_asked = time.monotonic()
                         progress(Progress("stop", f"{job['name']}: stopping after the current step"))
-                    if deadline is not None and time.monotonic() > deadline:
+                    if (kill is not None and kill.is_set()) or \
+                            (stop_asked is not None and time.monotonic() > stop_asked + stop_grace(slowest)):
+                        killed = True
                         break
                     for event in child.events(0.1):
                         if event.get("event") == "progress":
+                            step_s = (event.get("data") or {}).get("step_s")
+                            slowest = slowest if step_s is None else max(slowest or 0.0, step_s)
                             progress(Progress(event["phase"], f"{job['name']}: {event['message']}",
                                               event.get("fraction"), event.get("data")))
                         else:
@@ -340,16 +368,29 @@ def _run_child(settings: Settings, job: dict, progress: ProgressCallback,
                         raise
                     interrupted = True
                     child.stop()
-                    deadline = time.monotonic() + STOP_GRACE
+                    stop_asked = time.monotonic()
         finally:
             child.end()
         if outcome is not None and outcome.get("event") == "error":
             raise SageError(outcome["message"])
         if outcome is None or outcome.get("event") != "done":
-            log.seek(0)
-            tail = log.read().decode("utf-8", "replace").strip().splitlines()[-12:]
-            raise SageError(f"Training {job['name']!r} failed (the training process exited with status "
-                            f"{child.proc.returncode}). Its last output:\n" + "\n".join(tail))
+            raise _failure(job["name"], child.proc.returncode, log, killed)
     if interrupted:
         raise KeyboardInterrupt
     return outcome["result"]
+
+
+def _failure(name: str, status: int | None, log: IO[bytes], killed: bool) -> SageError:
+    """One paragraph on a child that ended without a result: killed on request, or why it died (its log's
+    last line: the exception of a traceback, or what the library printed last)."""
+    if killed:
+        return SageError(f"Training {name!r} was killed before it could stop cleanly. Its last complete "
+                         "checkpoint, if it made one, is usable (`sage finetune list` shows it) and --resume "
+                         "continues from it.")
+    log.seek(0)
+    lines = [line.strip() for line in log.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    cause = f" Its last words: {lines[-1]}" if lines else " It wrote nothing."
+    return SageError(f"Training {name!r} failed: the training process exited with status {status} before it "
+                     f"finished.{cause} Check that the Python at SAGE_PYTHON (or this one) has torch, transformers "
+                     "and peft installed and working, then train again; the last complete checkpoint, if any, "
+                     "is usable.")

@@ -12,6 +12,14 @@ checkpoint is built in a hidden staging folder and renamed into place, ``finetun
 atomically, and ``lora_weights/`` appears only when the training finished. A stop or a kill leaves the last
 complete checkpoint usable.
 
+A new run (or an ``--overwrite``) trains into a hidden staging sibling of ``NAME/`` and renames it into place
+at its first complete checkpoint: until then an old fine-tune of that name stays intact and servable, and a
+stop leaves it as it was. A crash before that point leaves only the hidden sibling, which the next run sweeps
+(under the parent's training lock), so neither a retrain nor ``--overwrite`` finds a half-made ``NAME/``.
+
+Test hook: ``SAGE_TEST_STEP_SLEEP=SECONDS`` sleeps that long in every step, to stand for a model whose steps
+are slow (a 1B+ model on CPU) in the stop tests; nothing else reads it.
+
 The pieces every trainer here shares (seeded torch session, chat-template tokenization, padding, one
 optimizer step, a LoRA model, saving an adapter) are public so that ``sage_magic.finetune.demo`` builds its demo
 fine-tunes with them too. Heavy imports happen inside functions only.
@@ -26,7 +34,6 @@ import random
 import resource
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ..core.errors import SageError
 from ..core.files import utc_now, write_json_atomic
-from ..core.staging import publish, staging, sweep_leftovers
+from ..core.staging import leftovers, publish, staging, sweep_leftovers
 from .catalog import META_FILE
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -190,13 +197,24 @@ class Run:
         self.losses: list[tuple[int, float]] = []
         self.eval_losses: list[tuple[int, float]] = []
         self.checkpoints: list[int] = []
-        self.created = False
+        #: Where this run writes: ``root`` itself when resuming, else a hidden staging sibling until the first
+        #: checkpoint is complete, when it is renamed to ``root`` (see ``save_checkpoint``).
+        self.out = self.root
+        self.slowest_step = 0.0
+        self.step_sleep = float(os.environ.get("SAGE_TEST_STEP_SLEEP") or 0)  # test hook, see the docstring
 
     def progress(self, phase: str, message: str, fraction: float | None = None, **data: Any) -> None:
         self.emit({"event": "progress", "phase": phase, "message": message, "fraction": fraction,
                    "data": data or None})
 
     def run(self) -> dict[str, Any]:
+        if self.job["resume"]:
+            return self.train()
+        # A new folder is built beside NAME/ and removed here unless its first checkpoint renamed it into place.
+        with staging(self.root) as self.out:
+            return self.train()
+
+    def train(self) -> dict[str, Any]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -240,6 +258,9 @@ class Run:
             for step in range(start + 1, total + 1):
                 if self.stop.is_set():
                     raise Stopped
+                step_began = time.monotonic()
+                if self.step_sleep:
+                    time.sleep(self.step_sleep)
                 epoch, position = divmod(step - 1, per_epoch)
                 order = list(range(len(train_rows)))
                 random.Random(self.opt["seed"] * 1_000_003 + epoch).shuffle(order)
@@ -251,6 +272,7 @@ class Run:
                     eval_loss = self.evaluate(model, eval_rows, pad, device, step)
                     self.save_checkpoint(model, optimizer, step, total)
                 now = time.monotonic()
+                self.slowest_step = max(self.slowest_step, now - step_began)  # with eval and save: the stop grace
                 if now - last_event >= EVENT_INTERVAL or step == total or eval_loss is not None:
                     last_event = now
                     rate = (step - start) / max(now - began, 1e-9)
@@ -260,15 +282,13 @@ class Run:
                         + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
                         + (f", ETA {eta:.0f} s" if eta is not None else ""),
                         step / total, step=step, total_steps=total, epoch=epoch + 1, loss=loss, eval_loss=eval_loss,
-                        eta_s=eta, steps_per_s=rate)
+                        eta_s=eta, steps_per_s=rate, step_s=self.slowest_step)
         except Stopped:
             stopped = True
         model.eval()
         if not stopped:
             self.publish_final(tokenizer, total)
-        elif self.created and not self.checkpoints:
-            shutil.rmtree(self.root, ignore_errors=True)  # nothing usable was made: leave no trace
-        else:
+        elif self.out == self.root:  # with no checkpoint yet, the staging folder goes: NAME/ is as it was
             self.write_meta("stopped", self.losses[-1][0] if self.losses else start)
         return {"stopped": stopped, "steps": self.losses[-1][0] if self.losses else start, "total_steps": total,
                 "losses": self.losses, "eval_losses": self.eval_losses, "checkpoints": self.checkpoints,
@@ -300,23 +320,20 @@ class Run:
         return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
     def prepare_folder(self) -> dict[str, Any] | None:
-        """Make the output folder ready (replace it, create it, or find the checkpoint to resume)."""
-        checkpoints = self.root / "checkpoints"
-        if self.job["overwrite"] and self.root.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{self.root.name}.old-", dir=self.root.parent))
-            os.replace(self.root, aside / self.root.name)
-            shutil.rmtree(aside, ignore_errors=True)
-        if not self.root.exists():
-            checkpoints.mkdir(parents=True)
-            self.created = True
+        """Make the output folder ready: a fresh staging folder for a new run or an overwrite (a crashed run's
+        staging siblings are swept first), or NAME/ itself with the checkpoint to resume."""
+        for leftover in leftovers(self.root):
+            if leftover != self.out:
+                shutil.rmtree(leftover, ignore_errors=True)
+        if not self.job["resume"]:
+            (self.out / "checkpoints").mkdir()
             self.write_meta("training", 0)
             return None
+        checkpoints = self.root / "checkpoints"
         checkpoints.mkdir(exist_ok=True)
         for leftover in checkpoints.glob(".checkpoint-*"):
             shutil.rmtree(leftover, ignore_errors=True)  # a killed run's half-built checkpoint
         sweep_leftovers(self.root / "lora_weights")
-        if not self.job["resume"]:
-            return None
         state = self.job["resume_from"]
         shutil.rmtree(self.root / "lora_weights", ignore_errors=True)  # only a finished run has one
         self.checkpoints = list(self.job["existing_checkpoints"])
@@ -344,7 +361,7 @@ class Run:
     def save_checkpoint(self, model: Any, optimizer: Any, step: int, total: int) -> None:
         import torch
 
-        target = self.root / "checkpoints" / f"checkpoint-{step}"
+        target = self.out / "checkpoints" / f"checkpoint-{step}"
         with staging(target) as tmp:
             save_adapter(model, tmp)
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
@@ -355,11 +372,14 @@ class Run:
         if step not in self.checkpoints:
             self.checkpoints.append(step)
         self.write_meta("training", step)
+        if self.out != self.root:  # the first complete checkpoint: the new fine-tune replaces the old one now
+            publish(self.out, self.root)
+            self.out = self.root
         self.progress("checkpoint", f"checkpoint-{step} saved", step / total, step=step)
 
     def publish_final(self, tokenizer: Any, total: int) -> None:
         """lora_weights/ = the last checkpoint's adapter plus the tokenizer; then the log and the final meta."""
-        newest = self.root / "checkpoints" / f"checkpoint-{max(self.checkpoints)}"
+        newest = self.out / "checkpoints" / f"checkpoint-{max(self.checkpoints)}"
         target = self.root / "lora_weights"
         with staging(target) as tmp:
             for item in newest.iterdir():
@@ -382,7 +402,7 @@ class Run:
                 "target_modules": self.opt["target_modules"] or "all-linear", "learning_rate": self.opt["lr"],
                 "batch_size": self.opt["batch_size"], "max_length": self.opt["max_length"],
                 "seed": self.opt["seed"], "steps": steps, "rows": len(self.job["examples"])}
-        write_json_atomic(self.root / META_FILE, meta, mode=0o644)
+        write_json_atomic(self.out / META_FILE, meta, mode=0o644)
 
 
 # --- the process ------------------------------------------------------------------------------------------

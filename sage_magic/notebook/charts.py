@@ -2,7 +2,9 @@
 
 Built by hand on purpose: the kernel must stay light (no matplotlib, numpy or torch at import or on the live
 path), a chart is redrawn a few times a second while training, and a few dozen SVG elements cost nothing to
-send. Pure functions of plain numbers, so they are tested without a notebook.
+send. A line keeps at most :data:`MAX_POINTS` points however long the run (see :func:`downsample`), so each
+redraw, and the output saved in the notebook, stays a few kilobytes. Pure functions of plain numbers, so they
+are tested without a notebook.
 """
 
 from __future__ import annotations
@@ -12,6 +14,23 @@ from collections.abc import Mapping, Sequence
 
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 _FONT = "font-family='sans-serif' font-size='10'"
+#: Points drawn per line at most: a 360-pixel-wide plot shows no more.
+MAX_POINTS = 300
+
+
+def downsample(points: Sequence[tuple[float, float]], limit: int = MAX_POINTS) -> list[tuple[float, float]]:
+    """At most ``limit`` points with the curve's shape: the first and the last, and the lowest and the highest
+    of each of equal runs in between (in step order), so a spike or a dip is still drawn."""
+    if len(points) <= limit:
+        return list(points)
+    inner, buckets = points[1:-1], max(1, (limit - 2) // 2)
+    kept = [points[0]]
+    for number in range(buckets):
+        bucket = inner[number * len(inner) // buckets:(number + 1) * len(inner) // buckets]
+        if bucket:
+            low, high = min(bucket, key=lambda p: p[1]), max(bucket, key=lambda p: p[1])
+            kept += sorted({low, high})
+    return kept + [points[-1]]
 
 
 def _svg(width: int, height: int, parts: list[str], title: str) -> str:
@@ -22,8 +41,10 @@ def _svg(width: int, height: int, parts: list[str], title: str) -> str:
 
 def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, x_max: float | None = None,
                title: str = "loss", width: int = 360, height: int = 150) -> str:
-    """Lines of (x, y) points sharing axes (y from 0 to the highest point); a series with no point is skipped."""
+    """Lines of (x, y) points sharing axes (y from 0 to the highest point); a series with no point is skipped.
+    Each line is :func:`downsample`-d to :data:`MAX_POINTS`."""
     left, right, top, bottom = 40, 10, 16, 22
+    series = {label: downsample(values) for label, values in series.items()}
     points = [p for values in series.values() for p in values]
     x_hi = max([x_max or 0.0] + [x for x, _ in points]) or 1.0
     y_hi = max([y for _, y in points] + [0.0]) or 1.0

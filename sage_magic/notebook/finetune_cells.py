@@ -6,11 +6,14 @@ the kernel) and ``evaluate.evaluate``. What lives here is notebook glue.
 Threads: training always runs in a background thread of the kernel (it only reads the child's JSON events),
 with a ``cancel`` Event. By default the cell waits for it and draws the progress bar and the loss curve from
 the cell's own thread (so every display update carries that cell's parent message, which every frontend and
-nbclient route correctly); a kernel interrupt sets the cancel and waits for the clean stop. With
-``--background`` the cell returns as soon as the child has started (errors in the data, the name, the options
-or the base are still raised in the cell), other cells run meanwhile, ``%sage finetune watch NAME`` draws the
-progress in the cell that asks, and ``%sage finetune stop [NAME]`` ends it cleanly from any cell. Either way the
-last complete checkpoint stays usable.
+nbclient route correctly); a kernel interrupt sets the cancel and waits for the clean stop (a second one
+kills the child). With ``--background`` the cell returns as soon as the child has started (errors in the data,
+the name, the options or the base are still raised in the cell), other cells run meanwhile, ``%sage finetune
+watch NAME`` draws the progress in the cell that asks (interrupting it only detaches: people interrupt to get
+the kernel back, not to lose the run), and ``%sage finetune stop [--now] [NAME]`` ends it cleanly from any
+cell (``--now``: kills it). Either way the last complete checkpoint stays usable. ``watch`` and ``stop``
+without a name and with nothing running report how the last run ended, so a background failure is never
+silent.
 
 When a run ends, the session forgets its cached leases on that fine-tune, so the next ``%%sage
 --finetune-model NAME`` asks the manager again, which reloads a changed adapter in place.
@@ -43,6 +46,7 @@ class TrainRun:
 
     name: str
     cancel: threading.Event = field(default_factory=threading.Event)
+    kill: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     events: list["Progress"] = field(default_factory=list)
     result: "TrainResult | None" = None
@@ -69,10 +73,15 @@ def train_parser() -> "MagicParser":
 
 
 def name_parser(prog: str) -> "MagicParser":
+    """``watch [NAME]`` and ``stop [--now] [NAME]``: one parser, ``--now`` only for a stop."""
     from .parsing import MagicParser
 
     parser = MagicParser(prog=prog)
     parser.add_argument("name", nargs="?", help="the fine-tune being trained (default: every run of this kernel)")
+    if prog.endswith(" stop"):
+        parser.add_argument("--now", action="store_true",
+                            help="kill the training at once instead of after its current step (the last "
+                                 "complete checkpoint stays usable)")
     return parser
 
 
@@ -107,7 +116,7 @@ def _train(session: Any, run: TrainRun, base: str | None, rows: list, options: "
     from ..finetune.train import train
 
     try:
-        run.result = train(session.settings, run.name, base, rows, options, run.progress, run.cancel)
+        run.result = train(session.settings, run.name, base, rows, options, run.progress, run.cancel, run.kill)
     except BaseException as error:  # handed to the cell that watches; a thread has nobody else to tell
         run.error = error
     finally:
@@ -125,8 +134,9 @@ def wait_started(run: TrainRun) -> None:
         raise run.error
 
 
-def watch(magics: "CellContext", run: TrainRun) -> "TrainResult | None":
-    """Draw the run's progress in this cell until it ends; an interrupt stops the training cleanly."""
+def watch(magics: "CellContext", run: TrainRun, detach: bool = False) -> "TrainResult | None":
+    """Draw the run's progress in this cell until it ends. An interrupt stops the training cleanly (a second
+    one kills it), or with ``detach`` only ends the watching: the training goes on."""
     from .display import LiveOutput
 
     live = LiveOutput(magics.shell, max(magics.update_interval, 0.25))
@@ -135,15 +145,20 @@ def watch(magics: "CellContext", run: TrainRun) -> "TrainResult | None":
     while True:
         try:
             finished = run.done.wait(0.1)
+            if finished or (len(run.events) != shown and live.due()):
+                shown = len(run.events)
+                live.show(training_bundle(run, time.monotonic() - run.started))
         except KeyboardInterrupt:
+            if detach:
+                print(f"Stopped watching {run.name}; it goes on training in the background. `%sage finetune "
+                      f"watch {run.name}` shows it again, `%sage finetune stop {run.name}` ends it.")
+                return None
             if interrupted:
+                run.kill.set()
                 raise
             interrupted = True
             run.cancel.set()
             continue
-        if finished or (len(run.events) != shown and live.due()):
-            shown = len(run.events)
-            live.show(training_bundle(run, time.monotonic() - run.started))
         if finished:
             break
     if run.error is not None:
@@ -174,7 +189,7 @@ def training_bundle(run: TrainRun, elapsed: float) -> dict[str, Any]:
                 f"{run.result.seconds:.0f} s on {run.result.device}; adapter: {run.result.adapter_dir or 'none'}")
         fraction: float | None = run.result.steps / run.result.total_steps
     elif run.error is not None:
-        line, fraction = f"{run.name}: failed", None
+        line, fraction = outcome(run), None
     elif last:
         eta = last.get("eta_s")
         line = (f"{run.name}: step {last['step']}/{total}, epoch {last.get('epoch')}, loss {last['loss']:.4f}"
@@ -212,25 +227,37 @@ def _runs(magics: "CellContext", name: str | None) -> list[TrainRun]:
     return [runs[name]] if name else list(runs.values())
 
 
+def outcome(run: TrainRun) -> str:
+    """How a finished run ended, in one line (with its error: a background run has nobody else to tell)."""
+    result = run.result
+    if result is not None:
+        state = "stopped" if result.stopped else "done"
+        return (f"{run.name}: {state} at step {result.steps}/{result.total_steps}; adapter: "
+                f"{result.adapter_dir or 'none (stopped before its first checkpoint)'}")
+    return f"{run.name}: failed: {run.error}"
+
+
+def _nothing_running(magics: "CellContext") -> None:
+    """Say so, and how the kernel's last run ended: its failure may have happened while nobody watched."""
+    runs = sorted(magics.training.values(), key=lambda run: run.started)
+    last = f" The last run: {outcome(runs[-1])}" if runs else ""
+    print(f"No training is running in this kernel.{last}")
+
+
 def watch_cell(magics: "CellContext", args: argparse.Namespace) -> None:
     runs = [r for r in _runs(magics, args.name) if args.name or not r.done.is_set()]
     if not runs:
-        print("No training is running in this kernel.")
+        _nothing_running(magics)
     for run in runs:
-        watch(magics, run)
+        watch(magics, run, detach=True)
 
 
 def stop_cell(magics: "CellContext", args: argparse.Namespace) -> None:
     running = [r for r in _runs(magics, args.name) if not r.done.is_set()]
     for run in running:
-        run.cancel.set()
+        (run.kill if args.now else run.cancel).set()
     for run in running:
         run.done.wait()
-        result = run.result
-        if result is not None:
-            print(f"stopped {run.name} at step {result.steps}/{result.total_steps}; adapter: "
-                  f"{result.adapter_dir or 'none (stopped before its first checkpoint)'}")
-        else:
-            print(f"{run.name} ended with an error: {run.error}")
+        print(outcome(run))
     if not running:
-        print("No training is running in this kernel.")
+        _nothing_running(magics)

@@ -37,8 +37,9 @@ LINE_HELP = """\
   finetune train NAME --base BASE --data DATAFRAME [--background] [training options]
                            train a LoRA from a DataFrame (prompt/response or messages columns) in a child
                            process, with a progress bar and a live loss curve; interrupt to stop cleanly
-  finetune watch [NAME]    show a --background training's progress in this cell
-  finetune stop [NAME]     stop a training of this kernel cleanly (its last checkpoint stays usable)
+  finetune watch [NAME]    show a --background training's progress in this cell (interrupt: stop watching)
+  finetune stop [--now] [NAME]
+                           stop a training of this kernel cleanly (its last checkpoint stays usable); --now kills it
   eval DATAFRAME --models A,B,base [--metric M] [-o VAR] [--diff]
                            every prompt to every model, concurrently; summary table and bar chart
   index add|update|show|rm|query ... and finetune demo|merge ...: run as `sage ...` in a child process,

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..core.processes import die_with_parent, kill_group
+from ..core.processes import death_signal, kill_group
 from .gateway import Gateway
 from .registry import Owner, Registry, ServerRecord
 
@@ -45,7 +45,7 @@ class Supervisor:
         log_path = self.registry.log_path(self.server_id)
         with open(log_path, "ab", buffering=0) as log:
             proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=die_with_parent)
+                                    start_new_session=True, preexec_fn=death_signal())
         with self.registry.locked():
             record = self.registry.get(self.server_id)
             if record is not None:
