@@ -45,6 +45,13 @@ def leftovers(target: Path) -> list[Path]:
 
 
 def sweep_leftovers(target: Path) -> None:
-    """Remove what a killed writer left (call only while holding the writer's lock)."""
+    """Remove what a killed writer left (call only while holding the writer's lock).
+
+    A writer killed between :func:`publish`'s two renames left the previous version set aside and nothing at
+    ``target``: that version is put back, never deleted, so no crash loses the folder a user had.
+    """
     for leftover in leftovers(target):
+        aside = leftover / target.name
+        if ".old-" in leftover.name and not target.exists() and aside.is_dir():
+            os.replace(aside, target)
         shutil.rmtree(leftover, ignore_errors=True)
