@@ -154,6 +154,24 @@ def _paragraph(capsys: pytest.CaptureFixture, result, kind: str) -> str:
     return out
 
 
+def test_another_extensions_exception_handler_survives_loading_sage_magic(capsys: pytest.CaptureFixture) -> None:
+    """A shell has one custom exception handler (set_custom_exc); loading sage_magic must not take it over."""
+    from IPython.core.interactiveshell import InteractiveShell as Shell
+    from traitlets.config import Config
+
+    ip = Shell(config=Config())
+    seen: list[str] = []
+    ip.set_custom_exc((ValueError,), lambda shell, etype, value, tb, tb_offset=None: seen.append(str(value)))
+    ip.extension_manager.load_extension("sage_magic")
+    ip.run_cell("raise ValueError('theirs')")
+    assert seen == ["theirs"]
+    out = _paragraph(capsys, ip.run_cell("%%sage --backend openai --model m\nhi\n"), "SageError")
+    assert "--base-url URL" in out  # ours still show as one paragraph, without the handler
+    ip.extension_manager.unload_extension("sage_magic")
+    ip.run_cell("raise ValueError('still theirs')")
+    assert seen == ["theirs", "still theirs"]
+
+
 def test_unknown_finetune_lists_the_known_ones(demo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
     for key, value in env_for(make_settings(demo_home, tmp_path / "run")).items():
@@ -354,13 +372,14 @@ def test_a_real_kernel_reports_the_paragraph_as_the_cells_error(tmp_path: Path,
     for key, value in env_for(make_settings(tmp_path / "home", tmp_path / "run")).items():
         monkeypatch.setenv(key, value)
     for line, kind in (("--backend openai --base-url http://127.0.0.1:9/v1 --model m", "ServerFailed"),
-                       ("--top-k 0", "UsageError")):
+                       ("--top-k 0", "OptionError")):
         notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%load_ext sage_magic"),
                                                    nbformat.v4.new_code_cell(f"%%sage {line}\nhi")])
         with pytest.raises(CellExecutionError):
             NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
         [error] = [o for o in notebook.cells[1].outputs if o.output_type == "error"]
         assert error.ename == kind and len(error.traceback) == 1 and "Traceback" not in error.traceback[0]
+        assert ("%%sage: argument --top-k" if kind == "OptionError" else "Cannot reach") in error.traceback[0]
 
 
 def test_bare_stop_only_stops_what_this_session_started(shell: InteractiveShell,

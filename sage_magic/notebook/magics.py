@@ -3,8 +3,8 @@
 Thin on purpose: options come from faces/options.py (the flags of ``sage chat``), the work from
 :class:`sage_magic.chat.session.Session`, the HTML from render.py. What lives here is IPython glue: reading a
 line into options with :class:`UsageError` for mistakes, one display updated in place while an answer
-streams, ``-o``/``-f code`` effects on the namespace and the next cell, and showing a :class:`SageError`
-as its one paragraph (a custom handler limited to SageError, so other exceptions keep IPython's handling).
+streams, and ``-o``/``-f code`` effects on the namespace and the next cell. A :class:`SageError` shows as its
+one paragraph by itself (its ``_render_traceback_``), so other exceptions keep IPython's handling.
 
 Importing this module is cheap: the session, the engine, markdown and HTTP load at the first magic call.
 """

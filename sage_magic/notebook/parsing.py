@@ -49,8 +49,11 @@ _ALIASES = {"status": ["ps"], "models": ["finetune", "list"], "indexes": ["index
 
 class OptionError(UsageError):
     """A mistake in a magic's options. Unlike a plain UsageError (printed to stderr, which nbval does not count
-    as a failure) it is shown as the cell's error output by :func:`_show_error`, so every notebook runner sees
-    the failed cell."""
+    as a failure) it is shown as the cell's error output, so every notebook runner sees the failed cell."""
+
+    def _render_traceback_(self) -> list[str]:
+        """IPython's hook for an exception's own traceback: the message alone, as IPython shows a UsageError."""
+        return [f"\x1b[0;31mUsageError\x1b[0m: {self}"]
 
 
 class HelpRequested(Exception):
