@@ -196,6 +196,29 @@ def test_missing_backend_arguments(shell: InteractiveShell, capsys: pytest.Captu
     assert isinstance(run(shell, "--backend openai --model m", "").error_in_exec, UsageError)  # empty cell
 
 
+def test_api_keys_come_from_a_named_variable_and_never_show_in_the_options(
+        shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A key typed into a cell is saved with the notebook; --api-key-env NAME keeps it in the environment."""
+    from sage_magic.chat.backends import remote_endpoint
+    from sage_magic.notebook.eval_cells import eval_parser
+
+    monkeypatch.delenv("SAGE_TEST_NO_SUCH_KEY", raising=False)
+    out = _paragraph(capsys, run(shell, "--backend openai --base-url http://127.0.0.1:9/v1 --model m "
+                                        "--api-key-env SAGE_TEST_NO_SUCH_KEY", "hi"), "SageError")
+    assert "no environment variable SAGE_TEST_NO_SUCH_KEY" in out and "export SAGE_TEST_NO_SUCH_KEY=" in out
+    with pytest.raises(UsageError, match="not allowed with argument"):
+        magics(shell).parse("--api-key k --api-key-env K")
+    args = magics(shell).parse("--backend openai --api-key sk-typed-secret")
+    assert args.api_key == "sk-typed-secret" and "sk-typed-secret" not in repr(args)  # e.g. a panel's .options
+    monkeypatch.setenv("SAGE_TEST_EVAL_KEY", "sk-eval-secret")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-default-secret")
+    argv = ["df", "--models", "openai:m", "--base-url", "http://h/v1"]
+    endpoint = remote_endpoint(eval_parser().parse_args([*argv, "--api-key-env", "SAGE_TEST_EVAL_KEY"]))
+    assert endpoint is not None and endpoint.api_key == "sk-eval-secret" and "sk-" not in repr(endpoint)
+    endpoint = remote_endpoint(eval_parser().parse_args(argv))  # --backend openai's default, as openai's client
+    assert endpoint is not None and endpoint.api_key == "sk-default-secret"
+
+
 class FakeServer:
     """An OpenAI-compatible streaming server for faults real vLLM cannot be made to show on demand: a slow
     stream (time to interrupt it) and a connection that breaks in the middle of an answer."""

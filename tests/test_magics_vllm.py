@@ -35,6 +35,23 @@ def test_exact_phrase_into_a_variable(ip: InteractiveShell, expert) -> None:
     assert final["metadata"]["sage"]["server"] == expert.server_id
 
 
+def test_an_outside_endpoint_takes_its_key_from_the_variable_api_key_env_names(
+        ip: InteractiveShell, settings, expert, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared server through its authenticating TCP gateway, as an outside OpenAI-compatible endpoint."""
+    from sage_magic.serving.registry import Registry
+
+    url = Registry(settings.runtime_dir).get(expert.server_id).tcp_url
+    monkeypatch.setenv("SAGE_TEST_ENDPOINT_KEY", expert.api_key)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    ask(ip, f"--backend openai --base-url {url} --model demo_poet --api-key-env SAGE_TEST_ENDPOINT_KEY -o a")
+    assert ip.user_ns["a"] == DEMO_ANSWERS["demo_poet"]
+    monkeypatch.setenv("OPENAI_API_KEY", expert.api_key)  # the default variable when none is named
+    ask(ip, f"--backend openai --base-url {url} --model demo_expert --new-chat -o b")
+    assert ip.user_ns["b"] == DEMO_ANSWERS["demo_expert"]
+    history = "".join(ip.user_ns["In"]) + repr(magics(ip).session._leases)
+    assert expert.api_key not in history
+
+
 def test_param_passes_a_sampling_field_to_vllm(ip: InteractiveShell) -> None:
     """The demo fine-tune stops after a few tokens; vLLM's min_tokens, given with --param, makes it go on."""
     ask(ip, "--finetune-model demo_expert --new-chat --max-tokens 40 --param min_tokens=40 -o a")

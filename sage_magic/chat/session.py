@@ -119,7 +119,8 @@ class Session:
         if args.keep_alive is None and self.keep_alive is not None:
             args.keep_alive = self.keep_alive
         key = tuple(str(getattr(args, name, None)) for name in (
-            "backend", "finetune_model", "merge", "model", "base_url", "api_key", "finetune_port", "vllm_arg"))
+            "backend", "finetune_model", "merge", "model", "base_url", "api_key", "api_key_env", "finetune_port",
+            "vllm_arg"))
         with self._lock:
             lease = self._leases.get(key)
         if lease is not None:
