@@ -172,6 +172,17 @@ def test_another_extensions_exception_handler_survives_loading_sage_magic(capsys
     assert seen == ["theirs", "still theirs"]
 
 
+def test_sage_error_without_a_failed_cell_says_so_in_one_line(shell: InteractiveShell,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    shell.run_cell("1 + 1", store_history=True)
+    capsys.readouterr()
+    result = shell.run_cell("%sage error --finetune-model demo_expert", store_history=True)
+    assert result.error_in_exec is None and result.result is None
+    assert capsys.readouterr().out.strip() == "No cell has failed in this notebook yet: there is no error to explain."
+    with pytest.raises(UsageError, match="--top-k must be 1 to 20"):
+        shell.run_line_magic("sage", "error --top-k 0")
+
+
 def test_unknown_finetune_lists_the_known_ones(demo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
     for key, value in env_for(make_settings(demo_home, tmp_path / "run")).items():

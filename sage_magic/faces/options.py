@@ -68,14 +68,14 @@ class Secret(str):
         return "<hidden>"
 
 
-def _add_api_key(parser: Any, what: str) -> None:
+def _add_api_key(parser: Any, what: str, scope: str = "") -> None:
     """``--api-key KEY`` or ``--api-key-env NAME`` (not both): a key typed into a cell is saved with the notebook
     and its history, a variable's name is not. Unset, OPENAI_API_KEY is read when set (chat/backends.py)."""
     keys = parser.add_mutually_exclusive_group()
     keys.add_argument("--api-key", metavar="KEY", type=Secret,
-                      help=f"{what} (in a notebook it is saved with the cell: prefer --api-key-env)")
+                      help=f"{scope}{what} (in a notebook it is saved with the cell: prefer --api-key-env)")
     keys.add_argument("--api-key-env", metavar="NAME",
-                      help=f"the environment variable holding {what} (default: OPENAI_API_KEY when set)")
+                      help=f"{scope}the environment variable holding {what} (default: OPENAI_API_KEY when set)")
 
 
 def _usage(check: Callable[[str], T], text: str) -> T:
@@ -127,7 +127,7 @@ def add_serving_options(parser: argparse.ArgumentParser, settings: Settings | No
     group.add_argument("--model", metavar="PATH_OR_NAME",
                        help="--backend vllm: local model folder; --backend openai: the model name to request")
     group.add_argument("--base-url", metavar="URL", help="--backend openai: e.g. http://host:8000/v1")
-    _add_api_key(group, "--backend openai: the endpoint's API key")
+    _add_api_key(group, "the endpoint's API key", "--backend openai: ")
     group.add_argument("--keep-alive", type=keep_alive, default=None, metavar="DURATION",
                        help="how long the server outlives its last user: 0, 30s, 5m, 1h, -1 for ever")
     group.add_argument("--vllm-arg", action="append", type=vllm_arg, default=[], metavar="ARGS",

@@ -17,9 +17,10 @@ from IPython.core.error import UsageError
 FORMATS = ("markdown", "md", "text", "code", "json", "html", "math")  # render.FORMATS, kept import-free here
 #: `%sage` subcommands answered in the kernel, and CLI commands run as `sage ...` in a child process (they
 #: build indexes or merge weights: torch must stay out of the kernel).
-SUBCOMMANDS = ("status", "stop", "logs", "models", "indexes", "history", "reset", "export", "help")
+SUBCOMMANDS = ("status", "stop", "logs", "models", "indexes", "history", "reset", "export", "error", "help")
 CHILD_COMMANDS = ("index", "finetune")
-#: The fine-tune loop (finetune_cells.py, eval_cells.py): training in the kernel's background thread over a child process, and eval.
+#: The fine-tune loop (finetune_cells.py, eval_cells.py): training in the kernel's background thread over a
+#: child process, and eval.
 LOOP_COMMANDS = {("finetune", "train"): "train", ("finetune", "watch"): "watch", ("finetune", "stop"): "stop",
                  ("eval",): "eval"}
 LINE_HELP = """\
@@ -32,6 +33,7 @@ LINE_HELP = """\
   history                  the conversation so far
   reset                    forget the conversation (servers keep running)
   export PATH              transcript with citations and figures, .md or .json
+  error [options]          explain the last failed cell's error with the model (options as %%sage)
   help                     this text
   finetune train NAME --base BASE --data DATAFRAME [--background] [training options]
                            train a LoRA from a DataFrame (prompt/response or messages columns) in a child
