@@ -99,7 +99,12 @@ def join_option_values(argv: list[str]) -> list[str]:
     for word in words:
         if word in VALUE_OPTIONS:
             value = next(words, None)
-            joined.append(word if value is None else f"{word}={value}")
+            if value is None or value == "--":
+                # no value: argparse then says "expected one argument" (joined as `--vllm-arg=--`, its handling
+                # of `--` would make the value an empty list)
+                joined.extend([word] if value is None else [word, value, *words])
+            else:
+                joined.append(f"{word}={value}")
         elif word == "--":
             joined.append(word)
             joined.extend(words)
