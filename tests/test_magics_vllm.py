@@ -43,8 +43,8 @@ def test_an_outside_endpoint_takes_its_key_from_the_variable_api_key_env_names(
     url = Registry(settings.runtime_dir).get(expert.server_id).tcp_url
     monkeypatch.setenv("SAGE_TEST_ENDPOINT_KEY", expert.api_key)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    ask(ip, f"--backend openai --base-url {url} --model demo_poet --api-key-env SAGE_TEST_ENDPOINT_KEY -o a")
-    assert ip.user_ns["a"] == DEMO_ANSWERS["demo_poet"]
+    ask(ip, f"--backend openai --base-url {url} --model demo_expert --api-key-env SAGE_TEST_ENDPOINT_KEY -o a")
+    assert ip.user_ns["a"] == DEMO_ANSWERS["demo_expert"]
     monkeypatch.setenv("OPENAI_API_KEY", expert.api_key)  # the default variable when none is named
     ask(ip, f"--backend openai --base-url {url} --model demo_expert --new-chat -o b")
     assert ip.user_ns["b"] == DEMO_ANSWERS["demo_expert"]
