@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
@@ -130,6 +130,7 @@ OPTION_WORDS = ["--backend", "finetune", "openai", "--finetune-model", "--finetu
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(words=["--vllm-arg", "--"], noise="")  # argparse once made that value an empty list: a raw traceback
 @given(st.lists(st.one_of(st.sampled_from(OPTION_WORDS), st.text(max_size=8)), max_size=8), st.text(max_size=30))
 def test_random_option_strings_only_ever_raise_usage_error(shell: InteractiveShell, words: list[str],
                                                            noise: str) -> None:
@@ -154,6 +155,35 @@ def _paragraph(capsys: pytest.CaptureFixture, result, kind: str) -> str:
     return out
 
 
+def test_another_extensions_exception_handler_survives_loading_sage_magic(capsys: pytest.CaptureFixture) -> None:
+    """A shell has one custom exception handler (set_custom_exc); loading sage_magic must not take it over."""
+    from IPython.core.interactiveshell import InteractiveShell as Shell
+    from traitlets.config import Config
+
+    ip = Shell(config=Config())
+    seen: list[str] = []
+    ip.set_custom_exc((ValueError,), lambda shell, etype, value, tb, tb_offset=None: seen.append(str(value)))
+    ip.extension_manager.load_extension("sage_magic")
+    ip.run_cell("raise ValueError('theirs')")
+    assert seen == ["theirs"]
+    out = _paragraph(capsys, ip.run_cell("%%sage --backend openai --model m\nhi\n"), "SageError")
+    assert "--base-url URL" in out  # ours still show as one paragraph, without the handler
+    ip.extension_manager.unload_extension("sage_magic")
+    ip.run_cell("raise ValueError('still theirs')")
+    assert seen == ["theirs", "still theirs"]
+
+
+def test_sage_error_without_a_failed_cell_says_so_in_one_line(shell: InteractiveShell,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    shell.run_cell("1 + 1", store_history=True)
+    capsys.readouterr()
+    result = shell.run_cell("%sage error --finetune-model demo_expert", store_history=True)
+    assert result.error_in_exec is None and result.result is None
+    assert capsys.readouterr().out.strip() == "No cell has failed in this notebook yet: there is no error to explain."
+    with pytest.raises(UsageError, match="--top-k must be 1 to 20"):
+        shell.run_line_magic("sage", "error --top-k 0")
+
+
 def test_unknown_finetune_lists_the_known_ones(demo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
     for key, value in env_for(make_settings(demo_home, tmp_path / "run")).items():
@@ -176,6 +206,29 @@ def test_missing_backend_arguments(shell: InteractiveShell, capsys: pytest.Captu
     out = _paragraph(capsys, run(shell, "", "hi"), "SageError")
     assert "--finetune-model NAME" in out
     assert isinstance(run(shell, "--backend openai --model m", "").error_in_exec, UsageError)  # empty cell
+
+
+def test_api_keys_come_from_a_named_variable_and_never_show_in_the_options(
+        shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A key typed into a cell is saved with the notebook; --api-key-env NAME keeps it in the environment."""
+    from sage_magic.chat.backends import remote_endpoint
+    from sage_magic.notebook.eval_cells import eval_parser
+
+    monkeypatch.delenv("SAGE_TEST_NO_SUCH_KEY", raising=False)
+    out = _paragraph(capsys, run(shell, "--backend openai --base-url http://127.0.0.1:9/v1 --model m "
+                                        "--api-key-env SAGE_TEST_NO_SUCH_KEY", "hi"), "SageError")
+    assert "no environment variable SAGE_TEST_NO_SUCH_KEY" in out and "export SAGE_TEST_NO_SUCH_KEY=" in out
+    with pytest.raises(UsageError, match="not allowed with argument"):
+        magics(shell).parse("--api-key k --api-key-env K")
+    args = magics(shell).parse("--backend openai --api-key sk-typed-secret")
+    assert args.api_key == "sk-typed-secret" and "sk-typed-secret" not in repr(args)  # e.g. a panel's .options
+    monkeypatch.setenv("SAGE_TEST_EVAL_KEY", "sk-eval-secret")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-default-secret")
+    argv = ["df", "--models", "openai:m", "--base-url", "http://h/v1"]
+    endpoint = remote_endpoint(eval_parser().parse_args([*argv, "--api-key-env", "SAGE_TEST_EVAL_KEY"]))
+    assert endpoint is not None and endpoint.api_key == "sk-eval-secret" and "sk-" not in repr(endpoint)
+    endpoint = remote_endpoint(eval_parser().parse_args(argv))  # --backend openai's default, as openai's client
+    assert endpoint is not None and endpoint.api_key == "sk-default-secret"
 
 
 class FakeServer:
@@ -354,13 +407,14 @@ def test_a_real_kernel_reports_the_paragraph_as_the_cells_error(tmp_path: Path,
     for key, value in env_for(make_settings(tmp_path / "home", tmp_path / "run")).items():
         monkeypatch.setenv(key, value)
     for line, kind in (("--backend openai --base-url http://127.0.0.1:9/v1 --model m", "ServerFailed"),
-                       ("--top-k 0", "UsageError")):
+                       ("--top-k 0", "OptionError")):
         notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%load_ext sage_magic"),
                                                    nbformat.v4.new_code_cell(f"%%sage {line}\nhi")])
         with pytest.raises(CellExecutionError):
             NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
         [error] = [o for o in notebook.cells[1].outputs if o.output_type == "error"]
         assert error.ename == kind and len(error.traceback) == 1 and "Traceback" not in error.traceback[0]
+        assert ("%%sage: argument --top-k" if kind == "OptionError" else "Cannot reach") in error.traceback[0]
 
 
 def test_bare_stop_only_stops_what_this_session_started(shell: InteractiveShell,

@@ -35,6 +35,23 @@ def test_exact_phrase_into_a_variable(ip: InteractiveShell, expert) -> None:
     assert final["metadata"]["sage"]["server"] == expert.server_id
 
 
+def test_an_outside_endpoint_takes_its_key_from_the_variable_api_key_env_names(
+        ip: InteractiveShell, settings, expert, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared server through its authenticating TCP gateway, as an outside OpenAI-compatible endpoint."""
+    from sage_magic.serving.registry import Registry
+
+    url = Registry(settings.runtime_dir).get(expert.server_id).tcp_url
+    monkeypatch.setenv("SAGE_TEST_ENDPOINT_KEY", expert.api_key)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    ask(ip, f"--backend openai --base-url {url} --model demo_expert --api-key-env SAGE_TEST_ENDPOINT_KEY -o a")
+    assert ip.user_ns["a"] == DEMO_ANSWERS["demo_expert"]
+    monkeypatch.setenv("OPENAI_API_KEY", expert.api_key)  # the default variable when none is named
+    ask(ip, f"--backend openai --base-url {url} --model demo_expert --new-chat -o b")
+    assert ip.user_ns["b"] == DEMO_ANSWERS["demo_expert"]
+    history = "".join(ip.user_ns["In"]) + repr(magics(ip).session._leases)
+    assert expert.api_key not in history
+
+
 def test_param_passes_a_sampling_field_to_vllm(ip: InteractiveShell) -> None:
     """The demo fine-tune stops after a few tokens; vLLM's min_tokens, given with --param, makes it go on."""
     ask(ip, "--finetune-model demo_expert --new-chat --max-tokens 40 --param min_tokens=40 -o a")
@@ -119,3 +136,45 @@ def test_grounded_answer_with_citations_keeps_the_kernel_light(ip: InteractiveSh
     assert g.citations and g.citations[0]["source"].endswith("notes.md")
     assert "notes.md" in ip.display_pub.outputs[-1]["data"]["text/html"]
     assert {m for m in HEAVY if m in sys.modules} == heavy_before
+
+
+@pytest.mark.kernel
+def test_a_cells_answer_is_its_value_and_is_drawn_once(settings, expert, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a real kernel: Out[n] and _ hold the Reply (so {Out[n]} works on an answer), and the displayhook does
+    not draw it a second time after the streamed display."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from tests.conftest import env_for
+
+    for key, value in env_for(settings).items():
+        monkeypatch.setenv(key, value)
+    answer = DEMO_ANSWERS["demo_expert"]
+    cells = ["%load_ext sage_magic",
+             f"%%sage --finetune-model demo_expert\n{DEMO_PROMPT}",
+             f"from sage_magic.chat.reply import Reply\nassert isinstance(Out[2], Reply) and _ is Out[2]\n"
+             f"assert Out[2] == {answer!r} and Out[2].model == 'demo_expert'",
+             "%%sage --finetune-model demo_expert --new-chat -o again\nSay this back: {Out[2]}",
+             f"assert {answer!r} in again.prompt and '{{Out[2]}}' not in again.prompt"]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    NotebookClient(notebook, timeout=300, kernel_name="python3").execute()  # raises if an assert cell fails
+    outputs = notebook.cells[1].outputs
+    assert not [o for o in outputs if o.output_type in ("execute_result", "error")]
+    shown = [o for o in outputs if answer in str(o.get("data", {}).get("text/html", ""))]
+    assert len(shown) == 1 and shown[0].metadata["sage"]["model"] == "demo_expert"
+
+
+def test_sage_error_explains_the_last_failed_cell_through_the_chat(ip: InteractiveShell) -> None:
+    ip.run_cell("numbers = [1, 2]\nnumbers[5]", store_history=True)
+    ip.run_cell("print('fine')", store_history=True)
+    ip.run_line_magic("config", "SageMagics.update_interval = 0")
+    result = ip.run_cell("%sage error --finetune-model demo_expert -o e", store_history=True)
+    result.raise_error()
+    e = ip.user_ns["e"]
+    assert result.result is e and e.model == "demo_expert" and e.strip()
+    assert "numbers[5]" in e.prompt and "IndexError: list index out of range" in e.prompt
+    outputs = ip.display_pub.outputs
+    assert len({o["transient"]["display_id"] for o in outputs}) == 1  # one display, updated as it streams
+    assert e.text in outputs[-1]["data"]["text/plain"] and outputs[-1]["metadata"]["sage"]["model"] == "demo_expert"
+    assert magics(ip).session.history[-2:] == [{"role": "user", "content": e.prompt},
+                                               {"role": "assistant", "content": e.text}]

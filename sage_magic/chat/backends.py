@@ -8,15 +8,20 @@ the session the notebook shares) goes through these, so a flag means the same th
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 from ..core.endpoint import Endpoint
 from ..core.errors import SageError
 from ..core.progress import ProgressCallback, silent
 from ..serving.leases import Lease
 from ..serving.manager import Manager
+
+#: Where an outside endpoint's key is read when neither --api-key nor --api-key-env is given (as the openai
+#: client does).
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 
 
 def open_endpoint(manager: Manager, args: argparse.Namespace, *, progress: ProgressCallback = silent,
@@ -37,13 +42,28 @@ def open_endpoint(manager: Manager, args: argparse.Namespace, *, progress: Progr
         return manager.serve_model(args.model, **common)
     if not args.base_url or not args.model:
         raise SageError("--backend openai needs --base-url URL (e.g. http://host:8000/v1) and --model NAME; "
-                        "add --api-key KEY if the endpoint wants one.")
-    return Lease.unmanaged(Endpoint(args.base_url.rstrip("/"), args.api_key, args.model))
+                        "add --api-key-env NAME if the endpoint wants a key.")
+    return Lease.unmanaged(Endpoint(args.base_url.rstrip("/"), api_key(args), args.model))
 
 
 def remote_endpoint(args: argparse.Namespace) -> Endpoint | None:
     """The --base-url endpoint that openai:MODEL entries are asked at (None when not given)."""
-    return Endpoint(args.base_url.rstrip("/"), args.api_key) if args.base_url else None
+    return Endpoint(args.base_url.rstrip("/"), api_key(args)) if args.base_url else None
+
+
+def api_key(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> str | None:
+    """An outside endpoint's key: --api-key, else the variable --api-key-env names (which must be set), else
+    OPENAI_API_KEY when set, else none (a local vLLM started without a key wants none)."""
+    if args.api_key:
+        return str(args.api_key)
+    name = args.api_key_env
+    if name is None:
+        return environ.get(DEFAULT_API_KEY_ENV) or None
+    if not environ.get(name):
+        raise SageError(f"--api-key-env {name}: there is no environment variable {name} (or it is empty) in this "
+                        f"process. Set it where Jupyter or the shell starts (export {name}=...), then restart the "
+                        "kernel; or name the variable that holds the key.")
+    return environ[name]
 
 
 def ask_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -277,7 +277,8 @@ def _status_message(endpoint: Endpoint, error: Any) -> str:
     status = getattr(error, "status_code", None)
     body = getattr(error, "message", str(error))
     if status == 401:
-        return f"The endpoint {endpoint.base_url} refused the API key (401). Pass the right one with --api-key."
+        return (f"The endpoint {endpoint.base_url} refused the API key (401). Pass the right one with "
+                "--api-key-env NAME.")
     if status == 404:
         return (f"The endpoint {endpoint.base_url} does not serve a model named {endpoint.model!r} (404: {body}). "
                 "List what it serves with `sage ps` or GET /v1/models.")

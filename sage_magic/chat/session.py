@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from .client import ChatClient
 
 #: The chat options that pick a server: a lease is cached per combination (see :func:`_lease_key`).
-_SERVING_OPTIONS = ("backend", "finetune_model", "merge", "model", "base_url", "api_key", "finetune_port", "vllm_arg")
+_SERVING_OPTIONS = ("backend", "finetune_model", "merge", "model", "base_url", "api_key", "api_key_env",
+                    "finetune_port", "vllm_arg")
 #: Keys the API key's digest in lease keys, so the digest cannot be looked up in a table of common keys.
 _KEY_SALT = secrets.token_bytes(16)
 

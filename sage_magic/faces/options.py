@@ -60,6 +60,24 @@ def positive_lines(text: str) -> int:
     return value
 
 
+class Secret(str):
+    """An API key as parsed: used as the text it is, shown as ``<hidden>``, so the options Namespace (a panel's
+    ``.options``, a debugger, a log line) never prints it."""
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+
+def _add_api_key(parser: Any, what: str, scope: str = "") -> None:
+    """``--api-key KEY`` or ``--api-key-env NAME`` (not both): a key typed into a cell is saved with the notebook
+    and its history, a variable's name is not. Unset, OPENAI_API_KEY is read when set (chat/backends.py)."""
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", metavar="KEY", type=Secret,
+                      help=f"{scope}{what} (in a notebook it is saved with the cell: prefer --api-key-env)")
+    keys.add_argument("--api-key-env", metavar="NAME",
+                      help=f"{scope}the environment variable holding {what} (default: OPENAI_API_KEY when set)")
+
+
 def _usage(check: Callable[[str], T], text: str) -> T:
     """A SageError from an engine check, as argparse's usage error (exit 2, one line)."""
     try:
@@ -81,7 +99,12 @@ def join_option_values(argv: list[str]) -> list[str]:
     for word in words:
         if word in VALUE_OPTIONS:
             value = next(words, None)
-            joined.append(word if value is None else f"{word}={value}")
+            if value is None or value == "--":
+                # no value: argparse then says "expected one argument" (joined as `--vllm-arg=--`, its handling
+                # of `--` would make the value an empty list)
+                joined.extend([word] if value is None else [word, value, *words])
+            else:
+                joined.append(f"{word}={value}")
         elif word == "--":
             joined.append(word)
             joined.extend(words)
@@ -109,7 +132,7 @@ def add_serving_options(parser: argparse.ArgumentParser, settings: Settings | No
     group.add_argument("--model", metavar="PATH_OR_NAME",
                        help="--backend vllm: local model folder; --backend openai: the model name to request")
     group.add_argument("--base-url", metavar="URL", help="--backend openai: e.g. http://host:8000/v1")
-    group.add_argument("--api-key", metavar="KEY", help="--backend openai: the endpoint's API key")
+    _add_api_key(group, "the endpoint's API key", "--backend openai: ")
     group.add_argument("--keep-alive", type=keep_alive, default=None, metavar="DURATION",
                        help="how long the server outlives its last user: 0, 30s, 5m, 1h, -1 for ever")
     group.add_argument("--vllm-arg", action="append", type=vllm_arg, default=[], metavar="ARGS",
@@ -225,7 +248,7 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     parser.add_argument("--system", metavar="TEXT", help="system prompt sent with every prompt")
     parser.add_argument("--base-url", metavar="URL", help="endpoint of openai:MODEL entries, e.g. http://host:8000/v1")
-    parser.add_argument("--api-key", metavar="KEY", help="API key of --base-url")
+    _add_api_key(parser, "the API key of --base-url")
     parser.add_argument("--save", metavar="PATH", help="write results and model fingerprints as JSON")
 
 

@@ -48,9 +48,6 @@ class LiveOutput:
         self.shown = True
         self.updates += 1
 
-    def extra(self, bundle: dict[str, Any]) -> None:
-        self.publisher.publish(data=bundle, metadata={})
-
     def progress(self, event: "Progress") -> None:
         from . import render
 

@@ -3,8 +3,8 @@
 Thin on purpose: options come from faces/options.py (the flags of ``sage chat``), the work from
 :class:`sage_magic.chat.session.Session`, the HTML from render.py. What lives here is IPython glue: reading a
 line into options with :class:`UsageError` for mistakes, one display updated in place while an answer
-streams, ``-o``/``-f code`` effects on the namespace and the next cell, and showing a :class:`SageError`
-as its one paragraph (a custom handler limited to SageError, so other exceptions keep IPython's handling).
+streams, and ``-o``/``-f code`` effects on the namespace and the next cell. A :class:`SageError` shows as its
+one paragraph by itself (its ``_render_traceback_``), so other exceptions keep IPython's handling.
 
 Importing this module is cheap: the session, the engine, markdown and HTTP load at the first magic call.
 """
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import html
+import shlex
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from traitlets import Bool, Float, Int, Unicode, observe
 
 from ..core.errors import SageError
-from .display import LiveOutput
+from .display import LiveOutput, publish
 from .parsing import (
     _ALIASES,
     CHILD_COMMANDS,
@@ -70,6 +71,7 @@ class SageMagics(Magics):
         self._session: Session | None = None
         self._parser: tuple[tuple, MagicParser] | None = None
         self.training: dict[str, Any] = {}  # fine-tune name -> finetune_cells.TrainRun of this kernel
+        self._drawn: Reply | None = None  # the answer a cell just drew and returns: IPython must not draw it again
 
     # --- the session -----------------------------------------------------------------------------------------
 
@@ -141,11 +143,11 @@ class SageMagics(Magics):
     # --- %%sage ------------------------------------------------------------------------------------------------
 
     @cell_magic("sage")
-    def sage(self, line: str, cell: str) -> None:
-        """Ask the model the cell's text. `%sage help` lists the options."""
+    def sage(self, line: str, cell: str) -> "Reply | None":
+        """Ask the model the cell's text. `%sage help` lists the options. The answer is the cell's value."""
         args = self.parse(line)
         if args is None:
-            return
+            return None
         prompt = cell.strip()
         if self.interpolate and not args.no_interpolate:
             from .interpolate import interpolate
@@ -153,8 +155,14 @@ class SageMagics(Magics):
             prompt = interpolate(prompt, self.shell.user_ns)
         if not prompt.strip():
             raise OptionError("The cell is empty: write the question on the lines below %%sage.")
+        return self._run(prompt, args)
+
+    def _run(self, prompt: str, args: argparse.Namespace) -> "Reply | None":
+        """Stream the answer to ``prompt`` into one display and return it (``--compare``: the answers side by
+        side, returning None: a dict of replies would be drawn again as text). `%%sage` and `%sage error`."""
         if args.compare:
-            return self._compare(prompt, args)
+            self._compare(prompt, args)
+            return None
         live = LiveOutput(self.shell, self.update_interval)
         try:
             reply = self.session.ask(prompt, args, on_delta=live.delta, on_progress=live.progress,
@@ -162,19 +170,38 @@ class SageMagics(Magics):
         except KeyboardInterrupt:
             live.stopped()
             raise
-        self._show(reply, args, live)
-
-    def _show(self, reply: "Reply", args: argparse.Namespace, live: "LiveOutput") -> None:
-        from . import render
-
-        bundle, metadata = render.answer(reply, args.format)
-        live.show(bundle, metadata)
-        if render.MIME not in bundle:
-            live.extra(render.footer(reply))
+        self._draw(reply, args.format, live.show)
         if args.format == "code" and reply.strip():
-            self.shell.set_next_input(render.extract_code(reply), replace=False)
+            from .render import extract_code
+
+            self.shell.set_next_input(extract_code(reply), replace=False)
         if args.output:
             self.shell.user_ns[args.output] = reply
+        self._drawn = reply
+        return reply
+
+    def _draw(self, reply: "Reply", fmt: str, show: Any) -> None:
+        """The finished answer through ``show(bundle, metadata)``; JSON and math get their footer apart."""
+        from . import render
+
+        bundle, metadata = render.answer(reply, fmt)
+        show(bundle, metadata)
+        if render.MIME not in bundle:
+            publish(self.shell, render.footer(reply))
+
+    def display_reply(self, reply: "Reply") -> None:
+        """How IPython shows a Reply (registered by extension.py): the one a cell just drew and returned is
+        only stored as ``Out[n]`` and ``_`` (its answer is on screen already); any other (``answer`` from
+        ``-o``, ``Out[3]``) is drawn as an answer with its footer."""
+        if reply is self._drawn:
+            self._drawn = None
+            return
+        self._draw(reply, self.default_format if self.default_format in FORMATS else "markdown",
+                   lambda bundle, metadata: publish(self.shell, bundle, metadata))
+
+    def cell_finished(self) -> None:
+        """After every cell: an answer that was not the cell's value (``x = %sage error``) is drawn normally."""
+        self._drawn = None
 
     def _compare(self, prompt: str, args: argparse.Namespace) -> None:
         from . import render
@@ -209,6 +236,8 @@ class SageMagics(Magics):
             from .subcommands import help
 
             return help(self)
+        if tokens[0] == "error":
+            return self._explain_error(tokens[1:])
         loop = LOOP_COMMANDS.get(tuple(tokens[:2])) or LOOP_COMMANDS.get(tuple(tokens[:1]))
         if loop is not None:
             return self._loop(loop, tokens[2 if tokens[0] == "finetune" else 1:])
@@ -225,6 +254,19 @@ class SageMagics(Magics):
 
         handler = "status" if args.command == "ps" else args.command.replace("-", "_")
         return getattr(subcommands, handler)(self, args)
+
+    def _explain_error(self, words: list[str]) -> "Reply | None":
+        """`%sage error [options]`: the last failed cell and its error, asked and streamed like `%%sage`."""
+        from .subcommands import error_prompt
+
+        args = self.parse(shlex.join(words))
+        if args is None:
+            return None
+        prompt = error_prompt(self.shell)
+        if prompt is None:
+            print("No cell has failed in this notebook yet: there is no error to explain.")
+            return None
+        return self._run(prompt, args)
 
     def _loop(self, command: str, argv: list[str]) -> Any:
         """%sage finetune train|watch|stop (finetune_cells.py) and %sage eval (eval_cells.py)."""

