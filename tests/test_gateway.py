@@ -1,6 +1,7 @@
-"""The TCP gateway in front of a server's Unix socket, against a fake upstream.
+"""The TCP gateway in front of a server's Unix socket: mostly against a fake upstream, and the session's real
+vLLM server where it can show the fault (the scheme's case, a client that half-closes).
 
-A fake upstream, because what is checked here is what reaches the server, byte for byte: that a request
+A fake upstream, because what is checked there is what reaches the server, byte for byte: that a request
 without the key never opens a connection to it, that a second request riding on an authorised connection is
 never forwarded, that a streamed answer passes through before it ends, that a client hanging up closes
 the upstream connection, that an upload reaches the server only as fast as it reads, and that a connection
@@ -10,6 +11,7 @@ cannot be told to stop reading or to hold an answer). tests/test_security.py ask
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import threading
@@ -20,6 +22,7 @@ import pytest
 
 from sage_magic.core.config import DEFAULT_GATEWAY_CONNECTIONS, Settings
 from sage_magic.core.errors import SageError
+from sage_magic.finetune.demo import DEMO_PROMPT
 from sage_magic.serving.gateway import Gateway
 from tests.conftest import wait_until
 
@@ -198,7 +201,7 @@ def test_the_auth_scheme_is_case_insensitive(gateway_for, auth: bytes) -> None:
 
 
 def test_a_client_that_half_closes_still_gets_the_whole_answer(gateway_for) -> None:
-    """Like `curl` or a script that shuts its write side once the request is sent: its EOF is no hang-up."""
+    """Its EOF is no hang-up. The fake answers only once the client has shut its side, and at length (1 MB)."""
     shut = threading.Event()
     body = b"y" * 1_000_000
 
@@ -272,3 +275,26 @@ def test_a_bad_connection_limit_is_one_clear_error(tmp_path: Path, value: str) -
         Settings.from_env(environ={"SAGE_GATEWAY_CONNECTIONS": value}, home=tmp_path, runtime_dir=tmp_path / "run")
     limit = Settings.from_env(environ={"SAGE_GATEWAY_CONNECTIONS": "8"}, home=tmp_path, runtime_dir=tmp_path / "run")
     assert limit.gateway_connections == 8
+
+
+def _chat(authorization: bytes) -> bytes:
+    body = json.dumps({"model": "demo_expert", "messages": [{"role": "user", "content": DEMO_PROMPT}],
+                       "max_tokens": 8}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Authorization: " + authorization + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("scheme, half_close", [(b"bearer", False), (b"BEARER", False), (b"Bearer", True)])
+def test_the_real_server_answers_any_case_of_bearer_and_a_half_closed_client(manager, expert, scheme: bytes,
+                                                                           half_close: bool) -> None:
+    """RFC 9110: the auth scheme is case-insensitive. And a client may shut its write side once the request is
+    sent (`curl` with some options, scripts): its EOF is no hang-up, it must get the whole answer."""
+    port = manager.registry.get(expert.server_id).port
+    conn = socket.create_connection(("127.0.0.1", port), timeout=120)
+    conn.sendall(_chat(scheme + b" " + expert.api_key.encode()))
+    if half_close:
+        conn.shutdown(socket.SHUT_WR)
+    head, _, body = _read_all(conn).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert json.loads(body)["choices"][0]["message"]["content"].strip()
