@@ -1,8 +1,9 @@
-"""The Jupyter Server extension: /sage-magic/ routes over the engine, authenticated and XSRF-protected.
+"""The Jupyter Server extension: /sage-magic/ routes over the engine, authenticated, authorized and
+XSRF-protected.
 
 The requests go through a real Jupyter Server (pytest-jupyter's ``jp_fetch``), with no kernel running.
-Stand-in processes (``sleep``) play a stranger holding a recycled pid, and a supervisor carrying a
-server's mark: a real server cannot show either fault.
+Stand-in processes (``sleep``) play a stranger holding a recycled pid, a supervisor carrying a server's
+mark, and the vLLM a SIGKILLed supervisor left behind: a real server cannot show those faults.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from jupyter_server.auth import Authorizer
 from tornado.httpclient import HTTPClientError
 
 from sage_magic.core.config import Settings
+from sage_magic.server.handlers import AUTH_RESOURCE
 from sage_magic.serving.registry import Owner, Registry, ServerRecord, new_server_id
 from tests.conftest import wait_until
 
@@ -40,9 +43,25 @@ def sage_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.Fi
     return settings
 
 
+class ReadOnlyAuthorizer(Authorizer):
+    """A deployment's policy for a user who may look at SAGE's servers but not act on them."""
+
+    def is_authorized(self, handler, user, action: str, resource: str) -> bool:
+        return resource != AUTH_RESOURCE or action == "read"
+
+
 @pytest.fixture
-def jp_server_config(sage_env: Settings) -> dict:
-    return {"ServerApp": {"jpserver_extensions": {"sage_magic.server": True}}}
+def authorizer_class() -> type[Authorizer] | None:
+    """Jupyter's default authorizer (everyone may do everything); a test parametrizes this to change it."""
+    return None
+
+
+@pytest.fixture
+def jp_server_config(sage_env: Settings, authorizer_class: type[Authorizer] | None) -> dict:
+    server_app: dict = {"jpserver_extensions": {"sage_magic.server": True}}
+    if authorizer_class is not None:
+        server_app["authorizer_class"] = authorizer_class
+    return {"ServerApp": server_app}
 
 
 def _record(registry: Registry, supervisor_pid: int, log: Path | None = None) -> ServerRecord:
@@ -54,6 +73,22 @@ def _record(registry: Registry, supervisor_pid: int, log: Path | None = None) ->
     with registry.locked():
         registry.save(record)
     return record
+
+
+def _supervised(registry: Registry) -> tuple[ServerRecord, subprocess.Popen]:
+    """A record whose supervisor is alive and ours: a process carrying the server's mark stands in for it."""
+    record = _record(registry, 0)
+    supervisor = _sleeper(record.id)
+    record.supervisor_pid = supervisor.pid
+    with registry.locked():
+        registry.save(record)
+    return record, supervisor
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def _sleeper(server_id: str | None = None) -> subprocess.Popen:
@@ -96,7 +131,8 @@ async def test_lists_work_with_no_kernel_and_never_show_the_api_key(jp_fetch, jp
     assert jp_serverapp.kernel_manager.list_kernel_ids() == []
     body = response.body.decode()
     assert "the-secret-key" not in body and "api_key" not in body
-    assert json.loads(body)["servers"] == []  # its supervisor is not ours: reaped, not listed
+    (row,) = json.loads(body)["servers"]  # its supervisor is not ours: listed as stale, left for a stop
+    assert row["id"] == record.id and row["state"] == "stale" and row["memory_bytes"] == 0
     assert json.loads((await jp_fetch("sage-magic", "finetunes")).body) == {"finetunes": []}
     assert json.loads((await jp_fetch("sage-magic", "indexes")).body) == {"indexes": []}
 
@@ -114,14 +150,7 @@ async def test_stop_needs_the_xsrf_token_with_cookie_login(jp_fetch, jp_serverap
     cookies = "; ".join(c.split(";")[0] for c in logged.headers.get_list("Set-Cookie")) + f"; _xsrf={xsrf}"
     browser = {"Authorization": "", "Cookie": cookies}
 
-    marked = _sleeper()
-    record = _record(Registry(sage_env.runtime_dir), marked.pid)
-    marked.kill()
-    marked.wait()
-    marked = _sleeper(record.id)  # a live process with this server's mark, standing in for its supervisor
-    record.supervisor_pid = marked.pid
-    with Registry(sage_env.runtime_dir).locked() as registry:
-        registry.save(record)
+    record, marked = _supervised(Registry(sage_env.runtime_dir))
     try:
         assert await _status(jp_fetch, "sage-magic", "servers", headers=browser) == 200  # the cookie works
         assert await _status(jp_fetch, "sage-magic", "servers", record.id, "stop", method="POST", body="",
@@ -139,13 +168,7 @@ async def test_stop_needs_the_xsrf_token_with_cookie_login(jp_fetch, jp_serverap
 
 async def test_stop_all_stops_every_registered_server(jp_fetch, sage_env: Settings) -> None:
     registry = Registry(sage_env.runtime_dir)
-    supervisors = []
-    for _ in range(2):
-        record = _record(registry, 0)
-        supervisors.append(_sleeper(record.id))
-        record.supervisor_pid = supervisors[-1].pid
-        with registry.locked():
-            registry.save(record)
+    supervisors = [_supervised(registry)[1] for _ in range(2)]
     try:
         answer = json.loads((await jp_fetch("sage-magic", "servers", "stop-all", method="POST", body="")).body)
         assert len(answer["stopped"]) == 2
@@ -184,7 +207,7 @@ async def test_a_record_holding_a_recycled_pid_is_dropped_without_signalling(jp_
     try:
         record = _record(Registry(sage_env.runtime_dir), stranger.pid)
         status = await _status(jp_fetch, "sage-magic", "servers", record.id, "stop", method="POST", body="")
-        assert status in (200, 404)  # listed then reaped, or stopped: either way the stranger lives
+        assert status == 200  # the record goes; the stranger is not signalled
         time.sleep(0.3)
         assert stranger.poll() is None
         assert Registry(sage_env.runtime_dir).get(record.id) is None
@@ -211,14 +234,7 @@ async def test_the_log_route_reads_only_the_registry_logs(jp_fetch, http_server_
 
 async def test_log_tail_of_a_registered_server(jp_fetch, sage_env: Settings) -> None:
     registry = Registry(sage_env.runtime_dir)
-    marked = _sleeper()
-    record = _record(registry, marked.pid)
-    marked.kill()
-    marked.wait()
-    marked = _sleeper(record.id)
-    record.supervisor_pid = marked.pid
-    with registry.locked():
-        registry.save(record)
+    record, marked = _supervised(registry)
     Path(record.log_path).write_text("".join(f"line {i}\n" for i in range(500)))
     try:
         answer = json.loads((await jp_fetch("sage-magic", "servers", record.id, "log", params={"lines": "3"})).body)
@@ -227,6 +243,51 @@ async def test_log_tail_of_a_registered_server(jp_fetch, sage_env: Settings) -> 
     finally:
         marked.kill()
         marked.wait()
+
+
+async def test_listing_a_server_whose_supervisor_died_kills_and_deletes_nothing(jp_fetch,
+                                                                               sage_env: Settings) -> None:
+    """A SIGKILLed supervisor leaves its record, and its vLLM may still run (here a process with the
+    server's mark, in its own process group as vLLM is). A GET used to reap: kill that group and delete the
+    record. Now only the explicit stop does."""
+    registry = Registry(sage_env.runtime_dir)
+    record = _record(registry, _dead_pid())
+    server = _sleeper(record.id)
+    record.pid = server.pid
+    with registry.locked():
+        registry.save(record)
+    try:
+        for _ in range(2):  # the sidebar polls
+            (row,) = json.loads((await jp_fetch("sage-magic", "servers")).body)["servers"]
+            assert row["id"] == record.id and row["state"] == "stale" and row["pid"] == server.pid
+        assert server.poll() is None and registry.get(record.id) is not None
+        answer = await jp_fetch("sage-magic", "servers", record.id, "stop", method="POST", body="")
+        assert json.loads(answer.body) == {"stopped": [record.id]}
+        assert wait_until(lambda: server.poll() is not None, 20)
+        assert registry.get(record.id) is None
+        assert json.loads((await jp_fetch("sage-magic", "servers")).body)["servers"] == []
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.parametrize("authorizer_class", [ReadOnlyAuthorizer])
+async def test_a_read_only_user_may_list_but_not_stop(jp_fetch, sage_env: Settings,
+                                                      authorizer_class: type[Authorizer]) -> None:
+    registry = Registry(sage_env.runtime_dir)
+    record, supervisor = _supervised(registry)
+    try:
+        (row,) = json.loads((await jp_fetch("sage-magic", "servers")).body)["servers"]
+        assert row["id"] == record.id and row["state"] == "starting"
+        for route in (("finetunes",), ("indexes",), ("servers", record.id, "log")):
+            assert await _status(jp_fetch, "sage-magic", *route) == 200
+        for action in ((record.id, "stop"), ("stop-all",)):
+            assert await _status(jp_fetch, "sage-magic", "servers", *action, method="POST", body="") == 403
+        assert supervisor.poll() is None and registry.get(record.id) is not None
+        assert json.loads((await jp_fetch("sage-magic", "servers")).body)["servers"][0]["state"] == "starting"
+    finally:
+        supervisor.kill()
+        supervisor.wait()
 
 
 @pytest.mark.vllm

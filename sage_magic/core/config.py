@@ -57,6 +57,23 @@ def check_port(value: object, source: str = "--finetune-port") -> int:
     return port
 
 
+#: Connections a server's TCP gateway serves at once by default (SAGE_GATEWAY_CONNECTIONS).
+DEFAULT_GATEWAY_CONNECTIONS = 64
+
+
+def check_connections(value: object, source: str = "SAGE_GATEWAY_CONNECTIONS") -> int:
+    """How many connections a server's TCP gateway serves at once: a whole number of at least 1."""
+    try:
+        limit = int(str(value).strip())
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise SageError(f"{source} must be a whole number of at least 1, not {value!r}: the most connections "
+                        "a server's TCP gateway serves at once (more get 503, retry later). Unset it for "
+                        f"{DEFAULT_GATEWAY_CONNECTIONS}.")
+    return limit
+
+
 #: vLLM options the manager sets itself; what to use instead when someone passes them as extra arguments.
 RESERVED_VLLM_ARGS = {
     "--host": "--finetune-port (the server always listens on a private socket; a TCP port is on 127.0.0.1)",
@@ -115,6 +132,7 @@ class Settings:
     runtime_dir: Path
     python: str = sys.executable
     port: int | None = None  # a TCP port (an authenticating gateway) only when asked for; None: socket only
+    gateway_connections: int = DEFAULT_GATEWAY_CONNECTIONS  # served at once by the gateway; more get 503
     ready_timeout: float = 900.0
     keep_alive: float = 0.0
     max_lora_rank: int = 16
@@ -162,11 +180,14 @@ class Settings:
         runtime = env.get("SAGE_RUNTIME_DIR")
         vllm_args = env.get("SAGE_VLLM_ARGS")
         port = env.get("SAGE_FINETUNE_PORT")
+        connections = env.get("SAGE_GATEWAY_CONNECTIONS")
         values: dict[str, object] = dict(
             home=home,
             runtime_dir=Path(runtime).expanduser() if runtime else default_runtime_dir(),
             python=env.get("SAGE_PYTHON") or sys.executable,
             port=check_port(port, "SAGE_FINETUNE_PORT") if port else None,
+            gateway_connections=(check_connections(connections) if connections
+                                 else DEFAULT_GATEWAY_CONNECTIONS),
             ready_timeout=number("SAGE_READY_TIMEOUT", 900.0),
             keep_alive=parse_duration(env.get("SAGE_KEEP_ALIVE") or "0"),
             max_lora_rank=int(number("SAGE_MAX_LORA_RANK", 16)),

@@ -50,7 +50,7 @@ def server_rows(statuses: Sequence[ServerStatus]) -> list[tuple[object, ...]]:
         r = s.record
         rows.append((r.id, r.served_name, r.kind if r.kind == "merged" else "lora" if r.adapters else "base",
                      ",".join(sorted(r.adapters)) or "-", r.port or "-", r.pid or "-", s.alive_owners,
-                     duration(s.uptime), f"{s.memory_bytes / 2**30:.1f} GiB", r.state,
+                     duration(s.uptime), f"{s.memory_bytes / 2**30:.1f} GiB", s.state,
                      until(r.keep_alive, r.idle_until)))
     return rows
 

@@ -1,6 +1,8 @@
 """Thin HTTP handlers over the engine: every decision (which record, whether a pid is ours) is the engine's.
 
-Routes (under the server's base URL, authenticated like every Jupyter route; POSTs need the XSRF token):
+Routes (under the server's base URL, authenticated like every Jupyter route; POSTs need the XSRF token).
+Each is also authorized on the resource ``sage`` (:data:`AUTH_RESOURCE`): the GETs need the action "read",
+the POSTs "write", so a deployment's Authorizer can make a user read-only (they see servers, cannot stop them):
 
     GET  /sage-magic/servers                 running model servers (no API key, ever)
     POST /sage-magic/servers/ID/stop         stop one server, by its exact registry id
@@ -10,7 +12,9 @@ Routes (under the server's base URL, authenticated like every Jupyter route; POS
     GET  /sage-magic/indexes                 the document indexes
 
 A server is only ever named by its registry id; its log is the path its registry record holds, so no
-request can name a file or a pid.
+request can name a file or a pid. The GETs change nothing (the sidebar polls them, a read-only user may send
+them, and a GET carries no XSRF token): a server whose supervisor died is listed as "stale", and only a stop
+(or the next launch, or the supervisor itself) cleans up.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 from dataclasses import asdict
 from typing import Any, Callable
 
+from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
@@ -30,6 +35,8 @@ from ..serving.manager import Manager
 from ..serving.registry import ServerRecord
 
 MAX_LOG_LINES = 2000
+#: What an Authorizer is asked about for every route here (actions: "read" for GETs, "write" for POSTs).
+AUTH_RESOURCE = "sage"
 
 
 class EngineError(web.HTTPError):
@@ -42,6 +49,8 @@ class EngineError(web.HTTPError):
 
 class _Base(APIHandler):
     """Shared plumbing: the manager, engine errors as JSON, and blocking engine calls off the event loop."""
+
+    auth_resource = AUTH_RESOURCE
 
     def initialize(self, manager: Manager) -> None:
         self.manager = manager
@@ -71,6 +80,7 @@ class _Base(APIHandler):
 
 class ServersHandler(_Base):
     @web.authenticated
+    @authorized
     async def get(self) -> None:
         statuses = await self.engine(self.manager.servers)
         self.finish({"servers": [s.as_dict() for s in statuses]})
@@ -78,6 +88,7 @@ class ServersHandler(_Base):
 
 class StopHandler(_Base):
     @web.authenticated
+    @authorized
     async def post(self, server_id: str) -> None:
         stopped = await self.engine(self.manager.stop, self.record(server_id).id)
         self.finish({"stopped": [stopped.id]})
@@ -85,6 +96,7 @@ class StopHandler(_Base):
 
 class StopAllHandler(_Base):
     @web.authenticated
+    @authorized
     async def post(self) -> None:
         stopped = await self.engine(self.manager.stop_all)
         self.finish({"stopped": [r.id for r in stopped]})
@@ -92,6 +104,7 @@ class StopAllHandler(_Base):
 
 class LogHandler(_Base):
     @web.authenticated
+    @authorized
     async def get(self, server_id: str) -> None:
         try:
             lines = min(max(int(self.get_argument("lines", "200")), 1), MAX_LOG_LINES)
@@ -104,6 +117,7 @@ class LogHandler(_Base):
 
 class FinetunesHandler(_Base):
     @web.authenticated
+    @authorized
     async def get(self) -> None:
         entries = await self.engine(list_finetunes, self.manager.settings)
         self.finish({"finetunes": [e.as_dict() for e in entries]})
@@ -111,6 +125,7 @@ class FinetunesHandler(_Base):
 
 class IndexesHandler(_Base):
     @web.authenticated
+    @authorized
     async def get(self) -> None:
         infos = await self.engine(rag.list_indexes, self.manager.settings)
         self.finish({"indexes": [{k: v for k, v in asdict(i).items() if k != "sources"} for i in infos]})

@@ -3,13 +3,21 @@
 vLLM checks its API key only on paths under /v1: ``POST /invocations`` answers a chat, ``/tokenize``
 tokenizes and ``/metrics`` reports, all without a key. So our servers listen on a Unix socket in the 0700
 runtime folder only, and a TCP port (``--finetune-port``) is this gateway, run by the server's supervisor:
-it reads a request's head, checks ``Authorization: Bearer <key>`` for EVERY method and path before a byte
-reaches vLLM (401 otherwise), then pipes bytes both ways unbuffered, so streamed answers flow as they come.
+it reads a request's head, checks ``Authorization: Bearer <key>`` (the scheme in any case, as RFC 9110 says)
+for EVERY method and path before a byte reaches vLLM (401 otherwise), then pipes bytes both ways, so
+streamed answers flow as they come. The request body is read from the client only as fast as vLLM takes it,
+so a large upload to a busy server never piles up in the supervisor's memory.
 
 One request per connection (``Connection: close`` is forced): a second, unchecked request can then never
 ride on an authorised connection. Request bodies need a Content-Length (chunked uploads get 411; HTTP
-clients send JSON with a length). A client that disconnects closes the upstream connection, which makes
-vLLM abort the generation.
+clients send JSON with a length). A client that shuts its write side after its request still gets the
+whole answer; a client that hangs up is noticed at the next bytes sent to it (vLLM streams tokens, so within
+a token or two), which closes the upstream connection and makes vLLM abort the generation.
+
+At most ``max_connections`` connections are served at once. Beyond that a new connection gets ``503`` with
+``Retry-After`` at once, rather than waiting: a waiting connection would still hold a file descriptor of the
+supervisor, and a client told to retry can do so, while one left waiting cannot tell a busy server from a
+hung one.
 """
 
 from __future__ import annotations
@@ -20,8 +28,12 @@ import json
 import socket
 import threading
 
+from ..core.config import DEFAULT_GATEWAY_CONNECTIONS
+
 MAX_HEAD = 64 * 1024
 HEAD_TIMEOUT = 30.0
+#: How long a refused connection may take to read its 503 and close, before we close it anyway.
+REFUSE_LINGER = 5.0
 _CHUNK = 64 * 1024
 # Connection-level headers are the gateway's business, not the client's: it decides the connection closes.
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"upgrade"}
@@ -31,10 +43,13 @@ class Gateway:
     """Serve ``listener`` (a bound, listening TCP socket) in a thread, forwarding authorised requests to
     the Unix socket ``upstream``."""
 
-    def __init__(self, listener: socket.socket, upstream: str, api_key: str) -> None:
+    def __init__(self, listener: socket.socket, upstream: str, api_key: str,
+                 max_connections: int = DEFAULT_GATEWAY_CONNECTIONS) -> None:
         self._listener = listener
         self._upstream = upstream
-        self._expected = f"Bearer {api_key}".encode()
+        self._key = api_key.encode()
+        self._max_connections = max_connections
+        self._active = 0  # only touched on the gateway's event loop: no lock needed
         self._loop = asyncio.new_event_loop()
         self._stopped: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="sage-gateway", daemon=True)
@@ -66,12 +81,26 @@ class Gateway:
             await self._stopped.wait()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        busy = self._active >= self._max_connections
+        self._active += not busy
         try:
-            await self._forward(reader, writer)
+            if busy:
+                await _refuse_busy(reader, writer, self._max_connections)
+            else:
+                await self._forward(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
             pass
         finally:
+            self._active -= not busy
             writer.close()
+
+    def _authorised(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """``Authorization: Bearer KEY``, the scheme in any case; the key compared in constant time."""
+        for name, value in headers:
+            scheme, _, key = value.partition(b" ")
+            if name == b"authorization" and scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self._key):
+                return True
+        return False
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -81,7 +110,7 @@ class Gateway:
         request_line, headers = _parse_head(head)
         if request_line is None:
             return await _reply(writer, 400, "Malformed HTTP request.")
-        if not any(hmac.compare_digest(value, self._expected) for name, value in headers if name == b"authorization"):
+        if not self._authorised(headers):
             return await _reply(writer, 401, "This server needs its API key: Authorization: Bearer KEY. The key "
                                              "is in the server's registry record, readable by its owner only.")
         if any(name == b"transfer-encoding" for name, _ in headers):
@@ -102,32 +131,56 @@ class Gateway:
                 if not data:
                     return
                 up_writer.write(data)
+                await up_writer.drain()  # backpressure: read no more from the client than vLLM has taken
                 length -= len(data)
             await up_writer.drain()
-            await _pipe_until_either_ends(up_reader, writer, reader)
+            await _pipe_response(up_reader, writer, reader)
         finally:
             up_writer.close()
 
 
-async def _pipe_until_either_ends(up_reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                                  client: asyncio.StreamReader) -> None:
-    """Copy the response to the client as it arrives; stop when it ends or when the client hangs up."""
+async def _pipe_response(up_reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         client: asyncio.StreamReader) -> None:
+    """Copy the response to the client as it arrives, until it ends or the client is gone.
+
+    The client's end of file is not its departure: a client may shut its write side once the request is
+    sent and still read the answer. So EOF only ends the watching; a client that really hung up is found
+    when a write to it fails (its reset ends ``copy``). A reset seen while reading ends both at once."""
 
     async def copy() -> None:
         while data := await up_reader.read(_CHUNK):
+            if writer.is_closing():
+                return
             writer.write(data)
             await writer.drain()
 
-    async def client_gone() -> None:
+    async def discard_until_eof() -> None:
         while await client.read(_CHUNK):
             pass  # nothing more may come after the one request; discard it
 
     copying = asyncio.ensure_future(copy())
-    watching = asyncio.ensure_future(client_gone())
+    watching = asyncio.ensure_future(discard_until_eof())
     await asyncio.wait({copying, watching}, return_when=asyncio.FIRST_COMPLETED)
+    if watching.done() and watching.exception() is None:
+        await asyncio.wait({copying})  # half-closed: the answer still goes out whole
     for task in (copying, watching):
         task.cancel()
     await asyncio.gather(copying, watching, return_exceptions=True)
+
+
+async def _refuse_busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int) -> None:
+    """Answer 503 without reading the request, then read and drop what the client sends until it closes:
+    closing a socket with unread bytes would send a reset, which can destroy the 503 before it is read."""
+    await _reply(writer, 503, f"The model server is busy: {limit} connections are open, the gateway's limit "
+                              "(SAGE_GATEWAY_CONNECTIONS). Retry shortly.")
+    if writer.can_write_eof():
+        writer.write_eof()
+
+    async def drop() -> None:
+        while await reader.read(_CHUNK):
+            pass
+
+    await asyncio.wait_for(drop(), REFUSE_LINGER)
 
 
 def _parse_head(head: bytes) -> tuple[bytes | None, list[tuple[bytes, bytes]]]:
@@ -149,7 +202,7 @@ async def _reply(writer: asyncio.StreamWriter, status: int, message: str) -> Non
     reasons = {400: "Bad Request", 401: "Unauthorized", 411: "Length Required", 431: "Request Header Fields Too Large",
                503: "Service Unavailable"}
     body = json.dumps({"error": {"message": message, "code": status}}).encode()
-    extra = b"WWW-Authenticate: Bearer\r\n" if status == 401 else b""
+    extra = {401: b"WWW-Authenticate: Bearer\r\n", 503: b"Retry-After: 1\r\n"}.get(status, b"")
     writer.write(f"HTTP/1.1 {status} {reasons[status]}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\nConnection: close\r\n".encode() + extra + b"\r\n" + body)
     await writer.drain()

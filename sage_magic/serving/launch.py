@@ -167,7 +167,8 @@ def spawn_supervised(settings: Settings, registry: Registry, record: ServerRecor
 
     Call with the registry lock held, and save ``record`` with ``supervisor_pid`` before releasing it.
     """
-    gateway = ["--gateway-fd", str(listener.fileno())] if listener is not None else []
+    gateway = (["--gateway-fd", str(listener.fileno()), "--gateway-connections", str(settings.gateway_connections)]
+               if listener is not None else [])
     with open(record.log_path, "ab") as log:
         return subprocess.Popen(
             [settings.python, "-m", "sage_magic.serving.supervisor", "--runtime-dir", str(registry.root), "--id",

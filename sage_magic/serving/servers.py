@@ -25,20 +25,27 @@ class ServerStatus:
     memory_bytes: int
     uptime: float
     alive_owners: int
+    supervised: bool = True
+
+    @property
+    def state(self) -> str:
+        """The record's state, or "stale" when its supervisor is gone: nothing watches or stops that server
+        any more, and stopping it (or the next launch) cleans it up."""
+        return self.record.state if self.supervised else "stale"
 
     def as_dict(self) -> dict[str, object]:
         r = self.record
         return {"id": r.id, "name": r.served_name, "kind": r.kind, "adapters": sorted(r.adapters),
                 "model_path": r.model_path, "port": r.port, "url": r.tcp_url, "socket": r.socket, "pid": r.pid,
-                "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "state": r.state,
+                "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "state": self.state,
                 "uptime_s": round(self.uptime, 1), "memory_bytes": self.memory_bytes,
                 "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path}
 
 
 def statuses(registry: Registry) -> list[ServerStatus]:
-    """Every server, after dropping the records of supervisors that died."""
-    with registry.locked():
-        registry.reap()
+    """Every server in the registry, as it stands. Listing changes nothing: faces poll it (the sidebar, over
+    an HTTP GET a read-only user may send), so reaping and killing belong to :func:`stop`, the next launch
+    (:meth:`Registry.reap`) and the supervisors. A record whose supervisor died shows as "stale"."""
     return [_status(r) for r in registry.all()]
 
 
@@ -79,11 +86,12 @@ def unload_adapter(registry: Registry, record: ServerRecord, name: str) -> None:
 
 def _status(record: ServerRecord) -> ServerStatus:
     memory = 0
-    if record.pid:
+    if is_ours(record.pid, record.id):  # a stale record's pid may be a stranger's by now
         try:
             leader = psutil.Process(record.pid)
             memory = sum(p.memory_info().rss for p in [leader, *leader.children(recursive=True)])
         except psutil.Error:
             pass
     owners = sum(1 for o in record.owners if o.alive())
-    return ServerStatus(record, memory, time.time() - record.started_at, owners)
+    return ServerStatus(record, memory, time.time() - record.started_at, owners,
+                        is_ours(record.supervisor_pid, record.id))

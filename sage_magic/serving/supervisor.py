@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..core.config import DEFAULT_GATEWAY_CONNECTIONS
 from ..core.processes import death_signal, kill_group
 from .gateway import Gateway
 from .registry import Owner, Registry, ServerRecord
@@ -31,9 +32,10 @@ POLL_SECONDS = 0.25
 
 class Supervisor:
     def __init__(self, registry: Registry, server_id: str, command: list[str], grace: float,
-                 gateway_fd: int | None = None) -> None:
+                 gateway_fd: int | None = None, gateway_connections: int = DEFAULT_GATEWAY_CONNECTIONS) -> None:
         self.registry = registry
         self.gateway_fd = gateway_fd
+        self.gateway_connections = gateway_connections
         self.server_id = server_id
         self.command = command
         self.grace = grace
@@ -87,8 +89,9 @@ class Supervisor:
         if record is None or record.socket is None:
             listener.close()
             return None
-        gateway = Gateway(listener, record.socket, record.api_key).start()
-        self._log(f"gateway on 127.0.0.1:{gateway.port} (API key required on every route)")
+        gateway = Gateway(listener, record.socket, record.api_key, self.gateway_connections).start()
+        self._log(f"gateway on 127.0.0.1:{gateway.port} (API key required on every route, "
+                  f"at most {self.gateway_connections} connections at once)")
         return gateway
 
     def _request_stop(self, signum: int, _frame: object) -> None:
@@ -145,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True)
     parser.add_argument("--grace", type=float, default=10.0)
     parser.add_argument("--gateway-fd", type=int, default=None, help="listening TCP socket to serve the gateway on")
+    parser.add_argument("--gateway-connections", type=int, default=DEFAULT_GATEWAY_CONNECTIONS,
+                        help="connections the gateway serves at once; more get 503")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    return Supervisor(Registry(args.runtime_dir), args.id, command, args.grace, args.gateway_fd).run()
+    return Supervisor(Registry(args.runtime_dir), args.id, command, args.grace, args.gateway_fd,
+                      args.gateway_connections).run()
 
 
 if __name__ == "__main__":
