@@ -19,7 +19,8 @@ FORMATS = ("markdown", "md", "text", "code", "json", "html", "math")  # render.F
 #: build indexes or merge weights: torch must stay out of the kernel).
 SUBCOMMANDS = ("status", "stop", "logs", "models", "indexes", "history", "reset", "export", "help")
 CHILD_COMMANDS = ("index", "finetune")
-#: The fine-tune loop (finetune_cells.py, eval_cells.py): training in the kernel's background thread over a child process, and eval.
+#: The fine-tune loop (finetune_cells.py, eval_cells.py): training in the kernel's background thread over a
+#: child process, and eval.
 LOOP_COMMANDS = {("finetune", "train"): "train", ("finetune", "watch"): "watch", ("finetune", "stop"): "stop",
                  ("eval",): "eval"}
 LINE_HELP = """\
@@ -42,7 +43,8 @@ LINE_HELP = """\
                            every prompt to every model, concurrently; summary table and bar chart
   index add|update|show|rm|query ... and finetune demo|merge ...: run as `sage ...` in a child process,
                            so building an index or merging weights never loads torch into the kernel.
-%sage_chat [options]       a chat widget on the same session: same options as %%sage, shared history.
+%sage_chat [options]       a chat panel on the same session, one per cell: the options of %%sage except
+                           --compare and -f; with no model, pick a fine-tune in the panel.
 Defaults: %config SageMagics.<name> = value (`%config SageMagics` lists them)."""
 _ALIASES = {"status": ["ps"], "models": ["finetune", "list"], "indexes": ["index", "list"]}
 
