@@ -72,6 +72,7 @@ class SageMagics(Magics):
         self._parser: tuple[tuple, MagicParser] | None = None
         self.training: dict[str, Any] = {}  # fine-tune name -> finetune_cells.TrainRun of this kernel
         self._drawn: Reply | None = None  # the answer a cell just drew and returns: IPython must not draw it again
+        self._panels: dict[object, Any] = {}  # the cell that showed it (or a token) -> its %sage_chat panel
 
     # --- the session -----------------------------------------------------------------------------------------
 
@@ -107,6 +108,9 @@ class SageMagics(Magics):
             run.cancel.set()
         for run in self.training.values():
             run.done.wait()
+        for panel in self._panels.values():
+            panel.close()
+        self._panels.clear()
         if self._session is not None:
             self._session.close()
             self._session = None
@@ -284,16 +288,47 @@ class SageMagics(Magics):
 
     @line_magic("sage_chat")
     def sage_chat(self, line: str) -> Any:
-        """A chat widget on this kernel's session; the backend starts here, with visible progress."""
+        """A chat panel on this kernel's session, one per cell. With a model its backend starts here, with
+        visible progress; with none, the panel offers a fine-tune picker and starts it on the first Send."""
         args = self.parse(line)
         if args is None:
             return None
+        self._refuse_cell_only(line, args)
+        from .panel import GONE, ChatWidget, require_widgets
+
+        require_widgets()
+        cell = self._cell()
+        if cell in self._panels:  # re-run: the front end cleared the old panel; stop it drawing unseen tokens
+            self._panels.pop(cell).close()
         live = LiveOutput(self.shell, self.update_interval)
-        lease = self.session.lease(args, progress=live.progress)
-        from .panel import GONE, ChatWidget
+        if args.backend == "finetune" and not args.finetune_model:
+            live.show({"text/plain": "SAGE chat: pick a fine-tune in the panel.", "text/html": GONE})
+        else:
+            lease = self.session.lease(args, progress=live.progress)
+            chatting = f"Chatting with {lease.endpoint.model}."
+            live.show({"text/plain": chatting, "text/html": f"<div>{html.escape(chatting)}</div>{GONE}"})
+            self.session.max_model_len(lease.endpoint)  # warms the client now, not on the panel's first question
+        output, namespace = args.output, self.shell.user_ns
+        panel = ChatWidget(self.session, args,
+                           on_reply=(lambda reply: namespace.__setitem__(output, reply)) if output else None)
+        if args.new_chat:
+            panel.clear()
+        self._panels[object() if cell is None else cell] = panel
+        return panel
 
-        chatting = f"Chatting with {lease.endpoint.model}."
-        live.show({"text/plain": chatting, "text/html": f"<div>{html.escape(chatting)}</div>{GONE}"})
-        self.session.max_model_len(lease.endpoint)  # warms the client now, not on the panel's first question
+    def _cell(self) -> str | None:
+        """The running cell: its id from the front end (JupyterLab sends one), else its text; None outside one."""
+        result = getattr(self.shell.displayhook, "exec_result", None)
+        info = getattr(result, "info", None)
+        return (getattr(info, "cell_id", None) or getattr(info, "raw_cell", None)) if info is not None else None
 
-        return ChatWidget(self.session, args)
+    def _refuse_cell_only(self, line: str, args: argparse.Namespace) -> None:
+        """The %%sage options a panel cannot honour, refused in one line each (-o and --new-chat it honours)."""
+        if args.compare:
+            raise OptionError("%sage_chat chats with one model at a time: compare fine-tunes in a "
+                              "`%%sage --compare A,B` cell (open panels show that comparison too).")
+        assert self._parser is not None  # parse() built it
+        typed = self._parser[1].parse_args(split(line)).format  # -f as typed: parse() filled in the default
+        if typed not in (None, "markdown", "md"):
+            raise OptionError(f"%sage_chat shows every answer as Markdown: drop -f {typed} (-f is for %%sage "
+                              "cells).")

@@ -9,10 +9,9 @@ Why the message list is drawn from session EVENTS and not from the panel's own a
 share one conversation, and several panels may sit in one notebook. Each panel subscribes to the session, so
 a turn asked anywhere (this panel, another one, a ``%%sage`` cell) appears in all of them, streaming.
 
-Asks run on ONE long-lived worker thread per panel, never on the kernel's main thread (the buttons stay live
-while the model writes) and never on a short-lived thread (a server started from a thread that exits would
-die with it: PR_SET_PDEATHSIG follows the forking thread). Stop sets the answer's cancel event from the comm
-thread; the partial answer stays, marked stopped.
+Asks run on ONE worker thread per panel, which lives as long as the panel, never on the kernel's main thread
+(the buttons stay live while the model writes). Stop sets the answer's cancel event from the comm thread; the
+partial answer stays, marked stopped.
 
 A spare turn: a question and an answer widget made ahead, hidden in the message list. Creating widgets is
 the slow part of drawing a new turn in the browser (each HTML widget is three models, each opened with its
@@ -21,7 +20,16 @@ now takes the spare (a class change and a value) and the next spare is made once
 
 Enter-to-send: ipywidgets' Textarea has no key events, so the input is a tiny anywidget (:class:`PromptInput`,
 a textarea and a dozen lines of ESM) that sends a ``submit`` message on Enter. Without anywidget the panel falls
-back to a plain Textarea (Send button only).
+back to a plain Textarea whose placeholder says so (Send button only); without ipywidgets there is no panel, and
+:func:`require_widgets` says so before any server starts.
+
+No model yet (the JupyterLab palette runs a bare ``%sage_chat``): the panel opens with the fine-tune picker
+empty and starts or reuses the server on the first Send, showing the phases in its status line.
+
+Closing a panel (``%sage_chat`` re-run in its cell, ``%unload_ext``) ends its subscription, cancels its answer,
+lets its worker thread return and closes its widgets: a panel nobody sees must not draw every token again.
+A server that thread started outlives it: its supervisor watches the kernel PROCESS (the stdin pipe and the
+registry's owners); PR_SET_PDEATHSIG, which follows the forking thread, ties only vLLM to the supervisor.
 
 Why the typed text travels in custom messages and not as synced state: the front end throttles state updates
 (one in flight per model; later ones wait until the kernel is idle) but sends custom messages at once, so a
@@ -92,6 +100,20 @@ export default { render };
 """
 
 
+def require_widgets() -> None:
+    """A clear error, before any server starts, when the panel cannot be drawn because ipywidgets is missing."""
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        raise SageError("%sage_chat needs ipywidgets: install the notebook extra (pip install 'sage-magic[notebook]', "
+                        "or pip install ipywidgets anywidget) and restart the kernel. %%sage cells work without "
+                        "it.") from None
+
+
+#: The fallback input's placeholder: Enter cannot send there, and the reader should know why.
+NO_ANYWIDGET = "Ask your model… (anywidget is not installed: Enter makes a new line, Send asks)"
+
+
 def _prompt_input() -> Any:
     """A multi-line input whose Enter sends: the anywidget when installed, else a plain Textarea."""
     import ipywidgets as widgets
@@ -100,7 +122,7 @@ def _prompt_input() -> Any:
         import anywidget
         import traitlets
     except ImportError:
-        return widgets.Textarea(placeholder="Ask your model…", layout=widgets.Layout(width="100%"))
+        return widgets.Textarea(placeholder=NO_ANYWIDGET, layout=widgets.Layout(width="100%"))
 
     class PromptInput(anywidget.AnyWidget):
         _esm = _ESM
@@ -154,11 +176,12 @@ class ChatWidget:
     """``ChatWidget(session, options)``; displays itself. ``.session`` is the kernel session behind it.
 
     ``interval`` throttles streaming redraws (the first token is drawn at once, later ones at most every
-    ``interval`` s); ``export_dir`` is where Export writes its transcript.
+    ``interval`` s); ``export_dir`` is where Export writes its transcript; ``on_reply`` gets each answer asked
+    in this panel (``%sage_chat -o VAR`` stores it). :meth:`close` when the panel is done with.
     """
 
     def __init__(self, session: Session, options: argparse.Namespace, interval: float = 0.1,
-                 export_dir: str | Path = ".") -> None:
+                 export_dir: str | Path = ".", on_reply: Callable[[Reply], None] | None = None) -> None:
         import ipywidgets as widgets
 
         from ..faces.options import MAX_TOP_K, MIN_TOP_K
@@ -167,6 +190,7 @@ class ChatWidget:
         self.options = options
         self.interval = interval
         self.export_dir = Path(export_dir)
+        self.on_reply = on_reply
         self.messages = widgets.VBox([], layout=widgets.Layout(max_height="32em", overflow="auto"))
         self.input = _prompt_input()
         if hasattr(self.input, "on_msg"):
@@ -207,7 +231,7 @@ class ChatWidget:
         for turn in session.current_turns():  # the conversation since the last reset, whoever asked it
             self._add(turn["prompt"]).answer.value = reply_html(_from_transcript(turn))
         self._make_spare()
-        self._set_status("ready" if current else "")
+        self._set_status("ready" if current else self._pick_hint())
         self._unsubscribe = session.subscribe(self._on_event)
         self._worker = threading.Thread(target=self._work, daemon=True, name="sage-chat")
         self._worker.start()
@@ -236,9 +260,13 @@ class ChatWidget:
     def send(self, text: str | None = None) -> threading.Event | None:
         """Ask ``text`` (default: the input box). Returns an event set once the answer is complete.
 
-        A busy panel ignores it and the input keeps the text, so nothing typed is lost."""
+        A busy panel, or one with no fine-tune picked yet, ignores it and the input keeps the text, so nothing
+        typed is lost."""
         prompt = self.input.value if text is None else text
         if not prompt.strip() or self.send_button.disabled:
+            return None
+        if self.options.backend == "finetune" and not self.finetune.value:
+            self._set_status(self._pick_hint())
             return None
         if text is None:
             if hasattr(self.input, "taken"):
@@ -274,10 +302,17 @@ class ChatWidget:
         return written
 
     def close(self) -> None:
-        """Stop following the session and close the widgets (the worker thread idles until the kernel ends)."""
+        """Stop following the session, cancel the answer in progress, end the worker, close every widget."""
         self._unsubscribe()
         self.stop()
-        self.box.close()
+        self._jobs.put(None)  # the worker returns once the current answer, if any, has ended
+        _close_tree(self.box)
+
+    def _pick_hint(self) -> str:
+        if self.finetune.options:
+            return "Pick a fine-tune above: its server starts (or is reused) when you send the first question."
+        return ("No fine-tunes yet: run %sage finetune demo in a cell to build two to try (or train one with "
+                "%sage finetune train), then run %sage_chat again.")
 
     # --- drawing -------------------------------------------------------------------------------------------
 
@@ -368,12 +403,14 @@ class ChatWidget:
         return show
 
     def _work(self) -> None:
-        while True:
-            prompt, args, cancel, done = self._jobs.get()
+        while (job := self._jobs.get()) is not None:  # None: the panel was closed
+            prompt, args, cancel, done = job
             started = time.monotonic()
             try:
                 reply = self.session.ask(prompt, args, on_progress=self._progress(started), cancel=cancel)
                 self._set_status(f"ready · {reply.model}" + (" · stopped" if reply.cancelled else ""))
+                if self.on_reply is not None:
+                    self.on_reply(reply)
             except SageError:  # shown in its turn by the "failed" event
                 self._set_status("failed")
             except Exception as error:  # the worker must survive anything, and say what happened
@@ -381,3 +418,12 @@ class ChatWidget:
             finally:
                 self.send_button.disabled, self.stop_button.disabled = False, True
                 done.set()
+
+
+def _close_tree(widget: Any) -> None:
+    """Close a widget, its children, layouts and styles: each is a model the front end and the kernel keep."""
+    for child in getattr(widget, "children", ()):
+        _close_tree(child)
+    for part in (getattr(widget, "layout", None), getattr(widget, "style", None), widget):
+        if part is not None:
+            part.close()

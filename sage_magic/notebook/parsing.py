@@ -45,7 +45,8 @@ LINE_HELP = """\
                            every prompt to every model, concurrently; summary table and bar chart
   index add|update|show|rm|query ... and finetune demo|merge ...: run as `sage ...` in a child process,
                            so building an index or merging weights never loads torch into the kernel.
-%sage_chat [options]       a chat widget on the same session: same options as %%sage, shared history.
+%sage_chat [options]       a chat panel on the same session, one per cell: the options of %%sage except
+                           --compare and -f; with no model, pick a fine-tune in the panel.
 Defaults: %config SageMagics.<name> = value (`%config SageMagics` lists them)."""
 _ALIASES = {"status": ["ps"], "models": ["finetune", "list"], "indexes": ["index", "list"]}
 
