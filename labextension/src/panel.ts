@@ -289,6 +289,12 @@ export class SagePanel extends Widget {
     super.dispose();
   }
 
+  /** A sidebar restored open gets no after-show, only this. */
+  protected onAfterAttach(msg: Message): void {
+    super.onAfterAttach(msg);
+    this._model.setShown(this.isVisible);
+  }
+
   protected onAfterShow(msg: Message): void {
     super.onAfterShow(msg);
     this._model.setShown(true);
