@@ -21,10 +21,15 @@ export interface IModelServer {
   keep_alive: number;
 }
 
-/** One row of GET /sage-magic/finetunes (CatalogEntry.as_dict). */
+/**
+ * One row of GET /sage-magic/finetunes (CatalogEntry.as_dict): what `sage finetune list` shows. A broken
+ * fine-tune has a `problem`; its other fields are null when the catalog could not read them.
+ */
 export interface IFinetune {
   name: string;
   base: string | null;
+  newest_checkpoint: number | null;
+  rank: number | null;
   merged: boolean;
   problem: string | null;
 }

@@ -8,17 +8,16 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { ICommandPalette, showErrorMessage } from '@jupyterlab/apputils';
-import { INotebookTracker, NotebookActions } from '@jupyterlab/notebook';
+import { ICommandPalette } from '@jupyterlab/apputils';
+import { INotebookTracker } from '@jupyterlab/notebook';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
-import { stopAll } from './api';
+import { openChatCell, openFinetuneChat } from './chatcell';
 import { SageModel } from './model';
 import { PANEL_ID, SagePanel } from './panel';
-
-const CHAT_CELL = '%load_ext sage_magic\n%sage_chat';
+import { confirmStopAll } from './stopall';
 
 const sageIcon = new LabIcon({
   name: 'sage-magic:icon',
@@ -34,7 +33,10 @@ namespace CommandIDs {
   export const showPanel = 'sage-magic:show-panel';
 }
 
-/** The status-bar item: "SAGE: N servers"; a click opens the sidebar. */
+/**
+ * The status-bar item: "SAGE: N servers"; a click opens the sidebar. Its data-poll attribute is the server
+ * poll's last phase ("standby" while the tab is hidden), rewritten on every tick.
+ */
 class ServerCount extends Widget {
   constructor(model: SageModel, open: () => void) {
     super();
@@ -47,6 +49,7 @@ class ServerCount extends Widget {
       this.node.dataset.count = String(n);
     };
     model.changed.connect(render);
+    model.ticked.connect((_, phase) => this.node.setAttribute('data-poll', phase));
     render();
   }
 }
@@ -65,7 +68,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
     statusBar: IStatusBar | null
   ) => {
     const model = new SageModel();
-    const panel = new SagePanel(model);
+    const panel = new SagePanel(model, {
+      openChat: name => void openFinetuneChat(notebooks, name),
+      stopAll: () => void confirmStopAll(model)
+    });
     panel.title.icon = sageIcon;
     panel.title.caption = 'SAGE: model servers, fine-tunes, indexes';
     shell.add(panel, 'left', { rank: 900 });
@@ -79,32 +85,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
     app.commands.addCommand(CommandIDs.openChat, {
       label: 'SAGE: Open chat in this notebook',
       isEnabled: () => notebooks?.currentWidget != null,
-      execute: async () => {
-        const current = notebooks?.currentWidget;
-        if (!current) {
-          return;
-        }
-        const notebook = current.content;
-        const active = notebook.activeCell;
-        // an empty code cell (a new notebook's first one) is used as is; otherwise a new cell goes below
-        if (!active || active.model.type !== 'code' || active.model.sharedModel.getSource().trim()) {
-          NotebookActions.insertBelow(notebook);
-        }
-        notebook.activeCell?.model.sharedModel.setSource(CHAT_CELL);
-        await NotebookActions.run(notebook, current.sessionContext);
-      }
+      execute: () => openChatCell(notebooks)
     });
 
     app.commands.addCommand(CommandIDs.stopAll, {
       label: 'SAGE: Stop all model servers',
-      execute: async () => {
-        try {
-          await stopAll();
-        } catch (reason) {
-          await showErrorMessage('Could not stop the model servers', reason as Error);
-        }
-        await model.refresh();
-      }
+      execute: () => confirmStopAll(model)
     });
 
     for (const command of [CommandIDs.openChat, CommandIDs.stopAll, CommandIDs.showPanel]) {
