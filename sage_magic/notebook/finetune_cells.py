@@ -6,7 +6,10 @@ the kernel) and ``evaluate.evaluate``. What lives here is notebook glue.
 Threads: training always runs in a background thread of the kernel (it only reads the child's JSON events),
 with a ``cancel`` Event. By default the cell waits for it and draws the progress bar and the loss curve from
 the cell's own thread (so every display update carries that cell's parent message, which every frontend and
-nbclient route correctly); a kernel interrupt sets the cancel and waits for the clean stop. With
+nbclient route correctly); a kernel interrupt sets the cancel and waits for the clean stop, wherever it lands
+(while the cell waits or while it draws). The cell's thread only ever waits in slices: an untimed wait would
+hold back an interrupt raised with ``_thread.interrupt_main`` (how ipykernel interrupts on Windows) until the
+run ended. With
 ``--background`` the cell returns as soon as the child has started (errors in the data, the name, the options
 or the base are still raised in the cell), other cells run meanwhile, ``%sage finetune watch NAME`` draws the
 progress in the cell that asks, and ``%sage finetune stop [NAME]`` ends it cleanly from any cell. Either way the
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     from ..core.progress import Progress
     from ..finetune.train import TrainOptions, TrainResult
     from .context import CellContext
+    from .display import LiveOutput
     from .parsing import MagicParser
 
 #: How long a ``--background`` cell waits for the child's first event (validation happens before it).
@@ -51,6 +55,11 @@ class TrainRun:
 
     def progress(self, event: "Progress") -> None:
         self.events.append(event)  # list.append is atomic: the watching thread reads a consistent prefix
+
+    def wait(self) -> None:
+        """Until the run ends, in slices, so that an interrupt reaches the waiting thread at once."""
+        while not self.done.wait(0.1):
+            pass
 
 
 def train_parser() -> "MagicParser":
@@ -126,31 +135,39 @@ def wait_started(run: TrainRun) -> None:
 
 
 def watch(magics: "CellContext", run: TrainRun) -> "TrainResult | None":
-    """Draw the run's progress in this cell until it ends; an interrupt stops the training cleanly."""
+    """Draw the run's progress in this cell until it ends; an interrupt stops the training cleanly.
+
+    The first interrupt, wherever it lands (waiting or drawing), asks the run to stop and keeps drawing until
+    it has; a second one stops waiting (the run still stops on its own)."""
     from .display import LiveOutput
 
     live = LiveOutput(magics.shell, max(magics.update_interval, 0.25))
-    shown = -1
     interrupted = False
     while True:
         try:
-            finished = run.done.wait(0.1)
+            _draw_until_done(run, live)
+            break
         except KeyboardInterrupt:
             if interrupted:
                 raise
             interrupted = True
             run.cancel.set()
-            continue
-        if finished or (len(run.events) != shown and live.due()):
-            shown = len(run.events)
-            live.show(training_bundle(run, time.monotonic() - run.started))
-        if finished:
-            break
     if run.error is not None:
         raise run.error
     if interrupted:
         raise KeyboardInterrupt
     return run.result
+
+
+def _draw_until_done(run: TrainRun, live: "LiveOutput") -> None:
+    shown = -1
+    while True:
+        finished = run.done.wait(0.1)
+        if finished or (len(run.events) != shown and live.due()):
+            shown = len(run.events)
+            live.show(training_bundle(run, time.monotonic() - run.started))
+        if finished:
+            return
 
 
 def training_bundle(run: TrainRun, elapsed: float) -> dict[str, Any]:
@@ -225,7 +242,7 @@ def stop_cell(magics: "CellContext", args: argparse.Namespace) -> None:
     for run in running:
         run.cancel.set()
     for run in running:
-        run.done.wait()
+        run.wait()
         result = run.result
         if result is not None:
             print(f"stopped {run.name} at step {result.steps}/{result.total_steps}; adapter: "

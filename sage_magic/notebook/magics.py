@@ -104,7 +104,7 @@ class SageMagics(Magics):
         for run in self.training.values():  # a training child never outlives the magics that started it
             run.cancel.set()
         for run in self.training.values():
-            run.done.wait()
+            run.wait()
         if self._session is not None:
             self._session.close()
             self._session = None
