@@ -19,7 +19,8 @@ FORMATS = ("markdown", "md", "text", "code", "json", "html", "math")  # render.F
 #: build indexes or merge weights: torch must stay out of the kernel).
 SUBCOMMANDS = ("status", "stop", "logs", "models", "indexes", "history", "reset", "export", "help")
 CHILD_COMMANDS = ("index", "finetune")
-#: The fine-tune loop (finetune_cells.py, eval_cells.py): training in the kernel's background thread over a child process, and eval.
+#: The fine-tune loop (finetune_cells.py, eval_cells.py): training in the kernel's background thread over a
+#: child process, and eval.
 LOOP_COMMANDS = {("finetune", "train"): "train", ("finetune", "watch"): "watch", ("finetune", "stop"): "stop",
                  ("eval",): "eval"}
 LINE_HELP = """\
