@@ -14,6 +14,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -355,6 +356,18 @@ def test_interrupt_while_leasing_starts_nothing(demo_home: Path, short_runtime: 
         assert not sage_processes(short_runtime)
     finally:
         ip.extension_manager.unload_extension("sage_magic")
+
+
+def test_interrupt_in_a_listener_of_the_start_still_ends_the_call(shell: InteractiveShell) -> None:
+    """A SIGINT that lands while a face hears that a call started (before any work) used to leave the call
+    marked as running for good, and its listeners never heard that it ended."""
+    session = magics(shell).session
+    heard: list[str] = []
+    session.subscribe(lambda e: heard.append(e.kind))
+    session.subscribe(lambda e: signal.raise_signal(signal.SIGINT) if e.kind == "started" else None)
+    result = run(shell, "--backend openai --base-url http://127.0.0.1:9/v1 --model m", "hi")
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert session.running == {} and heard == ["started", "cancelled"]
 
 
 def test_cancel_from_another_thread_keeps_the_partial_answer(shell: InteractiveShell) -> None:
