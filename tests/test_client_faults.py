@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import signal
 import socket
 import threading
 
@@ -130,6 +131,28 @@ def test_cancel_from_another_thread_keeps_the_text_and_hangs_up_so_the_server_ab
     result = client.stream([{"role": "user", "content": "hi"}], cancel=cancel)
     assert result.cancelled and result.text == kept
     thread.join(10)
+    assert left.is_set(), "the server never saw the client hang up, so vLLM would go on generating"
+
+
+def test_an_interrupt_while_the_request_starts_still_hangs_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGINT that lands while the caller starts the request's worker thread (a real signal ends the wait in
+    Thread.start at once) used to leave that worker running: it sent the request, and nobody hung up, so vLLM
+    generated the whole answer for nobody."""
+    left = threading.Event()
+    port, thread = _serve_once(lambda conn: (conn.sendall(STREAM_HEAD), _until_client_leaves(conn, left)))
+    start = threading.Thread.start
+
+    def start_then_interrupt(worker: threading.Thread) -> None:
+        start(worker)
+        if worker.name == "sage-chat-stream":
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    client = ChatClient(Endpoint(f"http://127.0.0.1:{port}/v1", "k", "m"), timeout=60)
+    with pytest.raises(KeyboardInterrupt):
+        client.stream([{"role": "user", "content": "hi"}])
+    monkeypatch.undo()
+    thread.join(30)
     assert left.is_set(), "the server never saw the client hang up, so vLLM would go on generating"
 
 

@@ -1,16 +1,20 @@
 """The magics without a model server: loading, options, configuration, and every failure as one paragraph.
 
 Each test gets a fresh ``InteractiveShell`` (not the singleton) whose display publisher records what the
-magic shows. Two tests need faults a real vLLM server cannot be made to show on demand (a stream that is
-slow enough to interrupt, and a server that dies in the middle of an answer): they use :class:`FakeServer`,
-a few lines of OpenAI-compatible streaming over http.server, and say so.
+magic shows. Some tests need faults a real vLLM server cannot be made to show on demand (a server that
+hangs at a chosen point of an answer, so that an interrupt lands in a known phase, and a server that dies in
+the middle of an answer): they use :class:`FakeServer`, a few lines of OpenAI-compatible streaming over
+http.server, and say so.
 """
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +30,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from sage_magic.notebook.parsing import HelpRequested, line_parser
-from tests.conftest import env_for, make_settings, new_shell
+from tests.conftest import env_for, make_settings, new_shell, sage_processes, wait_until
 
 HEAVY = ("torch", "transformers", "peft", "vllm", "sentence_transformers", "faiss")
 
@@ -232,10 +236,12 @@ def test_api_keys_come_from_a_named_variable_and_never_show_in_the_options(
 
 
 class FakeServer:
-    """An OpenAI-compatible streaming server for faults real vLLM cannot be made to show on demand: a slow
-    stream (time to interrupt it) and a connection that breaks in the middle of an answer."""
+    """An OpenAI-compatible streaming server for faults real vLLM cannot be made to show on demand: a stream
+    that hangs after ``hang_after`` words (0: in prefill, before the response starts) until :attr:`release`
+    is set or the client hangs up, and a connection that breaks in the middle of an answer (``die_after``)."""
 
-    def __init__(self, words: int = 40, delay: float = 0.1, die_after: int | None = None) -> None:
+    def __init__(self, words: int = 40, delay: float = 0.1, die_after: int | None = None,
+                 hang_after: int | None = None) -> None:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -259,6 +265,8 @@ class FakeServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if hang_after == 0 and self._hang():
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
@@ -268,12 +276,25 @@ class FakeServer:
                         self.wfile.flush()
                         self.connection.shutdown(socket.SHUT_RDWR)  # no final chunk: the stream breaks mid-answer
                         return
+                    if n and n == hang_after and self._hang():
+                        return
                     self._event({"choices": [{"index": 0, "delta": {"content": f"w{n} "}, "finish_reason": None}]})
                     time.sleep(delay)
                 self._event({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": words,
                                                       "total_tokens": 5 + words}})
                 self._chunk(b"data: [DONE]\n\n")
                 self._chunk(b"")
+
+            def _hang(self) -> bool:
+                """Hold the request until released; True when the client hung up meanwhile (as vLLM would
+                notice, and abort the request)."""
+                fake.hanging.set()
+                while not fake.release.wait(0.05):
+                    readable, _, _ = select.select([self.connection], [], [], 0)
+                    if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                        fake.hung_up.set()
+                        return True
+                return False
 
             def _event(self, payload: dict) -> None:
                 payload.update(id="x", object="chat.completion.chunk", created=0, model="fake")
@@ -284,12 +305,16 @@ class FakeServer:
                 self.wfile.flush()
 
         self.requests: list[dict] = []
+        self.hanging = threading.Event()  # a request is being held (hang_after)
+        self.release = threading.Event()  # lets a held request go on
+        self.hung_up = threading.Event()  # the client closed the connection while its request was held
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         self.line = f"--backend openai --base-url http://127.0.0.1:{self.server.server_address[1]}/v1 --model fake"
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -303,39 +328,116 @@ def test_server_dying_mid_stream(shell: InteractiveShell, capsys: pytest.Capture
     assert "broke off its answer" in out and "w0 w1 w2" in out
 
 
-def test_interrupt_keeps_the_partial_answer(shell: InteractiveShell) -> None:
-    import _thread
+def interrupt_when(due: threading.Event) -> None:
+    """Interrupt the main thread from another thread, as the kernel's interrupt button does, once ``due`` is
+    set: the interrupt follows an event, never a timer. If the event never comes, nothing is interrupted (a
+    late interrupt would land in some later test)."""
+    threading.Thread(target=lambda: due.wait(60) and _thread.interrupt_main(), daemon=True,
+                     name="test-interrupt").start()
 
-    fake = FakeServer(words=100, delay=0.05)
-    timer = threading.Timer(0.6, _thread.interrupt_main)
-    try:
-        timer.start()
-        run(shell, fake.line + " -o a", "Count slowly")
-    finally:
-        timer.cancel()
-        fake.close()
+
+def emitted(session, kind: str, count: int = 1) -> threading.Event:
+    """An event set once ``session`` has emitted its ``count``-th event of ``kind``."""
+    seen: list = []
+    due = threading.Event()
+
+    def listen(event) -> None:
+        if event.kind == kind:
+            seen.append(event)
+            if len(seen) == count:
+                due.set()
+
+    session.subscribe(listen)
+    return due
+
+
+def test_interrupt_mid_stream_keeps_the_partial_answer(shell: InteractiveShell) -> None:
+    """The server hangs after three words, so the interrupt lands mid-stream, never after the end."""
+    fake = FakeServer(words=100, delay=0.0, hang_after=3)
     session = magics(shell).session
-    partial = session.history[-1]["content"]
-    assert session.history[-1]["role"] == "assistant" and partial.startswith("w0 ") and "w99" not in partial
+    interrupt_when(emitted(session, "delta", count=3))
+    try:
+        result = run(shell, fake.line + " -o a", "Count slowly")
+        assert isinstance(result.error_in_exec, KeyboardInterrupt)
+        assert wait_until(fake.hung_up.is_set, 10)  # the request was abandoned: the server can stop generating
+    finally:
+        fake.close()
+    assert session.history[-1] == {"role": "assistant", "content": "w0 w1 w2 ", "stopped": True}
     last = shell.display_pub.outputs[-1]["data"]
-    assert "stopped" in last["text/html"] and partial.strip() in last["text/plain"]
+    assert "stopped" in last["text/html"] and "w0 w1 w2" in last["text/plain"]
+    assert session.running == {}
+
+
+def test_interrupt_in_prefill_stops_the_cell_and_keeps_nothing_half_asked(shell: InteractiveShell) -> None:
+    """Before the first token (vLLM sends nothing until then): the cell stops, the question is not kept with an
+    empty answer, the request is abandoned, and the next cell asks as usual."""
+    fake = FakeServer(words=2, delay=0.0, hang_after=0)
+    session = magics(shell).session
+    interrupt_when(fake.hanging)
+    try:
+        result = run(shell, fake.line, "Count slowly")
+        assert isinstance(result.error_in_exec, KeyboardInterrupt)
+        assert wait_until(fake.hung_up.is_set, 10)
+        assert session.history == [] and session.running == {}
+        assert "stopped" in shell.display_pub.outputs[-1]["data"]["text/html"]
+        fake.release.set()
+        run(shell, fake.line + " -o b", "Count again").raise_error()
+    finally:
+        fake.close()
+    assert shell.user_ns["b"] == "w0 w1 " and [t["content"] for t in session.history] == ["Count again", "w0 w1 "]
+
+
+def test_interrupt_while_leasing_starts_nothing(demo_home: Path, short_runtime: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the session waits for its lease (here: another process holds the registry lock), an interrupt
+    stops the cell, and no server is started or registered on its behalf afterwards."""
+    import fcntl
+
+    settings_ = make_settings(demo_home, short_runtime)
+    for key, value in env_for(settings_).items():
+        monkeypatch.setenv(key, value)
+    ip = new_shell()
+    try:
+        session = magics(ip).session
+        with open(short_runtime / "registry.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the lease cannot get past the registry while the cell runs
+            interrupt_when(emitted(session, "started"))
+            result = run(ip, "--finetune-model demo_expert", "hi")
+        assert isinstance(result.error_in_exec, KeyboardInterrupt)
+        assert "stopped" in ip.display_pub.outputs[-1]["data"]["text/html"]
+        assert session.running == {} and not list(short_runtime.rglob("*.json"))
+        assert not sage_processes(short_runtime)
+    finally:
+        ip.extension_manager.unload_extension("sage_magic")
+
+
+def test_interrupt_in_a_listener_of_the_start_still_ends_the_call(shell: InteractiveShell) -> None:
+    """A SIGINT that lands while a face hears that a call started (before any work) used to leave the call
+    marked as running for good, and its listeners never heard that it ended."""
+    session = magics(shell).session
+    heard: list[str] = []
+    session.subscribe(lambda e: heard.append(e.kind))
+    session.subscribe(lambda e: signal.raise_signal(signal.SIGINT) if e.kind == "started" else None)
+    result = run(shell, "--backend openai --base-url http://127.0.0.1:9/v1 --model m", "hi")
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert session.running == {} and heard == ["started", "cancelled"]
 
 
 def test_cancel_from_another_thread_keeps_the_partial_answer(shell: InteractiveShell) -> None:
-    fake = FakeServer(words=100, delay=0.05)
+    """The panel's Stop button: a cancel from another thread, once three words were shown; the server hangs
+    after them, so only the cancel can end the cell."""
+    fake = FakeServer(words=100, delay=0.0, hang_after=3)
     session = magics(shell).session
-    timer = threading.Timer(0.6, session.cancel)
+    shown = threading.Event()
+    session.subscribe(lambda e: shown.set() if e.kind == "delta" and e.data == "w2 " else None)
+    threading.Thread(target=lambda: shown.wait(60) and session.cancel(), daemon=True).start()
     try:
-        timer.start()
-        started = time.monotonic()
         result = run(shell, fake.line + " -o a", "Count slowly")
-        waited = time.monotonic() - started
     finally:
-        timer.cancel()
         fake.close()
     assert result.error_in_exec is None
     answer = shell.user_ns["a"]
-    assert answer.cancelled and answer.startswith("w0 ") and "w99" not in answer and waited < 4
+    assert answer.cancelled and answer == "w0 w1 w2 "
     assert session.history[-1]["content"] == str(answer)
     assert "stopped" in html_of(shell)
 

@@ -13,6 +13,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
+from sage_magic.rag.service import SearchService
 from tests.test_magics import HEAVY, html_of, magics
 
 pytestmark = pytest.mark.vllm
@@ -125,8 +126,6 @@ def test_chat_widget_streams_off_the_main_thread(ip: InteractiveShell) -> None:
 
 
 def test_grounded_answer_with_citations_keeps_the_kernel_light(ip: InteractiveShell, tmp_path) -> None:
-    pytest.importorskip("sage_magic.rag.service", reason="the RAG helper process (sage_magic/rag/service.py, "
-                                                         "issue 7, helper h3) is not in this tree yet")
     heavy_before = {m for m in HEAVY if m in sys.modules}
     doc = tmp_path / "notes.md"
     doc.write_text("# Keep-alive\n\nSAGE_KEEP_ALIVE sets how long a server outlives its last owner.\n")
@@ -136,6 +135,7 @@ def test_grounded_answer_with_citations_keeps_the_kernel_light(ip: InteractiveSh
     assert g.citations and g.citations[0]["source"].endswith("notes.md")
     assert "notes.md" in ip.display_pub.outputs[-1]["data"]["text/html"]
     assert {m for m in HEAVY if m in sys.modules} == heavy_before
+    assert isinstance(magics(ip).session.search().__self__, SearchService)  # retrieval ran in the helper process
 
 
 @pytest.mark.kernel

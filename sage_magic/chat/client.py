@@ -94,13 +94,13 @@ class ChatClient:
         started = time.monotonic()
         call = _Call()
         events: queue.Queue = queue.Queue()
-        threading.Thread(target=self._pump, args=(messages, params, call, events), daemon=True,
-                         name="sage-chat-stream").start()
         parts: list[str] = []
         first: float | None = None
         finish = usage = None
         cancelled = ended = False
-        try:
+        try:  # from the worker's start on: an interrupt while it starts must still hang up
+            threading.Thread(target=self._pump, args=(messages, params, call, events), daemon=True,
+                             name="sage-chat-stream").start()
             while True:
                 if cancel is not None and cancel.is_set():
                     cancelled = True

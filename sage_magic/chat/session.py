@@ -267,8 +267,8 @@ class Session:
         args = options or self.options()
         cancel = cancel or threading.Event()
         call = self._begin(cancel, f"ask {args.finetune_model or args.model or args.backend}")
-        self._emit("started", call, prompt)
-        try:
+        try:  # from "started" on: an interrupt in a listener still ends the call, with its event
+            self._emit("started", call, prompt)
             lease = self.lease(args, progress=on_progress, cancel=cancel)
             if new_chat:
                 self.reset()

@@ -1,19 +1,21 @@
 """The notebook face of training: ``%sage finetune train|watch|stop``.
 
 Thin over the engine: ``train.train`` (which runs training in its own child process, so torch never enters
-the kernel) and ``evaluate.evaluate``. What lives here is notebook glue.
+the kernel). What lives here is notebook glue.
 
 Threads: training always runs in a background thread of the kernel (it only reads the child's JSON events),
 with a ``cancel`` Event. By default the cell waits for it and draws the progress bar and the loss curve from
 the cell's own thread (so every display update carries that cell's parent message, which every frontend and
-nbclient route correctly); a kernel interrupt sets the cancel and waits for the clean stop (a second one
-kills the child). With ``--background`` the cell returns as soon as the child has started (errors in the data,
-the name, the options or the base are still raised in the cell), other cells run meanwhile, ``%sage finetune
-watch NAME`` draws the progress in the cell that asks (interrupting it only detaches: people interrupt to get
-the kernel back, not to lose the run), and ``%sage finetune stop [--now] [NAME]`` ends it cleanly from any
-cell (``--now``: kills it). Either way the last complete checkpoint stays usable. ``watch`` and ``stop``
-without a name and with nothing running report how the last run ended, so a background failure is never
-silent.
+nbclient route correctly); a kernel interrupt, wherever it lands (while the cell waits or draws), sets the
+cancel and waits for the clean stop (a second one kills the child). The cell's thread only ever waits in
+slices: an untimed wait would hold back an interrupt raised with ``_thread.interrupt_main`` (how ipykernel
+interrupts on Windows) until the run ended. With ``--background`` the cell returns as soon as the child has
+started (errors in the data, the name, the options or the base are still raised in the cell), other cells run
+meanwhile, ``%sage finetune watch NAME`` draws the progress in the cell that asks (interrupting it only
+detaches: people interrupt to get the kernel back, not to lose the run), and ``%sage finetune stop [--now]
+[NAME]`` ends it cleanly from any cell (``--now``: kills it). Either way the last complete checkpoint stays
+usable. ``watch`` and ``stop`` without a name and with nothing running report how the last run ended, so a
+background failure is never silent.
 
 When a run ends, the session forgets its cached leases on that fine-tune, so the next ``%%sage
 --finetune-model NAME`` asks the manager again, which reloads a changed adapter in place.
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from ..core.progress import Progress
     from ..finetune.train import TrainOptions, TrainResult
     from .context import CellContext
+    from .display import LiveOutput
     from .parsing import MagicParser
 
 #: How long a ``--background`` cell waits for the child's first event (validation happens before it).
@@ -55,6 +58,11 @@ class TrainRun:
 
     def progress(self, event: "Progress") -> None:
         self.events.append(event)  # list.append is atomic: the watching thread reads a consistent prefix
+
+    def wait(self) -> None:
+        """Until the run ends, in slices, so that an interrupt reaches the waiting thread at once."""
+        while not self.done.wait(0.1):
+            pass
 
 
 def train_parser() -> "MagicParser":
@@ -135,19 +143,19 @@ def wait_started(run: TrainRun) -> None:
 
 
 def watch(magics: "CellContext", run: TrainRun, detach: bool = False) -> "TrainResult | None":
-    """Draw the run's progress in this cell until it ends. An interrupt stops the training cleanly (a second
-    one kills it), or with ``detach`` only ends the watching: the training goes on."""
+    """Draw the run's progress in this cell until it ends.
+
+    The first interrupt, wherever it lands (waiting or drawing), asks the run to stop cleanly and keeps drawing
+    until it has; a second one kills it. With ``detach`` an interrupt only ends the watching: the training goes
+    on."""
     from .display import LiveOutput
 
     live = LiveOutput(magics.shell, max(magics.update_interval, 0.25))
-    shown = -1
     interrupted = False
     while True:
         try:
-            finished = run.done.wait(0.1)
-            if finished or (len(run.events) != shown and live.due()):
-                shown = len(run.events)
-                live.show(training_bundle(run, time.monotonic() - run.started))
+            _draw_until_done(run, live)
+            break
         except KeyboardInterrupt:
             if detach:
                 print(f"Stopped watching {run.name}; it goes on training in the background. `%sage finetune "
@@ -158,14 +166,22 @@ def watch(magics: "CellContext", run: TrainRun, detach: bool = False) -> "TrainR
                 raise
             interrupted = True
             run.cancel.set()
-            continue
-        if finished:
-            break
     if run.error is not None:
         raise run.error
     if interrupted:
         raise KeyboardInterrupt
     return run.result
+
+
+def _draw_until_done(run: TrainRun, live: "LiveOutput") -> None:
+    shown = -1
+    while True:
+        finished = run.done.wait(0.1)
+        if finished or (len(run.events) != shown and live.due()):
+            shown = len(run.events)
+            live.show(training_bundle(run, time.monotonic() - run.started))
+        if finished:
+            return
 
 
 def training_bundle(run: TrainRun, elapsed: float) -> dict[str, Any]:
@@ -257,7 +273,7 @@ def stop_cell(magics: "CellContext", args: argparse.Namespace) -> None:
     for run in running:
         (run.kill if args.now else run.cancel).set()
     for run in running:
-        run.done.wait()
+        run.wait()
         print(outcome(run))
     if not running:
         _nothing_running(magics)

@@ -107,7 +107,7 @@ class SageMagics(Magics):
         for run in self.training.values():  # a training child never outlives the magics that started it
             run.cancel.set()
         for run in self.training.values():
-            run.done.wait()
+            run.wait()
         for panel in self._panels.values():
             panel.close()
         self._panels.clear()
