@@ -231,6 +231,7 @@ class StreamInterrupted(KeyboardInterrupt):
     def __init__(self, result: StreamResult) -> None:
         super().__init__()
         self.result = result
+        self.partial: object = None  # the Reply a session kept of it (history and transcript), if any
 
 
 class _Call:

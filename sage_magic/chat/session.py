@@ -266,9 +266,7 @@ class Session:
 
         args = options or self.options()
         cancel = cancel or threading.Event()
-        call = self._begin(cancel, f"ask {args.finetune_model or args.model or args.backend}")
-        try:  # from "started" on: an interrupt in a listener still ends the call, with its event
-            self._emit("started", call, prompt)
+        with self._call(cancel, f"ask {args.finetune_model or args.model or args.backend}", prompt) as call:
             lease = self.lease(args, progress=on_progress, cancel=cancel)
             if new_chat:
                 self.reset()
@@ -279,28 +277,38 @@ class Session:
                     on_delta(text)
                 self._emit("delta", call, text)
 
-            answer = conversation.ask(prompt, **ask_options(args), on_delta=delta, cancel=cancel)
+            try:
+                answer = conversation.ask(prompt, **ask_options(args), on_delta=delta, cancel=cancel)
+            except StreamInterrupted as interrupt:  # the partial answer is in the history: keep it for export too
+                if interrupt.result.text:
+                    interrupt.partial = self._reply(prompt, Answer(interrupt.result.text, interrupt.result),
+                                                    lease.endpoint, ask_server=False)
+                    self._record(interrupt.partial)
+                raise
             self._trim_history()
             reply = self._reply(prompt, answer, lease.endpoint)
-        except StreamInterrupted as interrupt:  # the partial answer is in the history: keep it for export too
-            partial = None
-            if interrupt.result.text:
-                partial = self._reply(prompt, Answer(interrupt.result.text, interrupt.result), lease.endpoint,
-                                      ask_server=False)
-                self._record(partial)
-            self._emit("cancelled", call, partial)
+        self._record(reply)
+        self._emit("cancelled" if reply.cancelled else "finished", call, reply)
+        return reply
+
+    @contextmanager
+    def _call(self, cancel: threading.Event, what: str, prompt: str) -> Iterator[int]:
+        """One call of :meth:`ask` or :meth:`compare`, listed in :attr:`running` while it lasts. It announces
+        "started" inside the guard, so that even an interrupt in a listener ends the call with its event: a
+        KeyboardInterrupt as "cancelled" (with the partial reply it carries, if any), any other error as
+        "failed". The caller emits the event of a normal end."""
+        call = self._begin(cancel, what)
+        try:
+            self._emit("started", call, prompt)
+            yield call
+        except KeyboardInterrupt as interrupt:
+            self._emit("cancelled", call, getattr(interrupt, "partial", None))
             raise
-        except KeyboardInterrupt:
-            self._emit("cancelled", call, None)
-            raise
-        except BaseException as error:  # every started call ends with an event, whatever went wrong
+        except BaseException as error:
             self._emit("failed", call, error)
             raise
         finally:
             self._end(call)
-        self._record(reply)
-        self._emit("cancelled" if reply.cancelled else "finished", call, reply)
-        return reply
 
     def _record(self, reply: Reply) -> None:
         with self._lock:
@@ -342,18 +350,8 @@ class Session:
                 on_delta=(lambda text: on_delta(name, text)) if on_delta else None)
             return self._reply(prompt, answer, endpoint)
 
-        call = self._begin(cancel, "compare " + ",".join(names))
-        self._emit("started", call, prompt)
-        try:
+        with self._call(cancel, "compare " + ",".join(names), prompt) as call:
             replies = run_waves(names, ask, cancel=cancel, on_tick=on_tick, tick=tick)
-        except KeyboardInterrupt:
-            self._emit("cancelled", call, None)
-            raise
-        except BaseException as error:  # every started call ends with an event, whatever went wrong
-            self._emit("failed", call, error)
-            raise
-        finally:
-            self._end(call)
         self._emit("finished", call, replies)
         return replies
 
