@@ -114,6 +114,15 @@ def _open_lab(page, lab: Lab) -> None:
     page.evaluate("async () => { await window.jupyterapp.restored; }")
 
 
+def _sidebar_row_of_a_new_server(page, lab_for, settings: Settings, manager: Manager):
+    """Serve demo_expert on a server of the test's own, open JupyterLab and the sidebar: the server's endpoint
+    and its row there."""
+    endpoint = manager.serve_finetune("demo_expert").endpoint
+    _open_lab(page, lab_for(settings))
+    page.locator(".sage-magic-status").click()
+    return endpoint, page.locator(f'#sage-magic-sidebar li.sage-magic-server[data-server-id="{endpoint.server_id}"]')
+
+
 # Opens a new notebook on a ready kernel and makes it the active one (leaves ``app`` and ``panel`` defined).
 _NEW_NOTEBOOK = """
         const app = window.jupyterapp;
@@ -228,11 +237,7 @@ def test_sidebar_lists_a_running_server_and_stops_it(page, lab_for, fresh_settin
     """A server of this test's own (fresh registry), so that stopping it leaves the shared one alone."""
     manager = Manager(fresh_settings)
     try:
-        endpoint = manager.serve_finetune("demo_expert").endpoint
-        lab = lab_for(fresh_settings)
-        _open_lab(page, lab)
-        page.locator(".sage-magic-status").click()
-        row = page.locator(f'#sage-magic-sidebar li.sage-magic-server[data-server-id="{endpoint.server_id}"]')
+        endpoint, row = _sidebar_row_of_a_new_server(page, lab_for, fresh_settings, manager)
         row.wait_for(timeout=30_000)
         assert "sage-demo-base" in row.inner_text() and "demo_expert" in row.inner_text()
         assert wait_until(lambda: _status_text(page) == "SAGE: 1 server", 10)
@@ -261,11 +266,7 @@ def test_sidebar_log_keeps_its_scroll_and_stop_all_asks_first(page, lab_for, fre
     """A server of this test's own (fresh registry): Stop all ends with it stopped."""
     manager = Manager(fresh_settings)
     try:
-        endpoint = manager.serve_finetune("demo_expert").endpoint
-        lab = lab_for(fresh_settings)
-        _open_lab(page, lab)
-        page.locator(".sage-magic-status").click()
-        row = page.locator(f'#sage-magic-sidebar li.sage-magic-server[data-server-id="{endpoint.server_id}"]')
+        endpoint, row = _sidebar_row_of_a_new_server(page, lab_for, fresh_settings, manager)
         row.locator("button.sage-magic-log-button").click()
         log = row.locator("pre.sage-magic-log")
         assert wait_until(lambda: "INFO" in log.inner_text(), 30), log.inner_text()
