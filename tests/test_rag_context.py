@@ -46,3 +46,31 @@ def test_rrf_rewards_agreement() -> None:
     fused = rrf([[(1, 0.9), (2, 0.8), (3, 0.7)], [(3, 9.0), (4, 5.0), (1, 1.0)]])
     assert [row for row, _ in fused][:2] == [1, 3]
     assert fused[0][1] == pytest.approx(1 / 61 + 1 / 63)
+
+
+class _DenseTokenizer:
+    """A client whose tokenizer makes 1.25 characters a token, as the demo model's does: far denser than the
+    2.5 the budget first assumes. No server: only the window and /tokenize's count matter here."""
+
+    endpoint = type("E", (), {"model": "tiny"})()
+
+    def max_model_len(self) -> int:
+        return 2048
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        return int(sum(len(m["content"]) for m in messages) / 1.25) + 8
+
+
+def test_passages_are_dropped_until_the_real_token_count_fits_the_window(tmp_path) -> None:
+    """Three ~710-character passages need just over the 1,792 tokens left here: the question must still be
+    asked, with the lowest-ranked passages dropped (and counted), never refused for its grounding."""
+    from sage_magic.chat.conversation import Conversation
+    from sage_magic.core.config import Settings
+
+    hits = [hit(n, text=f"passage {n} " + "y" * 700) for n in range(1, 4)]
+    client = _DenseTokenizer()
+    conversation = Conversation(client, Settings.from_env(environ={}, home=tmp_path),
+                                search=lambda index, query, top_k, mode: hits)
+    grounding, citations, dropped, trimmed = conversation._prepare("Which variable?", "docs", 3, "hybrid", 256)
+    assert citations and dropped == 3 - len(citations) and dropped >= 1 and trimmed == 0
+    assert client.count_tokens(conversation.messages_for("Which variable?", grounding, [])) + 256 <= 2048

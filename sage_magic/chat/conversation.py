@@ -169,14 +169,16 @@ class Conversation:
             return context.system_block, context.citations, context.dropped
         base = self.client.count_tokens(self.messages_for(question, history=[])) or len(question)
         budget = int((window - max_tokens - base - _TEMPLATE_MARGIN) * _CHARS_PER_TOKEN)
-        for _ in range(4):  # measure, and shrink the character budget until the real token count fits
+        for _ in range(len(hits) + 1):  # measure, and shrink the character budget until the real count fits
             context = build_context(hits, budget_chars=max(budget, 0))
             if not context.citations:
                 break
             used = self.client.count_tokens(self.messages_for(question, context.system_block, []))
             if used is None or used + max_tokens <= window:
                 break
-            budget = int(budget * (window - max_tokens) / used * 0.95)
+            # scaled from the block as built, not from the budget: a tokenizer with fewer characters per token
+            # than assumed leaves the budget far above the block, and only a budget below it drops a passage
+            budget = int(min(budget, len(context.system_block)) * (window - max_tokens) / used * 0.95)
         return context.system_block if context.citations else None, context.citations, context.dropped
 
 
