@@ -199,13 +199,11 @@ def training_bundle(run: TrainRun, elapsed: float) -> dict[str, Any]:
         eval_losses.update({int(s): float(v) for s, v in run.result.eval_losses})
     last = steps[-1] if steps else {}
     total = last.get("total_steps") or (run.result.total_steps if run.result else None)
-    if run.result is not None:
-        state = "stopped" if run.result.stopped else "done"
-        line = (f"{run.name}: {state} at step {run.result.steps}/{run.result.total_steps} in "
-                f"{run.result.seconds:.0f} s on {run.result.device}; adapter: {run.result.adapter_dir or 'none'}")
-        fraction: float | None = run.result.steps / run.result.total_steps
-    elif run.error is not None:
-        line, fraction = outcome(run), None
+    fraction: float | None = None
+    if run.result is not None or run.error is not None:
+        line = outcome(run, timing=True)
+        if run.result is not None:
+            fraction = run.result.steps / run.result.total_steps
     elif last:
         eta = last.get("eta_s")
         line = (f"{run.name}: step {last['step']}/{total}, epoch {last.get('epoch')}, loss {last['loss']:.4f}"
@@ -214,7 +212,6 @@ def training_bundle(run: TrainRun, elapsed: float) -> dict[str, Any]:
         fraction = last["step"] / total if total else None
     else:
         line = events[-1].message if events else f"{run.name}: starting the training process"
-        fraction = None
     line += f" ({elapsed:.0f} s)"
     bar = ("<progress style='width: 16em'></progress>" if fraction is None else
            f"<progress style='width: 16em' value='{fraction:.3f}' max='1'></progress>")
@@ -243,12 +240,14 @@ def _runs(magics: "CellContext", name: str | None) -> list[TrainRun]:
     return [runs[name]] if name else list(runs.values())
 
 
-def outcome(run: TrainRun) -> str:
-    """How a finished run ended, in one line (with its error: a background run has nobody else to tell)."""
+def outcome(run: TrainRun, timing: bool = False) -> str:
+    """How a finished run ended, in one line (with its error: a background run has nobody else to tell);
+    ``timing`` adds how long it took and where, as the progress display shows it."""
     result = run.result
     if result is not None:
         state = "stopped" if result.stopped else "done"
-        return (f"{run.name}: {state} at step {result.steps}/{result.total_steps}; adapter: "
+        took = f" in {result.seconds:.0f} s on {result.device}" if timing else ""
+        return (f"{run.name}: {state} at step {result.steps}/{result.total_steps}{took}; adapter: "
                 f"{result.adapter_dir or 'none (stopped before its first checkpoint)'}")
     return f"{run.name}: failed: {run.error}"
 
