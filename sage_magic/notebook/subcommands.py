@@ -53,7 +53,7 @@ def finetune(magics: CellContext, args: argparse.Namespace) -> None:
     if args.json:
         return publish(magics.shell, {"application/json": [e.as_dict() for e in entries],
                               "text/plain": json.dumps([e.as_dict() for e in entries], indent=2)})
-    rows = [(e.name, e.finetune.base_ref if e.finetune else "?", e.finetune.rank if e.finetune else "?",
+    rows = [(e.name, e.base or "?", e.finetune.rank if e.finetune else "?",
              "yes" if e.finetune and e.finetune.is_merged else "no", e.problem or "ok") for e in entries]
     publish(magics.shell, render.table(rows, ("NAME", "BASE", "RANK", "MERGED", "STATUS"),
                                f"No fine-tunes under {magics.session.settings.finetune_root}. "
