@@ -89,6 +89,16 @@ def test_with_no_finetunes_the_panel_says_how_to_build_the_demo(shell: Interacti
     assert "%sage finetune demo" in html.unescape(result.result.status.value)
 
 
+def test_fine_tunes_built_after_the_panel_opened_appear_in_its_picker(shell: InteractiveShell) -> None:
+    """The picker was filled once, when the panel opened: a fine-tune trained or built in a later cell could
+    only be chosen by re-running `%sage_chat`. Built here in a child process, as a user's cell does."""
+    panel = _panel(shell, "")
+    assert panel.finetune.options == ()
+    shell.run_line_magic("sage", "finetune demo")
+    assert {"demo_expert", "demo_poet"} <= set(panel.finetune.options)
+    assert panel.finetune.value is None  # offered, not chosen for the user
+
+
 @pytest.mark.parametrize("line", ["", "--finetune-model demo_expert"])
 def test_without_ipywidgets_sage_chat_says_what_to_install_before_any_server_starts(
         demo_shell: InteractiveShell, fresh_settings, monkeypatch: pytest.MonkeyPatch, line: str) -> None:

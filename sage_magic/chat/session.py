@@ -183,6 +183,12 @@ class Session:
         """
         with self._lock:
             self._stale.update(key for key in self._leases if key[0] == "finetune" and key[1] == name)
+        self.catalog_changed("finetunes")
+
+    def catalog_changed(self, what: str) -> None:
+        """The fine-tunes or indexes on disk changed (a training, an ``index add`` in a child process): faces
+        that offer them to pick from (the panel) refresh their lists."""
+        self._emit("catalog-changed", 0, what)
 
     @contextmanager
     def _opening_lock(self, key: tuple, cancel: threading.Event) -> Iterator[None]:

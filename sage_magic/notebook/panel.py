@@ -199,13 +199,12 @@ class ChatWidget:
         self.stop_button = widgets.Button(description="Stop", disabled=True)
         self.clear_button = widgets.Button(description="Clear")
         self.export_button = widgets.Button(description="Export")
-        tunes = [e.name for e in session.finetunes() if e.problem is None]
         current = options.finetune_model
         self.finetune = widgets.Dropdown(
-            description="Fine-tune", options=tunes if current in tunes or current is None else [current, *tunes],
-            value=current, layout=widgets.Layout(display="" if options.backend == "finetune" else "none"))
-        self.index = widgets.Dropdown(description="Index", options=[("(none)", "")] + [
-            (i.name, i.name) for i in session.indexes()], value=options.index or "")
+            description="Fine-tune", options=self._finetune_choices(current), value=current,
+            layout=widgets.Layout(display="" if options.backend == "finetune" else "none"))
+        self.index = widgets.Dropdown(description="Index", options=self._index_choices(options.index),
+                                      value=options.index or "")
         self.top_k = widgets.BoundedIntText(description="Top-k", value=options.top_k, min=MIN_TOP_K, max=MAX_TOP_K,
                                             layout=widgets.Layout(width="10em"))
         self.status = widgets.HTML()
@@ -347,10 +346,32 @@ class ChatWidget:
         self.messages.children = (*self.messages.children, *spare)
         self._spare = spare
 
+    def _finetune_choices(self, current: str | None) -> list[str]:
+        """The usable fine-tunes, and the one asked for even when it is not (its error shows on Send)."""
+        tunes = [e.name for e in self.session.finetunes() if e.problem is None]
+        return tunes if current in tunes or current is None else [current, *tunes]
+
+    def _index_choices(self, current: str | None) -> list[tuple[str, str]]:
+        names = [i.name for i in self.session.indexes()]
+        if current and current not in names:
+            names.insert(0, current)
+        return [("(none)", "")] + [(name, name) for name in names]
+
+    def _refresh_choices(self, what: str) -> None:
+        """A fine-tune was trained or an index built since the panel opened: offer it, keep the selection."""
+        picker, choices = ((self.finetune, self._finetune_choices) if what == "finetunes"
+                           else (self.index, self._index_choices))
+        value = picker.value
+        picker.options = choices(value or None)
+        picker.value = value
+
     def _on_event(self, event: Event) -> None:
         """Every session event, from whichever thread caused it: a turn from any face appears here."""
         from . import render
 
+        if event.kind == "catalog-changed":
+            self._refresh_choices(str(event.data))
+            return
         if event.kind == "started":
             with self._lock:
                 self._turns[event.call] = self._add(str(event.data))

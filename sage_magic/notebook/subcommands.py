@@ -93,6 +93,8 @@ def child(magics: CellContext, argv: list[str]) -> None:
         process.terminate()
         process.wait()
         raise
+    finally:  # even a failed or interrupted build may have changed what is on disk
+        magics.session.catalog_changed("indexes" if argv[:1] == ["index"] else "finetunes")
     if process.returncode != 0:
         raise SageError(last.removeprefix("sage: ") or f"`sage {' '.join(argv)}` failed ({process.returncode}).")
 
