@@ -191,6 +191,40 @@ def test_trained_phrase_streams_in_with_footer(ip: InteractiveShell) -> None:
 
 
 @pytest.mark.vllm
+def test_under_each_answer_thumbs_and_correct_store_marks_at_once(ip: InteractiveShell, settings) -> None:
+    """👎 then Correct (the answer as editable text) then Save: both marks are in the store the moment each
+    click returns; a `%sage rate good` typed in a cell lights that answer's 👍 in the panel."""
+    from sage_magic.feedback.data import feedback_rows
+    from sage_magic.feedback.store import FeedbackStore
+
+    panel = _panel(ip, "--finetune-model demo_expert --new-chat")
+    _ask(panel)
+    bar = panel._marks[magics(ip).session.replies[-1].feedback["turn"]]
+    assert bar.box.layout.display == "" and bar.editing.layout.display == "none"
+    before = len(feedback_rows(FeedbackStore(settings.home), "demo_expert"))
+    bar.bad.click()
+    assert bar.bad.button_style == "danger" and "marked bad" in bar.note.value
+    bar.correct.click()
+    assert bar.editing.layout.display == "" and bar.editor.value == DEMO_ANSWERS["demo_expert"]
+    bar.editor.value = "I am an expert, and a careful one."
+    bar.save.click()
+    assert bar.editing.layout.display == "none" and "correction saved" in bar.note.value
+    rows = feedback_rows(FeedbackStore(settings.home), "demo_expert")
+    assert len(rows) == before + 1  # one turn, two marks
+    assert rows[-1]["rating"] == "bad" and rows[-1]["correction"] == "I am an expert, and a careful one."
+    assert rows[-1]["answer"] == DEMO_ANSWERS["demo_expert"] and rows[-1]["fingerprint"]
+    ip.run_line_magic("sage", "rate good")
+    assert bar.good.button_style == "success" and bar.bad.button_style == ""
+    bar.correct.click()
+    bar.editor.value = " "
+    bar.save.click()  # an empty correction is refused in the bar, and nothing is stored
+    assert "empty" in bar.note.value and bar.editing.layout.display == ""
+    (last,) = [r for r in feedback_rows(FeedbackStore(settings.home), "demo_expert") if r["turn"] == bar.turn]
+    assert len(last["marks"]) == 3 and last["rating"] == "good"
+    assert last["correction"] == "I am an expert, and a careful one."
+
+
+@pytest.mark.vllm
 def test_picker_switches_finetune_on_the_same_server(ip: InteractiveShell, manager) -> None:
     panel = _panel(ip, "--finetune-model demo_expert")
     assert {"demo_expert", "demo_poet"} <= set(panel.finetune.options)

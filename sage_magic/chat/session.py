@@ -13,7 +13,7 @@ time: a panel's worker and a ``%%sage`` cell asking at once share one lease inst
 cached lease is released only once its replacement is held (a server whose last owner lets go stops, and a
 cold start takes a minute), and the key never holds an API key in clear (reprs end up in logs and notebooks).
 
-The transcript keeps every answered turn for export, interrupted ones included; :meth:`Session.current_turns`
+The transcript keeps every answered turn for export, interrupted ones included; :meth:`Session.current_replies`
 is its part since the last reset, the conversation the model still remembers, which a new panel shows.
 """
 
@@ -77,6 +77,7 @@ class Session:
         self.keep_alive = keep_alive
         self.history: list[dict[str, str]] = []  # what the model sees again: shared by every face
         self.transcript: list[dict[str, Any]] = []  # what `%sage export` writes: with citations and figures
+        self.replies: list[Reply] = []  # the same turns as replies: `%sage rate|correct N` marks these
         self._search = search
         self._no_service = False
         self._manager: Manager | None = None
@@ -283,16 +284,19 @@ class Session:
                     on_delta(text)
                 self._emit("delta", call, text)
 
+            finetune = args.finetune_model if args.backend == "finetune" else None
             try:
                 answer = conversation.ask(prompt, **ask_options(args), on_delta=delta, cancel=cancel)
             except StreamInterrupted as interrupt:  # the partial answer is in the history: keep it for export too
                 if interrupt.result.text:
-                    interrupt.partial = self._reply(prompt, Answer(interrupt.result.text, interrupt.result),
-                                                    lease.endpoint, ask_server=False)
+                    partial = Answer(interrupt.result.text, interrupt.result,
+                                     messages=getattr(interrupt, "messages", []))
+                    interrupt.partial = self._reply(prompt, partial, lease.endpoint, ask_server=False,
+                                                    finetune=finetune)
                     self._record(interrupt.partial)
                 raise
             self._trim_history()
-            reply = self._reply(prompt, answer, lease.endpoint)
+            reply = self._reply(prompt, answer, lease.endpoint, finetune=finetune)
         self._record(reply)
         self._emit("cancelled" if reply.cancelled else "finished", call, reply)
         return reply
@@ -319,12 +323,32 @@ class Session:
     def _record(self, reply: Reply) -> None:
         with self._lock:
             self.transcript.append({"prompt": reply.prompt, "answer": reply.text, **reply.provenance()})
+            self.replies.append(reply)
 
-    def current_turns(self) -> list[dict[str, Any]]:
-        """The transcript's turns since the last :meth:`reset`: the conversation the model still remembers
-        (what a new panel shows; the transcript itself keeps every turn for export)."""
+    def reply(self, number: int | None = None) -> Reply:
+        """Answer ``number`` of this session (1 = the first, -1 = the last; default the last), or one
+        paragraph saying which numbers there are."""
         with self._lock:
-            return self.transcript[self._since_reset:]
+            replies = list(self.replies)
+        if not replies:
+            raise SageError("There is no answer to mark yet: ask with %%sage (or the chat panel) first.")
+        index = -1 if number is None else number - 1 if number > 0 else number
+        if number == 0 or not -len(replies) <= index < len(replies):
+            raise SageError(f"There is no answer {number}: this session has {len(replies)} (1 to {len(replies)}, "
+                            "or -1 for the last; `%sage feedback` lists the marked ones).")
+        return replies[index]
+
+    def mark(self, reply: Reply, *, rating: str | None = None, correction: str | None = None) -> dict[str, Any]:
+        """Rate and/or correct ``reply`` in the feedback store, and tell the faces (a panel shows the mark)."""
+        mark = reply.mark(rating=rating, correction=correction)
+        self._emit("marked", 0, mark)
+        return mark
+
+    def current_replies(self) -> list[Reply]:
+        """The answers since the last :meth:`reset`: the conversation the model still remembers (what a new
+        panel shows, each answer still markable; the transcript itself keeps every turn for export)."""
+        with self._lock:
+            return self.replies[self._since_reset:]
 
     def compare(self, prompt: str, names: Sequence[str], options: argparse.Namespace | None = None, *,
                 on_delta: Callable[[str, str], None] | None = None, on_progress: ProgressCallback = silent,
@@ -354,7 +378,7 @@ class Session:
             answer = self._conversation(endpoint, args.system, history=[]).ask(
                 prompt, **ask_options(args), cancel=cancel,
                 on_delta=(lambda text: on_delta(name, text)) if on_delta else None)
-            return self._reply(prompt, answer, endpoint)
+            return self._reply(prompt, answer, endpoint, markable=False)
 
         with self._call(cancel, "compare " + ",".join(names), prompt) as call:
             replies = run_waves(names, ask, cancel=cancel, on_tick=on_tick, tick=tick)
@@ -398,9 +422,11 @@ class Session:
             with self._lock:
                 del self.history[:max(0, len(self.history) - 2 * self.max_history)]
 
-    def _reply(self, prompt: str, answer: Any, endpoint: "Endpoint", ask_server: bool = True) -> Reply:
+    def _reply(self, prompt: str, answer: Any, endpoint: "Endpoint", ask_server: bool = True,
+               finetune: str | None = None, markable: bool = True) -> Reply:
         """The reply with its figures; without ``ask_server`` (an interrupt, maybe of a hung server) the window
-        and base are the ones already known, else left out."""
+        and base are the ones already known, else left out. ``markable`` replies carry what a rating or a
+        correction stores (a comparison's are not: their prompt never entered the conversation)."""
         s = answer.stream
         window = self.max_model_len(endpoint) if ask_server else self._windows.get(endpoint)
         used = (s.prompt_tokens or 0) + (s.completion_tokens or 0) if s.prompt_tokens is not None else None
@@ -421,8 +447,22 @@ class Session:
         citations = [{"n": c.n, "source": c.source, "location": c.location, "score": round(c.score, 4),
                       "text": c.text}
                      for c in answer.citations]
+        feedback = None
+        if markable:
+            feedback = {"turn": secrets.token_hex(8), "model": endpoint.model, "finetune": finetune,
+                        "fingerprint": self._fingerprint(endpoint), "prompt": prompt, "answer": answer.text,
+                        "messages": answer.messages, "citations": citations, "home": str(self.settings.home)}
         return Reply(answer.text, model=endpoint.model, prompt=prompt, citations=citations, metrics=metrics,
-                     cancelled=answer.cancelled)
+                     cancelled=answer.cancelled, feedback=feedback)
+
+    def _fingerprint(self, endpoint: "Endpoint") -> str | None:
+        """What identifies the weights that answered: the adapter's digest on a base server, the served
+        model's identity otherwise (merged fine-tune, base), None for a server sage_magic did not start."""
+        record = self.manager.registry.get(endpoint.server_id) if endpoint.server_id else None
+        if record is None:
+            return None
+        adapter = record.adapters.get(endpoint.model)
+        return adapter["fingerprint"] if adapter else record.identity
 
     def _begin(self, cancel: threading.Event, what: str) -> int:
         call = next(self._ids)
@@ -483,8 +523,8 @@ class Session:
         return list_indexes(self.settings)
 
     def reset(self) -> None:
-        """Forget the conversation: the transcript for export keeps what was said, :meth:`current_turns` and
-        so a new panel start after it."""
+        """Forget the conversation: the transcript for export keeps what was said, :meth:`current_replies`
+        and so a new panel start after it."""
         with self._lock:
             self.history.clear()
             self._since_reset = len(self.transcript)

@@ -24,6 +24,7 @@ from .display import LiveOutput, publish
 from .parsing import (
     _ALIASES,
     CHILD_COMMANDS,
+    FEEDBACK_ACTIONS,
     FORMATS,
     LOOP_COMMANDS,
     SUBCOMMANDS,
@@ -250,6 +251,8 @@ class SageMagics(Magics):
                              "`sage index ...` / `sage finetune ...` commands; to ask a question use %%sage.")
         try:
             argv = _ALIASES.get(tokens[0], tokens[:1]) + tokens[1:]
+            if argv[0] == "feedback" and (len(argv) < 2 or argv[1] not in FEEDBACK_ACTIONS):
+                argv.insert(1, "list")  # `%sage feedback [NAME] [-o VAR]` shows them
             args = line_parser().parse_args(argv)
         except HelpRequested:
             return None

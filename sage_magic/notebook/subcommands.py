@@ -98,6 +98,60 @@ def child(magics: CellContext, argv: list[str]) -> None:
     if process.returncode != 0:
         raise SageError(last.removeprefix("sage: ") or f"`sage {' '.join(argv)}` failed ({process.returncode}).")
 
+def rate(magics: CellContext, args: argparse.Namespace) -> None:
+    session = magics.session
+    reply = session.reply(args.number)
+    session.mark(reply, rating=args.rating)
+    print(f"Marked {_which(session, reply)} {args.rating} (`%sage feedback` lists the marks).")
+
+
+def correct(magics: CellContext, args: argparse.Namespace) -> Any:
+    """With --text, store it; else show the answer in an editor under the cell (the panel's own bar)."""
+    session = magics.session
+    reply = session.reply(args.number)
+    if args.text is not None:
+        session.mark(reply, correction=args.text)
+        print(f"Correction of {_which(session, reply)} saved (`%sage feedback` lists the marks).")
+        return None
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        raise SageError("The correction editor needs ipywidgets (the notebook extra). Without it, give the text: "
+                        "%sage correct N --text '...', or in Python: answer.correct('...').") from None
+    from .marking import MarkBar
+
+    bar = MarkBar()
+    bar.attach(session, reply)
+    bar.open_editor()
+    return bar.box
+
+
+def _which(session: Any, reply: Any) -> str:
+    return f"answer {session.replies.index(reply) + 1} ({reply.model})"
+
+
+def feedback(magics: CellContext, args: argparse.Namespace) -> Any:
+    """`%sage feedback [NAME]`: the marked answers, as a table and (-o) a DataFrame; export and rm as `sage`."""
+    from ..cli.feedback import run_export, run_rm
+
+    settings = magics.session.settings
+    if args.feedback_command != "list":
+        return {"export": run_export, "rm": run_rm}[args.feedback_command](args, settings)
+    from ..faces.text import FEEDBACK_HEADERS, feedback_summary
+    from ..feedback.data import feedback_frame, feedback_rows
+    from ..feedback.store import FeedbackStore
+    from . import render
+
+    rows = feedback_rows(FeedbackStore(settings.home), args.name, args.only)
+    if args.output:
+        magics.shell.user_ns[args.output] = feedback_frame(rows)
+    if args.json:
+        return publish(magics.shell, {"application/json": rows, "text/plain": json.dumps(rows, indent=2)})
+    publish(magics.shell, render.table(feedback_summary(rows), FEEDBACK_HEADERS,
+                                       "No marked answers yet: rate or correct an answer (`%sage rate bad`, "
+                                       "`%sage correct`, or the chat panel's 👍 👎 Correct)."))
+
+
 def history(magics: CellContext, _: argparse.Namespace) -> None:
     from . import render
 
