@@ -19,6 +19,7 @@ from sage_magic.core.errors import SageError
 from sage_magic.core.tables import from_records
 from sage_magic.feedback.data import export_jsonl, feedback_rows, training_rows
 from sage_magic.feedback.store import FeedbackStore
+from sage_magic.serving.registry import Registry
 from tests.test_finetune_magics import fresh_name  # noqa: F401 - the fixture
 
 SYSTEM = "Answer from the passages.\n\n[1] The tiny model speaks of tensors."
@@ -149,7 +150,7 @@ def test_a_reply_keeps_what_marking_needs_through_pickle(tmp_path: Path) -> None
 
 
 @pytest.mark.vllm
-def test_mark_correct_train_and_eval_in_one_notebook(ip, fresh_name: str) -> None:  # noqa: F811
+def test_mark_correct_train_and_eval_in_one_notebook(ip, settings, fresh_name: str) -> None:  # noqa: F811
     """chat -> mark -> correct -> train -> compare, as the README's feedback loop runs it: the new fine-tune
     answers the marked prompt with the correction, on the base server that was already running (no restart),
     and `%sage eval` on the same DataFrame scores the marked fine-tune 0 and the new one 1."""
@@ -168,6 +169,8 @@ def test_mark_correct_train_and_eval_in_one_notebook(ip, fresh_name: str) -> Non
     assert fb["fingerprint"][0] and fb["fingerprint"][0] == fb["fingerprint"][1]  # the weights that answered
     assert fb["messages"][1][-1] == {"role": "user", "content": DEMO_PROMPT}
     assert len(fb["messages"][1]) > len(fb["messages"][0])  # the turn before it rides along
+    key = Registry(settings.runtime_dir).get(server).api_key
+    assert all(key not in path.read_text() for path in FeedbackStore(settings.home).files())  # never stored
 
     fixed = fb[fb["correction"].notna()]
     ip.user_ns["fixed"] = fixed

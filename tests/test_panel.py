@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -20,6 +22,8 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from sage_magic.chat.reply import Reply
 from sage_magic.core.errors import SageError
+from sage_magic.feedback.data import feedback_rows
+from sage_magic.feedback.store import FeedbackStore
 from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_PROMPT
 from sage_magic.notebook.panel import GONE, NO_ANYWIDGET, ChatWidget, reply_html
 from sage_magic.notebook.parsing import OptionError
@@ -194,9 +198,6 @@ def test_trained_phrase_streams_in_with_footer(ip: InteractiveShell) -> None:
 def test_under_each_answer_thumbs_and_correct_store_marks_at_once(ip: InteractiveShell, settings) -> None:
     """👎 then Correct (the answer as editable text) then Save: both marks are in the store the moment each
     click returns; a `%sage rate good` typed in a cell lights that answer's 👍 in the panel."""
-    from sage_magic.feedback.data import feedback_rows
-    from sage_magic.feedback.store import FeedbackStore
-
     panel = _panel(ip, "--finetune-model demo_expert --new-chat")
     _ask(panel)
     bar = panel._marks[magics(ip).session.replies[-1].feedback["turn"]]
@@ -367,6 +368,12 @@ def test_in_a_real_kernel_a_rerun_cell_replaces_its_panel(settings, expert) -> N
         _execute(client, f"%%sage --finetune-model demo_expert\n{DEMO_PROMPT}\n")
         counts = json.loads(_execute(client, f"ANSWER = {DEMO_ANSWERS['demo_expert']!r}\n{COUNT_PANELS}"))
         assert counts == {"workers": 1, "drawn": 1}
+        # a mark, then the kernel SIGKILLed at once (no exit handler runs, nothing is flushed): the mark stays
+        _execute(client, "%sage correct --text 'Kept through a kill.'")
+        os.kill(km.provisioner.process.pid, signal.SIGKILL)
+        (row,) = [r for r in feedback_rows(FeedbackStore(settings.home), "demo_expert")
+                  if r["correction"] == "Kept through a kill."]
+        assert row["answer"] == DEMO_ANSWERS["demo_expert"] and row["prompt"] == DEMO_PROMPT
     finally:
         client.stop_channels()
         km.shutdown_kernel(now=True)

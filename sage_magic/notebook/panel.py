@@ -287,7 +287,9 @@ class ChatWidget:
         """Start a new conversation: the model forgets it (for ``%%sage`` too); Export still has it."""
         self.session.reset()
         with self._lock:
-            self.messages.children = tuple(self._spare or ())
+            spare = self._spare
+            self.messages.children = (spare[0], spare[1], spare[2].box) if spare else ()
+            self._marks.clear()
         self.saved.value = _HIDE_GONE
 
     def export(self) -> Path | None:
