@@ -199,6 +199,22 @@ def test_a_recorded_error_shows_the_users_frames_not_ipythons(shell: Interactive
     assert recorded.endswith("ZeroDivisionError: division by zero")
 
 
+def test_a_failed_prewarm_is_told_by_the_first_question_to_that_model(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """SAGE_PREWARM named a fine-tune that does not exist: `%load_ext` still returned at once, and the first
+    question to it says what went wrong in the background, in one paragraph; the next one tries again."""
+    for key, value in {**env_for(make_settings(tmp_path / "home", tmp_path / "run")), "SAGE_PREWARM": "nope"}.items():
+        monkeypatch.setenv(key, value)
+    ip = new_shell()
+    assert wait_until(lambda: not any(t.name.startswith("sage-prewarm") for t in threading.enumerate()), 60)
+    out = _paragraph(capsys, run(ip, "--finetune-model nope", "Who are you?"), "SageError")
+    assert "in the background when sage_magic loaded (prewarm) failed" in out and "No fine-tune named 'nope'" in out
+    out = _paragraph(capsys, run(ip, "--finetune-model nope", "Who are you?"), "NotFound")
+    assert "(prewarm) failed" not in out and "No fine-tune named 'nope'" in out
+    ip.extension_manager.unload_extension("sage_magic")
+
+
 def test_unknown_finetune_lists_the_known_ones(demo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
     for key, value in env_for(make_settings(demo_home, tmp_path / "run")).items():

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..core.config import Settings
 from ..core.errors import Cancelled, NotFound, SageError
-from ..core.progress import ProgressCallback, silent
+from ..core.progress import Progress, ProgressCallback, silent
 from .events import Event
 from .reply import Reply
 
@@ -91,6 +91,8 @@ class Session:
         self._running: dict[int, _Running] = {}
         self._started: set[str] = set()  # servers this session launched (`%sage stop` stops these by default)
         self._listeners: list[Callable[[Event], None]] = []
+        self._prewarm_failed: dict[tuple, tuple[str, BaseException]] = {}  # lease key -> (what, its error)
+        self._closing = threading.Event()  # ends background prewarms when the session closes
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
 
@@ -152,10 +154,15 @@ class Session:
             args.keep_alive = self.keep_alive
         cancel = cancel or threading.Event()
         key = _lease_key(args)
-        with self._opening_lock(key, cancel):
+        with self._opening_lock(key, cancel, progress):
             with self._lock:
                 old = self._leases.get(key)
                 stale = key in self._stale
+                failed = self._prewarm_failed.pop(key, None)
+            if failed is not None:
+                what, error = failed
+                raise SageError(f"Starting {what} in the background when sage_magic loaded (prewarm) failed: "
+                                f"{error} Ask again to retry.") from None
             if old is not None and not stale:
                 server = old.endpoint.server_id
                 if server is None or self.manager.registry.get(server) is not None:
@@ -191,20 +198,45 @@ class Session:
         that offer them to pick from (the panel) refresh their lists."""
         self._emit("catalog-changed", 0, what)
 
+    def prewarm(self, options: Sequence[argparse.Namespace]) -> None:
+        """Open leases for these options in the background (one thread each), so that the first question
+        finds its server started or reused. A question asked meanwhile waits for the same opening (with a
+        progress line saying so); a failure is kept and raised by the first :meth:`lease` of those options."""
+        for args in options:
+            threading.Thread(target=self._prewarm_one, args=(args,), daemon=True,
+                             name=f"sage-prewarm-{args.finetune_model or args.model}").start()
+
+    def _prewarm_one(self, args: argparse.Namespace) -> None:
+        try:
+            self.lease(args, cancel=self._closing)
+        except Cancelled:
+            pass  # the session closed first
+        except BaseException as error:  # kept for the first ask of this model: a thread has nobody to tell
+            with self._lock:
+                self._prewarm_failed[_lease_key(args)] = (args.finetune_model or args.model or args.backend, error)
+
     @contextmanager
-    def _opening_lock(self, key: tuple, cancel: threading.Event) -> Iterator[None]:
+    def _opening_lock(self, key: tuple, cancel: threading.Event,
+                      progress: ProgressCallback = silent) -> Iterator[None]:
         """Hold ``key``'s opener lock (not the session lock: opening may start a server for a minute); a
         ``cancel`` set while another thread opens ends the wait with :class:`Cancelled`."""
         with self._lock:
             lock = self._opening.setdefault(key, threading.Lock())
-        while not lock.acquire(timeout=0.1):
-            if cancel.is_set():
-                raise Cancelled("Cancelled while another question started the same server; nothing was left "
-                                "running on your account.")
+        if not lock.acquire(blocking=False):
+            progress(Progress("launch", "waiting for the server another call is starting (a prewarm, a panel "
+                                        "or another cell)"))
+            self._wait_for(lock, cancel)
         try:
             yield
         finally:
             lock.release()
+
+    @staticmethod
+    def _wait_for(lock: threading.Lock, cancel: threading.Event) -> None:
+        while not lock.acquire(timeout=0.1):
+            if cancel.is_set():
+                raise Cancelled("Cancelled while another question started the same server; nothing was left "
+                                "running on your account.")
 
     def _drop(self, key: tuple) -> None:
         with self._lock:
@@ -537,6 +569,7 @@ class Session:
 
     def close(self) -> None:
         """Stop everything running and leave every server this session holds (they stop after keep-alive)."""
+        self._closing.set()
         self.cancel()
         with self._lock:
             keys = list(self._leases)

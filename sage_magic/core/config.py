@@ -140,6 +140,7 @@ class Settings:
     embedder: str | None = None
     debug_backend: str | None = None
     debug_finetune_model: str | None = None
+    prewarm: tuple[str, ...] = ()  # fine-tunes a notebook starts (or reuses) in the background at %load_ext
     stop_grace: float = 10.0
     extra_env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold tokens: never in a repr
 
@@ -196,6 +197,7 @@ class Settings:
             embedder=env.get("SAGE_EMBEDDER") or None,
             debug_backend=env.get("SAGE_DEBUG_BACKEND") or None,
             debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,
+            prewarm=tuple(name.strip() for name in (env.get("SAGE_PREWARM") or "").split(",") if name.strip()),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("home", "runtime_dir"):
