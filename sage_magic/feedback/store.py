@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SageError
-from ..core.files import exclusive, utc_now
+from ..core.files import exclusive, utc_now, write_bytes_atomic
 
 FOLDER = "feedback"
 RATINGS = ("good", "bad")
@@ -168,7 +168,7 @@ class FeedbackStore:
                     else:
                         kept.append(line)
                 if gone:
-                    _rewrite(path, kept)
+                    write_bytes_atomic(path, b"".join(line + b"\n" for line in kept))
                     removed += gone
         return removed
 
@@ -184,20 +184,6 @@ def _no_cyclic_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _rewrite(path: Path, lines: list[bytes]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(b"".join(line + b"\n" for line in lines))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def fold(marks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
