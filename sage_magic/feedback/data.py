@@ -17,7 +17,7 @@ from typing import Any
 
 from ..core.errors import SageError
 from ..core.tables import Table, is_missing, require_pandas
-from .store import RATINGS, FeedbackStore, fold
+from .store import RATINGS, FeedbackStore, fold, paused_gc
 
 #: The columns of a feedback table, in the order shown (``messages`` and ``citations`` ride along for
 #: training and evaluation; ``expected`` is what an eval scores against).
@@ -43,9 +43,13 @@ def feedback_rows(store: FeedbackStore, finetune: str | None = None, only: str |
     rated good, rated bad, or corrected."""
     if only is not None and only not in FILTERS:
         raise SageError(f"--only takes {', '.join(FILTERS)}, not {only!r}.")
-    marks, _torn = store.marks(finetune)
+    with paused_gc():
+        return _rows(fold(store.marks(finetune)[0]), only)
+
+
+def _rows(turns: list[dict], only: str | None) -> list[dict]:
     rows = []
-    for turn in fold(marks):
+    for turn in turns:
         row = {key: turn.get(key) for key in COLUMNS if key not in ("expected", "marks")}
         row["expected"] = target(turn)
         row["marks"] = turn["ids"]

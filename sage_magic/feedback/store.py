@@ -124,7 +124,7 @@ class FeedbackStore:
         (a power cut in the middle of a write) were skipped."""
         paths = [self.root / f"{finetune}.jsonl"] if finetune else self.files()
         marks, torn = [], 0
-        with _no_cyclic_gc():
+        with paused_gc():
             for path in paths:
                 try:
                     handle = open(path, "rb")
@@ -174,9 +174,10 @@ class FeedbackStore:
 
 
 @contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
+def paused_gc() -> Iterator[None]:
     """Parsed JSON holds no reference cycles, yet every few hundred new containers the cyclic collector walks
-    all of them: at 100k marks that tripled the read time. Paused while parsing, as it was before."""
+    all of them: at 100k marks that tripled the read time. Paused while marks are read and folded, then left
+    as it was."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -186,18 +187,21 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def fold(marks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def fold(marks: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per marked turn, in the order first marked: its context, the latest rating and the latest
     correction (a turn rated bad and then corrected has both), the time of its latest mark, and the ids of
-    all its marks."""
+    all its marks. The first mark of each turn becomes its row (no copy: at 100k marks copying doubled the
+    time), so pass marks freshly read."""
     turns: dict[str, dict[str, Any]] = {}
     for mark in marks:
-        row = turns.setdefault(mark["turn"], {**mark, "rating": None, "correction": None, "ids": []})
+        row = turns.get(mark["turn"])
+        if row is None:
+            mark["ids"] = [mark.pop("id")]
+            turns[mark["turn"]] = mark
+            continue
         row["ids"].append(mark["id"])
         row["time"] = mark["time"]
         for key in ("rating", "correction"):
             if mark.get(key) is not None:
                 row[key] = mark[key]
-    for row in turns.values():
-        row.pop("id", None)
     return list(turns.values())
