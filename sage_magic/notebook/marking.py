@@ -27,18 +27,24 @@ class MarkBar:
         import ipywidgets as widgets
 
         small = widgets.Layout(width="auto")
-        self.good = widgets.Button(description="👍", tooltip="a good answer: train on it as it is", layout=small)
-        self.bad = widgets.Button(description="👎", tooltip="a bad answer", layout=small)
+        # Font Awesome thumbs (JupyterLab ships the font), not emoji: a browser without an emoji font drew boxes
+        self.good = widgets.Button(icon="thumbs-up", tooltip="Good answer", layout=small)
+        self.bad = widgets.Button(icon="thumbs-down", tooltip="Bad answer", layout=small)
         self.correct = widgets.Button(description="Correct", tooltip="write the answer it should have given",
                                       layout=small)
         self.note = widgets.HTML()
-        self.editor = widgets.Textarea(layout=widgets.Layout(width="100%"), rows=4)
+        # flex "0 0 auto": in the panel's height-limited message list a flex child shrinks by default, and the
+        # editor then lay over its own Save button (a browser test clicking Save caught it)
+        keep = {"flex": "0 0 auto"}
+        self.editor = widgets.Textarea(layout=widgets.Layout(width="100%", **keep), rows=4)
         self.save = widgets.Button(description="Save correction", button_style="primary", layout=small)
         self.cancel = widgets.Button(description="Cancel", layout=small)
-        self.editing = widgets.VBox([self.editor, widgets.HBox([self.save, self.cancel])],
-                                    layout=widgets.Layout(display="none"))
-        self.box = widgets.VBox([widgets.HBox([self.good, self.bad, self.correct, self.note]), self.editing],
-                                layout=widgets.Layout(display="none"))
+        self.editing = widgets.VBox([self.editor, widgets.HBox([self.save, self.cancel],
+                                                               layout=widgets.Layout(**keep))],
+                                    layout=widgets.Layout(display="none", **keep))
+        self.box = widgets.VBox([widgets.HBox([self.good, self.bad, self.correct, self.note],
+                                              layout=widgets.Layout(**keep)), self.editing],
+                                layout=widgets.Layout(display="none", **keep))
         self.box.add_class("sage-marks")
         self.session: Session | None = None
         self.reply: Reply | None = None
