@@ -18,11 +18,10 @@ from .output import TerminalProgress
 PROMPT = "you> "
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("chat", help="chat with a fine-tune, a local model or an endpoint",
-                            description="Chat with a fine-tune served by vLLM (started, reused and stopped for "
-                                        "you). Interactive unless --ask is given; /help lists the "
-                                        "commands.")
+def define(parser: argparse.ArgumentParser) -> None:
+    """`sage chat`'s options (main.COMMANDS)."""
+    parser.description = ("Chat with a fine-tune served by vLLM (started, reused and stopped for you). "
+                          "Interactive unless --ask is given; /help lists the commands.")
     add_arguments(parser)
     parser.set_defaults(run=run)
 

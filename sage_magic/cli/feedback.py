@@ -9,8 +9,8 @@ from ..core.config import Settings
 from ..faces.text import FEEDBACK_HEADERS, feedback_summary, table
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    feedback = sub.add_parser("feedback", help="answers rated or corrected in notebooks (list, export, rm)")
+def define(feedback: argparse.ArgumentParser) -> None:
+    """`sage feedback`'s actions and their options (main.COMMANDS)."""
     commands = feedback.add_subparsers(dest="feedback_command", metavar="ACTION", required=True)
 
     listing = commands.add_parser("list", help="the marked answers, one row per answer")

@@ -16,8 +16,8 @@ from . import chat
 from .output import TerminalProgress
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("finetune", help="list, merge, chat with fine-tunes; build the demo ones")
+def define(parser: argparse.ArgumentParser) -> None:
+    """`sage finetune`'s subcommands and their options (main.COMMANDS)."""
     commands = parser.add_subparsers(dest="finetune_command", metavar="SUBCOMMAND", required=True)
 
     demo = commands.add_parser("demo", help="build a tiny base model and two LoRA fine-tunes, offline")

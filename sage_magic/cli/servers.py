@@ -13,17 +13,23 @@ from ..serving import logs as server_logs
 from ..serving.manager import Manager
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    ps = sub.add_parser("ps", help="list running model servers (like `ollama ps`)")
+def define_ps(ps: argparse.ArgumentParser) -> None:
+    """`sage ps`'s options (main.COMMANDS)."""
     ps.add_argument("--json", action="store_true", help="machine-readable output")
     ps.set_defaults(run=run_ps)
-    stop = sub.add_parser("stop", help="stop a model server, whoever uses it (or unload one adapter)")
+
+
+def define_stop(stop: argparse.ArgumentParser) -> None:
+    """`sage stop`'s options (main.COMMANDS)."""
     target = stop.add_mutually_exclusive_group(required=True)
     target.add_argument("id", nargs="?", help="server id (or a unique prefix, or a served name); the name of an "
                                               "adapter unloads only that adapter")
     target.add_argument("--all", action="store_true", help="stop every server sage_magic started")
     stop.set_defaults(run=run_stop)
-    logs = sub.add_parser("logs", help="show the end of a server's log (also of stopped or failed servers)")
+
+
+def define_logs(logs: argparse.ArgumentParser) -> None:
+    """`sage logs`'s options (main.COMMANDS)."""
     logs.add_argument("id", nargs="?", help="server id (or a unique prefix, or a running server's name); "
                                             "without it, list the logs kept")
     logs.add_argument("-n", "--lines", type=positive_lines, default=50, help="how many lines (default 50)")

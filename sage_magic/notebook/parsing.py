@@ -143,12 +143,12 @@ def identifier(text: str) -> str:
 
 def line_parser() -> MagicParser:
     """``%sage SUBCOMMAND``: the CLI's own parsers for ps/stop/logs/finetune/index, plus the session's."""
-    from ..cli import feedback, finetune, index, servers
+    from ..cli.main import add_command
 
     parser = MagicParser(prog="%sage", add_help=False)
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=MagicParser)
-    for module in (servers, finetune, index, feedback):
-        module.register(sub)
+    for name in ("ps", "stop", "logs", "finetune", "index", "feedback"):
+        add_command(sub, name)
     feedback_list = next(a for a in sub.choices["feedback"]._actions
                          if isinstance(a, argparse._SubParsersAction)).choices["list"]
     feedback_list.add_argument("-o", "--output", metavar="VAR", type=identifier,
