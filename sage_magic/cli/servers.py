@@ -1,4 +1,9 @@
-"""`sage ps`, `sage stop`, `sage logs`: see and control the model servers sage_magic started."""
+"""`sage ps`, `sage stop`, `sage logs`: see and control the model servers sage_magic started.
+
+They act on the registry through serving/servers.py and serving/logs.py, not through the manager: they hold
+no lease, and the manager's imports (launching, merging, the HTTP client) would double what people wait for
+when they call these from scripts (benchmarks/cli_bench.py).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from ..core.config import Settings
 from ..faces.options import positive_lines
 from ..faces.text import SERVER_HEADERS, server_rows, table
 from ..serving import logs as server_logs
-from ..serving.manager import Manager
+from ..serving import servers
+from ..serving.registry import Registry
 
 
 def define_ps(ps: argparse.ArgumentParser) -> None:
@@ -37,7 +43,7 @@ def define_logs(logs: argparse.ArgumentParser) -> None:
 
 
 def run_ps(args: argparse.Namespace, settings: Settings) -> int:
-    statuses = Manager(settings).servers()
+    statuses = servers.statuses(Registry(settings.runtime_dir))
     if args.json:
         print(json.dumps([s.as_dict() for s in statuses], indent=2))
         return 0
@@ -49,11 +55,11 @@ def run_ps(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_stop(args: argparse.Namespace, settings: Settings) -> int:
-    manager = Manager(settings)
+    registry = Registry(settings.runtime_dir)
     if not args.all:
-        print(manager.stop_target(args.id))
+        print(servers.stop_target(registry, args.id, settings.stop_grace))
         return 0
-    stopped = manager.stop_all()
+    stopped = servers.stop_all(registry, settings.stop_grace)
     for record in stopped:
         print(f"stopped {record.id} ({record.served_name})")
     if not stopped:
@@ -62,11 +68,11 @@ def run_stop(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_logs(args: argparse.Namespace, settings: Settings) -> int:
-    manager = Manager(settings)
+    registry = Registry(settings.runtime_dir)
     if args.id:
-        print(manager.logs(args.id, args.lines))
+        print(server_logs.log_tail(server_logs.find(registry, args.id), args.lines))
         return 0
-    found = server_logs.entries(manager.registry)
+    found = server_logs.entries(registry)
     if not found:
         print("No server logs are kept.")
         return 0

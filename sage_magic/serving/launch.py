@@ -21,7 +21,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +31,10 @@ from ..core.processes import is_ours
 from ..core.progress import Progress, ProgressCallback
 from ..core.vllm_env import require_vllm
 from . import logs as server_logs
+from .logs import log_tail
 from .registry import Owner, Registry, ServerRecord, new_server_id
 
 HOST = "127.0.0.1"
-LOG_TAIL_LINES = 25
 # Log lines that mark vLLM's start-up phases, in order, with what to tell the user.
 _PHASES = (
     ("Initializing a V1 LLM engine", "engine starting"),
@@ -193,14 +192,6 @@ def failure_report(path: str | Path, lines: int = 12) -> str:
             causes.append(cause)
     head = "".join(f"Cause: {c}\n" for c in causes[-3:])
     return f"{head}{LOG_TAIL_HEADING}\n{log_tail(path, lines)}"
-
-
-def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, errors="replace") as handle:
-            return "".join(deque(handle, maxlen=lines)).rstrip()
-    except OSError:
-        return "(no log)"
 
 
 def wait_ready(registry: Registry, server_id: str, log_path: str, timeout: float, progress: ProgressCallback,
