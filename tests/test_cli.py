@@ -237,6 +237,23 @@ def test_every_command_is_reachable_and_its_help_lists_its_options(command: tupl
     assert not missing, text
 
 
+def test_ps_stop_and_logs_load_only_what_they_need(fresh_settings) -> None:
+    """They answer from the registry: no manager, chat client, RAG or training code, no HTTP client and no
+    package metadata (each was tens of ms of a 100 ms budget, see benchmarks/cli_bench.py). Each runs in a
+    fresh interpreter, as a user's would, and still answers."""
+    code = ("import sys\nfrom sage_magic.cli.main import main\nstatus = main(sys.argv[1:])\n"
+            "heavy = ('sage_magic.serving.manager', 'sage_magic.chat', 'sage_magic.rag', 'sage_magic.finetune', "
+            "'sage_magic.evals', 'http.client', 'importlib.metadata', 'secrets')\n"
+            "print(status, sorted(m for m in sys.modules if m.startswith(heavy)))\n")
+    env = env_for(fresh_settings)
+    del env["SAGE_VLLM_ARGS"]  # unset, settings ask which vLLM build is installed: without importlib.metadata
+    for argv, said in ((["ps"], "No model servers are running."), (["stop", "--all"], "No model servers were running."),
+                       (["logs"], "No server logs are kept."), (["logs", "0badc0de"], "No server log matches")):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=60)
+        assert said in out.stdout + out.stderr, out.stderr
+        assert out.stdout.splitlines()[-1] == f"{2 if argv[-1] == '0badc0de' else 0} []", (argv, out.stdout)
+
+
 def test_the_console_script_runs_the_same_commands(fresh_settings) -> None:
     """`sage` as installed (the console script beside this interpreter), not only `python -m`."""
     script = Path(sys.executable).with_name("sage")
