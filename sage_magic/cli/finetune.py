@@ -6,12 +6,9 @@ import argparse
 import json
 
 from ..core.config import Settings
-from ..core.tables import read_table
 from ..faces.options import add_train_options, port, train_options
 from ..faces.text import table
 from ..finetune.catalog import get_finetune, list_finetunes
-from ..finetune.train import rows_from_table, train
-from ..serving.merge import ensure_merged
 from . import chat
 from .output import TerminalProgress
 
@@ -59,6 +56,9 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_train(args: argparse.Namespace, settings: Settings) -> int:
+    from ..core.tables import read_table  # here, like the other runs' imports: `sage finetune list` needs none
+    from ..finetune.train import rows_from_table, train
+
     rows = rows_from_table(read_table(args.data), args.prompt_col, args.response_col, args.messages_col)
     progress = TerminalProgress()
     try:
@@ -91,6 +91,8 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_merge(args: argparse.Namespace, settings: Settings) -> int:
+    from ..serving.merge import ensure_merged
+
     progress = TerminalProgress()
     path = ensure_merged(settings, get_finetune(settings, args.name), progress)
     progress.close()
