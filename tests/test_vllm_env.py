@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_magic.serving.vllm_env import installed_vllm
+from sage_magic.core.vllm_env import installed_vllm
 
 
 def by_metadata() -> str | None:
