@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from sage_magic.core.config import Settings
 from sage_magic.core.errors import SageError
 from sage_magic.serving.launch import server_command
 from sage_magic.serving.lora_slots import plan, slot_bytes
+from sage_magic.serving.manager import _reusable, _Spec
+from sage_magic.serving.registry import ServerRecord
 from tests.conftest import make_settings
 
 BASE = "models/sage-demo-base"
@@ -105,3 +108,22 @@ def test_slot_settings_from_the_environment() -> None:
     settings = Settings.from_env({"SAGE_MAX_LORAS": "4", "SAGE_LORA_MEMORY": "512M"})
     assert (settings.max_loras, settings.lora_memory) == (4, 512 * 2**20)
     assert Settings.from_env({}).max_loras is None and Settings.from_env({}).lora_memory == 2**30
+
+
+def _record(server_id: str, started_at: float, rank: int | None, state: str = "ready") -> ServerRecord:
+    return ServerRecord(id=server_id, kind="base", identity="same", model_path="/m", served_name="m",
+                        host="127.0.0.1", port=None, api_key="k", log_path="/l", supervisor_pid=1, keep_alive=0,
+                        started_at=started_at, state=state,
+                        lora_slots=None if rank is None else {"max_lora_rank": rank})
+
+
+def test_a_higher_rank_finetune_is_not_sent_to_a_server_too_small_for_it() -> None:
+    """The manager's reuse rule: a server is handed out only with room for the adapter's rank; of several,
+    the newest (an older, smaller one keeps its users until they leave)."""
+    small, big = _record("small", 1.0, 16), _record("big", 2.0, 32)
+    spec = _Spec("base", Path("/m"), "m", "same", (), rank=32)
+    assert _reusable([small], spec) is None
+    assert _reusable([small, big], spec) is big
+    assert _reusable([big, small], replace(spec, rank=8)) is big
+    assert _reusable([_record("old", 0.0, None)], replace(spec, rank=8)).id == "old"  # a record from before slots
+    assert _reusable([_record("going", 3.0, 64, "stopping")], spec) is None
