@@ -147,7 +147,7 @@ def main() -> int:
         print(f"load_bench: {args.kernels} kernels, {args.rounds} rounds of {TOKENS}-token answers, "
               f"SAGE_MAX_LORAS={args.max_loras or 'sized'}, {os.cpu_count()} CPUs, in {workdir}", flush=True)
         kernels = [Kernel(env) for _ in range(args.kernels)]
-        round_of(kernels, [FINETUNES[i % len(FINETUNES)] for i in range(len(kernels))])  # start, load, warm
+        cells += round_of(kernels, [FINETUNES[i % len(FINETUNES)] for i in range(len(kernels))])  # start, warm
         alone = load_figures("one kernel alone", kernels[:1], [FINETUNES[0]], args.rounds, cells)
         one = load_figures(f"{len(kernels)} kernels, one fine-tune", kernels, [FINETUNES[0]] * len(kernels),
                            args.rounds, cells)
