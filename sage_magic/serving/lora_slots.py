@@ -33,7 +33,8 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: The LoRA-capable projections of a decoder layer vLLM allocates slots for (fused ones count as their parts).
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}
-#: More batch slots than this buys nothing on this kind of machine: a batch rarely holds more sequences.
+#: Sized slots stop here: past it a slot costs memory for batches that seldom carry that many fine-tunes;
+#: a hundred fine-tunes still work (loaded on demand), and SAGE_MAX_LORAS sets any number.
 MAX_AUTO_SLOTS = 32
 
 
