@@ -125,7 +125,7 @@ def main() -> int:
     parser.add_argument("--home", help="a demo SAGE home to copy (default: build the demo in the temp dir)")
     parser.add_argument("--kernels", type=int, default=4, help="kernels asking at once (default 4)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each load (default 3)")
-    parser.add_argument("--prompts", type=int, default=24, help="eval prompts (default 24)")
+    parser.add_argument("--prompts", type=int, default=48, help="eval prompts per fine-tune (default 48)")
     parser.add_argument("--max-loras", type=int, help="SAGE_MAX_LORAS for every server (default: sized)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
