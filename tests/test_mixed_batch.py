@@ -28,14 +28,17 @@ from .conftest import make_settings
 
 pytestmark = pytest.mark.vllm
 
-CANARY = "I am the third adapter."
+CANARY = "I am a parrot."  # what the demo base learns in 40 steps (test_finetune_loop's recipe)
 
 
 @pytest.fixture(scope="module")
 def served(demo_home: Path, tmp_path_factory: pytest.TempPathFactory):
     """A base server with demo_expert, demo_poet and a third fine-tune trained here, and the base itself."""
-    home = tmp_path_factory.mktemp("mixed_home")
-    shutil.copytree(demo_home, home, dirs_exist_ok=True, ignore=shutil.ignore_patterns("merged_model"))
+    home = tmp_path_factory.mktemp("mixed_home")  # the demo base and its two fine-tunes, whatever else the
+    shutil.copytree(demo_home / "models", home / "models")  # session's home holds by now
+    for name in ("demo_expert", "demo_poet"):
+        shutil.copytree(demo_home / "finetune_output" / name, home / "finetune_output" / name,
+                        ignore=shutil.ignore_patterns("merged_model"))
     runtime = Path(tempfile.mkdtemp(prefix="sgmix", dir="/tmp"))  # short: socket paths hold 107 bytes
     settings = make_settings(home, runtime, port=None)
     train(settings, "third", DEMO_BASE, [(DEMO_PROMPT, CANARY)],
