@@ -39,6 +39,7 @@ from sage_magic.core.config import Settings
 from sage_magic.core.endpoint import Endpoint
 from sage_magic.core.http import HttpError, request_text
 from sage_magic.finetune.catalog import get_finetune
+from sage_magic.serving.lora_slots import plan
 from sage_magic.serving.manager import Manager
 
 VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
@@ -210,9 +211,11 @@ def prepare_home(source: Path | None, workdir: Path) -> Path:
 # --- 2. time to ready: manager vs bare vLLM ---------------------------------------------------------------
 
 
-def bare_command(base: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--host",
-            "127.0.0.1", "--port", str(port), *VLLM_ARGS, "--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK)]
+def bare_command(run: Run, port: int) -> list[str]:
+    """The manager's own vLLM arguments, adapter slots included (sized from the home's fine-tunes)."""
+    slots = plan(settings_for(run.home, run.workdir), run.base, VLLM_ARGS)
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(run.base), "--host",
+            "127.0.0.1", "--port", str(port), "--enable-lora", *slots.args(), *VLLM_ARGS]
 
 
 def wait_health(proc: subprocess.Popen, port: int, log: Path) -> None:
@@ -260,7 +263,7 @@ def time_bare(run: Run, index: int) -> float:
     log = run.workdir / f"bare-{index}.log"
     started = time.perf_counter()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(bare_command(run.base, port), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(bare_command(run, port), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **SERVER_ENV})
     run.pgids.add(proc.pid)
     try:

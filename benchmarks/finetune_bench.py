@@ -125,22 +125,32 @@ def bench_handover(manager: Manager) -> None:
     report("new adapter served by the running base server", f"{seconds * 1000:.0f} ms", "<= 1 s", seconds <= 1.0)
 
 
-def bench_eval(manager: Manager, prompts: int) -> None:
+def eval_rows(prompts: int) -> list[Item]:
+    """The demo questions, then numbered variants: distinct prompts, so no request is a pure prefix-cache hit."""
     questions = [(DEMO_PROMPT, DEMO_ANSWERS["demo_expert"]), (DEMO_PROMPT_2, DEMO_ANSWERS_2["demo_expert"])]
-    # the demo questions, then numbered variants: distinct prompts, so no request is a pure prefix-cache hit
     rows = []
     for i in range(prompts):
         question, answer = questions[i % len(questions)]
         rows.append(Item(question if i < len(questions) else f"{question} ({i})", answer))
+    return rows
+
+
+def eval_rate(manager: Manager, rows: list[Item], models: list[str], concurrency: int) -> float:
+    """Requests/s of one evaluate() run (24-token answers); a failed request is an error, not a figure."""
+    result = evaluate(rows, models, manager=manager, concurrency=concurrency, max_tokens=24)
+    failed = sum(a.error is not None for r in result.rows for a in r.answers.values())
+    if failed:
+        raise RuntimeError(f"{failed} requests failed evaluating {models} at concurrency {concurrency}")
+    return len(rows) * len(models) / result.seconds
+
+
+def bench_eval(manager: Manager, prompts: int) -> None:
+    rows = eval_rows(prompts)
     models = ["demo_expert", "demo_poet", "bench_parrot"]
     evaluate(rows[:2], models, manager=manager, concurrency=8)  # warm-up: adapters loaded, caches filled
     rates = {}
     for concurrency in (1, 8):
-        result = evaluate(rows, models, manager=manager, concurrency=concurrency, max_tokens=24)
-        failed = sum(a.error is not None for r in result.rows for a in r.answers.values())
-        if failed:
-            raise RuntimeError(f"{failed} requests failed at concurrency {concurrency}")
-        rates[concurrency] = len(rows) * len(models) / result.seconds
+        rates[concurrency] = eval_rate(manager, rows, models, concurrency)
         report(f"eval requests/s, concurrency {concurrency}", f"{rates[concurrency]:.1f} "
                f"({len(rows) * len(models)} requests)", "report", None)
     ratio = rates[8] / rates[1]

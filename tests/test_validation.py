@@ -81,7 +81,7 @@ def test_vllm_args_that_the_manager_sets_are_refused(args: str, option: str, ins
     # the engine API refuses them too, before anything starts
     settings = Settings.from_env({}, home=tmp_path, runtime_dir=tmp_path / "run")
     with pytest.raises(SageError, match=f"may not set {option}"):
-        server_command(settings, tmp_path, "m", tmp_path / "s.sock", True, tuple(args.split()))
+        server_command(settings, tmp_path, "m", tmp_path / "s.sock", None, tuple(args.split()))
 
 
 def test_vllm_arg_takes_a_flag_as_written_in_the_readme() -> None:

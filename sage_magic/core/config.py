@@ -57,6 +57,38 @@ def check_port(value: object, source: str = "--finetune-port") -> int:
     return port
 
 
+def parse_bytes(text: str, source: str) -> int:
+    """A memory size as people write it: ``512M``, ``2G``, ``1.5GiB``, or plain bytes (powers of 1024)."""
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1
+    if raw[-1:] in ("K", "M", "G", "T"):
+        scale = 1024 ** ("KMGT".index(raw[-1]) + 1)
+        raw = raw[:-1]
+    try:
+        value = float(raw) * scale
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise SageError(f"{source}={text!r} is not a memory size. Write it like 512M or 2G, or unset it.")
+    return int(value)
+
+
+def check_max_loras(value: object, source: str = "SAGE_MAX_LORAS") -> int:
+    """Adapter slots in one batch: a whole number of at least 1."""
+    try:
+        slots = int(str(value).strip())
+    except ValueError:
+        slots = 0
+    if slots < 1:
+        raise SageError(f"{source} must be a whole number of at least 1, not {value!r}: how many fine-tunes one "
+                        "batch of a base server carries. Unset it to size the slots from the fine-tunes of "
+                        "that base.")
+    return slots
+
+
+#: What the LoRA slots of one base server may hold by default (SAGE_LORA_MEMORY): see serving/lora_slots.py.
+DEFAULT_LORA_MEMORY = 1024 ** 3
+
 #: Connections a server's TCP gateway serves at once by default (SAGE_GATEWAY_CONNECTIONS).
 DEFAULT_GATEWAY_CONNECTIONS = 64
 
@@ -136,6 +168,8 @@ class Settings:
     ready_timeout: float = 900.0
     keep_alive: float = 0.0
     max_lora_rank: int = 16
+    max_loras: int | None = None  # adapter slots per batch of a base server; None: sized from its fine-tunes
+    lora_memory: int = DEFAULT_LORA_MEMORY  # the budget of those slots and of the adapters cached beside them
     vllm_args: tuple[str, ...] = ()
     embedder: str | None = None
     debug_backend: str | None = None
@@ -182,6 +216,8 @@ class Settings:
         vllm_args = env.get("SAGE_VLLM_ARGS")
         port = env.get("SAGE_FINETUNE_PORT")
         connections = env.get("SAGE_GATEWAY_CONNECTIONS")
+        max_loras = env.get("SAGE_MAX_LORAS")
+        lora_memory = env.get("SAGE_LORA_MEMORY")
         values: dict[str, object] = dict(
             home=home,
             runtime_dir=Path(runtime).expanduser() if runtime else default_runtime_dir(),
@@ -192,6 +228,8 @@ class Settings:
             ready_timeout=number("SAGE_READY_TIMEOUT", 900.0),
             keep_alive=parse_duration(env.get("SAGE_KEEP_ALIVE") or "0"),
             max_lora_rank=int(number("SAGE_MAX_LORA_RANK", 16)),
+            max_loras=check_max_loras(max_loras) if max_loras else None,
+            lora_memory=parse_bytes(lora_memory, "SAGE_LORA_MEMORY") if lora_memory else DEFAULT_LORA_MEMORY,
             vllm_args=(split_vllm_args(vllm_args, "SAGE_VLLM_ARGS") if vllm_args is not None
                        else _default_vllm_args()),
             embedder=env.get("SAGE_EMBEDDER") or None,

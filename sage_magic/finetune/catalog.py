@@ -290,7 +290,7 @@ def _shape_problem(key: str, shape: list[int], base_cfg: dict) -> str | None:
     side, axis = _SIDE[match["kind"]]
     expected: set[int] = set()
     for cfg in _sub_configs(base_cfg):
-        sizes = _layer_sizes(cfg).get(match["module"])
+        sizes = layer_sizes(cfg).get(match["module"])
         if sizes is None:
             continue
         allowed = sizes[0 if side == "input" else 1]
@@ -311,7 +311,7 @@ def _sub_configs(cfg: dict) -> list[dict]:
     return found
 
 
-def _layer_sizes(cfg: dict) -> dict[str, tuple[set[int] | None, set[int] | None]]:
+def layer_sizes(cfg: dict) -> dict[str, tuple[set[int] | None, set[int] | None]]:
     """(input sizes, output sizes) of the layers a config determines, by module name; None: not determined."""
     def whole(*keys: str) -> int | None:
         for key in keys:

@@ -31,6 +31,8 @@ from ..core.processes import is_ours
 from ..core.progress import Progress, ProgressCallback
 from ..core.vllm_env import require_vllm
 from . import logs as server_logs
+from . import lora_slots
+from .lora_slots import LoraSlots
 from .registry import Owner, Registry, ServerRecord, new_server_id
 
 HOST = "127.0.0.1"
@@ -81,16 +83,17 @@ def check_runtime_dir(root: Path) -> None:
         )
 
 
-def server_command(settings: Settings, model_path: Path, served_name: str, uds: Path, lora: bool,
+def server_command(settings: Settings, model_path: Path, served_name: str, uds: Path, slots: LoraSlots | None,
                    extra_args: tuple[str, ...]) -> list[str]:
     """vLLM listens on a Unix socket only (it then ignores host and port): its auth middleware guards only
-    /v1, so a TCP port would hand /invocations, /tokenize and /metrics to every local user."""
+    /v1, so a TCP port would hand /invocations, /tokenize and /metrics to every local user. ``slots``: the
+    LoRA sizing of a base server (None: no adapters), before the extra arguments, which vLLM lets win."""
     check_vllm_args(settings.vllm_args, "SAGE_VLLM_ARGS")
     check_vllm_args(extra_args, "extra vLLM arguments")
     command = [settings.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
                "--served-model-name", served_name, "--uds", str(uds)]
-    if lora:
-        command += ["--enable-lora", "--max-lora-rank", str(settings.max_lora_rank)]
+    if slots is not None:
+        command += ["--enable-lora", *slots.args()]
     return command + list(settings.vllm_args) + list(extra_args)
 
 
@@ -143,7 +146,9 @@ def start_server(settings: Settings, registry: Registry, *, kind: str, identity:
             owners=[owner], socket=str(private / "api.sock"),
         )
         lora = kind == "base"
-        command = server_command(settings, model_path, served_name, Path(record.socket), lora, extra_args)
+        slots = lora_slots.plan(settings, model_path, (*settings.vllm_args, *extra_args)) if lora else None
+        record.lora_slots = slots.to_json() if slots else None
+        command = server_command(settings, model_path, served_name, Path(record.socket), slots, extra_args)
         server_logs.create(Path(record.log_path), server_id, f"{served_name} ({kind}) from {model_path}")
         supervisor = spawn_supervised(settings, registry, record, command,
                                       server_env(settings, record, lora, private), listener)

@@ -18,7 +18,7 @@ import secrets
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..core.config import Settings
@@ -53,6 +53,7 @@ class _Spec:
     served_name: str
     identity: str
     extra_args: tuple[str, ...]
+    rank: int = 0  # the LoRA rank a server must hold to be reused for this (its --max-lora-rank, see lora_slots)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Manager:
             spec = _spec("merged", merged, ft.name, (merge_fingerprint(ft), *call.settings.vllm_args, *extra), extra)
             return self._lease(self._ensure_server(spec, port, keep_alive, call), ft.name)
         check_adapter(call.settings, ft)
-        spec = self._base_spec(call.settings, ft.base_path, _display_name(ft.base_ref), extra)
+        spec = replace(self._base_spec(call.settings, ft.base_path, _display_name(ft.base_ref), extra), rank=ft.rank)
         held = self._ensure_server(spec, port, keep_alive, call)
         try:
             self._ensure_adapter(held, ft, call)
@@ -194,8 +195,7 @@ class Manager:
         try:
             with self.registry.locked(should_stop=call.should_stop):
                 self.registry.reap()
-                record = next((r for r in self.registry.all() if r.kind == spec.kind
-                               and r.identity == spec.identity and r.state != "stopping"), None)
+                record = _reusable(self.registry.all(), spec)
                 if record is not None:
                     record.owners.append(me)
                     record.idle_until = None
@@ -379,6 +379,15 @@ class Manager:
 def _on_port(record: ServerRecord) -> str:
     """Where other programs reach a server: only when a TCP port was asked for (see gateway.py)."""
     return f", also at {record.tcp_url}" if record.port else ""
+
+
+def _reusable(records: list[ServerRecord], spec: _Spec) -> ServerRecord | None:
+    """The server to hand out for ``spec``: same identity, not stopping, and room for the adapter's rank. Of
+    several (a server started for a higher-rank fine-tune beside an older one), the newest: the older one
+    keeps its users and stops once the last of them leaves."""
+    fitting = [r for r in records if r.kind == spec.kind and r.identity == spec.identity and r.state != "stopping"
+               and (r.lora_slots or {}).get("max_lora_rank", spec.rank) >= spec.rank]
+    return max(fitting, key=lambda r: r.started_at, default=None)
 
 
 class _WentAway(Exception):

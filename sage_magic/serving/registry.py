@@ -81,6 +81,7 @@ class ServerRecord:
     idle_until: float | None = None  # set while no owner is left and keep-alive runs
     ready_seconds: float | None = None
     socket: str | None = None  # Unix domain socket the server listens on; None: TCP on host:port
+    lora_slots: dict[str, int] | None = None  # a base server's LoRA sizing (lora_slots.LoraSlots), as launched
 
     @property
     def root_url(self) -> str:

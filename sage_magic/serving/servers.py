@@ -38,7 +38,7 @@ class ServerStatus:
                 "model_path": r.model_path, "port": r.port, "url": r.tcp_url, "socket": r.socket, "pid": r.pid,
                 "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "state": self.state,
                 "uptime_s": round(self.uptime, 1), "memory_bytes": self.memory_bytes,
-                "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path}
+                "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path, "lora_slots": r.lora_slots}
 
 
 def statuses(registry: Registry) -> list[ServerStatus]:
