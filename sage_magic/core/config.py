@@ -57,6 +57,9 @@ def check_port(value: object, source: str = "--finetune-port") -> int:
     return port
 
 
+#: How many retrieved chunks a question may ask for (--top-k): past 20 a prompt drowns the question. Here, not
+#: in rag.search, so that the options' parser knows them without importing the RAG package.
+MIN_TOP_K, MAX_TOP_K = 1, 20
 #: Connections a server's TCP gateway serves at once by default (SAGE_GATEWAY_CONNECTIONS).
 DEFAULT_GATEWAY_CONNECTIONS = 64
 

@@ -14,9 +14,8 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..chat.conversation import DEFAULT_INDEX
-from ..core.config import Settings, check_port, parse_duration, split_vllm_args
+from ..core.config import MAX_TOP_K, MIN_TOP_K, Settings, check_port, parse_duration, split_vllm_args
 from ..core.errors import SageError
-from ..rag.search import MAX_TOP_K, MIN_TOP_K
 
 if TYPE_CHECKING:
     from ..finetune.train import TrainOptions
