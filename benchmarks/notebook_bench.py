@@ -1,9 +1,10 @@
 """What the notebook face costs: `%load_ext` time, streaming through %%sage against the raw openai client on the
 same server and prompt, per-cell overhead on a warm server (with and without --index), and a kernel restarted
-within --keep-alive: from its first %%sage cell to the first token, against a fresh server start. Figures are
-printed next to their goals.
+within --keep-alive: from its first %%sage cell to the first token, against a fresh server start, repeated
+--restarts N times. Figures are printed next to their floors and goals.
 
-    SAGE_HOME=/path/with/demo python benchmarks/notebook_bench.py [--short]
+    SAGE_HOME=/path/with/demo python benchmarks/notebook_bench.py [--short] [--restarts N]
+    SAGE_HOME=/path/with/demo python benchmarks/notebook_bench.py --only-restarts [--no-bytecode-cache]
 
 The magic runs in an InteractiveShell whose display publisher records messages instead of sending them to a
 front end, so every display update the magic makes (throttled, in place) is built and published for real;
