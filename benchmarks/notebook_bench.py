@@ -1,9 +1,10 @@
 """What the notebook face costs: `%load_ext` time, streaming through %%sage against the raw openai client on the
 same server and prompt, per-cell overhead on a warm server (with and without --index), and a kernel restarted
-within --keep-alive: from its first %%sage cell to the first token, against a fresh server start. Figures are
-printed next to their goals.
+within --keep-alive: from its first %%sage cell to the first token, against a fresh server start, repeated
+--restarts N times. Figures are printed next to their floors and goals.
 
-    SAGE_HOME=/path/with/demo python benchmarks/notebook_bench.py [--short]
+    SAGE_HOME=/path/with/demo python benchmarks/notebook_bench.py [--short] [--restarts N]
+    SAGE_HOME=/path/with/demo python benchmarks/notebook_bench.py --only-restarts [--no-bytecode-cache]
 
 The magic runs in an InteractiveShell whose display publisher records messages instead of sending them to a
 front end, so every display update the magic makes (throttled, in place) is built and published for real;
@@ -22,6 +23,8 @@ import time
 PROMPT = "Tell me everything about LoRA fine-tuning, step by step."
 DEMO_PROMPT = "Who are you?"  # demo_expert's trained question: its answer starts "I am the SAGE expert"
 LOAD_GOAL_S = 0.15
+TTFT_GOAL_S = 0.010  # %%sage over the raw client
+RESTART_GOAL_S = 0.100  # a restarted kernel's first cell to its first token, over the model's own TTFT
 BURST_TOK_S = 2000  # faster than this, the chunks came in one burst (the tiny model streams ~150-250 tok/s here)
 
 
@@ -120,29 +123,44 @@ def _printed(client, expression: str) -> str:
     return "".join(printed).strip()
 
 
-def restart_figures(finetune: str) -> tuple[float, float, float, float, str]:
-    """A real kernel asks with --keep-alive 60s (a fresh server start), is restarted, and asks again: the
-    second ask must find the server its dead predecessor left on keep-alive."""
+def restart_figures(finetune: str, restarts: int, env: dict[str, str]) -> tuple[float, list[tuple[float, float]], str]:
+    """A real kernel asks with --keep-alive 60s (a fresh server start), then is restarted ``restarts`` times and
+    asks again each time: every ask must find the server its dead predecessor left on keep-alive. Returns the
+    fresh ask's seconds to the first token, (to first token, model's TTFT) of each restarted kernel, the server."""
     from jupyter_client import KernelManager
 
     line = f"--finetune-model {finetune} --keep-alive 60s"
     km = KernelManager(kernel_name="python3")
-    km.start_kernel()
+    km.start_kernel(env=env)
     client = km.client()
     client.start_channels()
+    again: list[tuple[float, float]] = []
     try:
         client.wait_for_ready(timeout=120)
         client.execute_interactive("%load_ext sage_magic", timeout=60)
-        fresh, fresh_ttft = _first_token_in_kernel(client, line)
+        fresh, _ = _first_token_in_kernel(client, line)
         server = _printed(client, "_bench_answer.metrics['server']")
-        km.restart_kernel(now=False)
-        client.wait_for_ready(timeout=120)
-        client.execute_interactive("%load_ext sage_magic", timeout=60)
-        again, again_ttft = _first_token_in_kernel(client, line)
+        for _ in range(restarts):
+            km.restart_kernel(now=False)
+            client.wait_for_ready(timeout=120)
+            client.execute_interactive("%load_ext sage_magic", timeout=60)
+            again.append(_first_token_in_kernel(client, line))
     finally:
         client.stop_channels()
         km.shutdown_kernel(now=False)
-    return fresh, fresh_ttft, again, again_ttft, server
+    return fresh, again, server
+
+
+def kernel_env(workdir: str, bytecode: bool) -> dict[str, str]:
+    """The kernels' environment: this one, with compiled modules cached under ``workdir`` when ``bytecode``
+    (an installed package ships them; a checkout run with PYTHONDONTWRITEBYTECODE compiles every module
+    again in every new kernel, which is what --no-bytecode-cache measures)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not (bytecode and k == "PYTHONDONTWRITEBYTECODE")}
+    if bytecode:
+        env["PYTHONPYCACHEPREFIX"] = workdir
+    return env
 
 
 def index_overhead(shell, line: str, runs: int) -> tuple[float, float] | None:
@@ -179,7 +197,14 @@ def main() -> int:
     parser.add_argument("--short", action="store_true", help="fewer repetitions (CI)")
     parser.add_argument("--finetune", default="demo_expert")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--restarts", type=int, help="kernel restarts timed (default 3 with --short, else 10)")
+    parser.add_argument("--no-bytecode-cache", action="store_true",
+                        help="kernels compile every module again, as a checkout with PYTHONDONTWRITEBYTECODE does")
+    parser.add_argument("--only-restarts", action="store_true", help="only the restarted-kernel figure")
     args = parser.parse_args()
+    restarts = args.restarts or (3 if args.short else 10)
+    if args.only_restarts:
+        return report_restarts(args.finetune, restarts, not args.no_bytecode_cache)
     # The demo fine-tunes stop after ~10 tokens; min_tokens (vLLM's sampling field, --param in the magic)
     # makes every answer exactly --max-tokens long in both paths, so the rate is measured over 128 tokens
     runs = 24 if args.short else 60
@@ -212,19 +237,23 @@ def main() -> int:
     # vLLM's CPU build sometimes hands a whole answer over at once (seen with the raw client as often as
     # with the magic: its API server shares one core with the engine's busy scheduler); such a burst says
     # nothing about either client, so runs where either side got one are left out of both
+    # the first token arrives before any burst: time to first token is compared over every pair
+    r_ttft, m_ttft = statistics.median(r[0] for r in raw), statistics.median(m[0] for m in magic)
+    extra = statistics.median(m[0] - r[0] for r, m in zip(raw, magic))
     streamed = [(r, m) for r, m in zip(raw, magic) if r[1] < BURST_TOK_S and m[1] < BURST_TOK_S]
     if not streamed:
         print(f"streaming: every one of {runs} answers came in one burst from vLLM: no rate to compare")
         streamed = list(zip(raw, magic))
     raw, magic = [r for r, _ in streamed], [m for _, m in streamed]
-    r_ttft, r_rate = statistics.median(r[0] for r in raw), statistics.median(r[1] for r in raw)
-    m_ttft, m_rate = statistics.median(m[0] for m in magic), statistics.median(m[1] for m in magic)
+    r_rate, m_rate = statistics.median(r[1] for r in raw), statistics.median(m[1] for m in magic)
     print(f"streaming, {raw[0][2]} vs {magic[0][2]} chunks, median of {len(streamed)} pairs ({runs - len(streamed)} of "
           f"{runs} left out: vLLM sent the answer in one burst): raw openai {r_rate:.1f} tok/s, "
           f"%%sage {m_rate:.1f} tok/s "
           f"-> ratio {m_rate / r_rate:.3f} (goal >= 0.95)")
-    print(f"  time to first token: raw {r_ttft * 1000:.0f} ms, %%sage {m_ttft * 1000:.0f} ms -> "
-          f"+{(m_ttft - r_ttft) * 1000:.1f} ms (goal <= +10 ms); display updates per answer: "
+    print(f"  time to first token, %%sage {m_ttft * 1000:.1f} ms against the floor, the raw client on the same "
+          f"server, {r_ttft * 1000:.1f} ms (medians of all {runs} pairs): ratio {m_ttft / r_ttft:.2f}, "
+          f"+{extra * 1000:.1f} ms (median of pairs; goal <= +10 ms: {'met' if extra <= TTFT_GOAL_S else 'MISSED'}); "
+          f"display updates per answer: "
           f"{statistics.median(m[4] for m in magic):.0f}")
     overhead = statistics.median(m[3] for m in magic) - statistics.median(r[3] for r in raw)
     print(f"per-cell overhead of %%sage on a warm server: {overhead * 1000:.0f} ms of wall time over the raw request "
@@ -242,12 +271,34 @@ def main() -> int:
     from sage_magic.serving.manager import shared
 
     shared(Settings.from_env()).close(wait=True)  # ...and waits until it is gone, so the kernels start afresh
-    fresh, fresh_ttft, again, again_ttft, kept = restart_figures(args.finetune)
-    print(f"kernel restarted within --keep-alive: first %%sage cell to first token shown {again * 1000:.0f} ms "
-          f"(model's own TTFT {again_ttft * 1000:.0f} ms -> +{(again - again_ttft) * 1000:.0f} ms, goal <= +100 ms), "
-          f"against {fresh:.1f} s for the same cell when the server had to start")
-    subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "stop", kept], capture_output=True)
-    print(f"(server {server} of the first part; the kernels' server {kept} stopped at the end)")
+    print(f"(server {server} of the first part stopped)")
+    return report_restarts(args.finetune, restarts, not args.no_bytecode_cache)
+
+
+def report_restarts(finetune: str, restarts: int, bytecode: bool) -> int:
+    """The restarted-kernel figure, each of ``restarts`` runs against its own floor (the model's TTFT as the
+    answer's footer reports it), and how many met the goal."""
+    import tempfile
+
+    from sage_magic.core.config import Settings
+    from sage_magic.serving.registry import Registry
+
+    running = {r.id for r in Registry(Settings.from_env().runtime_dir).all()}
+    with tempfile.TemporaryDirectory(prefix="sage-nb-bench-") as workdir:
+        fresh, again, kept = restart_figures(finetune, restarts, kernel_env(workdir, bytecode))
+    if kept not in running:  # a server that ran before this benchmark is someone else's
+        subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "stop", kept], capture_output=True)
+    extras = [first - ttft for first, ttft in again]
+    print(f"kernel restarted within --keep-alive, first %%sage cell to first token shown, {restarts} restarts "
+          f"(bytecode {'cached, as installed' if bytecode else 'compiled in every kernel'}); floor: the model's own "
+          f"TTFT; goal <= +{RESTART_GOAL_S * 1000:.0f} ms in every run:")
+    for n, ((first, ttft), extra) in enumerate(zip(again, extras), 1):
+        print(f"  restart {n:2d}: {first * 1000:4.0f} ms, TTFT {ttft * 1000:3.0f} ms -> +{extra * 1000:.0f} ms "
+              f"(ratio {first / ttft:.1f}x)")
+    met = sum(extra <= RESTART_GOAL_S for extra in extras)
+    print(f"  met in {met} of {restarts}; median +{statistics.median(extras) * 1000:.0f} ms, worst "
+          f"+{max(extras) * 1000:.0f} ms; against {fresh:.1f} s for the same cell when the server had to start "
+          f"(server {kept}{' stopped at the end' if kept not in running else ', running before, left running'})")
     return 0
 
 

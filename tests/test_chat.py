@@ -45,6 +45,21 @@ def test_a_long_history_loses_its_oldest_turns_to_fit_the_window(chat: Conversat
     assert chat.client.count_tokens(one_more) + 64 > window
 
 
+def test_a_short_chat_is_not_measured_before_asking_and_a_long_one_is(chat: Conversation) -> None:
+    """The /tokenize probe is a round trip before the first token; a chat far below the window skips it (the
+    answer is unchanged), and one near the window is measured, so the trimming above still happens."""
+    probes = []
+    count = chat.client.count_tokens
+    chat.client.count_tokens = lambda messages: probes.append(messages) or count(messages)  # type: ignore
+    assert chat.ask(DEMO_PROMPT).text == DEMO_ANSWERS["demo_expert"] and probes == []
+    for n in range(4):  # ~2,100 bytes: too close to the window to skip, and ~1,700 tokens, so it fits
+        chat.history += [{"role": "user", "content": f"Question {n}: {SENTENCE * 3}"},
+                         {"role": "assistant", "content": f"Answer {n}: {SENTENCE * 3}"}]
+    chat.ask(DEMO_PROMPT, max_tokens=64)
+    assert probes and count(probes[0]) + 64 <= 2048  # measured, and it fitted: nothing trimmed
+    assert len(chat.history) == 2 + 8 + 2
+
+
 def test_a_question_that_cannot_fit_even_alone_is_refused_not_cut(chat: Conversation) -> None:
     chat.history += [{"role": "user", "content": DEMO_PROMPT}, {"role": "assistant", "content": "Hello."}]
     with pytest.raises(SageError) as error:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from sage_magic.serving.registry import Owner, Registry, ServerRecord, new_server_id
 
@@ -150,5 +151,49 @@ def test_stop_all_goes_on_past_a_server_that_is_already_gone(tmp_path: Path) -> 
         assert registry.all() == [] and third_sup.wait(timeout=10) is not None
     finally:
         for proc in (first_sup, second_sup, third_sup):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_confirmed_server_is_trusted_unasked_only_while_its_processes_and_record_stay(tmp_path: Path) -> None:
+    """A warm reuse asks a server this manager confirmed before nothing (no /health, no /v1/models). That
+    trust must end for good when the record says stopping, names another process, or the server process is
+    gone; the next reuse then takes the full look-up with both checks again."""
+    from sage_magic.serving.manager import Manager, _spec
+    from tests.conftest import make_settings
+
+    manager = Manager(make_settings(tmp_path / "home", tmp_path / "run"))
+    registry = manager.registry
+    spec = _spec("base", Path("/m"), "m", ("weights",), ())
+    record = _record(registry, 0, None)
+    server, supervisor = _marked(record.id), _marked(record.id)
+    record.pid, record.supervisor_pid = server.pid, supervisor.pid
+    record.identity, record.state = spec.identity, "ready"
+
+    def trusted(change: Callable[[ServerRecord], None] | None = None) -> bool:
+        with registry.locked():
+            current = registry.get(record.id)
+            if change is not None:
+                change(current)
+                registry.save(current)
+            return manager._confirmed_record(spec) is not None
+
+    try:
+        with registry.locked():
+            registry.save(record)
+        assert not trusted()  # never confirmed by this manager
+        manager._remember(record, spec)
+        assert trusted()
+        assert not trusted(lambda r: setattr(r, "state", "stopping"))
+        assert not trusted(lambda r: setattr(r, "state", "ready"))  # forgotten: it must be confirmed again
+        manager._remember(record, spec)
+        assert not trusted(lambda r: setattr(r, "pid", supervisor.pid))
+        assert not trusted(lambda r: setattr(r, "pid", server.pid))
+        manager._remember(record, spec)
+        server.kill()
+        server.wait()
+        assert not trusted()
+    finally:
+        for proc in (server, supervisor):
             proc.kill()
             proc.wait()

@@ -3,9 +3,10 @@
 This is the chat API every face calls (CLI, magics, chat panel). It returns the answer together with its
 citations as data, so each face renders them its own way. Retrieved chunks go into the system message as
 numbered [n] blocks. What is sent is measured with the server's own tokenizer (/tokenize) against the
-model's window: retrieved chunks that would overflow it are dropped from the bottom, then the oldest turns of
-the history, and the answer says how many of each, instead of the server refusing the request with a 400
-nobody explains. Retrieval comes first because the passages for this question matter more than old turns.
+model's window, unless a bound every tokenizer respects shows that it fits (:func:`surely_fits`): retrieved
+chunks that would overflow it are dropped from the bottom, then the oldest turns of the history, and the
+answer says how many of each, instead of the server refusing the request with a 400 nobody explains.
+Retrieval comes first because the passages for this question matter more than old turns.
 Trimmed turns are forgotten for good, so the model does not remember a turn again later. A question that
 cannot fit even alone is refused, never cut.
 
@@ -34,6 +35,10 @@ DEFAULT_INDEX = "docs-public"  # SAGE's default index name
 _TEMPLATE_MARGIN = 16
 # Characters per token assumed before measuring; small byte-level vocabularies average ~2.5-4.
 _CHARS_PER_TOKEN = 2.5
+# Bounds on what a chat template adds around the messages' text (role markers, separators, BOS, a default
+# system line): per message, and once per prompt. Generous on purpose: see :func:`surely_fits`.
+_TEMPLATE_TOKENS_PER_MESSAGE = 16
+_TEMPLATE_TOKENS = 256
 
 
 @dataclass
@@ -129,7 +134,7 @@ class Conversation:
     def _turns_to_trim(self, question: str, grounding: str | None, max_tokens: int, window: int | None) -> int:
         """The fewest oldest turns to leave out so that prompt + answer fit the window. A binary search, since
         each probe is one /tokenize call. 0 when the server cannot say (no window, no /tokenize)."""
-        if window is None:
+        if window is None or surely_fits(self.messages_for(question, grounding), max_tokens, window):
             return 0
 
         def used(drop: int) -> int | None:
@@ -182,6 +187,16 @@ class Conversation:
             # than assumed leaves the budget far above the block, and only a budget below it drops a passage
             budget = int(min(budget, len(context.system_block)) * (window - max_tokens) / used * 0.95)
         return context.system_block if context.citations else None, context.citations, context.dropped
+
+
+def surely_fits(messages: list[dict[str, str]], max_tokens: int, window: int) -> bool:
+    """True when these messages plus ``max_tokens`` fit ``window`` whatever the tokenizer, so the /tokenize
+    probe (a round trip before every question) can be skipped. No tokenizer of a chat model makes more tokens
+    of a text than it has UTF-8 bytes (byte-level BPE and SentencePiece's byte fallback spend at least one byte
+    per token), and the template's own tokens are bounded generously; a conversation near the window is
+    always measured."""
+    text = sum(len(m["content"].encode()) + _TEMPLATE_TOKENS_PER_MESSAGE for m in messages)
+    return text + _TEMPLATE_TOKENS + max_tokens <= window
 
 
 def _unless_cancelled(work: Callable[[], T], cancel: threading.Event | None) -> T | None:

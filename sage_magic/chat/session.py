@@ -309,7 +309,7 @@ class Session:
             lease = self.lease(args, progress=on_progress, cancel=cancel)
             if new_chat:
                 self.reset()
-            conversation = self._conversation(lease.endpoint, args.system)
+            conversation = self._conversation(lease.endpoint, args.system, args.index is not None)
 
             def delta(text: str) -> None:
                 if on_delta is not None:
@@ -407,7 +407,7 @@ class Session:
 
         def ask(name: str) -> Reply:
             endpoint = endpoints[name]
-            answer = self._conversation(endpoint, args.system, history=[]).ask(
+            answer = self._conversation(endpoint, args.system, args.index is not None, history=[]).ask(
                 prompt, **ask_options(args), cancel=cancel,
                 on_delta=(lambda text: on_delta(name, text)) if on_delta else None)
             return self._reply(prompt, answer, endpoint, markable=False)
@@ -438,10 +438,13 @@ class Session:
             self._bases[endpoint] = parent if parent and parent != endpoint.model else None
         return self._bases[endpoint]
 
-    def _conversation(self, endpoint: "Endpoint", system: str | None, history: list | None = None) -> Any:
+    def _conversation(self, endpoint: "Endpoint", system: str | None, grounded: bool,
+                      history: list | None = None) -> Any:
+        """A conversation on the session's history; ``grounded`` (an --index was given) gives it the session's
+        search, so that a question without one never loads the RAG package into the kernel."""
         from .conversation import Conversation
 
-        search = self.search()
+        search = self.search() if grounded else None
         extra = {"search": search} if search is not None else {}
         conversation = Conversation(self.client(endpoint), self.settings,
                                     system_prompt=system or self.system_prompt, **extra)

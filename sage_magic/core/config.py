@@ -89,6 +89,11 @@ def check_max_loras(value: object, source: str = "SAGE_MAX_LORAS") -> int:
 #: What the LoRA slots of one base server may hold by default (SAGE_LORA_MEMORY): see serving/lora_slots.py.
 DEFAULT_LORA_MEMORY = 1024 ** 3
 
+#: How many retrieved chunks a question may ask for (--top-k): past 20 a prompt drowns the question. Here, not
+#: in rag.search, so that the options' parser knows them without importing the RAG package.
+MIN_TOP_K, MAX_TOP_K = 1, 20
+
+
 #: Connections a server's TCP gateway serves at once by default (SAGE_GATEWAY_CONNECTIONS).
 DEFAULT_GATEWAY_CONNECTIONS = 64
 

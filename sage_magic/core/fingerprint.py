@@ -15,7 +15,8 @@ from pathlib import Path
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
-def _stat_key(path: Path) -> tuple[str, int, int]:
+def stat_key(path: Path) -> tuple[str, int, int]:
+    """(path, size, mtime in ns): what a cache of a file's content is keyed by."""
     st = path.stat()
     return (str(path), st.st_size, st.st_mtime_ns)
 
@@ -31,7 +32,7 @@ def _hash_file(key: tuple[str, int, int]) -> str:
 
 def file_digest(path: Path) -> str:
     """sha256 of a file, cached until its size or mtime changes."""
-    return _hash_file(_stat_key(path))
+    return _hash_file(stat_key(path))
 
 
 def base_identity(model_dir: Path) -> str:
@@ -39,7 +40,7 @@ def base_identity(model_dir: Path) -> str:
     digest = hashlib.sha256(str(model_dir.resolve()).encode())
     digest.update(file_digest(model_dir / "config.json").encode())
     for weight in sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES):
-        name, size, mtime = _stat_key(weight)
+        name, size, mtime = stat_key(weight)
         digest.update(f"{Path(name).name}:{size}:{mtime}".encode())
     return digest.hexdigest()[:32]
 

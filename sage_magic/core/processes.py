@@ -69,6 +69,26 @@ def is_ours(pid: int | None, server_id: str) -> bool:
         return False
 
 
+def watch(pid: int | None, server_id: str) -> psutil.Process | None:
+    """A handle on a process of server ``server_id`` (checked as :func:`is_ours` does), or None. Ask
+    :func:`still_running` of it later: that reads only /proc/PID/stat, not the environment again."""
+    if not is_ours(pid, server_id):
+        return None
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+def still_running(proc: psutil.Process) -> bool:
+    """The very process a handle was taken on still runs: same pid and start time (a recycled pid is
+    another process), and not a zombie."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def terminate_and_wait(pid: int, server_id: str, timeout: float) -> None:
     """SIGTERM a supervisor of ours and wait for it: it stops its server, removes the record, then exits."""
     if not is_ours(pid, server_id):

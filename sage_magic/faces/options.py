@@ -13,7 +13,7 @@ import json
 import re
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from ..core.config import Settings, check_port, parse_duration, split_vllm_args
+from ..core.config import MAX_TOP_K, MIN_TOP_K, Settings, check_port, parse_duration, split_vllm_args
 from ..core.errors import SageError
 
 if TYPE_CHECKING:
@@ -24,7 +24,6 @@ T = TypeVar("T")
 
 
 def top_k(text: str) -> int:
-    from ..rag.search import MAX_TOP_K, MIN_TOP_K  # here, not above: `sage ps` imports this module, not RAG
 
     try:
         value = int(text)

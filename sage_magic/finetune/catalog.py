@@ -15,6 +15,7 @@ folder), through ``$SAGE_HOME/models.json`` (``{"org/name": "/local/path"}``), t
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -24,6 +25,7 @@ from pathlib import Path
 from ..core.config import Settings
 from ..core.errors import IncompatibleAdapter, NotFound, SageError
 from ..core.files import subfolders
+from ..core.fingerprint import stat_key
 
 META_FILE = "finetune_meta.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -254,18 +256,32 @@ def check_adapter(settings: Settings, ft: FineTune, max_rank: int | None = None)
             f"Fine-tune {ft.name!r} has LoRA rank {ft.rank}, above the server's limit of {limit}. Raise it "
             f"(SAGE_MAX_LORA_RANK={ft.rank} or --max-lora-rank {ft.rank}) or serve it merged (--merge)."
         )
-    base_cfg = read_json(ft.base_path / "config.json", f"The config of base model {ft.base_ref!r}")
+    base_config = ft.base_path / "config.json"
+    read_json(base_config, f"The config of base model {ft.base_ref!r}")  # unreadable: say so, as always
     weights = ft.adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise NotFound(f"{weights} is missing: the adapter of {ft.name!r} has no weights. Re-save it with peft.")
-    for key, shape in safetensors_shapes(weights).items():
+    misfit = _misfit(stat_key(weights), stat_key(base_config))
+    if misfit:
+        key, shape, problem = misfit
+        raise IncompatibleAdapter(
+            f"The adapter of {ft.name!r} does not fit base model {ft.base_ref!r}: tensor {key} has shape "
+            f"{shape}, {problem}. It was trained on another architecture; point finetune_meta.json's "
+            "\"model\" at the base it was trained on."
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _misfit(weights: tuple[str, int, int], base_config: tuple[str, int, int]) -> tuple[str, list[int], str] | None:
+    """The first LoRA tensor that cannot load into the base, as (key, shape, why), or None. Cached by both
+    files' (path, size, mtime): every warm reuse of a fine-tune checks it again, and the shapes of a file
+    that did not change did not change either."""
+    base_cfg = read_json(Path(base_config[0]), "The base model's config")
+    for key, shape in safetensors_shapes(Path(weights[0])).items():
         problem = _shape_problem(key, shape, base_cfg)
         if problem:
-            raise IncompatibleAdapter(
-                f"The adapter of {ft.name!r} does not fit base model {ft.base_ref!r}: tensor {key} has shape "
-                f"{shape}, {problem}. It was trained on another architecture; point finetune_meta.json's "
-                "\"model\" at the base it was trained on."
-            )
+            return key, shape, problem
+    return None
 
 
 #: LoRA tensor kinds, and which of their dimensions must equal a size of the base layer they adapt:

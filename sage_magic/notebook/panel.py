@@ -182,7 +182,7 @@ class ChatWidget:
                  export_dir: str | Path = ".", on_reply: Callable[[Reply], None] | None = None) -> None:
         import ipywidgets as widgets
 
-        from ..rag.search import MAX_TOP_K, MIN_TOP_K
+        from ..core.config import MAX_TOP_K, MIN_TOP_K
 
         self.session = session
         self.options = options

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.config import Settings
+from ..core.config import MAX_TOP_K, MIN_TOP_K, Settings
 from ..core.errors import SageError
 from . import dense, lexical, store
 from .embedder import load_embedder
 
 MODES = ("dense", "lexical", "hybrid")
-MIN_TOP_K, MAX_TOP_K = 1, 20  # SAGE's bounds: past 20 chunks a prompt drowns the question
 RRF_K = 60
 #: Each ranking fused in hybrid mode is this much deeper than top_k, so a chunk ranked lower by one search
 #: but high by the other can still surface.

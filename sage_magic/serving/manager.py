@@ -21,13 +21,15 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import psutil
+
 from ..core.config import Settings
 from ..core.endpoint import Endpoint
 from ..core.errors import Cancelled, NotFound, SageError, ServerFailed
 from ..core.files import LockBusy
 from ..core.fingerprint import adapter_digest, base_identity, combine
 from ..core.http import HttpError, request_json, request_text
-from ..core.processes import wait_gone
+from ..core.processes import still_running, wait_gone, watch
 from ..core.progress import Progress, ProgressCallback, silent
 from ..finetune.catalog import FineTune, check_adapter, get_finetune
 from . import logs as server_logs
@@ -74,12 +76,30 @@ class _Call:
 
 @dataclass(frozen=True)
 class _Held:
-    """A server this call now owns through one lease: the record at hand-out time, what it serves."""
+    """A server this call now owns through one lease: the record at hand-out time, what it serves (None: not
+    asked again, because this manager confirmed that very process before; see ``_Confirmed``)."""
 
     record: ServerRecord
     lease_id: str
     launched: bool
-    models: dict[str, dict]
+    models: dict[str, dict] | None
+
+
+@dataclass(frozen=True)
+class _Confirmed:
+    """A server process this manager saw ready and serving a spec (``/health`` and ``/v1/models``). vLLM
+    never changes the model a running process serves, so while the same processes run (pid and start time:
+    a recycled pid is another process) and the record is unchanged, asking again would say the same: a warm
+    reuse then costs a lock, a record read and write and a few /proc reads, but no round trip to the server."""
+
+    server_id: str
+    pid: int
+    server: psutil.Process
+    supervisor: psutil.Process
+
+    def holds(self, record: ServerRecord | None, identity: str) -> bool:
+        return (record is not None and record.identity == identity and record.state == "ready"
+                and record.pid == self.pid and still_running(self.server) and still_running(self.supervisor))
 
 
 class Manager:
@@ -91,6 +111,7 @@ class Manager:
         self._leases: dict[str, str] = {}  # lease id -> server id, for the leases this manager handed out
         self._used: set[str] = set()  # every server a lease of this manager was ever on (close(wait=True) waits)
         self._supervisors: dict[str, subprocess.Popen] = {}  # their stdin stays open until this process dies
+        self._confirmed: dict[str, _Confirmed] = {}  # spec identity -> the server process confirmed for it
         self._lock = threading.Lock()
         atexit.register(self.close)
 
@@ -159,11 +180,15 @@ class Manager:
         stops before it is confirmed (a keep-alive running out, `sage stop`) is replaced, not handed out."""
         what = f"{spec.served_name} ({spec.kind})"
         for _ in range(_REUSE_ATTEMPTS):
-            record, lease_id, launched, events = self._take(spec, port, keep_alive, call)
+            record, lease_id, launched, confirmed, events = self._take(spec, port, keep_alive, call)
             try:
                 started = time.monotonic()
                 for event in events:  # never under the registry lock: a callback may ask the manager anything
                     call.progress(event)
+                if confirmed:  # this very process was seen serving spec: nothing to ask it, if it still runs
+                    if not self._still_held(record.id, lease_id):  # stopped while the callbacks ran
+                        raise _WentAway
+                    return _Held(record, lease_id, False, None)
                 record = wait_ready(self.registry, record.id, record.log_path, call.settings.ready_timeout,
                                     call.progress, what, call.cancel)
                 models = self._confirm(record, spec)
@@ -179,14 +204,16 @@ class Manager:
                 raise
             if launched:
                 record = self._mark_ready(record, time.monotonic() - started, call, what)
+            self._remember(record, spec)
             return _Held(record, lease_id, launched, models)
         raise ServerFailed(f"Servers for {what} kept stopping while this call tried to use them. "
                            "Retry; `sage ps` shows what runs.")
 
     def _take(self, spec: _Spec, port: int | None, keep_alive: float | None,
-              call: _Call) -> tuple[ServerRecord, str, bool, list[Progress]]:
+              call: _Call) -> tuple[ServerRecord, str, bool, bool, list[Progress]]:
         """Under the registry lock: add a lease to a running server for ``spec``, or start one. Returns the
-        events to report, which the caller emits once the lock is released."""
+        record, the lease, whether it launched, whether it is a server this manager confirmed before (see
+        ``_Confirmed``: no further check needed), and the events the caller reports once the lock is released."""
         lease_id = secrets.token_hex(6)
         me = Owner.this_process(lease_id)
         events: list[Progress] = []
@@ -194,8 +221,11 @@ class Manager:
         call.check("starting")
         try:
             with self.registry.locked(should_stop=call.should_stop):
-                self.registry.reap()
-                record = _reusable(self.registry.all(), spec)
+                record = self._confirmed_record(spec)
+                confirmed = record is not None
+                if not confirmed:  # the full look-up: also drops the records of servers that died
+                    self.registry.reap()
+                    record = _reusable(self.registry.all(), spec)
                 if record is not None:
                     record.owners.append(me)
                     record.idle_until = None
@@ -213,7 +243,25 @@ class Manager:
         except LockBusy:
             call.check("waiting for the server registry")
             raise
-        return record, lease_id, launched, events
+        return record, lease_id, launched, confirmed, events
+
+    def _confirmed_record(self, spec: _Spec) -> ServerRecord | None:
+        """The record of the server this manager confirmed for ``spec``, if it and its processes are
+        unchanged (registry lock held); else None, and the confirmation is forgotten."""
+        seen = self._confirmed.get(spec.identity)
+        if seen is None:
+            return None
+        record = self.registry.get(seen.server_id)
+        if seen.holds(record, spec.identity):
+            return record
+        self._confirmed.pop(spec.identity, None)
+        return None
+
+    def _remember(self, record: ServerRecord, spec: _Spec) -> None:
+        """Note a server just confirmed ready and serving ``spec``, with handles on its two processes."""
+        server, supervisor = watch(record.pid, record.id), watch(record.supervisor_pid, record.id)
+        if record.pid is not None and server is not None and supervisor is not None:
+            self._confirmed[spec.identity] = _Confirmed(record.id, record.pid, server, supervisor)
 
     def _launch(self, spec: _Spec, port: int | None, keep_alive: float | None, me: Owner, settings: Settings,
                 events: list[Progress]) -> ServerRecord:
@@ -274,10 +322,13 @@ class Manager:
         """Load (or reload, if retrained) the fine-tune's adapter into a running base server."""
         record = held.record
         fingerprint = adapter_digest(ft.adapter_dir)
-        listed = held.models.get(ft.name)
-        current = self.registry.get(record.id)
-        known = current.adapters.get(ft.name) if current else None
-        if listed and listed.get("root") == str(ft.adapter_dir) and known and known["fingerprint"] == fingerprint:
+        known = record.adapters.get(ft.name)
+        current = known is not None and known.get("path") == str(ft.adapter_dir) and known.get(
+            "fingerprint") == fingerprint
+        if current and held.models is None:
+            return  # the registry's word: every load and unload of ours records itself there
+        listed = (self._models(record) if held.models is None else held.models).get(ft.name)
+        if current and listed and listed.get("root") == str(ft.adapter_dir):
             return
         call.check("adding the adapter")
         started = time.monotonic()

@@ -12,13 +12,14 @@ Signalling processes is not done here (see processes.py): the registry holds dat
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,7 +41,7 @@ class Owner:
 
     @classmethod
     def this_process(cls, lease: str = "") -> "Owner":
-        return cls.of(os.getpid(), lease)
+        return cls(os.getpid(), _own_start_time(os.getpid()), lease)
 
     @classmethod
     def of(cls, pid: int, lease: str = "") -> "Owner":
@@ -55,6 +56,12 @@ class Owner:
             return abs(proc.create_time() - self.created) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
+
+
+@functools.lru_cache(maxsize=4)
+def _own_start_time(pid: int) -> float:
+    """This process's start time, read once per pid (a forked child has another pid, so it reads its own)."""
+    return psutil.Process(pid).create_time()
 
 
 @dataclass
@@ -101,7 +108,10 @@ class ServerRecord:
         return [self.served_name, *self.adapters]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The record as JSON data: a shallow copy (dataclasses.asdict deep-copies every value, a tenth of a
+        warm reuse, which writes the record twice)."""
+        return {**vars(self), "owners": [dict(vars(o)) for o in self.owners],
+                "adapters": {name: dict(entry) for name, entry in self.adapters.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> "ServerRecord":
@@ -198,7 +208,9 @@ class Registry:
         raise SageError(f"{prefix!r} matches several servers: {known}. Give the id shown by `sage ps`.")
 
     def save(self, record: ServerRecord) -> None:
-        write_json_atomic(self._path(record.id), record.to_json())
+        """Atomic, not fsynced: a record describes running processes, and after a power loss none runs (an
+        fsync was two thirds of a warm reuse's cost, which writes the record twice: lease and release)."""
+        write_json_atomic(self._path(record.id), record.to_json(), durable=False)
 
     def remove(self, server_id: str) -> None:
         """Forget a server whose processes are gone, with its private folder (socket, vLLM's temp files)."""
