@@ -20,6 +20,7 @@ export that fails that check is refused (BackendUnavailable; a new index falls b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,17 +89,13 @@ def folder_name(ref: EmbedderRef) -> str:
 
 def _export(model_path: Path, out: Path) -> None:
     """Write model.onnx, tokenizer.json and export.json into ``out``, checked against PyTorch."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
     try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        with _root_logger_kept():
+            from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
         raise BackendUnavailable(
             "The onnx package is missing, and ONNX Runtime needs it to quantize the model once."
         ) from None
-    finally:  # importing it configures the root logger (INFO to stderr): library chatter would reach the user
-        root.handlers[:] = handlers
-        root.setLevel(level)
     import torch
 
     from .encoders import OnnxEncoder, TorchEncoder
@@ -129,13 +127,9 @@ def _export(model_path: Path, out: Path) -> None:
                               input_names=names, output_names=["sentence_embedding"],
                               dynamic_axes={**axes, "sentence_embedding": {0: "batch"}},
                               opset_version=17, dynamo=False)
-        quiet = logging.root.manager.disable
-        logging.disable(logging.WARNING)  # the quantizer advises pre-processing through the root logger
-        try:
+        with _root_logger_kept():
             quantize_dynamic(out / "fp32.onnx", out / "model.onnx", weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
-        finally:
-            logging.disable(quiet)
     except Exception as error:  # noqa: BLE001 - any exporter failure means "this model stays on PyTorch"
         raise BackendUnavailable(
             f"The embedding model at {model_path} could not be exported to ONNX ({type(error).__name__}: {error})."
@@ -174,6 +168,21 @@ def _check(ours: OnnxEncoder, reference: TorchEncoder, model_path: Path) -> None
     if worst < MIN_COSINE:
         raise BackendUnavailable(f"The int8 ONNX export of the embedding model at {model_path} strays too far "
                                  f"from PyTorch (cosine {worst:.3f} < {MIN_COSINE}).")
+
+
+@contextlib.contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """ONNX Runtime's quantizer configures the root logger as it loads (every library's INFO lines to stderr)
+    and gives advice through it: keep both from the user's terminal and restore the logger as it was."""
+    root = logging.getLogger()
+    handlers, level, disabled = root.handlers[:], root.level, root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.disable(disabled)
 
 
 def _sync(folder: Path) -> None:
