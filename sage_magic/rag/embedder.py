@@ -84,7 +84,8 @@ def onnx_missing() -> str | None:
 
 
 def default_backend() -> str:
-    """The backend a new index gets when none is asked for: ONNX wherever ONNX Runtime is installed."""
+    """The backend a new index gets when none is asked for: ONNX wherever ONNX Runtime is installed (and the
+    model exports faithfully, which only an export tells: see load_for_build)."""
     return TORCH if onnx_missing() else ONNX
 
 

@@ -24,7 +24,7 @@ from ..core.files import LockBusy, exclusive, utc_now
 from ..core.progress import Progress, ProgressCallback, silent
 from . import loaders, store
 from .chunker import ChunkSettings, chunk_spans
-from .embedder import Embedder, EmbedderRef, default_backend, load_for_build, resolve_embedder
+from .embedder import ONNX, Embedder, EmbedderRef, load_for_build, resolve_embedder
 from .store import Chunk, FileEntry, Generation, Manifest
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def add(
                     )
                 merged = list(dict.fromkeys(old.patterns + patterns))
                 return _refresh(folder, replace(old, patterns=merged), old, ref, progress)
-            backend = settings.embed_backend or default_backend()
+            backend = settings.embed_backend or ONNX  # on "auto", load_for_build falls back to torch with a note
             ref = resolve_embedder(embedder or settings.embedder, backend, settings.embedder_cache)
             fresh = Manifest(
                 name=name,
