@@ -41,7 +41,7 @@ from sage_magic import rag
 from sage_magic.core.config import Settings
 from sage_magic.rag import dense, indexer, store
 from sage_magic.rag.chunker import ChunkSettings
-from sage_magic.rag.embedder import default_backend, load_embedder, resolve_embedder
+from sage_magic.rag.embedder import ONNX, TORCH, load_embedder, onnx_missing, resolve_embedder
 
 RNG = np.random.default_rng(0)
 SYLLABLES = [a + b for a in "bcdfghklmnprstvz" for b in ("a", "e", "i", "o", "u", "ar", "en", "is", "on")]
@@ -127,11 +127,9 @@ def bench_throughput(settings: Settings, files: int, rounds: int, queries: list[
     three alike; medians over the rounds are printed."""
     from sentence_transformers import SentenceTransformer
 
-    from sage_magic.rag.embedder import ONNX, TORCH
-
     section(f"indexing throughput: {files} files of one ~780-character chunk each, real MiniLM, "
             f"{rounds} alternating rounds")
-    backends = [TORCH] + ([ONNX] if default_backend() == ONNX else [])
+    backends = [TORCH] + ([] if onnx_missing() else [ONNX])
     if ONNX not in backends:
         print("  onnx: ONNX Runtime is not installed, so only the PyTorch backend is measured")
     floor_model = SentenceTransformer(str(resolve_embedder(None).path), local_files_only=True, device="cpu")
@@ -257,7 +255,8 @@ def bench_queries(settings: Settings, base_texts: list[str], base: np.ndarray, c
               for i, b in enumerate(bodies)]
     vectors = np.concatenate([base, tiled_vectors(base, count - len(base))])
     asked = texts(queries, words=8)
-    ref = resolve_embedder(None, default_backend(), settings.embedder_cache)  # what `sage index add` would use
+    backend = TORCH if onnx_missing() else ONNX  # what `sage index add` would use
+    ref = resolve_embedder(None, backend, settings.embedder_cache)
     print(f"backend {ref.backend} (the default here)")
     for label, limit in (("ivf", dense.FLAT_LIMIT), ("exact", count)):
         name = f"q-{label}-{limit}"

@@ -83,12 +83,6 @@ def onnx_missing() -> str | None:
     return None
 
 
-def default_backend() -> str:
-    """The backend a new index gets when none is asked for: ONNX wherever ONNX Runtime is installed (and the
-    model exports faithfully, which only an export tells: see load_for_build)."""
-    return TORCH if onnx_missing() else ONNX
-
-
 class Embedder:
     """A loaded model producing L2-normalized float32 vectors (cosine = dot product), whatever its backend."""
 
