@@ -33,7 +33,12 @@ ONNX, TORCH = "onnx", "torch"
 
 
 class BackendUnavailable(SageError):
-    """The ONNX backend cannot run here (ONNX Runtime missing, or this model does not export faithfully)."""
+    """The ONNX backend cannot run here: a package is missing (``install``), or this model does not export
+    faithfully (then installing anything would not help, and the advice says so)."""
+
+    def __init__(self, message: str, install: bool = False) -> None:
+        super().__init__(message)
+        self.install = install
 
 
 @dataclass(frozen=True)
@@ -123,9 +128,10 @@ def load_for_build(ref: EmbedderRef, fall_back: bool) -> tuple[Embedder, str]:
     except BackendUnavailable as why:
         if not fall_back or ref.backend != ONNX:
             raise
+        advice = ("For the fast backend: `pip install onnxruntime onnx` (both are in the rag extra), then rebuild "
+                  "with `sage index add NAME PATH... --rebuild`." if why.install else "The index works as it is.")
         note = (f"{why} This index was embedded with PyTorch instead (about 2.5x slower to build, 5x slower to "
-                "embed a query). For the fast backend: `pip install onnxruntime onnx` (both are in the rag extra), "
-                "then rebuild with `sage index add NAME PATH... --rebuild`.")
+                f"embed a query). {advice}")
         return load_embedder(replace(ref, backend=TORCH, cache=None)), note
 
 

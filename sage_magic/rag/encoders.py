@@ -37,7 +37,7 @@ def open_encoder(ref: EmbedderRef) -> Encoder:
         return TorchEncoder(ref.path)
     missing = onnx_missing()
     if missing:
-        raise BackendUnavailable(f"{missing}.")
+        raise BackendUnavailable(f"{missing}.", install=True)
     from .onnx_export import exported
 
     return OnnxEncoder(exported(ref))

@@ -94,7 +94,7 @@ def _export(model_path: Path, out: Path) -> None:
             from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
         raise BackendUnavailable(
-            "The onnx package is missing, and ONNX Runtime needs it to quantize the model once."
+            "The onnx package is missing, and ONNX Runtime needs it to quantize the model once.", install=True
         ) from None
     import torch
 
