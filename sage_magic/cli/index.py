@@ -124,7 +124,7 @@ def run_show(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(asdict(info), indent=2))
         return 0
     print(f"Index {info.name}: {info.files} files, {info.chunks} chunks, {_size(info.disk_bytes)} on disk")
-    print(f"  embedder   {info.embedder} ({info.dim} dimensions)")
+    print(f"  embedder   {info.embedder} ({info.dim} dimensions, {info.backend} backend)")
     print(f"  chunks     {info.chunk_size} characters, {info.chunk_overlap} overlap; {info.search} vector search")
     print(f"  root       {info.root}")
     print(f"  paths      {' '.join(info.patterns)}")

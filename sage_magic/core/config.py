@@ -111,6 +111,23 @@ def check_connections(value: object, source: str = "SAGE_GATEWAY_CONNECTIONS") -
     return limit
 
 
+#: How new indexes embed text (SAGE_EMBED_BACKEND): "onnx" is the model exported to ONNX and int8-quantized,
+#: run by ONNX Runtime; "torch" is sentence-transformers on PyTorch. None ("auto") is onnx where ONNX Runtime
+#: is installed, else torch.
+EMBED_BACKENDS = ("onnx", "torch")
+
+
+def check_embed_backend(value: str | None, source: str = "SAGE_EMBED_BACKEND") -> str | None:
+    """``onnx``, ``torch``, or None for ``auto``/unset (an existing index keeps the backend it was built with)."""
+    choice = (value or "auto").strip().lower()
+    if choice == "auto":
+        return None
+    if choice not in EMBED_BACKENDS:
+        raise SageError(f"{source}={value!r} is not an embedding backend. Use onnx (int8 ONNX Runtime, fast), torch "
+                        "(PyTorch), or auto (onnx where ONNX Runtime is installed); unset means auto.")
+    return choice
+
+
 #: vLLM options the manager sets itself; what to use instead when someone passes them as extra arguments.
 RESERVED_VLLM_ARGS = {
     "--host": "--finetune-port (the server always listens on a private socket; a TCP port is on 127.0.0.1)",
@@ -177,6 +194,7 @@ class Settings:
     lora_memory: int = DEFAULT_LORA_MEMORY  # the budget of those slots and of the adapters cached beside them
     vllm_args: tuple[str, ...] = ()
     embedder: str | None = None
+    embed_backend: str | None = None  # "onnx" | "torch"; None: auto (see EMBED_BACKENDS)
     debug_backend: str | None = None
     debug_finetune_model: str | None = None
     prewarm: tuple[str, ...] = ()  # fine-tunes a notebook starts (or reuses) in the background at %load_ext
@@ -194,6 +212,11 @@ class Settings:
     @property
     def index_root(self) -> Path:
         return self.home / "indexes"
+
+    @property
+    def embedder_cache(self) -> Path:
+        """Embedding models converted for a faster backend (the int8 ONNX exports), made once per model."""
+        return self.home / "cache" / "embedders"
 
     def with_(self, **changes: object) -> "Settings":
         """A copy with some fields changed (faces apply command-line options this way)."""
@@ -238,6 +261,7 @@ class Settings:
             vllm_args=(split_vllm_args(vllm_args, "SAGE_VLLM_ARGS") if vllm_args is not None
                        else _default_vllm_args()),
             embedder=env.get("SAGE_EMBEDDER") or None,
+            embed_backend=check_embed_backend(env.get("SAGE_EMBED_BACKEND")),
             debug_backend=env.get("SAGE_DEBUG_BACKEND") or None,
             debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,
             prewarm=tuple(name.strip() for name in (env.get("SAGE_PREWARM") or "").split(",") if name.strip()),

@@ -1,7 +1,7 @@
 """Named, incremental document indexes with hybrid search and citations (the engine's RAG part).
 
-Importing this package is cheap: torch, sentence-transformers, FAISS, bm25s, numpy and pypdf load inside
-the functions that need them, the first time an index is built or queried.
+Importing this package is cheap: ONNX Runtime or torch, sentence-transformers, FAISS, bm25s, numpy and pypdf
+load inside the functions that need them, the first time an index is built or queried.
 
 Typical use::
 

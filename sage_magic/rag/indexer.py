@@ -24,7 +24,7 @@ from ..core.files import LockBusy, exclusive, utc_now
 from ..core.progress import Progress, ProgressCallback, silent
 from . import loaders, store
 from .chunker import ChunkSettings, chunk_spans
-from .embedder import EmbedderRef, load_embedder, resolve_embedder
+from .embedder import ONNX, Embedder, EmbedderRef, load_for_build, resolve_embedder
 from .store import Chunk, FileEntry, Generation, Manifest
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class UpdateReport:
     skipped: tuple[tuple[str, str], ...] = ()
     chunks_embedded: int = 0
     seconds: float = 0.0
+    notes: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """One line for people: totals, then what moved."""
@@ -57,6 +58,8 @@ class UpdateReport:
         )
         for source, why in self.skipped:
             line += f"\nSkipped {source}: {why}"
+        for note in self.notes:
+            line += f"\nNote: {note}"
         return line
 
 
@@ -73,7 +76,8 @@ def add(
     """Create index ``name`` from folders, files or globs, or add paths to it (then refresh it).
 
     ``embedder`` and ``chunking`` default to the index's own (or settings.embedder and 800/160 for a new
-    one); changing either on an existing index needs ``rebuild=True``, which re-embeds everything.
+    one); changing either on an existing index needs ``rebuild=True``, which re-embeds everything. So does
+    another backend (settings.embed_backend); a new index gets ONNX wherever ONNX Runtime is installed.
     """
     folder = store.index_dir(settings, name)
     patterns = [_absolute(p) for p in paths]
@@ -89,7 +93,7 @@ def add(
         with _locked(folder, name):
             old = store.read_manifest(settings, name) if store.index_exists(settings, name) else None
             if old is not None and not rebuild:
-                ref = store.embedder_for(old, embedder or settings.embedder)
+                ref = store.embedder_for(old, settings, embedder)
                 if chunking is not None and chunking != old.chunking:
                     raise SageError(
                         f"Index {name!r} cuts text into {old.chunking.size}-character chunks with "
@@ -97,7 +101,8 @@ def add(
                     )
                 merged = list(dict.fromkeys(old.patterns + patterns))
                 return _refresh(folder, replace(old, patterns=merged), old, ref, progress)
-            ref = resolve_embedder(embedder or settings.embedder)
+            backend = settings.embed_backend or ONNX  # on "auto", load_for_build falls back to torch with a note
+            ref = resolve_embedder(embedder or settings.embedder, backend, settings.embedder_cache)
             fresh = Manifest(
                 name=name,
                 embedder=ref.id,
@@ -107,8 +112,9 @@ def add(
                 patterns=list(dict.fromkeys(patterns)),
                 generation=old.generation if old else "",
                 created=utc_now(),
+                backend=ref.backend,
             )
-            return _refresh(folder, fresh, None, ref, progress)
+            return _refresh(folder, fresh, None, ref, progress, fall_back=settings.embed_backend is None)
     finally:
         if not store.index_exists(settings, name):  # a failed first build leaves nothing behind
             shutil.rmtree(folder, ignore_errors=True)
@@ -120,13 +126,21 @@ def update(settings: Settings, name: str, *, progress: ProgressCallback = silent
     store.read_manifest(settings, name)  # NotFound before a lock file is created for an unknown name
     with _locked(folder, name):
         old = store.read_manifest(settings, name)  # again, under the lock: another writer may have finished
-        return _refresh(folder, old, old, store.embedder_for(old, settings.embedder), progress)
+        return _refresh(folder, old, old, store.embedder_for(old, settings), progress)
 
 
 def _refresh(
-    folder: Path, manifest: Manifest, old: Manifest | None, ref: EmbedderRef, progress: ProgressCallback
+    folder: Path,
+    manifest: Manifest,
+    old: Manifest | None,
+    ref: EmbedderRef,
+    progress: ProgressCallback,
+    fall_back: bool = False,
 ) -> UpdateReport:
-    """Bring ``manifest``'s files up to date, reusing ``old``'s vectors, and publish a new generation."""
+    """Bring ``manifest``'s files up to date, reusing ``old``'s vectors, and publish a new generation.
+
+    ``fall_back``: a new index on the automatic backend may be embedded with PyTorch when ONNX cannot run
+    (see embedder.load_for_build); the manifest records what did embed it."""
     import numpy as np
 
     started = time.perf_counter()
@@ -142,11 +156,17 @@ def _refresh(
     added = tuple(rel for rel in plan.entries if rel not in old_files)
     changed = tuple(rel for rel, e in plan.entries.items() if rel in old_files and e.sha256 != old_files[rel].sha256)
     manifest = replace(manifest, root=str(root), files=plan.entries, updated=utc_now())
-
+    notes: tuple[str, ...] = ()
     if old is not None and old.root == manifest.root and not (added or changed or removed):
         store.write_manifest(folder, manifest)  # only stats or patterns moved: the generation still holds
     else:
-        embedded = _embed(plan.texts, ref, ticker) if plan.texts or old is None else None
+        embedded = None
+        if plan.texts or old is None:
+            ticker("embed", f"loading the embedding model {ref.id} ({ref.backend})", None, force=True)
+            model, note = load_for_build(ref, fall_back)
+            notes = (note,) if note else ()
+            manifest = replace(manifest, backend=model.ref.backend)
+            embedded = _embed(plan.texts, model, ticker)
         dim = embedded.shape[1] if embedded is not None else manifest.dim
         if old is not None and dim != old.dim:
             raise SageError(
@@ -179,6 +199,7 @@ def _refresh(
         skipped=tuple(plan.skipped),
         chunks_embedded=len(plan.texts),
         seconds=time.perf_counter() - started,
+        notes=notes,
     )
 
 
@@ -244,12 +265,10 @@ class _Plan:
         return ids
 
 
-def _embed(texts: list[str], ref: EmbedderRef, ticker: _Ticker) -> np.ndarray:
+def _embed(texts: list[str], model: Embedder, ticker: _Ticker) -> np.ndarray:
     """Embed in batches, reporting chunks done and chunks per second."""
     import numpy as np
 
-    ticker("embed", f"loading the embedding model {ref.id}", None, force=True)
-    model = load_embedder(ref)
     started, parts, done = time.perf_counter(), [], 0
     for batch in _batches(texts, EMBED_BATCH):
         parts.append(model.encode(batch))

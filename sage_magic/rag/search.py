@@ -40,7 +40,7 @@ def search(settings: Settings, name: str, query: str, top_k: int = 4, mode: str 
     """The ``top_k`` chunks of index ``name`` best matching ``query``, best first."""
     check_request(query, top_k, mode)
     generation = store.open_generation(settings, name)
-    ref = store.embedder_for(generation.manifest, settings.embedder)  # refuses another model's query vectors
+    ref = store.embedder_for(generation.manifest, settings)  # refuses another model's query vectors
     count = len(generation.chunks)
     if count == 0:
         return []

@@ -229,7 +229,7 @@ class SearchService:
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         settings = self.settings
         request["settings"] = {"home": str(settings.home), "runtime_dir": str(settings.runtime_dir),
-                               "embedder": settings.embedder}
+                               "embedder": settings.embedder, "embed_backend": settings.embed_backend}
         for _ in range(2):  # a helper found dead before it got the request is replaced once
             helper = self._helper()
             request_id = next(self._ids)

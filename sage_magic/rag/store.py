@@ -29,7 +29,7 @@ from ..core.errors import NotFound, SageError
 from ..core.files import subfolders, write_json_atomic
 from . import dense, lexical
 from .chunker import ChunkSettings
-from .embedder import DEFAULT_EMBEDDER_ID, EmbedderRef, resolve_embedder
+from .embedder import DEFAULT_EMBEDDER_ID, ONNX, TORCH, EmbedderRef, onnx_missing, resolve_embedder
 
 if TYPE_CHECKING:
     import numpy as np
@@ -73,6 +73,7 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     created: str = ""
     updated: str = ""
+    backend: str = TORCH  # what computed the vectors; indexes from before backends existed are all torch
 
     @property
     def chunk_count(self) -> int:
@@ -175,6 +176,7 @@ class IndexInfo:
     files: int
     chunks: int
     embedder: str
+    backend: str
     dim: int
     chunk_size: int
     chunk_overlap: int
@@ -195,6 +197,7 @@ def describe(settings: Settings, name: str) -> IndexInfo:
         files=len(manifest.files),
         chunks=manifest.chunk_count,
         embedder=manifest.embedder,
+        backend=manifest.backend,
         dim=manifest.dim,
         chunk_size=manifest.chunking.size,
         chunk_overlap=manifest.chunking.overlap,
@@ -215,14 +218,30 @@ def list_indexes(settings: Settings) -> list[IndexInfo]:
 # ---------------------------------------------------------------------------------------------- embedder
 
 
-def embedder_for(manifest: Manifest, asked: str | None) -> EmbedderRef:
-    """The model that must embed queries and new chunks of this index.
+def embedder_for(manifest: Manifest, settings: Settings, embedder: str | None = None) -> EmbedderRef:
+    """The model and backend that must embed queries and new chunks of this index: always its own.
 
-    ``asked`` is the user's explicit choice (``--embedder`` or ``SAGE_EMBEDDER``); None means "whatever the
-    index was built with". Asking for another model than the index's is refused with the way out.
+    ``embedder`` (else ``settings.embedder``: ``--embedder`` or ``SAGE_EMBEDDER``) and
+    ``settings.embed_backend`` (``SAGE_EMBED_BACKEND``) are the user's explicit choices; None means "whatever
+    the index was built with". Asking for another model or backend than the index's is refused with the way
+    out, since its vectors would not be comparable (another model) or not quite (int8 against PyTorch).
     """
+    asked = embedder or settings.embedder
+    backend, cache = manifest.backend, settings.embedder_cache
+    if settings.embed_backend not in (None, backend):
+        raise SageError(
+            f"Index {manifest.name!r} was embedded with the {backend} backend, not {settings.embed_backend}: mixing "
+            "them would rank its chunks slightly wrong. Unset SAGE_EMBED_BACKEND (an index always uses its own), "
+            f"or re-embed it with the new one: `sage index add {manifest.name} PATH... --rebuild`."
+        )
+    if backend == ONNX and onnx_missing():
+        raise SageError(
+            f"Index {manifest.name!r} was embedded with ONNX Runtime, which is not installed here. "
+            "Install it with `pip install onnxruntime onnx` (the rag extra has both), or re-embed the index with "
+            f"PyTorch: `SAGE_EMBED_BACKEND=torch sage index add {manifest.name} PATH... --rebuild`."
+        )
     if asked is not None:
-        ref = resolve_embedder(asked)
+        ref = resolve_embedder(asked, backend, cache)
         if ref.id != manifest.embedder:
             raise SageError(
                 f"Index {manifest.name!r} was built with the embedder {manifest.embedder!r}, not {ref.id!r}: its "
@@ -232,14 +251,14 @@ def embedder_for(manifest: Manifest, asked: str | None) -> EmbedderRef:
             )
         return ref
     if manifest.embedder == DEFAULT_EMBEDDER_ID:
-        return resolve_embedder(None)
+        return resolve_embedder(None, backend, cache)
     path = Path(manifest.embedder)
     if not path.is_dir():
         raise SageError(
             f"Index {manifest.name!r} was built with the embedder at {path}, which no longer exists. Put the model "
             f"back there, or rebuild the index with another one: `sage index add {manifest.name} PATH... --rebuild`."
         )
-    return resolve_embedder(str(path))
+    return resolve_embedder(str(path), backend, cache)
 
 
 # ---------------------------------------------------------------------------------------------- generations

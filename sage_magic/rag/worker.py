@@ -1,13 +1,14 @@
 """The RAG helper process: ``python -m sage_magic.rag.worker --parent PID`` answers searches for one parent.
 
-Why a process of its own: embedding a query needs torch and the MiniLM model (seconds to import and load,
-hundreds of MB) and FAISS. A notebook kernel should pay none of that, and a crash in their native code must
+Why a process of its own: embedding a query needs the MiniLM model on ONNX Runtime or torch (seconds to import
+and load, hundreds of MB) and FAISS. A notebook kernel should pay none of that, and a crash in their native code must
 not take the kernel down with it. :class:`sage_magic.rag.service.SearchService` starts this process on
 first use and keeps it, so the model and the opened indexes stay warm between questions.
 
 Protocol: one JSON object per line, requests on stdin, answers on stdout, in request order::
 
-    > {"id": 7, "op": "search", "settings": {"home": ..., "runtime_dir": ..., "embedder": null},
+    > {"id": 7, "op": "search", "settings": {"home": ..., "runtime_dir": ..., "embedder": null,
+       "embed_backend": null},
        "index": "docs", "query": "...", "top_k": 4, "mode": "hybrid"}
     < {"id": 7, "hits": [{"source": ..., "location": ..., "score": ..., "text": ..., "chunk_id": ...}]}
     < {"id": 7, "error": {"type": "NotFound", "message": "..."}}   a SageError: the parent raises the same
@@ -46,14 +47,14 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     try:
         given = request["settings"]
         settings = Settings(home=Path(given["home"]), runtime_dir=Path(given["runtime_dir"]),
-                            embedder=given.get("embedder"))
+                            embedder=given.get("embedder"), embed_backend=given.get("embed_backend"))
         if request["op"] == "search":
             hits = search(settings, request["index"], request["query"], request["top_k"], request["mode"])
             answer["hits"] = [asdict(hit) for hit in hits]
         elif request["op"] == "warm":
             if request.get("index"):
                 generation = store.open_generation(settings, request["index"])
-                load_embedder(store.embedder_for(generation.manifest, settings.embedder))
+                load_embedder(store.embedder_for(generation.manifest, settings))
             answer["pid"] = os.getpid()
         else:
             raise ValueError(f"unknown op {request['op']!r}")
