@@ -14,6 +14,7 @@ child process, so that this process never imports torch and its RSS means someth
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -36,6 +38,10 @@ from sage_magic.serving.manager import Manager
 
 VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
 MIB = 1 << 20
+FLOOR = Path(__file__).with_name("finetune_floor.py")
+#: The throughput row: one word repeated, so every row of a batch has the same length and no padding.
+SPEED_ROW = ("Say the word model many times.", " ".join(["model"] * 60))
+SPEED_BATCH = 4
 
 
 def rss() -> int:
@@ -96,8 +102,54 @@ def bench_train(settings: Settings, steps: int) -> None:
            "report", None)
     report("train wall time incl. child start + load", f"{wall:.1f} s for {result.steps} steps", "report", None)
     report("training child peak RSS", f"{result.peak_rss / MIB:.0f} MiB", "report", None)
+    report(f"final train loss at step {result.steps} (fixed task)", f"{result.losses[-1][1]:.4f}", "report", None)
     delta = (memory.peak - memory.before) / MIB
     report("calling process RSS growth during training", f"{delta:.1f} MiB", "<= 50 MiB", delta <= 50)
+
+
+def torch_child(*args: str) -> dict:
+    """Run finetune_floor.py (torch stays out of this process) and return its JSON line."""
+    out = subprocess.run([sys.executable, str(FLOOR), *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def engine_speed(settings: Settings, name: str, base: str, steps: int) -> tuple[float, Any]:
+    """Steps per second of the engine's steady state: between the first progress event after two warm-up
+    steps and the last one before the final step (whose event comes after the final save)."""
+    seen: list[tuple[float, int]] = []
+
+    def on_progress(event: Progress) -> None:
+        if event.phase == "train" and event.data:
+            seen.append((time.monotonic(), int(event.data["step"])))
+
+    rows = [SPEED_ROW] * (2 * SPEED_BATCH)
+    result = train(settings, name, base, rows, TrainOptions(max_steps=steps, lr=1e-4, batch_size=SPEED_BATCH,
+                                                            save_every=10 * steps, max_length=512), on_progress)
+    window = [(t, s) for t, s in seen if 2 <= s < result.total_steps]
+    (t0, s0), (t1, s1) = window[0], window[-1]
+    return (s1 - s0) / (t1 - t0), result
+
+
+def bench_speed(settings: Settings, short: bool) -> None:
+    """Engine tokens/s against the bare PyTorch floor, on the demo base and a ~60M random-weight base."""
+    big = settings.models_root / "bench-60m"
+    made = torch_child("base", str(settings.models_root / DEMO_BASE), str(big))
+    report("larger base (random weights, built here)", f"{made['params'] / 1e6:.0f}M parameters", "50-100M",
+           50e6 <= made["params"] <= 100e6)
+    sizes = (("demo base", DEMO_BASE, 40 if short else 80), ("60M base", str(big), 8 if short else 14))
+    for label, base, steps in sizes:
+        threads = max(1, min(4, (os.cpu_count() or 1) - int(os.getloadavg()[0])))
+        rate, result = engine_speed(settings, f"bench_speed_{label.split()[0]}", base, steps)
+        floor = torch_child("floor", str(settings.models_root / DEMO_BASE) if base == DEMO_BASE else base,
+                            "--prompt", SPEED_ROW[0], "--response", SPEED_ROW[1], "--batch", str(SPEED_BATCH),
+                            "--steps", str(max(4, steps // 2)), "--threads", str(threads))
+        tokens = rate * SPEED_BATCH * floor["seq"]
+        ratio = tokens / floor["tokens_per_s"]
+        report(f"train tokens/s, {label} (batch {SPEED_BATCH} x {floor['seq']})",
+               f"{tokens:.0f} vs floor {floor['tokens_per_s']:.0f} ({ratio:.2f}x)",
+               ">= 0.95x floor" if base != DEMO_BASE else "report", ratio >= 0.95 if base != DEMO_BASE else None)
+        report(f"training child peak RSS, {label}", f"{result.peak_rss / MIB:.0f} MiB (floor "
+               f"{floor['peak_rss'] / MIB:.0f} MiB, {threads} threads)", "report", None)
 
 
 def bench_stop(settings: Settings) -> None:
@@ -168,6 +220,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help="CI size: fewer steps and prompts")
     parser.add_argument("--home", help="a demo SAGE home to copy (default: build the demo in the temp dir)")
+    parser.add_argument("--only", choices=("train", "serve"), help="only the training figures, or only serving")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = Path(tempfile.mkdtemp(prefix="sage-finetune-bench-"))
@@ -179,11 +232,16 @@ def main() -> int:
         settings = Settings.from_env(environ={}, home=home, runtime_dir=runtime, vllm_args=VLLM_ARGS,
                                      port=free_port(), ready_timeout=600.0, stop_grace=6.0)
         print(f"finetune_bench ({'short' if args.short else 'full'}) on {os.cpu_count()} CPUs, in {workdir}")
-        bench_train(settings, 20 if args.short else 60)
-        bench_stop(settings)
-        manager = Manager(settings)
-        bench_handover(manager)
-        bench_eval(manager, 8 if args.short else 24)
+        if args.only != "serve":
+            bench_train(settings, 20 if args.short else 60)
+            bench_speed(settings, args.short)
+            bench_stop(settings)
+        if args.only != "train":
+            if args.only == "serve":
+                bench_train(settings, 4)  # the adapter handed over
+            manager = Manager(settings)
+            bench_handover(manager)
+            bench_eval(manager, 8 if args.short else 24)
     except Exception:
         traceback.print_exc()
         failed = True
