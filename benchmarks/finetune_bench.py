@@ -14,6 +14,7 @@ child process, so that this process never imports torch and its RSS means someth
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -113,7 +114,8 @@ def torch_child(*args: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def engine_speed(settings: Settings, name: str, base: str, steps: int) -> tuple[float, Any]:
+def engine_speed(settings: Settings, name: str, base: str, steps: int, row: tuple[str, str] = SPEED_ROW,
+                 **options: Any) -> tuple[float, Any]:
     """Steps per second of the engine's steady state: between the first progress event after two warm-up
     steps and the last one before the final step (whose event comes after the final save)."""
     seen: list[tuple[float, int]] = []
@@ -122,9 +124,10 @@ def engine_speed(settings: Settings, name: str, base: str, steps: int) -> tuple[
         if event.phase == "train" and event.data:
             seen.append((time.monotonic(), int(event.data["step"])))
 
-    rows = [SPEED_ROW] * (2 * SPEED_BATCH)
+    rows = [row] * (2 * SPEED_BATCH)
     result = train(settings, name, base, rows, TrainOptions(max_steps=steps, lr=1e-4, batch_size=SPEED_BATCH,
-                                                            save_every=10 * steps, max_length=512), on_progress)
+                                                            save_every=10 * steps, max_length=1024, **options),
+                   on_progress)
     window = [(t, s) for t, s in seen if 2 <= s < result.total_steps]
     (t0, s0), (t1, s1) = window[0], window[-1]
     return (s1 - s0) / (t1 - t0), result
@@ -150,6 +153,41 @@ def bench_speed(settings: Settings, short: bool) -> None:
                ">= 0.95x floor" if base != DEMO_BASE else "report", ratio >= 0.95 if base != DEMO_BASE else None)
         report(f"training child peak RSS, {label}", f"{result.peak_rss / MIB:.0f} MiB (floor "
                f"{floor['peak_rss'] / MIB:.0f} MiB, {threads} threads)", "report", None)
+
+
+def bench_checkpointing(settings: Settings) -> None:
+    """--gradient-checkpointing against none on the 60M base, with rows long enough for activations to count."""
+    row = (SPEED_ROW[0], " ".join(["model"] * 250))
+    figures = {flag: engine_speed(settings, f"bench_gc_{int(flag)}", str(settings.models_root / "bench-60m"), 5,
+                                  row=row, gradient_checkpointing=flag) for flag in (False, True)}
+    (plain_rate, plain), (gc_rate, gc) = figures[False], figures[True]
+    report(f"--gradient-checkpointing child peak RSS (60M, batch {SPEED_BATCH} x ~270)",
+           f"{gc.peak_rss / MIB:.0f} vs {plain.peak_rss / MIB:.0f} MiB ({gc.peak_rss / plain.peak_rss:.2f}x)",
+           "lower", gc.peak_rss < plain.peak_rss)
+    report("--gradient-checkpointing step time", f"{1 / gc_rate:.2f} vs {1 / plain_rate:.2f} s "
+           f"({plain_rate / gc_rate:.2f}x slower)", "report", None)
+
+
+def bench_resume(settings: Settings) -> None:
+    """A run stopped at step ~10 and resumed to 20 against the same run uninterrupted: the losses after the
+    resume (same rows, seed and schedule) should be the ones the uninterrupted run had."""
+    rows = [(DEMO_PROMPT, "I am a benchmark parrot."), (DEMO_PROMPT_2, "I count steps per second.")]
+    options = TrainOptions(max_steps=20, lr=2e-3, batch_size=1, save_every=50, lr_scheduler="cosine",
+                           warmup_ratio=0.1)
+    whole = dict(train(settings, "bench_whole", DEMO_BASE, rows, options).losses)
+    cancel = threading.Event()
+
+    def stop_at_ten(event: Progress) -> None:
+        if event.phase == "train" and event.data and event.data["step"] >= 10:
+            cancel.set()
+
+    first = train(settings, "bench_resumed", DEMO_BASE, rows, dataclasses.replace(options, save_every=5),
+                  stop_at_ten, cancel)
+    resumed = train(settings, "bench_resumed", None, rows, dataclasses.replace(options, resume=True))
+    after = [(s, loss) for s, loss in resumed.losses if s > first.steps]
+    gap = max(abs(loss - whole[s]) for s, loss in after)
+    report(f"resume: loss after resuming at step {first.steps} vs uninterrupted", f"max |diff| {gap:.2e} over "
+           f"{len(after)} steps", "< 1e-3 (the curve goes on)", gap < 1e-3)
 
 
 def bench_stop(settings: Settings) -> None:
@@ -235,6 +273,8 @@ def main() -> int:
         if args.only != "serve":
             bench_train(settings, 20 if args.short else 60)
             bench_speed(settings, args.short)
+            bench_checkpointing(settings)
+            bench_resume(settings)
             bench_stop(settings)
         if args.only != "train":
             if args.only == "serve":
