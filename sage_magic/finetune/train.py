@@ -41,6 +41,7 @@ from ..core.errors import NotFound, SageError
 from ..core.files import LockBusy, exclusive
 from ..core.processes import death_signal
 from ..core.progress import Progress, ProgressCallback, silent
+from ..core.staging import sweep_leftovers
 from ..core.tables import Table, is_missing
 from .catalog import META_FILE, checkpoints_of, get_finetune, read_json, resolve_base
 
@@ -289,9 +290,12 @@ def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
           cancel: threading.Event | None = None, kill: threading.Event | None = None) -> TrainResult:
     """Train LoRA fine-tune NAME on ``base`` from ``rows`` in a child process; see the module docstring."""
     job = _job(settings, name, base, rows, options)
-    with _training_lock(settings, name):
-        result = _run_child(settings, job, progress, cancel, kill)
     root = Path(job["root"])
+    with _training_lock(settings, name):
+        try:
+            result = _run_child(settings, job, progress, cancel, kill)
+        finally:  # a killed child leaves its hidden scratch and staging folders; the lock is still ours
+            sweep_leftovers(root)
     state = "stopped" if result["stopped"] else "done"
     progress(Progress("done", f"{name}: training {state} at step {result['steps']}/{result['total_steps']} in "
                               f"{result['seconds']:.1f} s", result["steps"] / result["total_steps"],

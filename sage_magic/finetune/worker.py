@@ -21,8 +21,9 @@ checkpoint usable.
 
 A new run (or an ``--overwrite``) trains into a hidden staging sibling of ``NAME/`` and renames it into place
 at its first complete checkpoint: until then an old fine-tune of that name stays intact and servable, and a
-stop leaves it as it was (no checkpoint is made for it). A crash before that point leaves only hidden
-siblings, which the next run sweeps (under the parent's training lock).
+stop leaves it as it was (no checkpoint is made for it). A crash or a kill leaves only hidden siblings, which
+the parent sweeps once the child is gone, or the next run if the parent died too (both under the training
+lock).
 
 Several processes (torchrun): the rank comes from the environment, rank 0 alone emits events and moves
 checkpoints into place (the Trainer saves on rank 0 only), and a stop asked of any rank is agreed on at every
