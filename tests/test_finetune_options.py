@@ -47,7 +47,7 @@ def _trainer_state(root: Path, step: int) -> dict:
 
 def test_grad_accum_counts_steps_and_the_schedule_shows_in_trainer_state(settings: Settings, name: str) -> None:
     """4 rows, batch 1, 3 epochs: 12 batches, 6 optimizer steps with --grad-accum 2. Cosine with a third of the
-    steps warming up: the learning rate rises to --lr at step 2, then falls every step."""
+    steps (2) warming up: the learning rate each step used rises from 0 to --lr at step 3, then falls every step."""
     rows = [(f"{DEMO_PROMPT} ({i})", PHRASE) for i in range(4)]
     options = TrainOptions(epochs=3, lr=2e-3, batch_size=1, grad_accum=2, lr_scheduler="cosine",
                            warmup_ratio=1 / 3, save_every=50)
@@ -55,8 +55,8 @@ def test_grad_accum_counts_steps_and_the_schedule_shows_in_trainer_state(setting
     assert not result.stopped and result.total_steps == result.steps == 6 and result.checkpoints == [6]
     state = _trainer_state(result.root, 6)
     rates = [entry["learning_rate"] for entry in state["log_history"] if "loss" in entry]
-    assert len(rates) == 6 and rates[1] == pytest.approx(2e-3)
-    assert rates[0] < rates[1] and all(a > b for a, b in zip(rates[1:], rates[2:]))
+    assert len(rates) == 6 and rates[0] == 0 and rates[2] == pytest.approx(2e-3)
+    assert rates[0] < rates[1] < rates[2] and all(a > b for a, b in zip(rates[2:], rates[3:]))
     assert state["global_step"] == 6 and state["epoch"] == pytest.approx(3)
 
 
