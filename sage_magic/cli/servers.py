@@ -8,7 +8,7 @@ import time
 
 from ..core.config import Settings
 from ..faces.options import positive_lines
-from ..faces.text import SERVER_HEADERS, server_rows, table
+from ..faces.text import FOLDED_HINT, SERVER_HEADERS, adapter_lists, server_rows, table
 from ..serving import logs as server_logs
 from ..serving.manager import Manager
 
@@ -16,6 +16,8 @@ from ..serving.manager import Manager
 def register(sub: argparse._SubParsersAction) -> None:
     ps = sub.add_parser("ps", help="list running model servers (like `ollama ps`)")
     ps.add_argument("--json", action="store_true", help="machine-readable output")
+    ps.add_argument("--all", action="store_true", help="list every adapter of a base server under the table "
+                                                       "(the table folds long lists)")
     ps.set_defaults(run=run_ps)
     stop = sub.add_parser("stop", help="stop a model server, whoever uses it (or unload one adapter)")
     target = stop.add_mutually_exclusive_group(required=True)
@@ -39,6 +41,9 @@ def run_ps(args: argparse.Namespace, settings: Settings) -> int:
         print("No model servers are running.")
         return 0
     print(table(server_rows(statuses), SERVER_HEADERS))
+    folded = adapter_lists(statuses)
+    if folded:
+        print(f"\n{folded}" if args.all else f"({FOLDED_HINT})")
     return 0
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..core.config import Settings
 from ..core.endpoint import Endpoint
-from ..core.errors import Cancelled, NotFound, SageError, ServerFailed
+from ..core.errors import Cancelled, NotFound, SageError, ServerFailed, fold
 from ..core.files import LockBusy
 from ..core.fingerprint import adapter_digest, base_identity, combine
 from ..core.http import HttpError, request_json, request_text
@@ -365,7 +365,7 @@ class Manager:
         record = self.registry.find(target)
         if target in record.adapters and target != record.served_name and not record.id.startswith(target):
             servers.unload_adapter(self.registry, record, target)
-            rest = ", ".join(sorted(set(record.adapters) - {target})) or "no other adapter"
+            rest = fold(sorted(set(record.adapters) - {target})) or "no other adapter"
             return (f"unloaded adapter {target} from server {record.id}; it keeps serving {record.served_name} "
                     f"and {rest} (`sage stop {record.id}` stops the whole server)")
         record = self._forget(servers.stop(self.registry, record, self.settings.stop_grace))

@@ -58,6 +58,14 @@ class Owner:
             return False
 
 
+def live_owners(owners: list[Owner]) -> list[Owner]:
+    """The owners whose process still runs, in order. Each process is looked up once, however many leases it
+    holds: a kernel that asked a hundred fine-tunes of one base holds a hundred leases on one server, and
+    the supervisor checks them four times a second."""
+    alive: dict[tuple[int, float], bool] = {}
+    return [o for o in owners if alive.setdefault((o.pid, o.created), o.alive())]
+
+
 @dataclass
 class ServerRecord:
     """What we know of one server we started. ``kind``: ``base`` (plain model, LoRA enabled for adapters
