@@ -432,8 +432,8 @@ def main() -> int:
               f"(goal <= +{ms(COLD_GOAL_S)}: {'met' if statistics.median(extra_s) <= COLD_GOAL_S else 'MISSED'} "
               "at p50)")
         if model_extra:
-            print(f"  of which the model's own time to first token: +{ms(statistics.median(model_extra))} p50 "
-                  "(vLLM loading the adapter into its cache and slot); the rest is the lease and load_lora_adapter")
+            print(f"  of which the model's own time to first token: {statistics.median(model_extra) * 1000:+.0f} ms "
+                  "p50 (vLLM loading the adapter into its cache and slot); the rest is the lease and load_lora_adapter")
         randoms = [a["first"] for a in random_answers if a["first"] is not None]
         print(f"at random, {KERNELS} kernels at once: {len(random_answers)} asks in {random_seconds:.1f} s "
               f"({len(random_answers) / random_seconds:.1f} answers/s), first answer drawn p50 "

@@ -63,7 +63,10 @@ def live_owners(owners: list[Owner]) -> list[Owner]:
     holds: a kernel that asked a hundred fine-tunes of one base holds a hundred leases on one server, and
     the supervisor checks them four times a second."""
     alive: dict[tuple[int, float], bool] = {}
-    return [o for o in owners if alive.setdefault((o.pid, o.created), o.alive())]
+    for owner in owners:
+        if (owner.pid, owner.created) not in alive:
+            alive[owner.pid, owner.created] = owner.alive()
+    return [o for o in owners if alive[o.pid, o.created]]
 
 
 @dataclass
