@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +187,82 @@ def test_the_footer_says_when_old_turns_were_dropped(capsys: pytest.CaptureFixtu
     show(Answer("Hi.", stream, trimmed_turns=3), argparse.Namespace(show_context=False, index=None))
     footer = capsys.readouterr().err
     assert "3 oldest turn(s) dropped from the history" in footer and "1900 prompt tokens" in footer
+
+
+#: The `sage` commands and the options each one's --help lists: what people and scripts rely on. Commands
+#: are defined lazily (cli/main.py imports only the one that runs), so each must stay reachable on its own.
+CHAT_OPTIONS = ("--backend", "--finetune-model", "--finetune-port", "--merge", "--model", "--base-url", "--api-key",
+                "--api-key-env", "--keep-alive", "--vllm-arg", "--index", "--top-k", "--mode", "--show-context",
+                "--system", "--max-tokens", "--temperature", "--seed", "--param", "--ask")
+HELP: dict[tuple[str, ...], tuple[str, ...]] = {
+    (): ("--home", "chat", "finetune", "eval", "ps", "stop", "logs", "index", "feedback"),
+    ("chat",): CHAT_OPTIONS,
+    ("finetune",): ("demo", "list", "merge", "train", "chat"),
+    ("finetune", "demo"): ("--force",),
+    ("finetune", "list"): ("--json",),
+    ("finetune", "merge"): ("name",),
+    ("finetune", "train"): ("--data", "--prompt-col", "--response-col", "--messages-col", "--base", "--epochs",
+                            "--max-steps", "--lr", "--rank", "--alpha", "--target-modules", "--batch-size",
+                            "--max-length", "--seed", "--eval-split", "--save-every", "--resume", "--overwrite"),
+    ("finetune", "chat"): ("--port", *CHAT_OPTIONS),
+    ("eval",): ("--models", "--prompt-col", "--expected-col", "--metric", "--concurrency", "--seed", "--max-tokens",
+                "--temperature", "--system", "--base-url", "--api-key", "--api-key-env", "--save", "--json"),
+    ("ps",): ("--json",),
+    ("stop",): ("id", "--all"),
+    ("logs",): ("id", "-n", "--lines"),
+    ("index",): ("add", "update", "list", "show", "rm", "query"),
+    ("index", "add"): ("name", "PATH_OR_GLOB", "--embedder", "--chunk-size", "--chunk-overlap", "--rebuild"),
+    ("index", "update"): ("name",),
+    ("index", "list"): ("--json",),
+    ("index", "show"): ("name", "--json"),
+    ("index", "rm"): ("name",),
+    ("index", "query"): ("name", "text", "--top-k", "--mode", "--json"),
+    ("feedback",): ("list", "export", "rm"),
+    ("feedback", "list"): ("name", "--only", "--json"),
+    ("feedback", "export"): ("name", "--to"),
+    ("feedback", "rm"): ("ID", "--finetune", "--older-than"),
+}
+
+
+@pytest.mark.parametrize("command", list(HELP), ids=lambda c: " ".join(c) or "sage")
+def test_every_command_is_reachable_and_its_help_lists_its_options(command: tuple[str, ...], capsys) -> None:
+    from sage_magic.cli.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: {' '.join(('sage', *command))} ")
+    missing = [o for o in HELP[command] if not re.search(rf"(^|[\s\[,{{]){re.escape(o)}([\s\],}}=]|$)", text, re.M)]
+    assert not missing, text
+
+
+def test_ps_stop_and_logs_load_only_what_they_need(fresh_settings) -> None:
+    """They answer from the registry: no manager, chat client, RAG or training code, no HTTP client and no
+    package metadata (each was tens of ms of a 100 ms budget, see benchmarks/cli_bench.py). Each runs in a
+    fresh interpreter, as a user's would, and still answers."""
+    code = ("import sys\nfrom sage_magic.cli.main import main\nstatus = main(sys.argv[1:])\n"
+            "heavy = ('sage_magic.serving.manager', 'sage_magic.chat', 'sage_magic.rag', 'sage_magic.finetune', "
+            "'sage_magic.evals', 'http.client', 'importlib.metadata', 'secrets')\n"
+            "print(status, sorted(m for m in sys.modules if m.startswith(heavy)))\n")
+    env = env_for(fresh_settings)
+    del env["SAGE_VLLM_ARGS"]  # unset, settings ask which vLLM build is installed: without importlib.metadata
+    for argv, said in ((["ps"], "No model servers are running."), (["stop", "--all"], "No model servers were running."),
+                       (["logs"], "No server logs are kept."), (["logs", "0badc0de"], "No server log matches")):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=60)
+        assert said in out.stdout + out.stderr, out.stderr
+        assert out.stdout.splitlines()[-1] == f"{2 if argv[-1] == '0badc0de' else 0} []", (argv, out.stdout)
+
+
+def test_the_console_script_runs_the_same_commands(fresh_settings) -> None:
+    """`sage` as installed (the console script beside this interpreter), not only `python -m`."""
+    script = Path(sys.executable).with_name("sage")
+    if not script.exists():
+        pytest.skip(f"no `sage` console script beside {sys.executable} (install the package with pip)")
+    env = env_for(fresh_settings)
+    ps = subprocess.run([str(script), "ps", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert ps.returncode == 0 and json.loads(ps.stdout) == [], ps.stderr
+    listed = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert listed.returncode == 0 and all(f"    {c} " in listed.stdout for c in HELP[()][1:])
+    wrong = subprocess.run([str(script), "pss"], capture_output=True, text=True, env=env, timeout=60)
+    assert wrong.returncode == 2 and "invalid choice: 'pss'" in wrong.stderr and "'ps'" in wrong.stderr

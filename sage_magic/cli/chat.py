@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
-from ..chat.backends import ask_options, open_endpoint
-from ..chat.conversation import Answer, Conversation
 from ..core.config import Settings
 from ..core.errors import SageError
 from ..faces.options import add_chat_options, add_serving_options
 from ..faces.text import table
-from ..rag.store import read_manifest
-from ..serving.manager import Manager
 from .output import TerminalProgress
+
+if TYPE_CHECKING:
+    from ..chat.conversation import Answer, Conversation
 
 PROMPT = "you> "
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("chat", help="chat with a fine-tune, a local model or an endpoint",
-                            description="Chat with a fine-tune served by vLLM (started, reused and stopped for "
-                                        "you). Interactive unless --ask is given; /help lists the "
-                                        "commands.")
+def define(parser: argparse.ArgumentParser) -> None:
+    """`sage chat`'s options (main.COMMANDS)."""
+    parser.description = ("Chat with a fine-tune served by vLLM (started, reused and stopped for you). "
+                          "Interactive unless --ask is given; /help lists the commands.")
     add_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -35,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    # imported here, not above: `sage finetune list` and every --help import this module for its options
+    from ..chat.backends import ask_options, open_endpoint
+    from ..chat.client import ChatClient
+    from ..chat.conversation import Conversation
+    from ..rag.store import read_manifest
+    from ..serving.manager import Manager
+
     if args.index is not None:  # a missing index must not cost a server start first
         read_manifest(settings, args.index)
     progress = TerminalProgress()
@@ -43,13 +49,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         lease = open_endpoint(manager, args, progress=progress, cancel=None)
         progress.close()
         try:
-            from ..chat.client import ChatClient
-
             conversation = Conversation(ChatClient(lease.endpoint), settings, system_prompt=args.system)
             if args.ask is not None:
                 show(conversation.ask(args.ask, **ask_options(args), on_delta=_write), args)
                 return 0
-            return interactive(conversation, args, lease.endpoint.model)
+            return interactive(conversation, args, ask_options(args), lease.endpoint.model)
         finally:
             lease.release()
     finally:
@@ -65,9 +69,10 @@ COMMANDS = {
 }
 
 
-def interactive(conversation: Conversation, args: argparse.Namespace, model: str) -> int:
-    """Read questions until /exit, /quit, Ctrl-D or Ctrl-C at the prompt. A line starting with / is a command,
-    never a question; Ctrl-C during an answer stops that answer only."""
+def interactive(conversation: Conversation, args: argparse.Namespace, asking: dict[str, Any], model: str) -> int:
+    """Read questions until /exit, /quit, Ctrl-D or Ctrl-C at the prompt, asking each with ``asking`` (the
+    options of the chat, chat.backends.ask_options). A line starting with / is a command, never a question;
+    Ctrl-C during an answer stops that answer only."""
     print(f"Chatting with {model}. /help lists the commands, /exit leaves.", file=sys.stderr)
     while True:
         try:
@@ -93,7 +98,7 @@ def interactive(conversation: Conversation, args: argparse.Namespace, model: str
                       "sent to the model).", file=sys.stderr)
             continue
         try:
-            show(conversation.ask(line, **ask_options(args), on_delta=_write), args)
+            show(conversation.ask(line, **asking, on_delta=_write), args)
         except KeyboardInterrupt:
             print("\n(stopped; the partial answer above is kept in the history)", file=sys.stderr)
         except SageError as error:

@@ -17,8 +17,8 @@ from ..serving.manager import Manager
 from .output import TerminalProgress
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("eval", help="evaluate fine-tunes, their base, or endpoints on a table of prompts")
+def define(parser: argparse.ArgumentParser) -> None:
+    """`sage eval`'s options (main.COMMANDS)."""
     parser.add_argument("data", metavar="FILE", help=".csv, .jsonl or .parquet with a prompt column")
     add_eval_options(parser)
     parser.add_argument("--json", action="store_true", help="print the whole result as JSON")

@@ -6,18 +6,15 @@ import argparse
 import json
 
 from ..core.config import Settings
-from ..core.tables import read_table
 from ..faces.options import add_train_options, port, train_options
 from ..faces.text import table
 from ..finetune.catalog import get_finetune, list_finetunes
-from ..finetune.train import rows_from_table, train
-from ..serving.merge import ensure_merged
 from . import chat
 from .output import TerminalProgress
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("finetune", help="list, merge, chat with fine-tunes; build the demo ones")
+def define(parser: argparse.ArgumentParser) -> None:
+    """`sage finetune`'s subcommands and their options (main.COMMANDS)."""
     commands = parser.add_subparsers(dest="finetune_command", metavar="SUBCOMMAND", required=True)
 
     demo = commands.add_parser("demo", help="build a tiny base model and two LoRA fine-tunes, offline")
@@ -59,6 +56,9 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_train(args: argparse.Namespace, settings: Settings) -> int:
+    from ..core.tables import read_table  # here, like the other runs' imports: `sage finetune list` needs none
+    from ..finetune.train import rows_from_table, train
+
     rows = rows_from_table(read_table(args.data), args.prompt_col, args.response_col, args.messages_col)
     progress = TerminalProgress()
     try:
@@ -84,13 +84,15 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
     rows = []
     for e in entries:
         ft = e.finetune
-        rows.append((e.name, ft.base_ref if ft else "?", ft.newest_checkpoint if ft and ft.checkpoints else "-",
+        rows.append((e.name, e.base or "?", ft.newest_checkpoint if ft and ft.checkpoints else "-",
                      ft.rank if ft else "?", "yes" if ft and ft.is_merged else "no", e.problem or "ok"))
     print(table(rows, ("NAME", "BASE", "CHECKPOINT", "RANK", "MERGED", "STATUS")))
     return 0
 
 
 def run_merge(args: argparse.Namespace, settings: Settings) -> int:
+    from ..serving.merge import ensure_merged
+
     progress = TerminalProgress()
     path = ensure_merged(settings, get_finetune(settings, args.name), progress)
     progress.close()

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from ..rag import ChunkSettings
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    index = sub.add_parser("index", help="document indexes for grounded answers (add, update, list, show, rm, query)")
+def define(index: argparse.ArgumentParser) -> None:
+    """`sage index`'s actions and their options (main.COMMANDS)."""
     commands = index.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
     add = commands.add_parser("add", help="create an index from folders, files or globs, or add paths to it")

@@ -1,4 +1,9 @@
-"""`sage ps`, `sage stop`, `sage logs`: see and control the model servers sage_magic started."""
+"""`sage ps`, `sage stop`, `sage logs`: see and control the model servers sage_magic started.
+
+They act on the registry through serving/servers.py and serving/logs.py, not through the manager: they hold
+no lease, and the manager's imports (launching, merging, the HTTP client) would double what people wait for
+when they call these from scripts (benchmarks/cli_bench.py).
+"""
 
 from __future__ import annotations
 
@@ -10,22 +15,29 @@ from ..core.config import Settings
 from ..faces.options import positive_lines
 from ..faces.text import FOLDED_HINT, SERVER_HEADERS, adapter_lists, server_rows, table
 from ..serving import logs as server_logs
-from ..serving.manager import Manager
+from ..serving import servers
+from ..serving.registry import Registry
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    ps = sub.add_parser("ps", help="list running model servers (like `ollama ps`)")
+def define_ps(ps: argparse.ArgumentParser) -> None:
+    """`sage ps`'s options (main.COMMANDS)."""
     ps.add_argument("--json", action="store_true", help="machine-readable output")
     ps.add_argument("--all", action="store_true", help="list every adapter of a base server under the table "
                                                        "(the table folds long lists)")
     ps.set_defaults(run=run_ps)
-    stop = sub.add_parser("stop", help="stop a model server, whoever uses it (or unload one adapter)")
+
+
+def define_stop(stop: argparse.ArgumentParser) -> None:
+    """`sage stop`'s options (main.COMMANDS)."""
     target = stop.add_mutually_exclusive_group(required=True)
     target.add_argument("id", nargs="?", help="server id (or a unique prefix, or a served name); the name of an "
                                               "adapter unloads only that adapter")
     target.add_argument("--all", action="store_true", help="stop every server sage_magic started")
     stop.set_defaults(run=run_stop)
-    logs = sub.add_parser("logs", help="show the end of a server's log (also of stopped or failed servers)")
+
+
+def define_logs(logs: argparse.ArgumentParser) -> None:
+    """`sage logs`'s options (main.COMMANDS)."""
     logs.add_argument("id", nargs="?", help="server id (or a unique prefix, or a running server's name); "
                                             "without it, list the logs kept")
     logs.add_argument("-n", "--lines", type=positive_lines, default=50, help="how many lines (default 50)")
@@ -33,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_ps(args: argparse.Namespace, settings: Settings) -> int:
-    statuses = Manager(settings).servers()
+    statuses = servers.statuses(Registry(settings.runtime_dir))
     if args.json:
         print(json.dumps([s.as_dict() for s in statuses], indent=2))
         return 0
@@ -48,11 +60,11 @@ def run_ps(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_stop(args: argparse.Namespace, settings: Settings) -> int:
-    manager = Manager(settings)
+    registry = Registry(settings.runtime_dir)
     if not args.all:
-        print(manager.stop_target(args.id))
+        print(servers.stop_target(registry, args.id, settings.stop_grace))
         return 0
-    stopped = manager.stop_all()
+    stopped = servers.stop_all(registry, settings.stop_grace)
     for record in stopped:
         print(f"stopped {record.id} ({record.served_name})")
     if not stopped:
@@ -61,11 +73,11 @@ def run_stop(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_logs(args: argparse.Namespace, settings: Settings) -> int:
-    manager = Manager(settings)
+    registry = Registry(settings.runtime_dir)
     if args.id:
-        print(manager.logs(args.id, args.lines))
+        print(server_logs.log_tail(server_logs.find(registry, args.id), args.lines))
         return 0
-    found = server_logs.entries(manager.registry)
+    found = server_logs.entries(registry)
     if not found:
         print("No server logs are kept.")
         return 0

@@ -13,10 +13,8 @@ import json
 import re
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from ..chat.conversation import DEFAULT_INDEX
 from ..core.config import Settings, check_port, parse_duration, split_vllm_args
 from ..core.errors import SageError
-from ..rag.search import MAX_TOP_K, MIN_TOP_K
 
 if TYPE_CHECKING:
     from ..finetune.train import TrainOptions
@@ -26,6 +24,8 @@ T = TypeVar("T")
 
 
 def top_k(text: str) -> int:
+    from ..rag.search import MAX_TOP_K, MIN_TOP_K  # here, not above: `sage ps` imports this module, not RAG
+
     try:
         value = int(text)
     except ValueError:
@@ -142,6 +142,8 @@ def add_serving_options(parser: argparse.ArgumentParser, settings: Settings | No
 
 def add_chat_options(parser: argparse.ArgumentParser) -> None:
     """Flags that shape one answer (all faces)."""
+    from ..chat.conversation import DEFAULT_INDEX  # here, not above: `sage ps` imports this module, not chat
+
     group = parser.add_argument_group("answer")
     group.add_argument("--index", nargs="?", const=DEFAULT_INDEX, default=None, metavar="NAME",
                        help=f"ground answers in a document index (bare --index: {DEFAULT_INDEX})")

@@ -6,7 +6,6 @@ The terminal prints these; the notebook wraps the same rows in HTML. Keeping the
 
 from __future__ import annotations
 
-import textwrap
 import time
 from typing import TYPE_CHECKING, Sequence
 
@@ -59,6 +58,8 @@ def folded_adapters(statuses: Sequence[ServerStatus]) -> list[tuple[str, list[st
 
 def adapter_lists(statuses: Sequence[ServerStatus]) -> str:
     """:func:`folded_adapters` as text: a title and the names wrapped under it, per server."""
+    import textwrap  # here: `sage ps` imports this module, and only `--all` wraps
+
     return "\n".join(f"{title}\n{textwrap.fill(', '.join(names), 100, initial_indent='  ', subsequent_indent='  ')}"
                      for title, names in folded_adapters(statuses))
 
@@ -109,3 +110,16 @@ def summary_notes(result: EvalResult) -> list[str]:
 
 def saved_note(path: object) -> str:
     return f"Saved to {path}"
+
+
+FEEDBACK_HEADERS = ("TIME", "FINE-TUNE", "RATING", "PROMPT", "ANSWER", "CORRECTION")
+
+
+def feedback_summary(rows: Sequence[dict]) -> list[tuple[str, ...]]:
+    """Marked answers (feedback.data rows) as short table rows, text cut to 40 characters: `sage feedback
+    list` and `%sage feedback`."""
+    def cut(text: object) -> str:
+        value = " ".join(str(text or "").split())
+        return value if len(value) <= 40 else value[:39] + "…"
+    return [(r["time"], r["finetune"] or r["model"], r["rating"] or "-", cut(r["prompt"]), cut(r["answer"]),
+             cut(r["correction"]) or "-") for r in rows]

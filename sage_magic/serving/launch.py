@@ -21,7 +21,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +29,11 @@ from ..core.errors import LOG_TAIL_HEADING, Cancelled, SageError, ServerFailed
 from ..core.http import healthy
 from ..core.processes import is_ours
 from ..core.progress import Progress, ProgressCallback
+from ..core.vllm_env import require_vllm
 from . import logs as server_logs
 from .registry import Owner, Registry, ServerRecord, new_server_id
-from .vllm_env import require_vllm
 
 HOST = "127.0.0.1"
-LOG_TAIL_LINES = 25
 # Log lines that mark vLLM's start-up phases, in order, with what to tell the user.
 _PHASES = (
     ("Initializing a V1 LLM engine", "engine starting"),
@@ -185,22 +183,14 @@ _CAUSE = re.compile(r"^(?:\(.*?pid=\d+\) )?(?:ERROR \S+ \S+ \[.*?\] )?\s*([\w.]*
 def failure_report(path: str | Path, lines: int = 12) -> str:
     """The causes vLLM logged (its engine processes log the root error far above the final traceback),
     then the last lines of the log."""
-    text = log_tail(path, 2000)
+    text = server_logs.log_tail(path, 2000)
     causes: list[str] = []
     for match in _CAUSE.finditer(text):
         cause = match.group(1).strip()
         if "Engine core initialization failed" not in cause and cause not in causes:
             causes.append(cause)
     head = "".join(f"Cause: {c}\n" for c in causes[-3:])
-    return f"{head}{LOG_TAIL_HEADING}\n{log_tail(path, lines)}"
-
-
-def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, errors="replace") as handle:
-            return "".join(deque(handle, maxlen=lines)).rstrip()
-    except OSError:
-        return "(no log)"
+    return f"{head}{LOG_TAIL_HEADING}\n{server_logs.log_tail(path, lines)}"
 
 
 def wait_ready(registry: Registry, server_id: str, log_path: str, timeout: float, progress: ProgressCallback,
@@ -241,7 +231,7 @@ def wait_ready(registry: Registry, server_id: str, log_path: str, timeout: float
                 f"(it is still running, pid {record.pid}). Raise SAGE_READY_TIMEOUT if the model is large, "
                 f"or read its log ({log_path}).\n{failure_report(log_path)}"
             )
-        text = log_tail(log_path, 400)
+        text = server_logs.log_tail(log_path, 400)
         while seen < len(_PHASES) and _PHASES[seen][0] in text:
             progress(Progress("load", f"{what}: {_PHASES[seen][1]} ({elapsed:.0f} s)"))
             seen += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,15 @@ def entries(registry: Registry) -> list[LogEntry]:
         about = first.split(": ", 1)[1].rsplit(" (started", 1)[0] if first.startswith(_HEADER) else ""
         found.append(LogEntry(path.stem, path, st.st_mtime, st.st_size, path.stem in running, about))
     return sorted(found, key=lambda e: e.modified, reverse=True)
+
+
+def log_tail(path: str | Path, lines: int) -> str:
+    """The last ``lines`` lines of a log, or "(no log)" when it cannot be read."""
+    try:
+        with open(path, errors="replace") as handle:
+            return "".join(deque(handle, maxlen=lines)).rstrip()
+    except OSError:
+        return "(no log)"
 
 
 def find(registry: Registry, target: str) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..core.config import Settings
 from ..core.endpoint import Endpoint
-from ..core.errors import Cancelled, NotFound, SageError, ServerFailed, fold
+from ..core.errors import Cancelled, NotFound, SageError, ServerFailed
 from ..core.files import LockBusy
 from ..core.fingerprint import adapter_digest, base_identity, combine
 from ..core.http import HttpError, request_json, request_text
@@ -32,8 +32,9 @@ from ..core.progress import Progress, ProgressCallback, silent
 from ..finetune.catalog import FineTune, check_adapter, get_finetune
 from . import logs as server_logs
 from . import servers
-from .launch import log_tail, start_server, wait_ready
+from .launch import start_server, wait_ready
 from .leases import Lease
+from .logs import log_tail
 from .merge import ensure_merged, merge_fingerprint
 from .registry import Owner, Registry, ServerRecord
 from .servers import ServerStatus
@@ -358,22 +359,9 @@ class Manager:
         """Stop a server we started, whoever owns it: the supervisor does the stopping."""
         return self._forget(servers.stop(self.registry, self.registry.find(target), self.settings.stop_grace, wait))
 
-    def stop_target(self, target: str) -> str:
-        """`sage stop TARGET`: a server id (or prefix, or served name) stops that server; the name of an
-        adapter loaded at runtime unloads only that adapter, and the base server keeps serving the others.
-        Returns what was done, in a sentence."""
-        record = self.registry.find(target)
-        if target in record.adapters and target != record.served_name and not record.id.startswith(target):
-            servers.unload_adapter(self.registry, record, target)
-            rest = fold(sorted(set(record.adapters) - {target})) or "no other adapter"
-            return (f"unloaded adapter {target} from server {record.id}; it keeps serving {record.served_name} "
-                    f"and {rest} (`sage stop {record.id}` stops the whole server)")
-        record = self._forget(servers.stop(self.registry, record, self.settings.stop_grace))
-        return f"stopped {record.id} ({record.served_name}, port {record.port})"
-
     def stop_all(self) -> list[ServerRecord]:
-        """Stop every server; one that is already gone (it stopped while we stopped the others) is skipped."""
-        return [self._forget(servers.stop(self.registry, r, self.settings.stop_grace)) for r in self.registry.all()]
+        """Stop every server (see servers.stop_all)."""
+        return [self._forget(r) for r in servers.stop_all(self.registry, self.settings.stop_grace)]
 
     def logs(self, target: str, lines: int = 50) -> str:
         """The end of a server's log, also after the server is gone (see server_logs)."""

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -144,6 +143,8 @@ def check_private_folder(root: Path) -> None:
 
 
 def new_server_id() -> str:
+    import secrets  # here: `sage ps/stop/logs` read the registry and never make an id (hashlib, ~5 ms)
+
     return secrets.token_hex(4)
 
 

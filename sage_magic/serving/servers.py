@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from ..core.errors import ServerFailed
-from ..core.http import HttpError, request_text
+from ..core.errors import ServerFailed, fold
 from ..core.processes import is_ours, kill_group, terminate_and_wait
 from .registry import Registry, ServerRecord, live_owners
 
@@ -69,8 +68,29 @@ def stop(registry: Registry, record: ServerRecord, grace: float, wait: float | N
     return record
 
 
+def stop_target(registry: Registry, target: str, grace: float) -> str:
+    """`sage stop TARGET`: a server id (or prefix, or served name) stops that server; the name of an adapter
+    loaded at runtime unloads only that adapter, and the base server keeps serving the others. Returns what
+    was done, in a sentence."""
+    record = registry.find(target)
+    if target in record.adapters and target != record.served_name and not record.id.startswith(target):
+        unload_adapter(registry, record, target)
+        rest = fold(sorted(set(record.adapters) - {target})) or "no other adapter"
+        return (f"unloaded adapter {target} from server {record.id}; it keeps serving {record.served_name} "
+                f"and {rest} (`sage stop {record.id}` stops the whole server)")
+    record = stop(registry, record, grace)
+    return f"stopped {record.id} ({record.served_name}, port {record.port})"
+
+
+def stop_all(registry: Registry, grace: float) -> list[ServerRecord]:
+    """Stop every server; one that is already gone (it stopped while we stopped the others) is skipped."""
+    return [stop(registry, r, grace) for r in registry.all()]
+
+
 def unload_adapter(registry: Registry, record: ServerRecord, name: str) -> None:
     """Take one runtime adapter off a base server (vLLM's /v1/unload_lora_adapter, a plain-text answer)."""
+    from ..core.http import HttpError, request_text  # here: `sage ps` and `sage logs` import this module, no HTTP
+
     try:
         request_text(f"{record.root_url}/v1/unload_lora_adapter", record.api_key, {"lora_name": name},
                      timeout=30, socket=record.socket)
