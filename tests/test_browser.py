@@ -25,6 +25,7 @@ import pytest
 from sage_magic.chat.client import ChatClient
 from sage_magic.core.config import Settings
 from sage_magic.serving.manager import Manager
+from sage_magic.serving.registry import Owner, Registry, ServerRecord, new_server_id
 from tests.conftest import env_for, sage_processes, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,6 +260,42 @@ def test_sidebar_lists_a_running_server_and_stops_it(page, lab_for, fresh_settin
     finally:
         manager.stop_all()
         manager.close()
+
+
+def test_a_hundred_adapters_fold_into_a_list_that_stays_open(page, lab_for, fresh_settings: Settings) -> None:
+    """No vLLM: a hand-written registry record for a base server with 100 adapters, whose supervisor a marked
+    `sleep` stands in for (what the sidebar shows of a record is the point here, not serving)."""
+    names = [f"ft_{i:03d}" for i in range(100)]
+    registry = Registry(fresh_settings.runtime_dir)
+    server_id = new_server_id()
+    supervisor = subprocess.Popen(["sleep", "120"], start_new_session=True,
+                                  env={"PATH": "/usr/bin:/bin", "SAGE_SERVER_ID": server_id})
+    try:
+        record = ServerRecord(id=server_id, kind="base", identity="x", model_path="/m", served_name="demo_base",
+                              host="127.0.0.1", port=None, api_key="k", log_path=str(registry.log_path(server_id)),
+                              socket=str(registry.server_dir(server_id) / "api.sock"),
+                              supervisor_pid=supervisor.pid, keep_alive=0.0, started_at=time.time(), state="ready",
+                              adapters={n: {"path": f"/ft/{n}", "fingerprint": "f"} for n in names},
+                              owners=[Owner.this_process(n) for n in names])
+        with registry.locked():
+            registry.save(record)
+        _open_lab(page, lab_for(fresh_settings))
+        page.locator(".sage-magic-status").click()
+        row = page.locator(f'#sage-magic-sidebar li.sage-magic-server[data-server-id="{server_id}"]')
+        summary = row.locator("summary.sage-magic-adapters-summary")
+        summary.wait_for(timeout=30_000)
+        assert summary.inner_text() == "100 adapters: ft_000, ft_001, ft_002 and 97 more"
+        assert "1 owner(s)" in row.inner_text() and "ft_099" not in row.inner_text()
+        _shot(page, "5-hundred-adapters-folded")
+        summary.click()
+        full = row.locator(".sage-magic-adapter-list")
+        assert full.is_visible() and "ft_099" in full.inner_text()
+        time.sleep(4)  # a poll (every 3 s) updates the row in place: the list the user opened stays open
+        assert full.is_visible()
+        _shot(page, "6-hundred-adapters-open")
+    finally:
+        supervisor.kill()
+        supervisor.wait()
 
 
 @pytest.mark.vllm

@@ -290,6 +290,21 @@ async def test_a_read_only_user_may_list_but_not_stop(jp_fetch, sage_env: Settin
         supervisor.wait()
 
 
+async def test_a_server_with_a_hundred_adapters_lists_each_once_and_counts_kernels(jp_fetch,
+                                                                                   sage_env: Settings) -> None:
+    """The sidebar folds the list itself (labextension/src/panel.ts); the route must give it every name, sorted,
+    and count the kernels using the server, not the lease each holds per fine-tune."""
+    registry = Registry(sage_env.runtime_dir)
+    record = _record(registry, os.getpid())
+    names = [f"ft_{i:03d}" for i in range(100)]
+    record.adapters = {n: {"path": f"/ft/{n}", "fingerprint": "f"} for n in reversed(names)}
+    record.owners = [Owner.this_process(f"lease-{n}") for n in names]
+    with registry.locked():
+        registry.save(record)
+    (row,) = json.loads((await jp_fetch("sage-magic", "servers")).body)["servers"]
+    assert row["adapters"] == names and row["owners"] == 1 and row["leases"] == 100
+
+
 @pytest.mark.vllm
 async def test_lists_the_running_shared_server(jp_fetch, sage_env: Settings, request: pytest.FixtureRequest) -> None:
     """Against the session's real vLLM server (sage_env points at its registry): the row the sidebar shows."""

@@ -14,7 +14,9 @@ export interface IModelServer {
   port: number;
   socket: string | null;
   pid: number | null;
+  /** Processes (kernels, terminals) using the server; `leases` counts their leases, one per fine-tune asked. */
   owners: number;
+  leases: number;
   state: string;
   uptime_s: number;
   memory_bytes: number;

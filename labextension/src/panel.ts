@@ -54,6 +54,17 @@ function megabytes(bytes: number): string {
   return bytes >= 1e9 ? `${(bytes / 1e9).toFixed(1)} GB` : `${Math.round(bytes / 1e6)} MB`;
 }
 
+/** How many adapter names a server row shows before "and N more" (faces/text.py folds `sage ps` alike). */
+const FOLD_SHOWN = 3;
+
+/** "a, b, c and 97 more": a base server may carry a hundred fine-tunes. */
+function fold(names: string[]): string {
+  if (names.length <= FOLD_SHOWN + 1) {
+    return names.join(', ');
+  }
+  return `${names.slice(0, FOLD_SHOWN).join(', ')} and ${names.length - FOLD_SHOWN} more`;
+}
+
 /** A row of a keyed list. */
 interface IRow<T> {
   node: HTMLElement;
@@ -120,13 +131,31 @@ class ServerRow implements IRow<IModelServer> {
     this._stop.onclick = () => void this._stopServer();
     this._logButton.onclick = () => this._model.setLogOpen(this._server.id, !this._model.isLogOpen(this._server.id));
     buttons.append(this._stop, this._logButton);
+    this._adapters.append(this._adaptersSummary, this._adaptersList);
     this.node.append(this._name, this._detail, buttons);
+  }
+
+  /**
+   * A few adapters are named in the detail line; more fold into a collapsed list whose summary counts them
+   * and names the first few. The element is kept across polls, so a list the user opened stays open.
+   */
+  private _showAdapters(adapters: string[]): string {
+    if (adapters.length <= FOLD_SHOWN + 1) {
+      this._adapters.remove();
+      return adapters.length ? ` · adapters: ${adapters.join(', ')}` : '';
+    }
+    setText(this._adaptersSummary, `${adapters.length} adapters: ${fold(adapters)}`);
+    setText(this._adaptersList, adapters.join(', '));
+    if (this._adapters.parentNode !== this.node) {
+      this.node.insertBefore(this._adapters, this._detail.nextSibling);
+    }
+    return '';
   }
 
   update(server: IModelServer): void {
     this._server = server;
     const where = server.socket ? 'socket' : `port ${server.port}`;
-    const adapters = server.adapters.length ? ` · adapters: ${server.adapters.join(', ')}` : '';
+    const adapters = this._showAdapters(server.adapters);
     setText(this._name, `${server.name} (${server.kind})`);
     setText(
       this._detail,
@@ -172,6 +201,9 @@ class ServerRow implements IRow<IModelServer> {
   private _server: IModelServer;
   private _name = el('div', 'sage-magic-server-name');
   private _detail = el('div', 'sage-magic-server-detail');
+  private _adapters = el('details', 'sage-magic-adapters');
+  private _adaptersSummary = el('summary', 'sage-magic-adapters-summary');
+  private _adaptersList = el('div', 'sage-magic-adapter-list');
   private _stop = el('button', 'jp-Button sage-magic-stop', 'Stop');
   private _logButton = el('button', 'jp-Button sage-magic-log-button', 'Log');
   private _log: HTMLPreElement | null = null;

@@ -13,7 +13,7 @@ import time
 
 from ..core.config import Settings
 from ..faces.options import positive_lines
-from ..faces.text import SERVER_HEADERS, server_rows, table
+from ..faces.text import FOLDED_HINT, SERVER_HEADERS, adapter_lists, server_rows, table
 from ..serving import logs as server_logs
 from ..serving import servers
 from ..serving.registry import Registry
@@ -22,6 +22,8 @@ from ..serving.registry import Registry
 def define_ps(ps: argparse.ArgumentParser) -> None:
     """`sage ps`'s options (main.COMMANDS)."""
     ps.add_argument("--json", action="store_true", help="machine-readable output")
+    ps.add_argument("--all", action="store_true", help="list every adapter of a base server under the table "
+                                                       "(the table folds long lists)")
     ps.set_defaults(run=run_ps)
 
 
@@ -51,6 +53,9 @@ def run_ps(args: argparse.Namespace, settings: Settings) -> int:
         print("No model servers are running.")
         return 0
     print(table(server_rows(statuses), SERVER_HEADERS))
+    folded = adapter_lists(statuses)
+    if folded:
+        print(f"\n{folded}" if args.all else f"({FOLDED_HINT})")
     return 0
 
 

@@ -10,6 +10,15 @@ from __future__ import annotations
 LOG_TAIL_HEADING = "Last lines of the log:"
 
 
+def fold(names: list[str] | tuple[str, ...], shown: int = 3) -> str:
+    """Names for a message or a table cell that stay one short line however many there are: "a, b, c and 97
+    more" (a base server may carry a hundred fine-tunes). A list only one name longer than ``shown`` is given
+    whole: that name is shorter than "and 1 more"."""
+    if len(names) <= shown + 1:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown} more"
+
+
 class SageError(Exception):
     """A failure explained for the user; the message says what to do next."""
 

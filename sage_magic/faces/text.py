@@ -9,11 +9,17 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Sequence
 
+from ..core.errors import fold
+
 if TYPE_CHECKING:
     from ..evals.evaluate import EvalResult
     from ..serving.servers import ServerStatus
 
 SERVER_HEADERS = ("ID", "NAME", "MODE", "ADAPTERS", "PORT", "PID", "OWNERS", "UP", "MEMORY", "STATE", "UNTIL")
+#: How many adapter names a table cell shows before "and N more" (:func:`fold`'s default).
+FOLD_SHOWN = 3
+#: What the terminal and the notebook say under a table whose adapter lists were folded.
+FOLDED_HINT = "adapter lists are folded: `sage ps --all` (`%sage status --all`) or `--json` lists every one"
 SUMMARY_HEADERS = ("MODEL", "METRIC", "MEAN", "95% CI", "N", "FAILED", "P50 LATENCY", "TOKENS/S")
 
 
@@ -43,13 +49,30 @@ def until(keep_alive: float, idle_until: float | None) -> str:
     return "while used" if keep_alive == 0 else f"{duration(keep_alive)} after last user"
 
 
+def folded_adapters(statuses: Sequence[ServerStatus]) -> list[tuple[str, list[str]]]:
+    """The servers whose adapter list :func:`server_rows` folded: a title ("ID (NAME): 100 adapters") and
+    every name, for `sage ps --all` and the notebook's collapsible lists."""
+    return [(f"{s.record.id} ({s.record.served_name}): {len(s.record.adapters)} adapters", sorted(s.record.adapters))
+            for s in statuses if len(s.record.adapters) > FOLD_SHOWN + 1]
+
+
+def adapter_lists(statuses: Sequence[ServerStatus]) -> str:
+    """:func:`folded_adapters` as text: a title and the names wrapped under it, per server."""
+    import textwrap  # here: `sage ps` imports this module, and only `--all` wraps
+
+    return "\n".join(f"{title}\n{textwrap.fill(', '.join(names), 100, initial_indent='  ', subsequent_indent='  ')}"
+                     for title, names in folded_adapters(statuses))
+
+
 def server_rows(statuses: Sequence[ServerStatus]) -> list[tuple[object, ...]]:
-    """One row per server, in the columns of :data:`SERVER_HEADERS`."""
+    """One row per server, in the columns of :data:`SERVER_HEADERS`. A base server's adapters are counted
+    and folded (:func:`~sage_magic.core.errors.fold`), so a hundred fine-tunes keep the table readable."""
     rows: list[tuple[object, ...]] = []
     for s in statuses:
         r = s.record
+        count = f"{len(r.adapters)}: " if len(r.adapters) > FOLD_SHOWN + 1 else ""
         rows.append((r.id, r.served_name, r.kind if r.kind == "merged" else "lora" if r.adapters else "base",
-                     ",".join(sorted(r.adapters)) or "-", r.port or "-", r.pid or "-", s.alive_owners,
+                     count + fold(sorted(r.adapters)) or "-", r.port or "-", r.pid or "-", s.alive_owners,
                      duration(s.uptime), f"{s.memory_bytes / 2**30:.1f} GiB", s.state,
                      until(r.keep_alive, r.idle_until)))
     return rows

@@ -15,6 +15,7 @@ folder), through ``$SAGE_HOME/models.json`` (``{"org/name": "/local/path"}``), t
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.config import Settings
-from ..core.errors import IncompatibleAdapter, NotFound, SageError
+from ..core.errors import IncompatibleAdapter, NotFound, SageError, fold
 from ..core.files import subfolders
 from ..core.fingerprint import stat_key
 
@@ -160,9 +161,11 @@ def get_finetune(settings: Settings, name: str) -> FineTune:
     root = settings.finetune_root / name
     if not name or "/" in name or not (root / META_FILE).is_file():
         known = known_names(settings)
-        listing = ", ".join(known) if known else "none yet (try `sage finetune demo`)"
+        close = difflib.get_close_matches(name, known, n=3)
+        listing = (f"{len(known)}: {fold(close + [k for k in known if k not in close])}" if known
+                   else "none yet (try `sage finetune demo`)")
         raise NotFound(
-            f"No fine-tune named {name!r} under {settings.finetune_root}. Known fine-tunes: {listing}. "
+            f"No fine-tune named {name!r} under {settings.finetune_root}. Known fine-tunes, closest first: {listing}. "
             "`sage finetune list` shows them with their base models."
         )
     meta = read_json(root / META_FILE, f"The metadata of fine-tune {name!r}")

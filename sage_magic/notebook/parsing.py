@@ -26,7 +26,7 @@ LOOP_COMMANDS = {("finetune", "train"): "train", ("finetune", "watch"): "watch",
                  ("eval",): "eval"}
 LINE_HELP = """\
 %sage SUBCOMMAND (each the twin of a `sage` command, with its options):
-  status [--json]          running model servers (sage ps)
+  status [--all] [--json]  running model servers (sage ps); --all: every adapter of a base server
   stop [ID | --all]        stop a server, whoever uses it; bare: the ones this session started
   logs [ID] [-n N]         end of a server's log; default: this session's server (sage logs)
   models [--json]          the fine-tunes and their bases (sage finetune list)

@@ -227,6 +227,11 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str], empty: str) 
     return {"text/plain": text_table(rows, headers), MIME: f"<table><tr>{head}</tr>{body_rows}</table>"}
 
 
+def details(summary: str, text: str) -> str:
+    """A collapsed block (HTML ``<details>``): a long list stays one line until the reader opens it."""
+    return f"<details><summary>{html.escape(summary)}</summary><p>{html.escape(text)}</p></details>"
+
+
 def error(message: str) -> dict[str, Any]:
     return {"text/plain": message,
             MIME: f"<div class='sage-error' style='color: #b00'><strong>sage:</strong> {html.escape(message)}</div>"}

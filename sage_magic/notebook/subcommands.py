@@ -20,14 +20,22 @@ if TYPE_CHECKING:
 
 
 def status(magics: CellContext, args: argparse.Namespace) -> None:
-    from ..faces.text import SERVER_HEADERS, server_rows
+    """The servers as a table; a base server's long adapter list is folded in it, and listed whole under it:
+    collapsible in HTML, as text with ``--all`` (as `sage ps --all`)."""
+    from ..faces.text import FOLDED_HINT, SERVER_HEADERS, adapter_lists, folded_adapters, server_rows
     from . import render
 
     statuses = magics.session.servers()
     if args.json:
         return publish(magics.shell, {"application/json": [s.as_dict() for s in statuses],
                               "text/plain": json.dumps([s.as_dict() for s in statuses], indent=2)})
-    publish(magics.shell, render.table(server_rows(statuses), SERVER_HEADERS, "No model servers are running."))
+    bundle = render.table(server_rows(statuses), SERVER_HEADERS, "No model servers are running.")
+    folded = folded_adapters(statuses)
+    if folded:
+        bundle["text/plain"] += f"\n\n{adapter_lists(statuses)}" if args.all else f"\n({FOLDED_HINT})"
+        bundle[render.MIME] += "".join(render.details(title, ", ".join(names)) for title, names in folded)
+    publish(magics.shell, bundle)
+
 
 def stop(magics: CellContext, args: argparse.Namespace) -> None:
     stopped, spared = magics.session.stop(args.id, everything=args.all)

@@ -64,6 +64,17 @@ def _own_start_time(pid: int) -> float:
     return psutil.Process(pid).create_time()
 
 
+def live_owners(owners: list[Owner]) -> list[Owner]:
+    """The owners whose process still runs, in order. Each process is looked up once, however many leases it
+    holds: a kernel that asked a hundred fine-tunes of one base holds a hundred leases on one server, and
+    the supervisor checks them four times a second."""
+    alive: dict[tuple[int, float], bool] = {}
+    for owner in owners:
+        if (owner.pid, owner.created) not in alive:
+            alive[owner.pid, owner.created] = owner.alive()
+    return [o for o in owners if alive[o.pid, o.created]]
+
+
 @dataclass
 class ServerRecord:
     """What we know of one server we started. ``kind``: ``base`` (plain model, LoRA enabled for adapters

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import psutil
 
-from ..core.errors import ServerFailed
+from ..core.errors import ServerFailed, fold
 from ..core.processes import is_ours, kill_group, terminate_and_wait
-from .registry import Registry, ServerRecord
+from .registry import Registry, ServerRecord, live_owners
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,9 @@ class ServerStatus:
     record: ServerRecord
     memory_bytes: int
     uptime: float
-    alive_owners: int
+    alive_owners: int  # processes (kernels, terminals) using it: one kernel may hold a lease per fine-tune
     supervised: bool = True
+    leases: int = 0
 
     @property
     def state(self) -> str:
@@ -36,8 +37,8 @@ class ServerStatus:
         r = self.record
         return {"id": r.id, "name": r.served_name, "kind": r.kind, "adapters": sorted(r.adapters),
                 "model_path": r.model_path, "port": r.port, "url": r.tcp_url, "socket": r.socket, "pid": r.pid,
-                "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "state": self.state,
-                "uptime_s": round(self.uptime, 1), "memory_bytes": self.memory_bytes,
+                "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "leases": self.leases,
+                "state": self.state, "uptime_s": round(self.uptime, 1), "memory_bytes": self.memory_bytes,
                 "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path, "lora_slots": r.lora_slots}
 
 
@@ -74,7 +75,7 @@ def stop_target(registry: Registry, target: str, grace: float) -> str:
     record = registry.find(target)
     if target in record.adapters and target != record.served_name and not record.id.startswith(target):
         unload_adapter(registry, record, target)
-        rest = ", ".join(sorted(set(record.adapters) - {target})) or "no other adapter"
+        rest = fold(sorted(set(record.adapters) - {target})) or "no other adapter"
         return (f"unloaded adapter {target} from server {record.id}; it keeps serving {record.served_name} "
                 f"and {rest} (`sage stop {record.id}` stops the whole server)")
     record = stop(registry, record, grace)
@@ -112,6 +113,6 @@ def _status(record: ServerRecord) -> ServerStatus:
             memory = sum(p.memory_info().rss for p in [leader, *leader.children(recursive=True)])
         except psutil.Error:
             pass
-    owners = sum(1 for o in record.owners if o.alive())
-    return ServerStatus(record, memory, time.time() - record.started_at, owners,
-                        is_ours(record.supervisor_pid, record.id))
+    leases = live_owners(record.owners)
+    return ServerStatus(record, memory, time.time() - record.started_at, len({(o.pid, o.created) for o in leases}),
+                        is_ours(record.supervisor_pid, record.id), len(leases))

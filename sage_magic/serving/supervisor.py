@@ -25,7 +25,7 @@ from pathlib import Path
 from ..core.config import DEFAULT_GATEWAY_CONNECTIONS
 from ..core.processes import death_signal, kill_group
 from .gateway import Gateway
-from .registry import Owner, Registry, ServerRecord
+from .registry import Owner, Registry, ServerRecord, live_owners
 
 POLL_SECONDS = 0.25
 
@@ -122,8 +122,8 @@ class Supervisor:
             if record is None:
                 self.stop_reason = "its registry record was removed"
                 return
-            owners = [o for o in record.owners if o.alive()
-                      and not (self.launcher_gone.is_set() and o.same_process(self.launcher))]
+            owners = [o for o in live_owners(record.owners)
+                      if not (self.launcher_gone.is_set() and o.same_process(self.launcher))]
             now = time.time()
             idle_until = record.idle_until
             if owners:
