@@ -141,6 +141,7 @@ class Settings:
     debug_backend: str | None = None
     debug_finetune_model: str | None = None
     stop_grace: float = 10.0
+    start_log: Path | None = None  # every server start appends JSON lines here (its start, readiness, exit)
     extra_env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold tokens: never in a repr
 
     @property
@@ -196,6 +197,7 @@ class Settings:
             embedder=env.get("SAGE_EMBEDDER") or None,
             debug_backend=env.get("SAGE_DEBUG_BACKEND") or None,
             debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,
+            start_log=Path(env["SAGE_START_LOG"]) if env.get("SAGE_START_LOG") else None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("home", "runtime_dir"):
