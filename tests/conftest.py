@@ -93,11 +93,12 @@ def pytest_terminal_summary(terminalreporter) -> None:
         if "ready" in events:
             seconds = events["ready"]["seconds"] or 0.0
             how = f"ready in {seconds:6.1f} s"
-        elif "exit" in events:
+        elif "exit" in events and events["exit"]["status"] != 0:
             seconds = events["exit"]["after"]
-            how = f"never ready, exited after {seconds:.1f} s"
-        else:
-            seconds, how = 0.0, "no readiness seen"
+            how = f"failed after {seconds:.1f} s"
+        else:  # stopped (or its supervisor killed) before the launcher marked it ready
+            seconds = events.get("exit", {}).get("after", 0.0)
+            how = f"never ready, gone after {seconds:.1f} s"
         total += seconds
         terminalreporter.write_line(f"{how}  {start.get('served')} ({start.get('kind')}, {server_id})  "
                                     f"{_charged_to(start.get('at', 0.0))}")

@@ -70,11 +70,12 @@ class Supervisor:
         while self.stop_reason is None:
             if proc.poll() is not None:
                 self._log(f"server exited with status {proc.returncode}")
-                self._note_start("exit", after=round(time.time() - started, 2), status=proc.returncode)
                 if gateway is not None:
                     gateway.close()
                 with self.registry.locked():
+                    self._note_ready(self.registry.get(self.server_id))
                     self.registry.remove(self.server_id)
+                self._note_start("exit", after=round(time.time() - started, 2), status=proc.returncode)
                 return 1
             self._check_owners()
             time.sleep(POLL_SECONDS)
@@ -85,6 +86,7 @@ class Supervisor:
         kill_group(proc.pid, self.grace)
         proc.wait()
         with self.registry.locked():
+            self._note_ready(self.registry.get(self.server_id))  # a stop may come before a poll saw "ready"
             self.registry.remove(self.server_id)
         self._log("server stopped")
         self._note_start("exit", after=round(time.time() - started, 2), status=0)
@@ -141,13 +143,17 @@ class Supervisor:
                 idle_until = idle_until or now + record.keep_alive
                 if now >= idle_until:
                     self.stop_reason = f"keep-alive of {record.keep_alive:g} s ran out"
-            if record.state == "ready" and not self.ready_seen:
-                self.ready_seen = True
-                self._note_start("ready", seconds=record.ready_seconds)
+            self._note_ready(record)
             state = "stopping" if self.stop_reason else record.state
             if owners != record.owners or idle_until != record.idle_until or state != record.state:
                 record.owners, record.idle_until, record.state = owners, idle_until, state
                 self.registry.save(record)
+
+    def _note_ready(self, record: ServerRecord | None) -> None:
+        """The launcher's measured time to ready, noted once (the launcher marks the record ready)."""
+        if record is not None and record.ready_seconds is not None and not self.ready_seen:
+            self.ready_seen = True
+            self._note_start("ready", seconds=record.ready_seconds)
 
     def _note_start(self, event: str, **facts: object) -> None:
         """One JSON line in the start log, if one was asked for (SAGE_START_LOG): a run's every server start
