@@ -105,15 +105,17 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(f"total time to ready (or to failure): {total:.0f} s")
 
 
-def sage_processes(runtime: Path) -> list[psutil.Process]:
-    """Supervisors and vLLM processes of one runtime folder, marked by the environment the launcher sets."""
+def sage_processes(runtime: Path, server_id: str | None = None) -> list[psutil.Process]:
+    """Supervisors and vLLM processes of one runtime folder (of one server there, given its id), marked by the
+    environment the launcher sets."""
     found = []
     for proc in psutil.process_iter(["pid"]):
         try:
             env = proc.environ()
         except psutil.Error:
             continue
-        if "SAGE_SERVER_ID" in env and env.get("SAGE_RUNTIME_DIR") == str(runtime):
+        if ("SAGE_SERVER_ID" in env and env.get("SAGE_RUNTIME_DIR") == str(runtime)
+                and server_id in (None, env["SAGE_SERVER_ID"])):
             found.append(proc)
     return found
 
