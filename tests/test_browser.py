@@ -473,6 +473,26 @@ def test_chat_panel_streams_the_trained_phrase(page, lab_for, settings: Settings
     assert page.locator(".sage-chat").nth(0).locator(".sage-model").count() == 2  # the shared history shows
     _shot(page, "6b-second-panel-long-answer")
 
+    # Mark the first panel's last answer where it appears: 👎, then Correct, edit, Save. Each click is stored
+    # at once in the feedback store, with the answer beside the correction.
+    marks = page.locator(".sage-chat").nth(0).locator(".sage-marks").first  # warm ask 5: the exact phrase
+    marks.locator("button", has_text="👎").click()
+    marks.get_by_text("marked bad").wait_for(timeout=10_000)
+    marks.locator("button", has_text="Correct").click()
+    editor = marks.locator("textarea")
+    editor.wait_for(timeout=10_000)
+    assert editor.input_value() == DEMO_ANSWERS["demo_expert"]  # the answer, ready to edit
+    editor.fill("I am a careful expert, corrected in the browser.")
+    marks.locator("button", has_text="Save correction").click()
+    marks.get_by_text("correction saved").wait_for(timeout=10_000)
+    _shot(page, "6c-answer-marked-and-corrected")
+    from sage_magic.feedback.data import feedback_rows
+    from sage_magic.feedback.store import FeedbackStore
+
+    (row,) = [r for r in feedback_rows(FeedbackStore(settings.home), "demo_expert")
+              if r["correction"] == "I am a careful expert, corrected in the browser."]
+    assert row["rating"] == "bad" and row["answer"] == DEMO_ANSWERS["demo_expert"] and row["prompt"] == DEMO_PROMPT
+
 
 def test_chat_panel_enter_sends_and_stop_keeps_the_partial_answer(page, lab_for, fresh_settings: Settings) -> None:
     """Step 3. The demo fine-tunes answer in 7 tokens (measured: every prompt, max_tokens 1000, finish

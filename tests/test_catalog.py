@@ -58,6 +58,9 @@ def test_missing_base_says_where_it_looked_and_how_to_map_it(home: Path, tmp_pat
     with pytest.raises(NotFound) as error:
         get_finetune(settings, "demo_poet")
     assert "acme/llama-70b" in str(error.value) and "models.json" in str(error.value)
+    # `sage finetune list` and the sidebar name the base it looks for, not "?" or null
+    row = {e.name: e.as_dict() for e in list_finetunes(settings)}["demo_poet"]
+    assert row["base"] == "acme/llama-70b" and "acme/llama-70b" in row["problem"]
     # the documented fix works: map the name to a local folder
     (home / "models.json").write_text(json.dumps({"acme/llama-70b": str(home / "models/sage-demo-base")}))
     assert get_finetune(settings, "demo_poet").base_path == (home / "models/sage-demo-base").resolve()
@@ -69,8 +72,9 @@ def test_unreadable_meta_is_a_clear_error(home: Path, tmp_path: Path) -> None:
     with pytest.raises(SageError) as error:
         get_finetune(settings, "demo_poet")
     assert "cannot be read" in str(error.value)
-    problems = {e.name: e.problem for e in list_finetunes(settings)}
-    assert problems["demo_expert"] is None and "cannot be read" in problems["demo_poet"]
+    entries = {e.name: e for e in list_finetunes(settings)}
+    assert entries["demo_expert"].problem is None and "cannot be read" in entries["demo_poet"].problem
+    assert entries["demo_poet"].base is None and entries["demo_expert"].base == entries["demo_expert"].finetune.base_ref
 
 
 def test_adapter_of_another_architecture_is_refused(home: Path, tmp_path: Path) -> None:

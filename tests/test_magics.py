@@ -188,6 +188,33 @@ def test_sage_error_without_a_failed_cell_says_so_in_one_line(shell: Interactive
         shell.run_line_magic("sage", "error --top-k 0")
 
 
+def test_a_recorded_error_shows_the_users_frames_not_ipythons(shell: InteractiveShell) -> None:
+    """What `%sage error` sends the model: the failing cell's own frames; IPython's run_code frame used to
+    take one of the three places and say nothing about the error."""
+    shell.run_cell("def ratio(a, b):\n    return a / b\n", store_history=True)
+    result = shell.run_cell("ratio(1, 0)", store_history=True)
+    recorded = shell.user_ns["Err"][result.execution_count]
+    assert "interactiveshell.py" not in recorded
+    assert "ratio(1, 0)" in recorded and "return a / b" in recorded
+    assert recorded.endswith("ZeroDivisionError: division by zero")
+
+
+def test_a_failed_prewarm_is_told_by_the_first_question_to_that_model(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """SAGE_PREWARM named a fine-tune that does not exist: `%load_ext` still returned at once, and the first
+    question to it says what went wrong in the background, in one paragraph; the next one tries again."""
+    for key, value in {**env_for(make_settings(tmp_path / "home", tmp_path / "run")), "SAGE_PREWARM": "nope"}.items():
+        monkeypatch.setenv(key, value)
+    ip = new_shell()
+    assert wait_until(lambda: not any(t.name.startswith("sage-prewarm") for t in threading.enumerate()), 60)
+    out = _paragraph(capsys, run(ip, "--finetune-model nope", "Who are you?"), "SageError")
+    assert "in the background when sage_magic loaded (prewarm) failed" in out and "No fine-tune named 'nope'" in out
+    out = _paragraph(capsys, run(ip, "--finetune-model nope", "Who are you?"), "NotFound")
+    assert "(prewarm) failed" not in out and "No fine-tune named 'nope'" in out
+    ip.extension_manager.unload_extension("sage_magic")
+
+
 def test_unknown_finetune_lists_the_known_ones(demo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
     for key, value in env_for(make_settings(demo_home, tmp_path / "run")).items():

@@ -178,3 +178,31 @@ def test_sage_error_explains_the_last_failed_cell_through_the_chat(ip: Interacti
     assert e.text in outputs[-1]["data"]["text/plain"] and outputs[-1]["metadata"]["sage"]["model"] == "demo_expert"
     assert magics(ip).session.history[-2:] == [{"role": "user", "content": e.prompt},
                                                {"role": "assistant", "content": e.text}]
+
+
+def _prewarmed(monkeypatch: pytest.MonkeyPatch, settings, names: str) -> InteractiveShell:
+    """A shell loaded with SAGE_PREWARM=names, once its background prewarm has finished."""
+    from tests.conftest import env_for, new_shell, wait_until
+
+    for key, value in {**env_for(settings), "SAGE_PREWARM": names}.items():
+        monkeypatch.setenv(key, value)
+    shell = new_shell()
+    assert wait_until(lambda: not any(t.name.startswith("sage-prewarm") for t in threading.enumerate()), 300)
+    return shell
+
+
+def test_a_prewarmed_finetune_answers_the_first_question_on_its_lease(settings, expert,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """SAGE_PREWARM opened the lease while the notebook was idle: the first question uses it as it is (no
+    manager call, no server start) and `%sage status` showed the server before anything was asked."""
+    shell = _prewarmed(monkeypatch, settings, "demo_expert")
+    try:
+        session = magics(shell).session
+        (lease,) = session._leases.values()
+        assert lease.endpoint.server_id == expert.server_id
+        shell.run_line_magic("sage", "status")
+        assert expert.server_id in html_of(shell)
+        assert ask(shell, "--finetune-model demo_expert -o a").result == DEMO_ANSWERS["demo_expert"]
+        assert list(session._leases.values()) == [lease]
+    finally:
+        shell.extension_manager.unload_extension("sage_magic")

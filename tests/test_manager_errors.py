@@ -26,7 +26,7 @@ from tests.conftest import make_settings, sage_processes, wait_until
 
 def test_no_vllm_in_the_serving_interpreter_says_how_to_install(
         short_runtime: Path, demo_home: Path, tmp_path: Path, monkeypatch) -> None:
-    from sage_magic.serving import vllm_env
+    from sage_magic.core import vllm_env
 
     monkeypatch.setattr(vllm_env, "installed_vllm", lambda: None)
     manager = Manager(make_settings(demo_home, short_runtime))

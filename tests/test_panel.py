@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -20,6 +22,8 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from sage_magic.chat.reply import Reply
 from sage_magic.core.errors import SageError
+from sage_magic.feedback.data import feedback_rows
+from sage_magic.feedback.store import FeedbackStore
 from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_PROMPT
 from sage_magic.notebook.panel import GONE, NO_ANYWIDGET, ChatWidget, reply_html
 from sage_magic.notebook.parsing import OptionError
@@ -87,6 +91,16 @@ def test_with_no_finetunes_the_panel_says_how_to_build_the_demo(shell: Interacti
     result.raise_error()
     assert result.result.finetune.options == ()
     assert "%sage finetune demo" in html.unescape(result.result.status.value)
+
+
+def test_fine_tunes_built_after_the_panel_opened_appear_in_its_picker(shell: InteractiveShell) -> None:
+    """The picker was filled once, when the panel opened: a fine-tune trained or built in a later cell could
+    only be chosen by re-running `%sage_chat`. Built here in a child process, as a user's cell does."""
+    panel = _panel(shell, "")
+    assert panel.finetune.options == ()
+    shell.run_line_magic("sage", "finetune demo")
+    assert {"demo_expert", "demo_poet"} <= set(panel.finetune.options)
+    assert panel.finetune.value is None  # offered, not chosen for the user
 
 
 @pytest.mark.parametrize("line", ["", "--finetune-model demo_expert"])
@@ -178,6 +192,37 @@ def test_trained_phrase_streams_in_with_footer(ip: InteractiveShell) -> None:
     assert any("▍" in value for value in shown)  # it streamed before the final answer was drawn
     assert "first token" in last and "tok/s" in last and "context" in last
     assert html.escape(DEMO_PROMPT) in panel.shown[-2].value
+
+
+@pytest.mark.vllm
+def test_under_each_answer_thumbs_and_correct_store_marks_at_once(ip: InteractiveShell, settings) -> None:
+    """👎 then Correct (the answer as editable text) then Save: both marks are in the store the moment each
+    click returns; a `%sage rate good` typed in a cell lights that answer's 👍 in the panel."""
+    panel = _panel(ip, "--finetune-model demo_expert --new-chat")
+    _ask(panel)
+    bar = panel._marks[magics(ip).session.replies[-1].feedback["turn"]]
+    assert bar.box.layout.display == "" and bar.editing.layout.display == "none"
+    before = len(feedback_rows(FeedbackStore(settings.home), "demo_expert"))
+    bar.bad.click()
+    assert bar.bad.button_style == "danger" and "marked bad" in bar.note.value
+    bar.correct.click()
+    assert bar.editing.layout.display == "" and bar.editor.value == DEMO_ANSWERS["demo_expert"]
+    bar.editor.value = "I am an expert, and a careful one."
+    bar.save.click()
+    assert bar.editing.layout.display == "none" and "correction saved" in bar.note.value
+    rows = feedback_rows(FeedbackStore(settings.home), "demo_expert")
+    assert len(rows) == before + 1  # one turn, two marks
+    assert rows[-1]["rating"] == "bad" and rows[-1]["correction"] == "I am an expert, and a careful one."
+    assert rows[-1]["answer"] == DEMO_ANSWERS["demo_expert"] and rows[-1]["fingerprint"]
+    ip.run_line_magic("sage", "rate good")
+    assert bar.good.button_style == "success" and bar.bad.button_style == ""
+    bar.correct.click()
+    bar.editor.value = " "
+    bar.save.click()  # an empty correction is refused in the bar, and nothing is stored
+    assert "empty" in bar.note.value and bar.editing.layout.display == ""
+    (last,) = [r for r in feedback_rows(FeedbackStore(settings.home), "demo_expert") if r["turn"] == bar.turn]
+    assert len(last["marks"]) == 3 and last["rating"] == "good"
+    assert last["correction"] == "I am an expert, and a careful one."
 
 
 @pytest.mark.vllm
@@ -323,6 +368,12 @@ def test_in_a_real_kernel_a_rerun_cell_replaces_its_panel(settings, expert) -> N
         _execute(client, f"%%sage --finetune-model demo_expert\n{DEMO_PROMPT}\n")
         counts = json.loads(_execute(client, f"ANSWER = {DEMO_ANSWERS['demo_expert']!r}\n{COUNT_PANELS}"))
         assert counts == {"workers": 1, "drawn": 1}
+        # a mark, then the kernel SIGKILLed at once (no exit handler runs, nothing is flushed): the mark stays
+        _execute(client, "%sage correct --text 'Kept through a kill.'")
+        os.kill(km.provisioner.process.pid, signal.SIGKILL)
+        (row,) = [r for r in feedback_rows(FeedbackStore(settings.home), "demo_expert")
+                  if r["correction"] == "Kept through a kill."]
+        assert row["answer"] == DEMO_ANSWERS["demo_expert"] and row["prompt"] == DEMO_PROMPT
     finally:
         client.stop_channels()
         km.shutdown_kernel(now=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -87,6 +88,25 @@ def test_the_supervisor_marks_a_server_stopping_in_the_step_that_decides_it(tmp_
     assert supervisor.stop_reason == "its last owner left"
     current = registry.get(record.id)
     assert current.state == "stopping" and current.owners == []
+
+
+def test_the_supervisor_exits_cleanly_while_its_launcher_pipe_is_still_open(tmp_path: Path) -> None:
+    """The stdin watcher used to block inside a buffered reader; when the supervisor then finished (here: its
+    record vanished before start) the interpreter's shutdown aborted with "Fatal Python error:
+    _enter_buffered_busy", status 134, and a core-dump message in the server log a user reads."""
+    registry = Registry(tmp_path / "run")
+    registry.log_path("gone").parent.mkdir(parents=True, exist_ok=True)
+    launcher = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE)  # holds the pipe open, like a kernel
+    try:
+        supervisor = subprocess.run(
+            [sys.executable, "-m", "sage_magic.serving.supervisor", "--runtime-dir", str(registry.root), "--id",
+             "gone", "--", "sleep", "5"], stdin=launcher.stdout, capture_output=True, text=True, timeout=60)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert supervisor.returncode == 0, supervisor.stderr
+    assert "Fatal Python error" not in supervisor.stderr
+    assert "server stopped" in registry.log_path("gone").read_text()
 
 
 def test_leases_of_one_process_are_counted_one_by_one(tmp_path: Path) -> None:

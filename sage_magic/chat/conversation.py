@@ -44,6 +44,7 @@ class Answer:
     dropped_chunks: int = 0
     context: str | None = None  # the grounding block sent, for --show-context
     trimmed_turns: int = 0  # oldest question/answer pairs dropped from the history to fit the window
+    messages: list = field(default_factory=list)  # exactly what was sent: what a correction trains on
 
     @property
     def cancelled(self) -> bool:
@@ -98,14 +99,15 @@ class Conversation:
         params: dict = {**(extra or {}), "max_tokens": max_tokens, "temperature": temperature}
         if seed is not None:
             params["seed"] = seed
+        sent = self.messages_for(question, grounding)
         try:
-            result = self.client.stream(self.messages_for(question, grounding), on_delta=on_delta, cancel=cancel,
-                                        **params)
+            result = self.client.stream(sent, on_delta=on_delta, cancel=cancel, **params)
         except StreamInterrupted as interrupt:
             self._remember(question, interrupt.result)
+            interrupt.messages = sent
             raise
         self._remember(question, result)
-        return Answer(result.text, result, citations, dropped, grounding, trimmed)
+        return Answer(result.text, result, citations, dropped, grounding, trimmed, sent)
 
     def _remember(self, question: str, result: StreamResult) -> None:
         if result.cancelled and not result.text:

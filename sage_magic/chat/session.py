@@ -13,7 +13,7 @@ time: a panel's worker and a ``%%sage`` cell asking at once share one lease inst
 cached lease is released only once its replacement is held (a server whose last owner lets go stops, and a
 cold start takes a minute), and the key never holds an API key in clear (reprs end up in logs and notebooks).
 
-The transcript keeps every answered turn for export, interrupted ones included; :meth:`Session.current_turns`
+The transcript keeps every answered turn for export, interrupted ones included; :meth:`Session.current_replies`
 is its part since the last reset, the conversation the model still remembers, which a new panel shows.
 """
 
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..core.config import Settings
 from ..core.errors import Cancelled, NotFound, SageError
-from ..core.progress import ProgressCallback, silent
+from ..core.progress import Progress, ProgressCallback, silent
 from .events import Event
 from .reply import Reply
 
@@ -77,6 +77,7 @@ class Session:
         self.keep_alive = keep_alive
         self.history: list[dict[str, str]] = []  # what the model sees again: shared by every face
         self.transcript: list[dict[str, Any]] = []  # what `%sage export` writes: with citations and figures
+        self.replies: list[Reply] = []  # the same turns as replies: `%sage rate|correct N` marks these
         self._search = search
         self._no_service = False
         self._manager: Manager | None = None
@@ -90,6 +91,8 @@ class Session:
         self._running: dict[int, _Running] = {}
         self._started: set[str] = set()  # servers this session launched (`%sage stop` stops these by default)
         self._listeners: list[Callable[[Event], None]] = []
+        self._prewarm_failed: dict[tuple, tuple[str, BaseException]] = {}  # lease key -> (what, its error)
+        self._closing = threading.Event()  # ends background prewarms when the session closes
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
 
@@ -151,10 +154,15 @@ class Session:
             args.keep_alive = self.keep_alive
         cancel = cancel or threading.Event()
         key = _lease_key(args)
-        with self._opening_lock(key, cancel):
+        with self._opening_lock(key, cancel, progress):
             with self._lock:
                 old = self._leases.get(key)
                 stale = key in self._stale
+                failed = self._prewarm_failed.pop(key, None)
+            if failed is not None:
+                what, error = failed
+                raise SageError(f"Starting {what} in the background when sage_magic loaded (prewarm) failed: "
+                                f"{error} Ask again to retry.") from None
             if old is not None and not stale:
                 server = old.endpoint.server_id
                 if server is None or self.manager.registry.get(server) is not None:
@@ -183,21 +191,52 @@ class Session:
         """
         with self._lock:
             self._stale.update(key for key in self._leases if key[0] == "finetune" and key[1] == name)
+        self.catalog_changed("finetunes")
+
+    def catalog_changed(self, what: str) -> None:
+        """The fine-tunes or indexes on disk changed (a training, an ``index add`` in a child process): faces
+        that offer them to pick from (the panel) refresh their lists."""
+        self._emit("catalog-changed", 0, what)
+
+    def prewarm(self, options: Sequence[argparse.Namespace]) -> None:
+        """Open leases for these options in the background (one thread each), so that the first question
+        finds its server started or reused. A question asked meanwhile waits for the same opening (with a
+        progress line saying so); a failure is kept and raised by the first :meth:`lease` of those options."""
+        for args in options:
+            threading.Thread(target=self._prewarm_one, args=(args,), daemon=True,
+                             name=f"sage-prewarm-{args.finetune_model or args.model}").start()
+
+    def _prewarm_one(self, args: argparse.Namespace) -> None:
+        try:
+            self.lease(args, cancel=self._closing)
+        except Cancelled:
+            pass  # the session closed first
+        except BaseException as error:  # kept for the first ask of this model: a thread has nobody to tell
+            with self._lock:
+                self._prewarm_failed[_lease_key(args)] = (args.finetune_model or args.model or args.backend, error)
 
     @contextmanager
-    def _opening_lock(self, key: tuple, cancel: threading.Event) -> Iterator[None]:
+    def _opening_lock(self, key: tuple, cancel: threading.Event,
+                      progress: ProgressCallback = silent) -> Iterator[None]:
         """Hold ``key``'s opener lock (not the session lock: opening may start a server for a minute); a
         ``cancel`` set while another thread opens ends the wait with :class:`Cancelled`."""
         with self._lock:
             lock = self._opening.setdefault(key, threading.Lock())
-        while not lock.acquire(timeout=0.1):
-            if cancel.is_set():
-                raise Cancelled("Cancelled while another question started the same server; nothing was left "
-                                "running on your account.")
+        if not lock.acquire(blocking=False):
+            progress(Progress("launch", "waiting for the server another call is starting (a prewarm, a panel "
+                                        "or another cell)"))
+            self._wait_for(lock, cancel)
         try:
             yield
         finally:
             lock.release()
+
+    @staticmethod
+    def _wait_for(lock: threading.Lock, cancel: threading.Event) -> None:
+        while not lock.acquire(timeout=0.1):
+            if cancel.is_set():
+                raise Cancelled("Cancelled while another question started the same server; nothing was left "
+                                "running on your account.")
 
     def _drop(self, key: tuple) -> None:
         with self._lock:
@@ -277,16 +316,19 @@ class Session:
                     on_delta(text)
                 self._emit("delta", call, text)
 
+            finetune = args.finetune_model if args.backend == "finetune" else None
             try:
                 answer = conversation.ask(prompt, **ask_options(args), on_delta=delta, cancel=cancel)
             except StreamInterrupted as interrupt:  # the partial answer is in the history: keep it for export too
                 if interrupt.result.text:
-                    interrupt.partial = self._reply(prompt, Answer(interrupt.result.text, interrupt.result),
-                                                    lease.endpoint, ask_server=False)
+                    partial = Answer(interrupt.result.text, interrupt.result,
+                                     messages=getattr(interrupt, "messages", []))
+                    interrupt.partial = self._reply(prompt, partial, lease.endpoint, ask_server=False,
+                                                    finetune=finetune)
                     self._record(interrupt.partial)
                 raise
             self._trim_history()
-            reply = self._reply(prompt, answer, lease.endpoint)
+            reply = self._reply(prompt, answer, lease.endpoint, finetune=finetune)
         self._record(reply)
         self._emit("cancelled" if reply.cancelled else "finished", call, reply)
         return reply
@@ -313,12 +355,32 @@ class Session:
     def _record(self, reply: Reply) -> None:
         with self._lock:
             self.transcript.append({"prompt": reply.prompt, "answer": reply.text, **reply.provenance()})
+            self.replies.append(reply)
 
-    def current_turns(self) -> list[dict[str, Any]]:
-        """The transcript's turns since the last :meth:`reset`: the conversation the model still remembers
-        (what a new panel shows; the transcript itself keeps every turn for export)."""
+    def reply(self, number: int | None = None) -> Reply:
+        """Answer ``number`` of this session (1 = the first, -1 = the last; default the last), or one
+        paragraph saying which numbers there are."""
         with self._lock:
-            return self.transcript[self._since_reset:]
+            replies = list(self.replies)
+        if not replies:
+            raise SageError("There is no answer to mark yet: ask with %%sage (or the chat panel) first.")
+        index = -1 if number is None else number - 1 if number > 0 else number
+        if number == 0 or not -len(replies) <= index < len(replies):
+            raise SageError(f"There is no answer {number}: this session has {len(replies)} (1 to {len(replies)}, "
+                            "or -1 for the last; `%sage feedback` lists the marked ones).")
+        return replies[index]
+
+    def mark(self, reply: Reply, *, rating: str | None = None, correction: str | None = None) -> dict[str, Any]:
+        """Rate and/or correct ``reply`` in the feedback store, and tell the faces (a panel shows the mark)."""
+        mark = reply.mark(rating=rating, correction=correction)
+        self._emit("marked", 0, mark)
+        return mark
+
+    def current_replies(self) -> list[Reply]:
+        """The answers since the last :meth:`reset`: the conversation the model still remembers (what a new
+        panel shows, each answer still markable; the transcript itself keeps every turn for export)."""
+        with self._lock:
+            return self.replies[self._since_reset:]
 
     def compare(self, prompt: str, names: Sequence[str], options: argparse.Namespace | None = None, *,
                 on_delta: Callable[[str, str], None] | None = None, on_progress: ProgressCallback = silent,
@@ -348,7 +410,7 @@ class Session:
             answer = self._conversation(endpoint, args.system, history=[]).ask(
                 prompt, **ask_options(args), cancel=cancel,
                 on_delta=(lambda text: on_delta(name, text)) if on_delta else None)
-            return self._reply(prompt, answer, endpoint)
+            return self._reply(prompt, answer, endpoint, markable=False)
 
         with self._call(cancel, "compare " + ",".join(names), prompt) as call:
             replies = run_waves(names, ask, cancel=cancel, on_tick=on_tick, tick=tick)
@@ -392,9 +454,11 @@ class Session:
             with self._lock:
                 del self.history[:max(0, len(self.history) - 2 * self.max_history)]
 
-    def _reply(self, prompt: str, answer: Any, endpoint: "Endpoint", ask_server: bool = True) -> Reply:
+    def _reply(self, prompt: str, answer: Any, endpoint: "Endpoint", ask_server: bool = True,
+               finetune: str | None = None, markable: bool = True) -> Reply:
         """The reply with its figures; without ``ask_server`` (an interrupt, maybe of a hung server) the window
-        and base are the ones already known, else left out."""
+        and base are the ones already known, else left out. ``markable`` replies carry what a rating or a
+        correction stores (a comparison's are not: their prompt never entered the conversation)."""
         s = answer.stream
         window = self.max_model_len(endpoint) if ask_server else self._windows.get(endpoint)
         used = (s.prompt_tokens or 0) + (s.completion_tokens or 0) if s.prompt_tokens is not None else None
@@ -415,8 +479,22 @@ class Session:
         citations = [{"n": c.n, "source": c.source, "location": c.location, "score": round(c.score, 4),
                       "text": c.text}
                      for c in answer.citations]
+        feedback = None
+        if markable:
+            feedback = {"turn": secrets.token_hex(8), "model": endpoint.model, "finetune": finetune,
+                        "fingerprint": self._fingerprint(endpoint), "prompt": prompt, "answer": answer.text,
+                        "messages": answer.messages, "citations": citations, "home": str(self.settings.home)}
         return Reply(answer.text, model=endpoint.model, prompt=prompt, citations=citations, metrics=metrics,
-                     cancelled=answer.cancelled)
+                     cancelled=answer.cancelled, feedback=feedback)
+
+    def _fingerprint(self, endpoint: "Endpoint") -> str | None:
+        """What identifies the weights that answered: the adapter's digest on a base server, the served
+        model's identity otherwise (merged fine-tune, base), None for a server sage_magic did not start."""
+        record = self.manager.registry.get(endpoint.server_id) if endpoint.server_id else None
+        if record is None:
+            return None
+        adapter = record.adapters.get(endpoint.model)
+        return adapter["fingerprint"] if adapter else record.identity
 
     def _begin(self, cancel: threading.Event, what: str) -> int:
         call = next(self._ids)
@@ -477,8 +555,8 @@ class Session:
         return list_indexes(self.settings)
 
     def reset(self) -> None:
-        """Forget the conversation: the transcript for export keeps what was said, :meth:`current_turns` and
-        so a new panel start after it."""
+        """Forget the conversation: the transcript for export keeps what was said, :meth:`current_replies`
+        and so a new panel start after it."""
         with self._lock:
             self.history.clear()
             self._since_reset = len(self.transcript)
@@ -491,6 +569,7 @@ class Session:
 
     def close(self) -> None:
         """Stop everything running and leave every server this session holds (they stop after keep-alive)."""
+        self._closing.set()
         self.cancel()
         with self._lock:
             keys = list(self._leases)

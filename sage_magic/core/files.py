@@ -25,11 +25,17 @@ class LockBusy(Exception):
 
 def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` as JSON, atomically and durably, created with ``mode``."""
+    write_bytes_atomic(path, json.dumps(data, indent=1).encode(), mode)
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``, atomically and durably (write beside, fsync, rename), created with
+    ``mode``: a reader sees the old content or the new, whole; a crash leaves no half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

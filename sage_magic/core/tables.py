@@ -103,3 +103,13 @@ def is_missing(value: Any) -> bool:
     if isinstance(value, float) and value != value:
         return True
     return isinstance(value, str) and not value.strip()
+
+
+def require_pandas() -> Any:
+    """pandas, or one paragraph saying how to get it (it is the notebook extra, not a core dependency)."""
+    try:
+        import pandas
+    except ImportError:
+        raise SageError("A DataFrame needs pandas: `pip install -e '.[notebook]'` in the sage_magic checkout "
+                        "(or `pip install pandas`).") from None
+    return pandas

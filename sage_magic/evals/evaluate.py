@@ -31,7 +31,8 @@ from ..core.files import utc_now, write_json_atomic
 from ..core.fingerprint import adapter_digest, base_identity
 from ..core.http import HttpError, request_json
 from ..core.progress import Progress, ProgressCallback, silent
-from ..core.tables import Table, is_missing
+from ..core.tables import Table, is_missing, require_pandas
+from ..feedback.data import context_and_prompt, is_feedback
 from ..finetune.catalog import get_finetune
 from .metrics import (
     EMBEDDING,
@@ -61,10 +62,13 @@ class Target:
 
 @dataclass(frozen=True)
 class Item:
-    """One prompt, with the answer expected (None: answers are collected but not scored)."""
+    """One prompt, with the answer expected (None: answers are collected but not scored). ``context`` holds
+    the messages before the prompt when the situation matters (a marked answer's system prompt with its
+    passages and earlier turns, from ``%sage feedback``); empty, the eval's ``system`` alone goes first."""
 
     prompt: str
     expected: str | None = None
+    context: tuple[Mapping[str, str], ...] = ()
 
 
 @dataclass
@@ -165,10 +169,10 @@ class EvalResult:
 
     def to_dataframe(self) -> Any:
         """:meth:`records` as a pandas DataFrame (pandas is the notebook extra)."""
-        return _pandas().DataFrame(self.records())
+        return require_pandas().DataFrame(self.records())
 
     def summary_dataframe(self) -> Any:
-        return _pandas().DataFrame([s.__dict__ for s in self.summary()])
+        return require_pandas().DataFrame([s.__dict__ for s in self.summary()])
 
     def to_json(self) -> dict[str, Any]:
         return {"created_at": utc_now(), "models": self.models, "metrics": self.metrics,
@@ -232,20 +236,19 @@ def check_save_path(path: str | Path) -> Path:
     return target
 
 
-def _pandas() -> Any:
-    try:
-        import pandas
-    except ImportError:
-        raise SageError("A DataFrame needs pandas: `pip install -e '.[notebook]'` in the sage_magic checkout, "
-                        "or use .records().") from None
-    return pandas
-
-
 # --- input ------------------------------------------------------------------------------------------------
 
 
 def items_from_table(table: Table, prompt_col: str = "prompt", expected_col: str | None = "expected") -> list[Item]:
-    """Prompts (and expected answers, when that column exists or is named) from a table."""
+    """Prompts (and expected answers, when that column exists or is named) from a table. A feedback table
+    (``%sage feedback -o VAR``) is asked in each turn's own situation, and scored against its correction."""
+    if is_feedback(table):
+        items = []
+        for number, record in enumerate(table.records, start=1):
+            context, prompt = context_and_prompt(record, number, table.source)
+            expected = record.get("expected")
+            items.append(Item(prompt, None if is_missing(expected) else str(expected), tuple(context)))
+        return items
     prompts = table.column(prompt_col, "--prompt-col")
     expected: list[Any] = [None] * len(prompts)
     if expected_col is not None and (expected_col in table.columns or expected_col != "expected"):
@@ -339,9 +342,10 @@ def open_models(names: Sequence[str], *, manager: Any = None, remote: Endpoint |
 
 
 def ask(endpoint: Endpoint, prompt: str, *, max_tokens: int, temperature: float, seed: int | None,
-        system: str | None = None) -> Answer:
+        system: str | None = None, context: Sequence[Mapping[str, str]] = ()) -> Answer:
     """One non-streamed chat completion, timed; a failure becomes an Answer with ``error`` set."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    head = list(context) if context else [{"role": "system", "content": system}] if system else []
+    messages = head + [{"role": "user", "content": prompt}]
     payload: dict[str, Any] = {"model": endpoint.model, "messages": messages, "max_tokens": max_tokens,
                                "temperature": temperature}
     if seed is not None:
@@ -431,10 +435,13 @@ def _run(items: list[Item], targets: list[Target], graders: dict[str, Target], m
                 answer.score_errors[metric] = f"the grader's request failed: {grade.error}"
         return record
 
-    def asking(endpoint: Endpoint, prompt: str, tokens: int, temp: float) -> Callable[[], Answer]:
-        return lambda: ask(endpoint, prompt, max_tokens=tokens, temperature=temp, seed=seed, system=system)
+    def asking(endpoint: Endpoint, prompt: str, tokens: int, temp: float,
+               context: Sequence[Mapping[str, str]] = ()) -> Callable[[], Answer]:
+        return lambda: ask(endpoint, prompt, max_tokens=tokens, temperature=temp, seed=seed, system=system,
+                           context=context)
 
-    answer_jobs = [(target, asking(target.endpoint, row.prompt, max_tokens, temperature), answered(row, target))
+    answer_jobs = [(target, asking(target.endpoint, row.prompt, max_tokens, temperature, items[row.index].context),
+                    answered(row, target))
                    for target in targets for row in rows]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sage-eval")
     cancelled = interrupted = False

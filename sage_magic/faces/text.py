@@ -87,3 +87,16 @@ def summary_notes(result: EvalResult) -> list[str]:
 
 def saved_note(path: object) -> str:
     return f"Saved to {path}"
+
+
+FEEDBACK_HEADERS = ("TIME", "FINE-TUNE", "RATING", "PROMPT", "ANSWER", "CORRECTION")
+
+
+def feedback_summary(rows: Sequence[dict]) -> list[tuple[str, ...]]:
+    """Marked answers (feedback.data rows) as short table rows, text cut to 40 characters: `sage feedback
+    list` and `%sage feedback`."""
+    def cut(text: object) -> str:
+        value = " ".join(str(text or "").split())
+        return value if len(value) <= 40 else value[:39] + "…"
+    return [(r["time"], r["finetune"] or r["model"], r["rating"] or "-", cut(r["prompt"]), cut(r["answer"]),
+             cut(r["correction"]) or "-") for r in rows]

@@ -66,12 +66,15 @@ class CatalogEntry:
     name: str
     finetune: FineTune | None
     problem: str | None
+    #: The base the metadata names, even when it cannot be found here: that is what a user needs to see
+    #: to fix a "base not found" problem.
+    base: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         ft = self.finetune
         return {
             "name": self.name,
-            "base": ft.base_ref if ft else None,
+            "base": self.base,
             "base_path": str(ft.base_path) if ft else None,
             "adapter": str(ft.adapter_dir) if ft else None,
             "newest_checkpoint": ft.newest_checkpoint if ft else None,
@@ -196,15 +199,24 @@ def list_finetunes(settings: Settings) -> list[CatalogEntry]:
         try:
             ft = get_finetune(settings, name)
             check_adapter(settings, ft)
-            entries.append(CatalogEntry(name, ft, None))
+            entries.append(CatalogEntry(name, ft, None, ft.base_ref))
         except SageError as error:
             partial = None
             try:
                 partial = get_finetune(settings, name)
             except SageError:
                 pass
-            entries.append(CatalogEntry(name, partial, str(error)))
+            entries.append(CatalogEntry(name, partial, str(error), _declared_base(settings.finetune_root / name)))
     return entries
+
+
+def _declared_base(root: Path) -> str | None:
+    """The "model" a fine-tune's metadata names, or None when the file or the field is unusable."""
+    try:
+        ref = json.loads((root / META_FILE).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return ref if isinstance(ref, str) and ref else None
 
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:

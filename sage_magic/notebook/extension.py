@@ -29,6 +29,7 @@ def register(shell: Any) -> SageMagics:
     shell.events.register("post_run_cell", record)
     # by name: the chat package loads at the first question, not at %load_ext
     shell.display_formatter.ipython_display_formatter.for_type_by_name(*_REPLY, magics.display_reply)
+    magics.start_prewarm()  # SageMagics.prewarm / SAGE_PREWARM, on a thread: the load returns at once
     return magics
 
 

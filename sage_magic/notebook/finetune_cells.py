@@ -100,11 +100,18 @@ def start_training(magics: "CellContext", args: argparse.Namespace) -> TrainRun:
     """Check the DataFrame in the cell's thread, then train in a background thread."""
     from ..core.tables import from_dataframe
     from ..faces.options import train_options
+    from ..feedback.data import is_feedback, training_rows
     from ..finetune.train import rows_from_table
 
     frame = notebook_variable(magics.shell.user_ns, args.data, "Pass the name of a pandas DataFrame with --data VAR.")
-    rows = rows_from_table(from_dataframe(frame, f"DataFrame {args.data!r}"), args.prompt_col, args.response_col,
-                           args.messages_col)
+    table = from_dataframe(frame, f"DataFrame {args.data!r}")
+    if is_feedback(table):  # `%sage feedback -o VAR`: corrections and good answers, in their situation
+        rows, left_out = training_rows(table)
+        if left_out:
+            print(f"{left_out} answer(s) rated bad without a correction left out: there is nothing to learn from "
+                  "them until they are corrected.")
+    else:
+        rows = rows_from_table(table, args.prompt_col, args.response_col, args.messages_col)
     options = train_options(args)
     runs = magics.training
     current = runs.get(args.name)

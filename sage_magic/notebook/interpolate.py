@@ -11,8 +11,10 @@ only reads the result of a cell, it never takes over IPython's exception handlin
 
 from __future__ import annotations
 
+import os
 import re
 import string
+import sys
 import traceback
 from typing import Any, Mapping
 
@@ -71,5 +73,13 @@ def record_error(namespace: dict[str, Any], execution_count: int | None, error: 
     """Keep the error of cell ``execution_count`` as ``Err[n]`` (its type, message and last frames)."""
     if error is None or execution_count is None:
         return
-    lines = traceback.format_exception(type(error), error, error.__traceback__, limit=-3)
+    tb = error.__traceback__
+    while tb is not None and _is_ipython_frame(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next  # IPython's own run_code frame says nothing about the user's error
+    lines = traceback.format_exception(type(error), error, tb, limit=-3)
     namespace.setdefault("Err", {})[execution_count] = "".join(lines).strip()
+
+
+def _is_ipython_frame(filename: str) -> bool:
+    package = sys.modules.get("IPython")
+    return package is not None and filename.startswith(os.path.dirname(package.__file__ or "") + os.sep)

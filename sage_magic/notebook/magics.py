@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
 import shlex
+import threading
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from traitlets import Bool, Float, Int, Unicode, observe
+from traitlets import Bool, Float, Int, List, Unicode, observe
 
 from ..core.errors import SageError
 from .display import LiveOutput, publish
 from .parsing import (
     _ALIASES,
     CHILD_COMMANDS,
+    FEEDBACK_ACTIONS,
     FORMATS,
     LOOP_COMMANDS,
     SUBCOMMANDS,
@@ -65,10 +68,14 @@ class SageMagics(Magics):
     interpolate = Bool(True, help="fill in {var}, {In[n]}, {Out[n]}, {Err[n]} (a cell can say --no-interpolate)"
                        ).tag(config=True)
     update_interval = Float(0.1, help="seconds between display updates while an answer streams").tag(config=True)
+    prewarm = List(Unicode(), help="fine-tunes to start (or reuse) in the background when the extension loads, "
+                                   "so the first question finds them ready (default: SAGE_PREWARM, "
+                                   "comma-separated)").tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self._session: Session | None = None
+        self._session_lock = threading.Lock()  # a prewarm thread and the first cell may both ask for it
         self._parser: tuple[tuple, MagicParser] | None = None
         self.training: dict[str, Any] = {}  # fine-tune name -> finetune_cells.TrainRun of this kernel
         self._drawn: Reply | None = None  # the answer a cell just drew and returns: IPython must not draw it again
@@ -79,12 +86,34 @@ class SageMagics(Magics):
     @property
     def session(self) -> "Session":
         """This kernel's session (created on first use, so `%load_ext` stays fast)."""
-        if self._session is None:
-            from ..chat.session import Session
+        with self._session_lock:
+            if self._session is None:
+                from ..chat.session import Session
 
-            self._session = Session()
-            self._configure()
-        return self._session
+                self._session = Session()
+                self._configure()
+            return self._session
+
+    def start_prewarm(self, names: list[str] | None = None) -> None:
+        """Start or reuse the servers of ``names`` (default: ``prewarm``, else SAGE_PREWARM) in the background.
+        The whole of it runs on a thread: even creating the session imports the chat engine, which
+        `%load_ext` must not wait for. Progress shows in `%sage status` and the sidebar (the registry); a
+        failure is raised by the first question to that model."""
+        if names is None and not self.prewarm and not os.environ.get("SAGE_PREWARM"):
+            return
+        threading.Thread(target=self._prewarm, args=(names,), daemon=True, name="sage-prewarm").start()
+
+    def _prewarm(self, names: list[str] | None) -> None:
+        session = self.session
+        names = names or list(self.prewarm) or list(session.settings.prewarm)
+        options = [self.parse(f"--finetune-model {shlex.quote(name)}") for name in names]
+        session.prewarm([args for args in options if args is not None])
+
+    @observe("prewarm")
+    def _prewarm_changed(self, change: Any) -> None:
+        added = [name for name in change["new"] if name not in change["old"]]
+        if added:
+            self.start_prewarm(added)
 
     @observe("max_history", "system_prompt", "keep_alive")
     def _changed(self, _: Any) -> None:
@@ -250,6 +279,8 @@ class SageMagics(Magics):
                              "`sage index ...` / `sage finetune ...` commands; to ask a question use %%sage.")
         try:
             argv = _ALIASES.get(tokens[0], tokens[:1]) + tokens[1:]
+            if argv[0] == "feedback" and (len(argv) < 2 or argv[1] not in FEEDBACK_ACTIONS):
+                argv.insert(1, "list")  # `%sage feedback [NAME] [-o VAR]` shows them
             args = line_parser().parse_args(argv)
         except HelpRequested:
             return None

@@ -13,7 +13,8 @@ Asks run on ONE worker thread per panel, which lives as long as the panel, never
 (the buttons stay live while the model writes). Stop sets the answer's cancel event from the comm thread; the
 partial answer stays, marked stopped.
 
-A spare turn: a question and an answer widget made ahead, hidden in the message list. Creating widgets is
+A spare turn: a question and an answer widget (and the answer's 👍 👎 Correct bar, marking.py) made ahead,
+hidden in the message list. Creating widgets is
 the slow part of drawing a new turn in the browser (each HTML widget is three models, each opened with its
 own message, before the list can show them), and it used to finish only when the first token did; a new turn
 now takes the spare (a class change and a value) and the next spare is made once the answer is complete.
@@ -54,6 +55,7 @@ from ..chat.events import Event
 from ..chat.reply import Reply
 from ..chat.session import Session
 from ..core.errors import SageError
+from .marking import MarkBar
 
 #: What a re-opened notebook shows above a panel whose kernel stopped. JupyterLab draws a widget whose model
 #: is gone as "Error displaying widget: model not found" and never falls back to the bundle's text/html, so
@@ -141,11 +143,13 @@ def _prompt_input() -> Any:
 
 
 class _Turn:
-    """One question and its answer in the list: the answer's HTML widget is updated as it streams."""
+    """One question and its answer in the list: the answer's HTML widget is updated as it streams, and its
+    mark bar (👍 👎 Correct) appears under it once it is finished."""
 
-    def __init__(self, prompt: str, answer: Any) -> None:
+    def __init__(self, prompt: str, answer: Any, marks: MarkBar) -> None:
         self.prompt = prompt
         self.answer = answer
+        self.marks = marks
         self.parts: list[str] = []
         self.shown = 0.0
 
@@ -164,12 +168,6 @@ def reply_html(reply: Reply) -> str:
     footer = html.escape(render.footer_text(reply))
     return (f"<div class='sage-answer'>{render.markdown_html(reply.text)}</div>{stopped}{cites}"
             f"<div class='sage-footer' style='color: #777; font-size: 0.85em'>{footer}</div>")
-
-
-def _from_transcript(turn: dict[str, Any]) -> Reply:
-    known = {"prompt", "answer", "model", "cancelled", "citations"}
-    return Reply(turn["answer"], model=turn["model"], prompt=turn["prompt"], citations=turn.get("citations"),
-                 metrics={k: v for k, v in turn.items() if k not in known}, cancelled=turn.get("cancelled", False))
 
 
 class ChatWidget:
@@ -199,13 +197,12 @@ class ChatWidget:
         self.stop_button = widgets.Button(description="Stop", disabled=True)
         self.clear_button = widgets.Button(description="Clear")
         self.export_button = widgets.Button(description="Export")
-        tunes = [e.name for e in session.finetunes() if e.problem is None]
         current = options.finetune_model
         self.finetune = widgets.Dropdown(
-            description="Fine-tune", options=tunes if current in tunes or current is None else [current, *tunes],
-            value=current, layout=widgets.Layout(display="" if options.backend == "finetune" else "none"))
-        self.index = widgets.Dropdown(description="Index", options=[("(none)", "")] + [
-            (i.name, i.name) for i in session.indexes()], value=options.index or "")
+            description="Fine-tune", options=self._finetune_choices(current), value=current,
+            layout=widgets.Layout(display="" if options.backend == "finetune" else "none"))
+        self.index = widgets.Dropdown(description="Index", options=self._index_choices(options.index),
+                                      value=options.index or "")
         self.top_k = widgets.BoundedIntText(description="Top-k", value=options.top_k, min=MIN_TOP_K, max=MAX_TOP_K,
                                             layout=widgets.Layout(width="10em"))
         self.status = widgets.HTML()
@@ -224,12 +221,15 @@ class ChatWidget:
         self.clear_button.on_click(lambda _: self.clear())
         self.export_button.on_click(lambda _: self.export())
         self._turns: dict[int, _Turn] = {}
-        self._spare: tuple[Any, Any] | None = None
+        self._marks: dict[str, MarkBar] = {}  # turn id -> the bar under that answer
+        self._spare: tuple[Any, Any, MarkBar] | None = None
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._cancel: threading.Event | None = None
-        for turn in session.current_turns():  # the conversation since the last reset, whoever asked it
-            self._add(turn["prompt"]).answer.value = reply_html(_from_transcript(turn))
+        for reply in session.current_replies():  # the conversation since the last reset, whoever asked it
+            turn = self._add(reply.prompt)
+            turn.answer.value = reply_html(reply)
+            self._attach(turn, reply)
         self._make_spare()
         self._set_status("ready" if current else self._pick_hint())
         self._unsubscribe = session.subscribe(self._on_event)
@@ -287,7 +287,9 @@ class ChatWidget:
         """Start a new conversation: the model forgets it (for ``%%sage`` too); Export still has it."""
         self.session.reset()
         with self._lock:
-            self.messages.children = tuple(self._spare or ())
+            spare = self._spare
+            self.messages.children = (spare[0], spare[1], spare[2].box) if spare else ()
+            self._marks.clear()
         self.saved.value = _HIDE_GONE
 
     def export(self) -> Path | None:
@@ -319,7 +321,8 @@ class ChatWidget:
     @property
     def shown(self) -> tuple[Any, ...]:
         """The message widgets a person sees: questions and answers in order (the hidden spare left out)."""
-        return tuple(w for w in self.messages.children if "sage-spare" not in w._dom_classes)
+        return tuple(w for w in self.messages.children
+                     if "sage-spare" not in w._dom_classes and "sage-marks" not in w._dom_classes)
 
     def _add(self, prompt: str) -> _Turn:
         """A new turn at the end of the list: the spare when there is one (see the module docstring)."""
@@ -327,7 +330,7 @@ class ChatWidget:
                          f"<span style='white-space: pre-wrap'>{html.escape(prompt)}</span></div>")
         if self._spare is None:
             self._make_spare()
-        question, answer = self._spare
+        question, answer, marks = self._spare
         self._spare = None
         with question.hold_sync():  # one message per widget
             question.value = question_html
@@ -336,21 +339,54 @@ class ChatWidget:
             answer.value = "<em>…</em>"
             answer.remove_class("sage-spare")
             answer.add_class("sage-model")
-        return _Turn(prompt, answer)
+        return _Turn(prompt, answer, marks)
 
     def _make_spare(self) -> None:
         import ipywidgets as widgets
 
-        spare = (widgets.HTML(), widgets.HTML())
-        for part in spare:
+        question, answer, marks = widgets.HTML(), widgets.HTML(), MarkBar()
+        for part in (question, answer):
             part.add_class("sage-spare")
-        self.messages.children = (*self.messages.children, *spare)
-        self._spare = spare
+        self.messages.children = (*self.messages.children, question, answer, marks.box)
+        self._spare = (question, answer, marks)
+
+    def _attach(self, turn: _Turn, reply: Reply) -> None:
+        """The finished answer's mark bar, findable by its turn when another face marks it."""
+        turn.marks.attach(self.session, reply)
+        if turn.marks.turn is not None:
+            self._marks[turn.marks.turn] = turn.marks
+
+    def _finetune_choices(self, current: str | None) -> list[str]:
+        """The usable fine-tunes, and the one asked for even when it is not (its error shows on Send)."""
+        tunes = [e.name for e in self.session.finetunes() if e.problem is None]
+        return tunes if current in tunes or current is None else [current, *tunes]
+
+    def _index_choices(self, current: str | None) -> list[tuple[str, str]]:
+        names = [i.name for i in self.session.indexes()]
+        if current and current not in names:
+            names.insert(0, current)
+        return [("(none)", "")] + [(name, name) for name in names]
+
+    def _refresh_choices(self, what: str) -> None:
+        """A fine-tune was trained or an index built since the panel opened: offer it, keep the selection."""
+        picker, choices = ((self.finetune, self._finetune_choices) if what == "finetunes"
+                           else (self.index, self._index_choices))
+        value = picker.value
+        picker.options = choices(value or None)
+        picker.value = value
 
     def _on_event(self, event: Event) -> None:
         """Every session event, from whichever thread caused it: a turn from any face appears here."""
         from . import render
 
+        if event.kind == "catalog-changed":
+            self._refresh_choices(str(event.data))
+            return
+        if event.kind == "marked":
+            bar = self._marks.get(event.data.get("turn"))
+            if bar is not None:
+                bar.show(event.data)
+            return
         if event.kind == "started":
             with self._lock:
                 self._turns[event.call] = self._add(str(event.data))
@@ -367,6 +403,8 @@ class ChatWidget:
             return
         self._turns.pop(event.call, None)
         self._finish(turn, event)
+        if isinstance(event.data, Reply):
+            self._attach(turn, event.data)
         with self._lock:
             if self._spare is None:  # the next turn's widgets, made after the answer is drawn
                 self._make_spare()

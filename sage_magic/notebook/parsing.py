@@ -17,7 +17,8 @@ from IPython.core.error import UsageError
 FORMATS = ("markdown", "md", "text", "code", "json", "html", "math")  # render.FORMATS, kept import-free here
 #: `%sage` subcommands answered in the kernel, and CLI commands run as `sage ...` in a child process (they
 #: build indexes or merge weights: torch must stay out of the kernel).
-SUBCOMMANDS = ("status", "stop", "logs", "models", "indexes", "history", "reset", "export", "error", "help")
+SUBCOMMANDS = ("status", "stop", "logs", "models", "indexes", "history", "reset", "export", "error", "rate",
+               "correct", "feedback", "help")
 CHILD_COMMANDS = ("index", "finetune")
 #: The fine-tune loop: training in a background thread over a child process (finetune_cells.py), and eval
 #: (eval_cells.py).
@@ -34,6 +35,13 @@ LINE_HELP = """\
   reset                    forget the conversation (servers keep running)
   export PATH              transcript with citations and figures, .md or .json
   error [options]          explain the last failed cell's error with the model (options as %%sage)
+  rate good|bad [N]        mark answer N of this session (default the last; -2 the one before) in the
+                           feedback store, under SAGE_HOME/feedback/
+  correct [N] [--text T]   write the answer N should have been: an editor under the cell, prefilled with it
+  feedback [NAME] [--only good|bad|corrected] [-o VAR]
+                           the marked answers as a table (a DataFrame in VAR: train on it with
+                           `%sage finetune train NEW --data VAR`, test with `%sage eval VAR --models ...`);
+                           feedback export NAME --to FILE.jsonl | feedback rm [ID...] [--finetune N] [--older-than D]
   help                     this text
   finetune train NAME --base BASE --data DATAFRAME [--background] [training options]
                            train a LoRA from a DataFrame (prompt/response or messages columns) in a child
@@ -49,6 +57,7 @@ LINE_HELP = """\
                            --compare and -f; with no model, pick a fine-tune in the panel.
 Defaults: %config SageMagics.<name> = value (`%config SageMagics` lists them)."""
 _ALIASES = {"status": ["ps"], "models": ["finetune", "list"], "indexes": ["index", "list"]}
+FEEDBACK_ACTIONS = ("list", "export", "rm")
 
 
 class OptionError(UsageError):
@@ -134,12 +143,16 @@ def identifier(text: str) -> str:
 
 def line_parser() -> MagicParser:
     """``%sage SUBCOMMAND``: the CLI's own parsers for ps/stop/logs/finetune/index, plus the session's."""
-    from ..cli import finetune, index, servers
+    from ..cli import feedback, finetune, index, servers
 
     parser = MagicParser(prog="%sage", add_help=False)
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=MagicParser)
-    for module in (servers, finetune, index):
+    for module in (servers, finetune, index, feedback):
         module.register(sub)
+    feedback_list = next(a for a in sub.choices["feedback"]._actions
+                         if isinstance(a, argparse._SubParsersAction)).choices["list"]
+    feedback_list.add_argument("-o", "--output", metavar="VAR", type=identifier,
+                               help="store the table as a pandas DataFrame in VAR")
     sub.choices["stop"]._mutually_exclusive_groups[0].required = False  # bare `%sage stop`: what we started
     for action in sub.choices["logs"]._actions:
         if action.dest == "id":  # in a notebook the server of this session is the natural default
@@ -148,5 +161,11 @@ def line_parser() -> MagicParser:
     sub.add_parser("reset", help="forget the conversation (servers keep running)")
     export = sub.add_parser("export", help="write the transcript with citations and figures (.md or .json)")
     export.add_argument("path")
+    rate = sub.add_parser("rate", help="mark an answer of this session good or bad")
+    rate.add_argument("rating", choices=("good", "bad"))
+    rate.add_argument("number", nargs="?", type=int, metavar="N", help="which answer (default the last)")
+    correct = sub.add_parser("correct", help="write the answer the model should have given")
+    correct.add_argument("number", nargs="?", type=int, metavar="N", help="which answer (default the last)")
+    correct.add_argument("--text", help="the correction itself (else an editor opens, prefilled with the answer)")
     sub.add_parser("help", help="the options of %%%%sage and the %%sage subcommands")
     return parser

@@ -53,7 +53,7 @@ def finetune(magics: CellContext, args: argparse.Namespace) -> None:
     if args.json:
         return publish(magics.shell, {"application/json": [e.as_dict() for e in entries],
                               "text/plain": json.dumps([e.as_dict() for e in entries], indent=2)})
-    rows = [(e.name, e.finetune.base_ref if e.finetune else "?", e.finetune.rank if e.finetune else "?",
+    rows = [(e.name, e.base or "?", e.finetune.rank if e.finetune else "?",
              "yes" if e.finetune and e.finetune.is_merged else "no", e.problem or "ok") for e in entries]
     publish(magics.shell, render.table(rows, ("NAME", "BASE", "RANK", "MERGED", "STATUS"),
                                f"No fine-tunes under {magics.session.settings.finetune_root}. "
@@ -93,8 +93,64 @@ def child(magics: CellContext, argv: list[str]) -> None:
         process.terminate()
         process.wait()
         raise
+    finally:  # even a failed or interrupted build may have changed what is on disk
+        magics.session.catalog_changed("indexes" if argv[:1] == ["index"] else "finetunes")
     if process.returncode != 0:
         raise SageError(last.removeprefix("sage: ") or f"`sage {' '.join(argv)}` failed ({process.returncode}).")
+
+def rate(magics: CellContext, args: argparse.Namespace) -> None:
+    session = magics.session
+    reply = session.reply(args.number)
+    session.mark(reply, rating=args.rating)
+    print(f"Marked {_which(session, reply)} {args.rating} (`%sage feedback` lists the marks).")
+
+
+def correct(magics: CellContext, args: argparse.Namespace) -> Any:
+    """With --text, store it; else show the answer in an editor under the cell (the panel's own bar)."""
+    session = magics.session
+    reply = session.reply(args.number)
+    if args.text is not None:
+        session.mark(reply, correction=args.text)
+        print(f"Correction of {_which(session, reply)} saved (`%sage feedback` lists the marks).")
+        return None
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        raise SageError("The correction editor needs ipywidgets (the notebook extra). Without it, give the text: "
+                        "%sage correct N --text '...', or in Python: answer.correct('...').") from None
+    from .marking import MarkBar
+
+    bar = MarkBar()
+    bar.attach(session, reply)
+    bar.open_editor()
+    return bar.box
+
+
+def _which(session: Any, reply: Any) -> str:
+    return f"answer {session.replies.index(reply) + 1} ({reply.model})"
+
+
+def feedback(magics: CellContext, args: argparse.Namespace) -> Any:
+    """`%sage feedback [NAME]`: the marked answers, as a table and (-o) a DataFrame; export and rm as `sage`."""
+    from ..cli.feedback import run_export, run_rm
+
+    settings = magics.session.settings
+    if args.feedback_command != "list":
+        return {"export": run_export, "rm": run_rm}[args.feedback_command](args, settings)
+    from ..faces.text import FEEDBACK_HEADERS, feedback_summary
+    from ..feedback.data import feedback_frame, feedback_rows
+    from ..feedback.store import FeedbackStore
+    from . import render
+
+    rows = feedback_rows(FeedbackStore(settings.home), args.name, args.only)
+    if args.output:
+        magics.shell.user_ns[args.output] = feedback_frame(rows)
+    if args.json:
+        return publish(magics.shell, {"application/json": rows, "text/plain": json.dumps(rows, indent=2)})
+    publish(magics.shell, render.table(feedback_summary(rows), FEEDBACK_HEADERS,
+                                       "No marked answers yet: rate or correct an answer (`%sage rate bad`, "
+                                       "`%sage correct`, or the chat panel's 👍 👎 Correct)."))
+
 
 def history(magics: CellContext, _: argparse.Namespace) -> None:
     from . import render

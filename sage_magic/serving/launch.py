@@ -30,9 +30,9 @@ from ..core.errors import LOG_TAIL_HEADING, Cancelled, SageError, ServerFailed
 from ..core.http import healthy
 from ..core.processes import is_ours
 from ..core.progress import Progress, ProgressCallback
+from ..core.vllm_env import require_vllm
 from . import logs as server_logs
 from .registry import Owner, Registry, ServerRecord, new_server_id
-from .vllm_env import require_vllm
 
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 25

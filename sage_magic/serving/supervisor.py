@@ -116,7 +116,9 @@ class Supervisor:
                 self.registry.save(record)
 
     def _watch_stdin(self) -> None:
-        while sys.stdin.buffer.read(4096):
+        # The raw descriptor, not sys.stdin.buffer: a daemon thread blocked inside a BufferedReader holds its
+        # lock, and the interpreter's shutdown then dies on it ("Fatal Python error: _enter_buffered_busy").
+        while os.read(sys.stdin.fileno(), 4096):
             pass
         self.launcher_gone.set()
 

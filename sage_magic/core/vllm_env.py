@@ -32,7 +32,7 @@ def require_vllm(python: str) -> None:
     import os
     import sys
 
-    from ..core.errors import SageError
+    from .errors import SageError
 
     if os.path.realpath(python) == os.path.realpath(sys.executable) and installed_vllm() is None:
         raise SageError(
