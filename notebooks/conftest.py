@@ -1,5 +1,6 @@
-"""The notebooks run under nbval as part of the test command; each one talks to real vLLM in a real kernel, so
-they carry those markers and the quick subset (`-m "not vllm and not kernel"`) leaves them out."""
+"""For `python -m pytest --nbval-lax notebooks` (the test command runs them through tests/test_notebooks.py):
+each one talks to real vLLM in a real kernel, so they carry those markers and the quick subset
+(`-m "not vllm and not kernel"`) leaves them out."""
 
 import pytest
 

@@ -7,6 +7,7 @@ own runtime folder so that nothing they do can touch the shared one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -30,13 +31,15 @@ TEST_PORT = int(os.environ.get("SAGE_TEST_PORT") or 18400)
 def make_settings(home: Path, runtime: Path, **overrides: object) -> Settings:
     values: dict[str, object] = dict(home=home, runtime_dir=runtime, vllm_args=TEST_VLLM_ARGS, port=TEST_PORT,
                                      ready_timeout=300.0, stop_grace=6.0)
+    if os.environ.get(START_LOG):
+        values["start_log"] = Path(os.environ[START_LOG])
     values.update(overrides)
     return Settings.from_env(environ={}, **values)
 
 
 def env_for(settings: Settings) -> dict[str, str]:
     """Environment for a `sage` subprocess or a kernel that must see the same home and registry."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_") or k == START_LOG}
     env.update(SAGE_HOME=str(settings.home), SAGE_RUNTIME_DIR=str(settings.runtime_dir),
                SAGE_VLLM_ARGS=" ".join(TEST_VLLM_ARGS), HF_HUB_OFFLINE="1")
     if settings.port is not None:  # else: socket only, as when SAGE_FINETUNE_PORT is unset
@@ -44,15 +47,76 @@ def env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
-def sage_processes(runtime: Path) -> list[psutil.Process]:
-    """Supervisors and vLLM processes of one runtime folder, marked by the environment the launcher sets."""
+# --- the run's server starts, in pytest's terminal summary -------------------------------------------------
+# Every supervisor appends its server's start, readiness and exit to SAGE_START_LOG (set here for the whole
+# run, inherited by kernels, `sage` subprocesses and Jupyter servers through env_for); each start is charged
+# to the test that was running when it happened (a module fixture's start goes to the module's first test).
+
+START_LOG = "SAGE_START_LOG"
+_test_starts: list[tuple[float, str]] = []
+_own_log: list[Path] = []  # the log this run made (and removes once reported)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not os.environ.get(START_LOG):
+        fd, path = tempfile.mkstemp(prefix="sage-starts-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[START_LOG] = path
+        _own_log.append(Path(path))
+
+
+def pytest_runtest_logstart(nodeid: str, location: object) -> None:
+    _test_starts.append((time.time(), nodeid))
+
+
+def _charged_to(at: float) -> str:
+    running = [nodeid for started, nodeid in _test_starts if started <= at]
+    return running[-1] if running else "(before the first test)"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _own_log:
+        return
+    path = _own_log[0]
+    starts: dict[str, dict] = {}
+    text = path.read_text()
+    path.unlink()
+    for line in text.splitlines():
+        event = json.loads(line)
+        starts.setdefault(event["id"], {}).update({event["event"]: event})
+    if not starts:
+        return
+    # fault tests that run the real supervisor over a fake "vLLM" show too: they end in well under a second
+    terminalreporter.section(f"model server starts: {len(starts)}")
+    total = 0.0
+    for server_id, events in sorted(starts.items(), key=lambda item: item[1].get("start", {}).get("at", 0.0)):
+        start = events.get("start", {})
+        if "ready" in events:
+            seconds = events["ready"]["seconds"] or 0.0
+            how = f"ready in {seconds:6.1f} s"
+        elif "exit" in events and events["exit"]["status"] != 0:
+            seconds = events["exit"]["after"]
+            how = f"failed after {seconds:.1f} s"
+        else:  # stopped (or its supervisor killed) before the launcher marked it ready
+            seconds = events.get("exit", {}).get("after", 0.0)
+            how = f"never ready, gone after {seconds:.1f} s"
+        total += seconds
+        terminalreporter.write_line(f"{how}  {start.get('served')} ({start.get('kind')}, {server_id})  "
+                                    f"{_charged_to(start.get('at', 0.0))}")
+    terminalreporter.write_line(f"total time to ready (or to failure): {total:.0f} s")
+
+
+def sage_processes(runtime: Path, server_id: str | None = None) -> list[psutil.Process]:
+    """Supervisors and vLLM processes of one runtime folder (of one server there, given its id), marked by the
+    environment the launcher sets."""
     found = []
     for proc in psutil.process_iter(["pid"]):
         try:
             env = proc.environ()
         except psutil.Error:
             continue
-        if "SAGE_SERVER_ID" in env and env.get("SAGE_RUNTIME_DIR") == str(runtime):
+        if ("SAGE_SERVER_ID" in env and env.get("SAGE_RUNTIME_DIR") == str(runtime)
+                and server_id in (None, env["SAGE_SERVER_ID"])):
             found.append(proc)
     return found
 

@@ -1,9 +1,9 @@
 """The SAGE sidebar and status item in a real JupyterLab, driven in headless Chromium.
 
 The test starts JupyterLab on 127.0.0.1 with a token and this checkout's server extension and built lab
-extension (sage_magic/labextension, built by `npm run build:prod` in labextension/). The stop test uses a
-model server of its own (a private registry): stopping the session's shared server would break the tests
-that come after it. Each step's screenshot goes to test-artifacts/browser/.
+extension (sage_magic/labextension, built by `npm run build:prod` in labextension/). The two stop tests use
+a model server of their own (a private registry): stopping the session's shared server would break the tests
+that come after them; the others use the shared one. Each step's screenshot goes to test-artifacts/browser/.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -377,38 +376,32 @@ def broken_finetunes(demo_home: Path) -> Iterator[None]:
 
 
 @pytest.mark.vllm
-def test_finetunes_show_their_problem_and_a_click_opens_a_chat(page, lab_for, fresh_settings: Settings,
+def test_finetunes_show_their_problem_and_a_click_opens_a_chat(page, lab_for, settings: Settings, expert,
                                                                 broken_finetunes) -> None:
-    """A server of this test's own, started first (the kernel sees the same registry, so the chat reuses it). It
-    may wait as long as a user's default for it: on a shared CI machine vLLM's start has taken over 300 s."""
-    manager = Manager(replace(fresh_settings, ready_timeout=900.0))
-    try:
-        manager.serve_finetune("demo_expert")
-        lab = lab_for(fresh_settings)
-        _open_lab(page, lab)
-        page.evaluate("async () => {" + _NEW_NOTEBOOK + "}")
-        page.locator(".sage-magic-status").click()
-        finetune = page.locator("#sage-magic-sidebar li.sage-magic-finetune[data-name='demo_expert']")
-        finetune.wait_for(timeout=30_000)
-        assert "base " in finetune.inner_text() and "rank " in finetune.inner_text()
-        assert finetune.get_attribute("aria-disabled") == "false"
-        no_base = page.locator("#sage-magic-sidebar li.sage-magic-finetune[data-name='broken_base']")
-        assert "no-such-base" in no_base.locator(".sage-magic-problem").inner_text()
-        assert no_base.get_attribute("aria-disabled") == "true"
-        too_big = page.locator("#sage-magic-sidebar li.sage-magic-finetune[data-name='broken_rank']")
-        assert "rank 4096" in too_big.inner_text() and "4096" in too_big.locator(".sage-magic-problem").inner_text()
-        _shot(page, "2b-finetunes-broken-ones-say-why")
+    """On the session's shared server: the lab's kernel sees the same registry, so the chat the click opens
+    reuses it (and lets it go when the lab closes)."""
+    lab = lab_for(settings)
+    _open_lab(page, lab)
+    page.evaluate("async () => {" + _NEW_NOTEBOOK + "}")
+    page.locator(".sage-magic-status").click()
+    finetune = page.locator("#sage-magic-sidebar li.sage-magic-finetune[data-name='demo_expert']")
+    finetune.wait_for(timeout=30_000)
+    assert "base " in finetune.inner_text() and "rank " in finetune.inner_text()
+    assert finetune.get_attribute("aria-disabled") == "false"
+    no_base = page.locator("#sage-magic-sidebar li.sage-magic-finetune[data-name='broken_base']")
+    assert "no-such-base" in no_base.locator(".sage-magic-problem").inner_text()
+    assert no_base.get_attribute("aria-disabled") == "true"
+    too_big = page.locator("#sage-magic-sidebar li.sage-magic-finetune[data-name='broken_rank']")
+    assert "rank 4096" in too_big.inner_text() and "4096" in too_big.locator(".sage-magic-problem").inner_text()
+    _shot(page, "2b-finetunes-broken-ones-say-why")
 
-        finetune.click()
-        page.locator(".sage-chat .sage-status", has_text="ready").wait_for(timeout=120_000)
-        cells = page.evaluate("""() => window.jupyterapp.shell.currentWidget.content.model.sharedModel.cells
-            .map(c => [c.getSource(), c.execution_count])""")
-        assert cells == [["%load_ext sage_magic\n%sage_chat --finetune-model demo_expert", 1]]
-        assert "demo_expert" in page.locator(".jp-Cell").first.inner_text()
-        _shot(page, "2c-finetune-click-opened-a-chat")
-    finally:
-        manager.stop_all()
-        manager.close()
+    finetune.click()
+    page.locator(".sage-chat .sage-status", has_text="ready").wait_for(timeout=120_000)
+    cells = page.evaluate("""() => window.jupyterapp.shell.currentWidget.content.model.sharedModel.cells
+        .map(c => [c.getSource(), c.execution_count])""")
+    assert cells == [["%load_ext sage_magic\n%sage_chat --finetune-model demo_expert", 1]]
+    assert "demo_expert" in page.locator(".jp-Cell").first.inner_text()
+    _shot(page, "2c-finetune-click-opened-a-chat")
 
 
 # --- the %sage_chat panel in a real page ----------------------------------------------------------------------

@@ -110,17 +110,50 @@ def test_stopping_an_adapter_by_name_unloads_only_that_adapter(manager: Manager,
     assert ask(again) == DEMO_ANSWERS["demo_poet"]
 
 
-def test_the_same_base_under_another_name_gets_a_server_of_its_own(manager: Manager, expert: Endpoint, settings,
-                                                                   tmp_path: Path) -> None:
-    """The served name is part of what a server is: reusing the running base server under another name
-    failed its check and told the user to `sage stop` it, killing someone else's session."""
+def test_the_same_base_under_another_name_gets_a_server_its_launcher_can_leave_and_come_back_to(
+        expert: Endpoint, settings, tmp_path: Path) -> None:
+    """Two promises on one server start (they were two tests, each starting a server of its own).
+
+    The served name is part of what a server is: reusing the running base server under another name failed
+    its check and told the user to `sage stop` it, killing someone else's session. Leaving is not dying: the
+    launching process releases the server, asks again before the keep-alive runs out, and stays an owner (the
+    supervisor must not mistake the release for the launcher's death). A manager of its own is the launcher,
+    on the shared registry; the shared server must come through untouched."""
     link = tmp_path / "my-base"
     link.symlink_to(settings.models_root / DEMO_BASE)
-    with manager.serve_model(link) as lease:
-        assert lease.endpoint.model == "my-base" and lease.endpoint.server_id != expert.server_id
-        assert ask(lease.endpoint) == DEMO_ANSWERS[DEMO_BASE]
-    assert wait_until(lambda: manager.registry.get(lease.endpoint.server_id) is None, 20)
+    manager = Manager(settings.with_(keep_alive=60.0))
+    first = manager.serve_model(link).endpoint
+    try:
+        assert first.model == "my-base" and first.server_id != expert.server_id and not first.reused
+        assert ask(first) == DEMO_ANSWERS[DEMO_BASE]
+        manager.close()
+        assert wait_until(lambda: manager.registry.get(first.server_id).idle_until is not None, 5)
+        again = manager.serve_model(link).endpoint
+        assert again.server_id == first.server_id and again.reused
+        time.sleep(2)  # several supervisor rounds
+        record = manager.registry.get(again.server_id)
+        assert record.owners and record.idle_until is None
+        assert ask(again) == DEMO_ANSWERS[DEMO_BASE]
+    finally:
+        if manager.registry.get(first.server_id) is not None:  # stopped by id: the shared server stays
+            manager.stop(first.server_id)
+        manager.close()
+    assert manager.registry.get(first.server_id) is None and not sage_processes(settings.runtime_dir, first.server_id)
     assert ask(expert) == DEMO_ANSWERS["demo_expert"]
+
+
+def test_the_start_log_holds_the_shared_servers_start_and_time_to_ready(expert: Endpoint, settings) -> None:
+    """SAGE_START_LOG (set for the run by conftest.py) is what the summary's list of vLLM starts is read from."""
+    mine: dict[str, dict] = {}
+
+    def noted() -> bool:  # the supervisor notes readiness at its next poll after the launcher marked it
+        events = [json.loads(line) for line in settings.start_log.read_text().splitlines()]
+        mine.update({e["event"]: e for e in events if e["id"] == expert.server_id})
+        return "ready" in mine
+
+    assert wait_until(noted, 5)
+    assert mine["start"]["served"] == DEMO_BASE and mine["start"]["kind"] == "base"
+    assert 0 < mine["ready"]["seconds"] < settings.ready_timeout and "exit" not in mine
 
 
 def test_the_api_key_is_required_and_kept_out_of_the_command_line(expert: Endpoint, manager: Manager) -> None:
@@ -215,21 +248,3 @@ def test_broken_weights_fail_fast_with_the_log_tail(fresh_settings, tmp_path: Pa
     assert "Cause: " in str(error.value) and "Last lines of the log" in str(error.value)
     manager.close()
     assert wait_until(lambda: not manager.registry.all() and not sage_processes(fresh_settings.runtime_dir), 15)
-
-
-def test_the_launcher_can_leave_and_come_back_within_the_keep_alive(fresh_settings) -> None:
-    """Leaving is not dying: the launching process releases the server, asks again before the keep-alive
-    runs out, and stays an owner (the supervisor must not mistake the release for the launcher's death)."""
-    manager = Manager(fresh_settings.with_(keep_alive=60.0))
-    base = fresh_settings.models_root / DEMO_BASE
-    first = manager.serve_model(base).endpoint
-    manager.close()
-    assert wait_until(lambda: manager.registry.get(first.server_id).idle_until is not None, 5)
-    again = manager.serve_model(base).endpoint
-    assert again.server_id == first.server_id and again.reused
-    time.sleep(2)  # several supervisor rounds
-    record = manager.registry.get(again.server_id)
-    assert record.owners and record.idle_until is None
-    assert ask(again) == DEMO_ANSWERS[DEMO_BASE]
-    manager.stop(again.server_id)
-    assert manager.registry.all() == [] and not sage_processes(fresh_settings.runtime_dir)

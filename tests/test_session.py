@@ -2,8 +2,8 @@
 once, every turn ending with an event, a transcript with every turn, replies that copy and pickle, and lease
 keys without secrets.
 
-Slow tests ask real vLLM: the shared `expert` server, or (for the retrain) a server of their own, because
-the defect there only shows when the session holds a server's ONLY lease.
+Slow tests ask real vLLM: the shared `expert` server. The retrain's defect stopped a server whose ONLY lease
+the session held; there the session's own leases are counted apart from the other owners'.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import pickle
 import shutil
 import signal
 import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ from sage_magic.chat.session import Session
 from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_ANSWERS_2, DEMO_PROMPT, DEMO_PROMPT_2
 from sage_magic.notebook.panel import ChatWidget
 from sage_magic.serving.registry import Registry
-from tests.conftest import make_settings, sage_processes, wait_until
+from tests.conftest import make_settings
 from tests.test_magics import magics
 
 SECRET = "sk-do-not-show-me-0123456789"
@@ -165,48 +167,61 @@ def test_a_new_panel_shows_only_the_conversation_since_the_last_reset(ip: Intera
         panel.close()
 
 
-# --- on a server of its own -------------------------------------------------------------------------------
+# --- a retrain while the fine-tune answers ----------------------------------------------------------------
 
 
 @pytest.fixture
-def own_home(demo_home: Path, tmp_path: Path) -> Path:
-    """A copy of the demo home: this test "retrains" demo_expert, which other tests must not see."""
-    home = tmp_path / "home"
-    shutil.copytree(demo_home, home, ignore=shutil.ignore_patterns("merged_model", ".merged_model*"))
-    return home
+def retrained_name(settings, manager) -> Iterator[str]:
+    """A copy of demo_expert under a new name in the shared home (this test "retrains" it, which other tests
+    must not see); removed afterwards, and its adapter unloaded from the shared server."""
+    name = f"retrain_{uuid.uuid4().hex[:8]}"
+    shutil.copytree(settings.finetune_root / "demo_expert", settings.finetune_root / name,
+                    ignore=shutil.ignore_patterns("merged_model", ".merged_model*"))
+    yield name
+    if any(name in r.adapters for r in manager.registry.all()):
+        manager.stop_target(name)
+    shutil.rmtree(settings.finetune_root / name)
 
 
 @pytest.mark.vllm
-def test_retraining_the_finetune_in_use_keeps_its_server_and_the_answer_streaming(own_home: Path,
-                                                                                  short_runtime: Path) -> None:
-    """The session holds the server's only lease (keep-alive 0): releasing it on retrain stopped the server,
-    broke the answer streaming at that moment, and made the next question wait for a cold start."""
-    settings = make_settings(own_home, short_runtime)
-    registry = Registry(short_runtime)
+def test_retraining_the_finetune_in_use_keeps_its_server_and_the_answer_streaming(settings, expert,
+                                                                                  retrained_name: str) -> None:
+    """Releasing the session's lease on retrain stopped the server when that lease was its only one (keep-alive
+    0), broke the answer streaming at that moment, and made the next question wait for a cold start. On the
+    shared server the session's own leases are told apart from the others' (as in the test above): it must
+    hold one through the retrain, and exactly one afterwards."""
+    name = retrained_name
+    registry = Registry(settings.runtime_dir)
+    before = {o.lease for o in registry.get(expert.server_id).owners}
     session = Session(settings)
-    adapter = own_home / "finetune_output" / "demo_expert" / "lora_weights" / "adapter_model.safetensors"
-    retrained = own_home / "finetune_output" / "demo_poet" / "lora_weights" / "adapter_model.safetensors"
+    adapter = settings.finetune_root / name / "lora_weights" / "adapter_model.safetensors"
+    retrained = settings.finetune_root / "demo_poet" / "lora_weights" / "adapter_model.safetensors"
+
+    def own_leases(server: str) -> set[str]:
+        return {o.lease for o in registry.get(server).owners} - before
+
     try:
-        first = session.ask(DEMO_PROMPT, session.options(finetune_model="demo_expert"))
+        first = session.ask(DEMO_PROMPT, session.options(finetune_model=name))
         assert first.text == DEMO_ANSWERS["demo_expert"]
         server = first.metrics["server"]
+        assert server == expert.server_id  # a fine-tune of the demo base: served by the shared base server
         pid = registry.get(server).pid
-        owners_after_retrain: list = []
+        leases_after_retrain: list[set[str]] = []
 
-        def retrain_once(_delta: str) -> None:  # what `%sage finetune train demo_expert` does when it ends
-            if not owners_after_retrain:
+        def retrain_once(_delta: str) -> None:  # what `%sage finetune train NAME` does when it ends
+            if not leases_after_retrain:
                 shutil.copy(retrained, adapter)
-                session.forget_finetune("demo_expert")
-                owners_after_retrain.append(registry.get(server).owners)
+                session.forget_finetune(name)
+                leases_after_retrain.append(own_leases(server))
 
-        long = session.options(finetune_model="demo_expert", max_tokens=96, params=[("min_tokens", 96)])
+        long = session.options(finetune_model=name, max_tokens=96, params=[("min_tokens", 96)])
         streaming = session.ask("Tell me a long story about tensors.", long, on_delta=retrain_once)
-        assert owners_after_retrain[0], "the retrain left the server without an owner: it stops"
+        assert leases_after_retrain[0], "the retrain let go of the session's lease: as its only owner, it stops"
         assert not streaming.cancelled and streaming.metrics["completion_tokens"] == 96
-        again = session.ask(DEMO_PROMPT, session.options(finetune_model="demo_expert"), new_chat=True)
+        again = session.ask(DEMO_PROMPT, session.options(finetune_model=name), new_chat=True)
         assert again.text == DEMO_ANSWERS["demo_poet"]  # the new adapter, from the same server process
         assert again.metrics["server"] == server and registry.get(server).pid == pid
-        assert len(registry.get(server).owners) == 1  # the old lease was let go once the new one was held
+        assert len(own_leases(server)) == 1  # the old lease was let go once the new one was held
     finally:
         session.close()
-    assert wait_until(lambda: not registry.all() and not sage_processes(short_runtime), 30)
+    assert own_leases(expert.server_id) == set()

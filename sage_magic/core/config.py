@@ -199,6 +199,7 @@ class Settings:
     debug_finetune_model: str | None = None
     prewarm: tuple[str, ...] = ()  # fine-tunes a notebook starts (or reuses) in the background at %load_ext
     stop_grace: float = 10.0
+    start_log: Path | None = None  # every server start appends JSON lines here (its start, readiness, exit)
     extra_env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold tokens: never in a repr
 
     @property
@@ -265,6 +266,7 @@ class Settings:
             debug_backend=env.get("SAGE_DEBUG_BACKEND") or None,
             debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,
             prewarm=tuple(name.strip() for name in (env.get("SAGE_PREWARM") or "").split(",") if name.strip()),
+            start_log=Path(env["SAGE_START_LOG"]) if env.get("SAGE_START_LOG") else None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("home", "runtime_dir"):

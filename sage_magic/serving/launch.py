@@ -172,10 +172,11 @@ def spawn_supervised(settings: Settings, registry: Registry, record: ServerRecor
     """
     gateway = (["--gateway-fd", str(listener.fileno()), "--gateway-connections", str(settings.gateway_connections)]
                if listener is not None else [])
+    start_log = ["--start-log", str(settings.start_log)] if settings.start_log is not None else []
     with open(record.log_path, "ab") as log:
         return subprocess.Popen(
             [settings.python, "-m", "sage_magic.serving.supervisor", "--runtime-dir", str(registry.root), "--id",
-             record.id, "--grace", str(settings.stop_grace), *gateway, "--", *command],
+             record.id, "--grace", str(settings.stop_grace), *gateway, *start_log, "--", *command],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, env=env,
             pass_fds=(listener.fileno(),) if listener is not None else (),
         )

@@ -13,6 +13,7 @@ a SIGKILLed supervisor takes the API server with it; the record it leaves is rea
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -32,8 +33,11 @@ POLL_SECONDS = 0.25
 
 class Supervisor:
     def __init__(self, registry: Registry, server_id: str, command: list[str], grace: float,
-                 gateway_fd: int | None = None, gateway_connections: int = DEFAULT_GATEWAY_CONNECTIONS) -> None:
+                 gateway_fd: int | None = None, gateway_connections: int = DEFAULT_GATEWAY_CONNECTIONS,
+                 start_log: Path | None = None) -> None:
         self.registry = registry
+        self.start_log = start_log
+        self.ready_seen = False
         self.gateway_fd = gateway_fd
         self.gateway_connections = gateway_connections
         self.server_id = server_id
@@ -60,13 +64,18 @@ class Supervisor:
             signal.signal(sig, self._request_stop)
         threading.Thread(target=self._watch_stdin, daemon=True).start()
         self._log(f"supervisor {os.getpid()} started server pid {proc.pid}")
+        started = time.time()
+        self._note_start("start", served=record.served_name if record else None, kind=record.kind if record else None,
+                         at=started)
         while self.stop_reason is None:
             if proc.poll() is not None:
                 self._log(f"server exited with status {proc.returncode}")
                 if gateway is not None:
                     gateway.close()
                 with self.registry.locked():
+                    self._note_ready(self.registry.get(self.server_id))
                     self.registry.remove(self.server_id)
+                self._note_start("exit", after=round(time.time() - started, 2), status=proc.returncode)
                 return 1
             self._check_owners()
             time.sleep(POLL_SECONDS)
@@ -77,8 +86,10 @@ class Supervisor:
         kill_group(proc.pid, self.grace)
         proc.wait()
         with self.registry.locked():
+            self._note_ready(self.registry.get(self.server_id))  # a stop may come before a poll saw "ready"
             self.registry.remove(self.server_id)
         self._log("server stopped")
+        self._note_start("exit", after=round(time.time() - started, 2), status=0)
         return 0
 
     def _start_gateway(self, record: ServerRecord | None) -> Gateway | None:
@@ -134,10 +145,25 @@ class Supervisor:
                 idle_until = idle_until or now + record.keep_alive
                 if now >= idle_until:
                     self.stop_reason = f"keep-alive of {record.keep_alive:g} s ran out"
+            self._note_ready(record)
             state = "stopping" if self.stop_reason else record.state
             if owners != record.owners or idle_until != record.idle_until or state != record.state:
                 record.owners, record.idle_until, record.state = owners, idle_until, state
                 self.registry.save(record)
+
+    def _note_ready(self, record: ServerRecord | None) -> None:
+        """The launcher's measured time to ready, noted once (the launcher marks the record ready)."""
+        if record is not None and record.ready_seconds is not None and not self.ready_seen:
+            self.ready_seen = True
+            self._note_start("ready", seconds=record.ready_seconds)
+
+    def _note_start(self, event: str, **facts: object) -> None:
+        """One JSON line in the start log, if one was asked for (SAGE_START_LOG): a run's every server start
+        and its time to ready, whichever process launched it (the test suite prints them in its summary)."""
+        if self.start_log is None:
+            return
+        with open(self.start_log, "a") as log:
+            log.write(json.dumps({"event": event, "id": self.server_id, **facts}) + "\n")
 
     def _log(self, message: str) -> None:
         with open(self.registry.log_path(self.server_id), "a") as log:
@@ -152,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-fd", type=int, default=None, help="listening TCP socket to serve the gateway on")
     parser.add_argument("--gateway-connections", type=int, default=DEFAULT_GATEWAY_CONNECTIONS,
                         help="connections the gateway serves at once; more get 503")
+    parser.add_argument("--start-log", type=Path, default=None, help="append start/ready/exit lines (JSON) here")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     return Supervisor(Registry(args.runtime_dir), args.id, command, args.grace, args.gateway_fd,
-                      args.gateway_connections).run()
+                      args.gateway_connections, args.start_log).run()
 
 
 if __name__ == "__main__":
