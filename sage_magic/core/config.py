@@ -141,6 +141,7 @@ class Settings:
     debug_backend: str | None = None
     debug_finetune_model: str | None = None
     stop_grace: float = 10.0
+    mlflow_uri: str | None = field(default=None, repr=False)  # MLFLOW_TRACKING_URI: may carry a password
     extra_env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold tokens: never in a repr
 
     @property
@@ -154,6 +155,12 @@ class Settings:
     @property
     def index_root(self) -> Path:
         return self.home / "indexes"
+
+    @property
+    def tracking_uri(self) -> str:
+        """Where ``--report-to mlflow`` logs: MLFLOW_TRACKING_URI, else a SQLite file in SAGE_HOME (MLflow 3
+        refuses its old folder store unless told otherwise, and its SQL store needs no server)."""
+        return self.mlflow_uri or f"sqlite:///{(self.home / 'mlflow.db').absolute()}"
 
     def with_(self, **changes: object) -> "Settings":
         """A copy with some fields changed (faces apply command-line options this way)."""
@@ -196,6 +203,7 @@ class Settings:
             embedder=env.get("SAGE_EMBEDDER") or None,
             debug_backend=env.get("SAGE_DEBUG_BACKEND") or None,
             debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,
+            mlflow_uri=env.get("MLFLOW_TRACKING_URI") or None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("home", "runtime_dir"):

@@ -17,6 +17,7 @@ from ..chat.conversation import DEFAULT_INDEX
 from ..core.config import Settings, check_port, parse_duration, split_vllm_args
 from ..core.errors import SageError
 from ..rag.search import MAX_TOP_K, MIN_TOP_K
+from ..tracking.report import TRACKERS
 
 if TYPE_CHECKING:
     from ..finetune.train import TrainOptions
@@ -187,6 +188,13 @@ def _modules(text: str) -> tuple[str, ...]:
     return names
 
 
+def add_report_to(parser: Any, choices: tuple[str, ...], what: str) -> None:
+    """``--report-to``, repeatable, for training (every tracker) and evaluation (MLflow): one definition."""
+    parser.add_argument("--report-to", action="append", choices=choices, default=[], metavar="TRACKER",
+                        help=f"log {what} to {'|'.join(choices)}; repeatable (default none). MLflow: "
+                             "MLFLOW_TRACKING_URI, else $SAGE_HOME/mlflow.db")
+
+
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """Flags of `sage finetune train` and `%sage finetune train` (the data source itself is the face's)."""
     from ..finetune.train import TrainOptions
@@ -221,6 +229,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                        help=f"checkpoint every N steps, and at the end (default {d.save_every})")
     group.add_argument("--resume", action="store_true", help="continue NAME from its newest checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace an existing fine-tune NAME")
+    add_report_to(group, TRACKERS, "the run (named NAME; tensorboard: NAME/runs/)")
 
 
 def train_options(args: argparse.Namespace) -> TrainOptions:
@@ -230,7 +239,7 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
                         target_modules=args.target_modules, batch_size=args.batch_size, max_length=args.max_length,
                         seed=args.seed, eval_split=args.eval_split, save_every=args.save_every, resume=args.resume,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, report_to=tuple(args.report_to))
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -250,6 +259,7 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", metavar="URL", help="endpoint of openai:MODEL entries, e.g. http://host:8000/v1")
     _add_api_key(parser, "the API key of --base-url")
     parser.add_argument("--save", metavar="PATH", help="write results and model fingerprints as JSON")
+    add_report_to(parser, ("none", "mlflow"), "the summary, every row and the models' fingerprints as a run")
 
 
 def model_names(text: str) -> list[str]:

@@ -39,6 +39,7 @@ from ..core.files import LockBusy, exclusive
 from ..core.processes import death_signal
 from ..core.progress import Progress, ProgressCallback, silent
 from ..core.tables import Table, is_missing
+from ..tracking.report import check_installed, trackers, training_env
 from .catalog import META_FILE, checkpoints_of, get_finetune, read_json, resolve_base
 
 Messages = list[dict[str, str]]
@@ -70,6 +71,7 @@ class TrainOptions:
     save_every: int = 50
     resume: bool = False
     overwrite: bool = False
+    report_to: tuple[str, ...] = ()  # trackers (sage_magic.tracking.report.TRACKERS); the run is named NAME
 
 
 @dataclass
@@ -183,6 +185,7 @@ def _job(settings: Settings, name: str, base: str | None, rows: Sequence[Row], o
     """Validate everything that needs no model and build the child's job."""
     check_name(name)
     _check_options(settings, options)
+    check_installed(settings.python, options.report_to)
     examples = normalize_rows(rows)
     root = settings.finetune_root / name
     resume_from, existing = None, []
@@ -210,6 +213,7 @@ def _job(settings: Settings, name: str, base: str | None, rows: Sequence[Row], o
                         "Add rows or lower --eval-split.")
     opts = asdict(options)
     opts["target_modules"] = list(options.target_modules) if options.target_modules else None
+    opts["report_to"] = list(trackers(options.report_to))
     return {"root": str(root), "name": name, "base_ref": base, "base_path": str(base_path), "examples": examples,
             "row_numbers": list(range(1, len(examples) + 1)), "eval_rows": eval_rows, "options": opts,
             "resume": options.resume, "overwrite": options.overwrite, "resume_from": resume_from,
@@ -265,8 +269,8 @@ def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
 class _Child:
     """The running worker: its events as they arrive, and the way to ask it to stop."""
 
-    def __init__(self, settings: Settings, log: IO[bytes]) -> None:
-        env = {**os.environ, **settings.extra_env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    def __init__(self, settings: Settings, log: IO[bytes], tracking: dict[str, str]) -> None:
+        env = {**os.environ, **settings.extra_env, **tracking, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         self.proc = subprocess.Popen([settings.python, "-m", "sage_magic.finetune.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True,
                                      preexec_fn=death_signal())
@@ -340,7 +344,8 @@ def stop_grace(slowest_step: float | None) -> float:
 def _run_child(settings: Settings, job: dict, progress: ProgressCallback,
                cancel: threading.Event | None, kill: threading.Event | None) -> dict:
     with tempfile.TemporaryFile() as log:
-        child = _Child(settings, log)
+        child = _Child(settings, log, training_env(settings, job["options"]["report_to"], job["name"],
+                                                  job["base_ref"]))
         interrupted, killed, outcome = False, False, None
         stop_asked, slowest = None, None
         try:
