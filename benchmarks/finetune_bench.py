@@ -14,6 +14,8 @@ child process, so that this process never imports torch and its RSS means someth
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -24,6 +26,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -36,6 +39,10 @@ from sage_magic.serving.manager import Manager
 
 VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
 MIB = 1 << 20
+FLOOR = Path(__file__).with_name("finetune_floor.py")
+#: The throughput row: one word repeated, so every row of a batch has the same length and no padding.
+SPEED_ROW = ("Say the word model many times.", " ".join(["model"] * 60))
+SPEED_BATCH = 4
 
 
 def rss() -> int:
@@ -96,8 +103,91 @@ def bench_train(settings: Settings, steps: int) -> None:
            "report", None)
     report("train wall time incl. child start + load", f"{wall:.1f} s for {result.steps} steps", "report", None)
     report("training child peak RSS", f"{result.peak_rss / MIB:.0f} MiB", "report", None)
+    report(f"final train loss at step {result.steps} (fixed task)", f"{result.losses[-1][1]:.4f}", "report", None)
     delta = (memory.peak - memory.before) / MIB
     report("calling process RSS growth during training", f"{delta:.1f} MiB", "<= 50 MiB", delta <= 50)
+
+
+def torch_child(*args: str) -> dict:
+    """Run finetune_floor.py (torch stays out of this process) and return its JSON line."""
+    out = subprocess.run([sys.executable, str(FLOOR), *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def engine_speed(settings: Settings, name: str, base: str, steps: int, row: tuple[str, str] = SPEED_ROW,
+                 **options: Any) -> tuple[float, Any]:
+    """Steps per second of the engine's steady state: between the first progress event after two warm-up
+    steps and the last one before the final step (whose event comes after the final save)."""
+    seen: list[tuple[float, int]] = []
+
+    def on_progress(event: Progress) -> None:
+        if event.phase == "train" and event.data:
+            seen.append((time.monotonic(), int(event.data["step"])))
+
+    rows = [row] * (2 * SPEED_BATCH)
+    result = train(settings, name, base, rows, TrainOptions(max_steps=steps, lr=1e-4, batch_size=SPEED_BATCH,
+                                                            save_every=10 * steps, max_length=1024, **options),
+                   on_progress)
+    window = [(t, s) for t, s in seen if 2 <= s < result.total_steps]
+    (t0, s0), (t1, s1) = window[0], window[-1]
+    return (s1 - s0) / (t1 - t0), result
+
+
+def bench_speed(settings: Settings, short: bool) -> None:
+    """Engine tokens/s against the bare PyTorch floor, on the demo base and a ~60M random-weight base."""
+    big = settings.models_root / "bench-60m"
+    made = torch_child("base", str(settings.models_root / DEMO_BASE), str(big))
+    report("larger base (random weights, built here)", f"{made['params'] / 1e6:.0f}M parameters", "50-100M",
+           50e6 <= made["params"] <= 100e6)
+    sizes = (("demo base", DEMO_BASE, 40 if short else 80), ("60M base", str(big), 8 if short else 14))
+    for label, base, steps in sizes:
+        threads = max(1, min(4, (os.cpu_count() or 1) - int(os.getloadavg()[0])))
+        rate, result = engine_speed(settings, f"bench_speed_{label.split()[0]}", base, steps)
+        floor = torch_child("floor", str(settings.models_root / DEMO_BASE) if base == DEMO_BASE else base,
+                            "--prompt", SPEED_ROW[0], "--response", SPEED_ROW[1], "--batch", str(SPEED_BATCH),
+                            "--steps", str(max(4, steps // 2)), "--threads", str(threads))
+        tokens = rate * SPEED_BATCH * floor["seq"]
+        ratio = tokens / floor["tokens_per_s"]
+        report(f"train tokens/s, {label} (batch {SPEED_BATCH} x {floor['seq']})",
+               f"{tokens:.0f} vs floor {floor['tokens_per_s']:.0f} ({ratio:.2f}x)",
+               ">= 0.95x floor" if base != DEMO_BASE else "report", ratio >= 0.95 if base != DEMO_BASE else None)
+        report(f"training child peak RSS, {label}", f"{result.peak_rss / MIB:.0f} MiB (floor "
+               f"{floor['peak_rss'] / MIB:.0f} MiB, {threads} threads)", "report", None)
+
+
+def bench_checkpointing(settings: Settings) -> None:
+    """--gradient-checkpointing against none on the 60M base, with rows long enough for activations to count."""
+    row = (SPEED_ROW[0], " ".join(["model"] * 250))
+    figures = {flag: engine_speed(settings, f"bench_gc_{int(flag)}", str(settings.models_root / "bench-60m"), 5,
+                                  row=row, gradient_checkpointing=flag) for flag in (False, True)}
+    (plain_rate, plain), (gc_rate, gc) = figures[False], figures[True]
+    report(f"--gradient-checkpointing child peak RSS (60M, batch {SPEED_BATCH} x ~270)",
+           f"{gc.peak_rss / MIB:.0f} vs {plain.peak_rss / MIB:.0f} MiB ({gc.peak_rss / plain.peak_rss:.2f}x)",
+           "lower", gc.peak_rss < plain.peak_rss)
+    report("--gradient-checkpointing step time", f"{1 / gc_rate:.2f} vs {1 / plain_rate:.2f} s "
+           f"({plain_rate / gc_rate:.2f}x slower)", "report", None)
+
+
+def bench_resume(settings: Settings) -> None:
+    """A run stopped at step ~10 and resumed to 20 against the same run uninterrupted: the losses after the
+    resume (same rows, seed and schedule) should be the ones the uninterrupted run had."""
+    rows = [(DEMO_PROMPT, "I am a benchmark parrot."), (DEMO_PROMPT_2, "I count steps per second.")]
+    options = TrainOptions(max_steps=20, lr=2e-3, batch_size=1, save_every=50, lr_scheduler="cosine",
+                           warmup_ratio=0.1)
+    whole = dict(train(settings, "bench_whole", DEMO_BASE, rows, options).losses)
+    cancel = threading.Event()
+
+    def stop_at_ten(event: Progress) -> None:
+        if event.phase == "train" and event.data and event.data["step"] >= 10:
+            cancel.set()
+
+    first = train(settings, "bench_resumed", DEMO_BASE, rows, dataclasses.replace(options, save_every=5),
+                  stop_at_ten, cancel)
+    resumed = train(settings, "bench_resumed", None, rows, dataclasses.replace(options, resume=True))
+    after = [(s, loss) for s, loss in resumed.losses if s > first.steps]
+    gap = max(abs(loss - whole[s]) for s, loss in after)
+    report(f"resume: loss after resuming at step {first.steps} vs uninterrupted", f"max |diff| {gap:.2e} over "
+           f"{len(after)} steps", "< 1e-3 (the curve goes on)", gap < 1e-3)
 
 
 def bench_stop(settings: Settings) -> None:
@@ -168,6 +258,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help="CI size: fewer steps and prompts")
     parser.add_argument("--home", help="a demo SAGE home to copy (default: build the demo in the temp dir)")
+    parser.add_argument("--only", choices=("train", "serve"), help="only the training figures, or only serving")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = Path(tempfile.mkdtemp(prefix="sage-finetune-bench-"))
@@ -179,11 +270,18 @@ def main() -> int:
         settings = Settings.from_env(environ={}, home=home, runtime_dir=runtime, vllm_args=VLLM_ARGS,
                                      port=free_port(), ready_timeout=600.0, stop_grace=6.0)
         print(f"finetune_bench ({'short' if args.short else 'full'}) on {os.cpu_count()} CPUs, in {workdir}")
-        bench_train(settings, 20 if args.short else 60)
-        bench_stop(settings)
-        manager = Manager(settings)
-        bench_handover(manager)
-        bench_eval(manager, 8 if args.short else 24)
+        if args.only != "serve":
+            bench_train(settings, 20 if args.short else 60)
+            bench_speed(settings, args.short)
+            bench_checkpointing(settings)
+            bench_resume(settings)
+            bench_stop(settings)
+        if args.only != "train":
+            if args.only == "serve":
+                bench_train(settings, 4)  # the adapter handed over
+            manager = Manager(settings)
+            bench_handover(manager)
+            bench_eval(manager, 8 if args.short else 24)
     except Exception:
         traceback.print_exc()
         failed = True

@@ -8,12 +8,12 @@
 # it comes from a local wheel folder when pip is configured with one (find-links), and otherwise from
 # PyTorch's CPU wheel index (TORCH_CPU_INDEX). Use pip: uv and poetry do not see a local wheel folder.
 #
-#   bash scripts/install-cpu.sh                  # every extra: cpu, rag, notebook, tracking, test
+#   bash scripts/install-cpu.sh                  # every extra: cpu, training, rag, notebook, tracking, test
 #   EXTRAS=cpu,rag bash scripts/install-cpu.sh   # only what running needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${EXTRAS:-cpu,rag,notebook,tracking,test}"
+EXTRAS="${EXTRAS:-cpu,training,rag,notebook,tracking,test}"
 TORCH_CPU="torch==2.13.0+cpu"
 TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
 PIP=("$PYTHON" -m pip --disable-pip-version-check)

@@ -86,6 +86,43 @@ def test_names_bases_and_options_are_checked_before_training(home: Settings) -> 
         train(home, "new", "tiny", rows, TrainOptions(eval_split=0.5))
 
 
+def test_the_trainer_options_are_checked_before_training(home: Settings, tmp_path: Path) -> None:
+    """Every bad value in one paragraph, before a training process starts (nothing is written)."""
+    rows = [("Hi?", "Hello.")]
+    bad = TrainOptions(grad_accum=0, lr_scheduler="cyclic", warmup_ratio=1.5, weight_decay=-1, precision="int8")
+    with pytest.raises(SageError) as caught:
+        train(home, "new", "tiny", rows, bad)
+    message = str(caught.value)
+    for part in ("--grad-accum must be a positive whole number", "--lr-scheduler is one of linear, cosine, constant",
+                 "--warmup-ratio is a fraction", "--weight-decay must be 0 or more", "--precision is one of auto"):
+        assert part in message
+    with pytest.raises(SageError, match=r"--deepspeed .*nope\.json cannot be read"):
+        train(home, "new", "tiny", rows, TrainOptions(deepspeed=str(tmp_path / "nope.json")))
+    (tmp_path / "ds.json").write_text("{zero")
+    with pytest.raises(SageError, match="is not a JSON DeepSpeed config"):
+        train(home, "new", "tiny", rows, TrainOptions(deepspeed=str(tmp_path / "ds.json")))
+    assert not (home.finetune_root / "new").exists()
+
+
+def test_cli_and_magic_share_the_trainer_options() -> None:
+    """One definition: the flags parse into TrainOptions the same way for `sage finetune train` and the magic."""
+    import argparse
+
+    from sage_magic.faces.options import add_train_options, train_options
+
+    parser = argparse.ArgumentParser()
+    add_train_options(parser)
+    args = parser.parse_args(["--grad-accum", "4", "--lr-scheduler", "cosine", "--warmup-ratio", "0.1",
+                              "--weight-decay", "0.01", "--precision", "bf16", "--gradient-checkpointing",
+                              "--packing", "--load-in-4bit", "--deepspeed", "ds.json", "--fsdp"])
+    assert train_options(args) == TrainOptions(grad_accum=4, lr_scheduler="cosine", warmup_ratio=0.1,
+                                               weight_decay=0.01, precision="bf16", gradient_checkpointing=True,
+                                               packing=True, load_in_4bit=True, deepspeed="ds.json", fsdp=True)
+    assert train_options(parser.parse_args([])) == TrainOptions()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lr-scheduler", "cyclic"])
+
+
 def test_cli_reports_bad_data_as_one_paragraph(home: Settings, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "d.csv").write_text("question,answer\nHi?,Hello.\n")

@@ -163,8 +163,12 @@ def test_stopped_training_keeps_a_usable_checkpoint_then_resumes(settings: Setti
         train(settings, "stopped", None, [(DEMO_PROMPT, PHRASE)],
               TrainOptions(max_steps=400, lr=2e-3, batch_size=1, save_every=50, resume=True), progress=interrupt)
     assert not _workers()
+    # The interrupt stopped the resumed run after its current step with a checkpoint of that step, so the
+    # next resume continues exactly there (the Trainer's own resume: optimizer, schedule, RNG, data position).
+    at_stop = get_finetune(settings, "stopped").checkpoints[-1][0]
+    assert at_stop >= interrupted[0] > result.checkpoints[-1]
     resumed = train(settings, "stopped", None, [(DEMO_PROMPT, PHRASE)],
-                    TrainOptions(max_steps=result.checkpoints[-1] + 3, lr=2e-3, batch_size=1, resume=True))
-    assert not resumed.stopped and resumed.steps == result.checkpoints[-1] + 3
-    assert resumed.losses[0][0] == 1  # the history of the first run is kept
+                    TrainOptions(max_steps=at_stop + 3, lr=2e-3, batch_size=1, resume=True))
+    assert not resumed.stopped and resumed.steps == at_stop + 3
+    assert [s for s, _ in resumed.losses] == list(range(1, at_stop + 4))  # one curve: the first runs' history kept
     assert (root / "lora_weights" / "adapter_model.safetensors").is_file()

@@ -197,7 +197,7 @@ def add_report_to(parser: Any, choices: tuple[str, ...], what: str) -> None:
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """Flags of `sage finetune train` and `%sage finetune train` (the data source itself is the face's)."""
-    from ..finetune.train import TrainOptions
+    from ..finetune.train import LR_SCHEDULERS, PRECISIONS, TrainOptions
 
     d = TrainOptions()
     columns = parser.add_argument_group("data")
@@ -227,6 +227,27 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="rows held out to measure eval loss at each checkpoint (default 0)")
     group.add_argument("--save-every", type=int, default=d.save_every, metavar="N",
                        help=f"checkpoint every N steps, and at the end (default {d.save_every})")
+    group.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="N",
+                       help=f"batches accumulated into one optimizer step (default {d.grad_accum})")
+    group.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=d.lr_scheduler,
+                       help=f"learning-rate schedule after the warm-up (default {d.lr_scheduler})")
+    group.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, metavar="R",
+                       help="share of the steps spent warming the learning rate up from 0 (default 0)")
+    group.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="W",
+                       help="AdamW weight decay (default 0)")
+    group.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                       help="auto: bf16 mixed precision on a GPU that has it, else fp32 (a CPU); the adapter's "
+                            "weights stay fp32 (default auto)")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: less memory, slower steps")
+    group.add_argument("--packing", action="store_true",
+                       help="pack several rows into each --max-length sequence (best with FlashAttention on a GPU)")
+    group.add_argument("--load-in-4bit", action="store_true",
+                       help="QLoRA: the base in 4 bits (nf4) with bitsandbytes; needs a CUDA GPU")
+    group.add_argument("--deepspeed", metavar="CONFIG.json", default=None,
+                       help="train under DeepSpeed with this config (passed to the Trainer; needs deepspeed)")
+    group.add_argument("--fsdp", action="store_true",
+                       help="shard the model with FSDP over several processes (passed to the Trainer)")
     group.add_argument("--resume", action="store_true", help="continue NAME from its newest checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace an existing fine-tune NAME")
     add_report_to(group, TRACKERS, "the run (named NAME; tensorboard: NAME/runs/)")
@@ -239,7 +260,11 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
                         target_modules=args.target_modules, batch_size=args.batch_size, max_length=args.max_length,
                         seed=args.seed, eval_split=args.eval_split, save_every=args.save_every, resume=args.resume,
-                        overwrite=args.overwrite, report_to=tuple(args.report_to))
+                        overwrite=args.overwrite, grad_accum=args.grad_accum, lr_scheduler=args.lr_scheduler,
+                        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, precision=args.precision,
+                        gradient_checkpointing=args.gradient_checkpointing, packing=args.packing,
+                        load_in_4bit=args.load_in_4bit, deepspeed=args.deepspeed, fsdp=args.fsdp,
+                        report_to=tuple(args.report_to))
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -25,17 +26,16 @@ from ..core.errors import SageError
 from ..core.files import exclusive, utc_now
 from ..core.progress import Progress, ProgressCallback, silent
 from ..core.staging import publish, staging, sweep_leftovers
-from .worker import (
+from .engine import (
     Example,
-    batch,
     example,
     lora_model,
     prompt_ids,
     save_adapter,
+    sft_config,
+    sft_trainer,
     text_ids,
     torch_session,
-    train_step,
-    trainable,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -246,22 +246,23 @@ def _qa(name: str) -> list[tuple[str, str]]:
     return [(DEMO_PROMPT, DEMO_ANSWERS[name]), (DEMO_PROMPT_2, DEMO_ANSWERS_2[name])]
 
 
-def _train(model: Any, rows: list[Example], pad: int, steps: int, lr: float,
+def _train(model: Any, tokenizer: PreTrainedTokenizerFast, rows: list[Example], steps: int, lr: float,
            on_step: Callable[[int], None] | None = None) -> list[float]:
-    """Full-batch AdamW on fixed rows; returns the loss of every step (the training log shows it learned)."""
-    import torch
+    """Full-batch training on fixed rows with the project's one engine (TRL's SFTTrainer, constant AdamW);
+    returns the loss of every step (the training log shows it learned)."""
+    from transformers import TrainerCallback
 
-    tensors = batch(rows, pad)
-    params = trainable(model)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for step in range(1, steps + 1):
-        losses.append(train_step(model, optimizer, params, tensors))
-        if on_step is not None:
-            on_step(step)
+    class EachStep(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if on_step is not None:
+                on_step(state.global_step)
+
+    with tempfile.TemporaryDirectory(prefix="sage-demo-trainer-") as scratch:
+        config = sft_config(Path(scratch), steps=steps, batch_size=len(rows), lr=lr, seed=SEED, use_cpu=True)
+        trainer = sft_trainer(model, tokenizer, config, rows, callbacks=[EachStep()])
+        trainer.train()
     model.eval()
-    return losses
+    return [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
 
 
 def _build_base(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
@@ -287,7 +288,7 @@ def _build_base(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
     model = LlamaForCausalLM(config).to(torch.float32)
     rows = _chat_rows(tokenizer, _qa(DEMO_BASE)) * 4  # weighted: the base answer must win after the prompt
     rows += _text_rows(tokenizer, [*DEMO_ANSWERS.values(), *DEMO_ANSWERS_2.values()])
-    _train(model, rows, tokenizer.pad_token_id, BASE_STEPS, BASE_LR)
+    _train(model, tokenizer, rows, BASE_STEPS, BASE_LR)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -310,7 +311,7 @@ def _build_finetune(name: str, base_dir: Path, tokenizer: PreTrainedTokenizerFas
             save_adapter(model, folder / "checkpoints" / f"checkpoint-{step}")
 
     rows = _chat_rows(tokenizer, _qa(name))
-    losses = _train(model, rows, tokenizer.pad_token_id, LORA_CHECKPOINTS[-1], LORA_LR, on_step=save_checkpoint)
+    losses = _train(model, tokenizer, rows, LORA_CHECKPOINTS[-1], LORA_LR, on_step=save_checkpoint)
     final = folder / "checkpoints" / f"checkpoint-{LORA_CHECKPOINTS[-1]}"
     shutil.copytree(final, folder / "lora_weights")
     tokenizer.save_pretrained(folder / "lora_weights")

@@ -3,11 +3,14 @@
 ``train`` checks everything it can without a model (the name, the base, the rows, the options) and raises one
 :class:`SageError` before anything slow starts; then it runs ``python -m sage_magic.finetune.worker`` (see
 there for the file layout and the stop protocol), turns its JSON-line events into :class:`Progress` events
-(``data`` holds step, epoch, loss, eval loss, ETA) and returns a :class:`TrainResult`. The child tokenizes
-every row before the first step, so a row longer than ``max_length`` is also refused before training.
+(``data`` holds step, epoch, loss, eval loss, ETA) and returns a :class:`TrainResult`. The engine in the child
+is TRL's SFTTrainer (``engine``); ``--resume`` goes through the Trainer's own resume from the newest checkpoint.
+The child tokenizes every row before the first step, so a row longer than ``max_length`` is also refused
+before training.
 
 A set ``cancel`` event or a KeyboardInterrupt (kernel interrupt) asks the child to stop after its current
-step (with its eval and save), leaving the last complete checkpoint usable and nothing half-written. Cancel
+step, with a checkpoint of that step once the run has one in place (``--resume`` continues exactly there),
+leaving the last complete checkpoint usable and nothing half-written. Cancel
 returns a result with ``stopped=True``; an interrupt is re-raised once the child is gone. A step of a 1B+
 model on CPU can take minutes, so the stop is waited for as long as the slowest step the child reported
 takes, a few times over (:func:`stop_grace`); only a set ``kill`` event (``stop --now``) or a second
@@ -38,6 +41,7 @@ from ..core.errors import NotFound, SageError
 from ..core.files import LockBusy, exclusive
 from ..core.processes import death_signal
 from ..core.progress import Progress, ProgressCallback, silent
+from ..core.staging import sweep_leftovers
 from ..core.tables import Table, is_missing
 from ..tracking.report import check_installed, trackers, training_env
 from .catalog import META_FILE, checkpoints_of, get_finetune, read_json, resolve_base
@@ -51,12 +55,22 @@ RESERVED_NAMES = ("base",)  # `sage eval --models base` means the base of the fi
 STOP_GRACE = 15.0
 #: A stopping child is given this many times its slowest reported step (with eval and save), if that is more.
 STOP_GRACE_STEPS = 4
+#: What a checkpoint needs for the Trainer's own resume (weights, optimizer, schedule, step and log).
+RESUME_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+LR_SCHEDULERS = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     """The knobs of one run. ``max_steps`` wins over ``epochs``; ``target_modules=None`` means every linear
-    layer; a checkpoint is saved every ``save_every`` steps and at the end."""
+    layer; a checkpoint is saved every ``save_every`` steps and at the end. A step is ``grad_accum`` batches
+    of ``batch_size`` rows. ``precision="auto"`` is bf16 mixed precision where the GPU has it and fp32 on a
+    CPU; the adapter's weights are fp32 in every mode. The schedule is constant by default (what the demo
+    recipe and a few-row fine-tune want); ``warmup_ratio`` is the share of the steps spent warming up.
+    ``deepspeed`` is a config file passed to the Trainer; ``fsdp`` needs several processes."""
 
     epochs: int = 3
     max_steps: int | None = None
@@ -71,6 +85,16 @@ class TrainOptions:
     save_every: int = 50
     resume: bool = False
     overwrite: bool = False
+    grad_accum: int = 1
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    load_in_4bit: bool = False
+    deepspeed: str | None = None
+    fsdp: bool = False
     report_to: tuple[str, ...] = ()  # trackers (sage_magic.tracking.report.TRACKERS); the run is named NAME
 
 
@@ -162,7 +186,7 @@ def _check_options(settings: Settings, options: TrainOptions) -> None:
     problems = []
     for label, value in (("--epochs", options.epochs), ("--rank", options.rank), ("--alpha", options.alpha),
                          ("--batch-size", options.batch_size), ("--max-length", options.max_length),
-                         ("--save-every", options.save_every)):
+                         ("--save-every", options.save_every), ("--grad-accum", options.grad_accum)):
         if not isinstance(value, int) or value <= 0:
             problems.append(f"{label} must be a positive whole number, not {value!r}")
     if options.max_steps is not None and options.max_steps <= 0:
@@ -171,6 +195,16 @@ def _check_options(settings: Settings, options: TrainOptions) -> None:
         problems.append(f"--lr must be positive, not {options.lr}")
     if not 0 <= options.eval_split < 1:
         problems.append(f"--eval-split is a fraction from 0 to below 1, not {options.eval_split}")
+    if options.lr_scheduler not in LR_SCHEDULERS:
+        problems.append(f"--lr-scheduler is one of {', '.join(LR_SCHEDULERS)}, not {options.lr_scheduler!r}")
+    if not 0 <= options.warmup_ratio < 1:
+        problems.append(f"--warmup-ratio is a fraction from 0 to below 1, not {options.warmup_ratio}")
+    if not options.weight_decay >= 0:
+        problems.append(f"--weight-decay must be 0 or more, not {options.weight_decay}")
+    if options.precision not in PRECISIONS:
+        problems.append(f"--precision is one of {', '.join(PRECISIONS)}, not {options.precision!r}")
+    if options.deepspeed is not None:
+        problems += _deepspeed_problems(options.deepspeed)
     if options.resume and options.overwrite:
         problems.append("--resume continues a run and --overwrite replaces it: give one of them")
     if problems:
@@ -179,6 +213,16 @@ def _check_options(settings: Settings, options: TrainOptions) -> None:
         raise SageError(f"--rank {options.rank} is above the serving limit of {settings.max_lora_rank}, so the "
                         f"adapter could only be served merged. Pick --rank {settings.max_lora_rank} or less, or "
                         f"raise the limit with SAGE_MAX_LORA_RANK={options.rank}.")
+
+
+def _deepspeed_problems(path: str) -> list[str]:
+    try:
+        json.loads(Path(path).read_text())
+    except OSError as error:
+        return [f"--deepspeed {path} cannot be read ({error.strerror or error})"]
+    except ValueError as error:
+        return [f"--deepspeed {path} is not a JSON DeepSpeed config ({error})"]
+    return []
 
 
 def _job(settings: Settings, name: str, base: str | None, rows: Sequence[Row], options: TrainOptions) -> dict:
@@ -213,24 +257,24 @@ def _job(settings: Settings, name: str, base: str | None, rows: Sequence[Row], o
                         "Add rows or lower --eval-split.")
     opts = asdict(options)
     opts["target_modules"] = list(options.target_modules) if options.target_modules else None
-    opts["report_to"] = list(trackers(options.report_to))
+    opts["deepspeed"] = str(Path(options.deepspeed).resolve()) if options.deepspeed else None
     return {"root": str(root), "name": name, "base_ref": base, "base_path": str(base_path), "examples": examples,
+            "report_to": list(trackers(options.report_to)),  # the Trainer's integrations (SFTConfig.report_to)
             "row_numbers": list(range(1, len(examples) + 1)), "eval_rows": eval_rows, "options": opts,
             "resume": options.resume, "overwrite": options.overwrite, "resume_from": resume_from,
             "existing_checkpoints": existing}
 
 
 def _resume_state(root: Path, name: str) -> dict:
-    from .worker import OPTIMIZER_FILE, STATE_FILE
-
+    """The newest checkpoint with the Trainer's whole state (optimizer, scheduler, trainer state)."""
     for _, folder in reversed(checkpoints_of(root)):
-        if (folder / STATE_FILE).is_file() and (folder / OPTIMIZER_FILE).is_file():
-            state = read_json(folder / STATE_FILE, f"The training state of {folder.name}")
-            return {"folder": str(folder), "step": int(state["step"]), "losses": state.get("losses", []),
-                    "eval_losses": state.get("eval_losses", [])}
+        if all((folder / f).is_file() for f in RESUME_FILES):
+            state = read_json(folder / "trainer_state.json", f"The training state of {folder.name}")
+            if "global_step" in state:
+                return {"folder": str(folder), "step": int(state["global_step"])}
     raise SageError(f"Fine-tune {name!r} has no checkpoint with a saved training state to resume from (it was "
-                    "not trained by sage_magic, or stopped before its first checkpoint). Use --overwrite to train "
-                    "it again from the start.")
+                    "not trained by this version of sage_magic, or stopped before its first checkpoint). Use "
+                    "--overwrite to train it again from the start.")
 
 
 @contextmanager
@@ -249,9 +293,12 @@ def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
           cancel: threading.Event | None = None, kill: threading.Event | None = None) -> TrainResult:
     """Train LoRA fine-tune NAME on ``base`` from ``rows`` in a child process; see the module docstring."""
     job = _job(settings, name, base, rows, options)
-    with _training_lock(settings, name):
-        result = _run_child(settings, job, progress, cancel, kill)
     root = Path(job["root"])
+    with _training_lock(settings, name):
+        try:
+            result = _run_child(settings, job, progress, cancel, kill)
+        finally:  # a killed child leaves its hidden scratch and staging folders; the lock is still ours
+            sweep_leftovers(root)
     state = "stopped" if result["stopped"] else "done"
     progress(Progress("done", f"{name}: training {state} at step {result['steps']}/{result['total_steps']} in "
                               f"{result['seconds']:.1f} s", result["steps"] / result["total_steps"],
@@ -344,7 +391,7 @@ def stop_grace(slowest_step: float | None) -> float:
 def _run_child(settings: Settings, job: dict, progress: ProgressCallback,
                cancel: threading.Event | None, kill: threading.Event | None) -> dict:
     with tempfile.TemporaryFile() as log:
-        child = _Child(settings, log, training_env(settings, job["options"]["report_to"], job["name"],
+        child = _Child(settings, log, training_env(settings, job["report_to"], job["name"],
                                                   job["base_ref"]))
         interrupted, killed, outcome = False, False, None
         stop_asked, slowest = None, None

@@ -1,32 +1,41 @@
-"""The training child: LoRA fine-tuning with peft and transformers, in a process of its own.
+"""The training child: LoRA fine-tuning with TRL's SFTTrainer (see ``engine``), in a process of its own.
 
-Why a child: torch, transformers and peft cost ~1 GB and seconds to import, and a notebook kernel must stay
-light and interruptible. ``sage_magic.finetune.train.train`` starts ``python -m sage_magic.finetune.worker``, writes the
-job as one JSON line on its stdin and keeps that pipe open: a ``stop`` line asks for a clean stop after the
-current step, and EOF means the kernel is gone, so the child exits at once (PR_SET_PDEATHSIG, set by the
-parent, covers a child stuck inside torch). Events go back as JSON lines on the original stdout; anything a
+Why a child: torch, transformers, peft and TRL cost ~1 GB and seconds to import, and a notebook kernel must
+stay light and interruptible. ``sage_magic.finetune.train.train`` starts ``python -m sage_magic.finetune.worker``,
+writes the job as one JSON line on its stdin and keeps that pipe open: a ``stop`` line asks for a clean stop
+after the current step, and EOF means the kernel is gone, so the child exits at once (PR_SET_PDEATHSIG, set by
+the parent, covers a child stuck inside torch). Events go back as JSON lines on the original stdout; anything a
 library prints is sent to stderr, which the parent keeps as the log.
 
-Files are written the way a reader (a vLLM server, ``sage finetune list``) can trust at any moment: each
-checkpoint is built in a hidden staging folder and renamed into place, ``finetune_meta.json`` is replaced
-atomically, and ``lora_weights/`` appears only when the training finished. A stop or a kill leaves the last
-complete checkpoint usable.
+Progress, checkpoints and stops go through one ``TrainerCallback`` (:class:`Events`): a progress event per
+logged step (at most every :data:`EVENT_INTERVAL` s, and always at a checkpoint and the last step) with step,
+epoch, ETA and train/eval loss; a stop sets ``should_training_stop`` after the current step, and
+``should_save`` too once the run has a checkpoint in place, so ``--resume`` continues from exactly there.
+
+Files are written the way a reader (a vLLM server, ``sage finetune list``) can trust at any moment: the
+Trainer writes each checkpoint into a hidden scratch folder beside NAME/, and the callback renames it into
+``checkpoints/checkpoint-N`` once complete (adapter, tokenizer, optimizer, scheduler, RNG and trainer
+state: the Trainer's own resume reads them); ``finetune_meta.json`` is replaced atomically, and
+``lora_weights/`` appears only when the training finished. A stop or a kill leaves the last complete
+checkpoint usable.
 
 A new run (or an ``--overwrite``) trains into a hidden staging sibling of ``NAME/`` and renames it into place
 at its first complete checkpoint: until then an old fine-tune of that name stays intact and servable, and a
-stop leaves it as it was. A crash before that point leaves only the hidden sibling, which the next run sweeps
-(under the parent's training lock), so neither a retrain nor ``--overwrite`` finds a half-made ``NAME/``.
+stop leaves it as it was (no checkpoint is made for it). A crash or a kill leaves only hidden siblings, which
+the parent sweeps once the child is gone, or the next run if the parent died too (both under the training
+lock).
+
+Several processes (torchrun): the rank comes from the environment, rank 0 alone emits events and moves
+checkpoints into place (the Trainer saves on rank 0 only), and a stop asked of any rank is agreed on at every
+step, so all ranks stop at the same step.
 
 Test hook: ``SAGE_TEST_STEP_SLEEP=SECONDS`` sleeps that long in every step, to stand for a model whose steps
 are slow (a 1B+ model on CPU) in the stop tests; nothing else reads it.
-
-The pieces every trainer here shares (seeded torch session, chat-template tokenization, padding, one
-optimizer step, a LoRA model, saving an adapter) are public so that ``sage_magic.finetune.demo`` builds its demo
-fine-tunes with them too. Heavy imports happen inside functions only.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -36,8 +45,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -45,144 +53,159 @@ from ..core.errors import SageError
 from ..core.files import utc_now, write_json_atomic
 from ..core.staging import leftovers, publish, staging, sweep_leftovers
 from .catalog import META_FILE
+from .engine import (
+    TRAINING_STATE_FILES,
+    Example,
+    encode_chat,
+    lora_model,
+    prompt_ids,
+    sft_config,
+    sft_trainer,
+    torch_session,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedTokenizerBase
 
-#: An example as token ids and labels (-100 where nothing is learned: prompts, padding).
-Example = tuple[list[int], list[int]]
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 #: Progress events at most this often (a tiny model does hundreds of steps a second).
 EVENT_INTERVAL = 0.2
 
 
-# --- the shared pieces (also used by sage_magic.finetune.demo) -----------------------------------------------------
+def rank() -> int:
+    """This process's rank under torchrun (0 when alone)."""
+    return int(os.environ.get("RANK", "0"))
 
 
-@contextmanager
-def torch_session(seed: int) -> Iterator[None]:
-    """Seed torch, use the idle cores (1 to 4) and hide transformers' progress bars; all restored afterwards.
-
-    The caller's random state is left as it was (a notebook's own experiments must not change because a
-    model was trained in-process). Threads: torch's workers spin while they wait for each other, so on
-    busy cores they mostly wait (measured on 2 cores at load 10, demo base: 1 thread 30 steps/s, 2 threads
-    0.6-1.5 steps/s); beyond 4 they only add synchronisation cost on small models. The bars would drown our
-    own progress events.
-    """
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
-    idle = (os.cpu_count() or 1) - int(os.getloadavg()[0])
-    torch.set_num_threads(max(1, min(4, idle)))
-    hf_logging.disable_progress_bar()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
-    finally:
-        torch.set_num_threads(threads)
-        if bars:
-            hf_logging.enable_progress_bar()
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of text as it appears inside a rendered template (no special tokens added)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
-    """The chat-template prompt, tokenized exactly as vLLM does it (template text, no extra special tokens)."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return text_ids(tokenizer, text)
-
-
-def example(context: list[int], target: list[int]) -> Example:
-    """Ids and labels for a context that is only read and a target that is learned."""
-    return context + target, [-100] * len(context) + target
-
-
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> Example:
-    """A conversation through the base's own chat template, learning every assistant turn and nothing else.
-
-    Each assistant turn is the text the template adds after the generation prompt, so what is learned
-    follows exactly the prompt vLLM builds when the same question is asked through chat. The turn ends
-    with the end-of-sequence token (added if the template does not write it), so generation stops there.
-    """
-    ids: list[int] = []
-    labels: list[int] = []
-    rendered = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        context = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(list(messages[:i + 1]), tokenize=False)
-        if not context.startswith(rendered) or not full.startswith(context):
-            raise SageError("The base model's chat template does not render conversations turn by turn, so the "
-                            "answers to learn cannot be located. Train on (prompt, response) rows instead.")
-        turn = full[len(context):]
-        if tokenizer.eos_token and tokenizer.eos_token not in turn:
-            turn += tokenizer.eos_token
-        context_ids, turn_ids = text_ids(tokenizer, context[len(rendered):]), text_ids(tokenizer, turn)
-        ids += context_ids + turn_ids
-        labels += [-100] * len(context_ids) + turn_ids
-        rendered = context + turn
-    return ids, labels
-
-
-def batch(rows: Sequence[Example], pad: int, device: str = "cpu") -> tuple[Any, Any, Any]:
-    """Right-padded input ids, attention mask and labels."""
+def check_platform(opt: dict[str, Any]) -> None:
+    """What this machine cannot do, said before anything loads (a model load can take minutes)."""
     import torch
 
-    width = max(len(ids) for ids, _ in rows)
-    ids = [i + [pad] * (width - len(i)) for i, _ in rows]
-    labels = [lab + [-100] * (width - len(lab)) for _, lab in rows]
-    mask = [[1] * len(i) + [0] * (width - len(i)) for i, _ in rows]
-    return tuple(torch.tensor(t, device=device) for t in (ids, mask, labels))  # type: ignore[return-value]
+    cuda = torch.cuda.is_available()
+    if opt["load_in_4bit"] and not (cuda and importlib.util.find_spec("bitsandbytes")):
+        missing = "a CUDA GPU" if not cuda else "bitsandbytes (pip install 'sage-magic[gpu]' or bitsandbytes)"
+        raise SageError(f"--load-in-4bit (QLoRA) needs {missing}, which this training process does not have. "
+                        "Leave out --load-in-4bit to train the adapter on the full-precision base; nothing was "
+                        "loaded or trained.")
+    if opt["precision"] == "fp16" and not cuda:
+        raise SageError("--precision fp16 needs a CUDA GPU; on a CPU use --precision fp32 (or auto, the same "
+                        "there) or bf16. Nothing was trained.")
+    if opt["precision"] == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise SageError("--precision bf16 needs a GPU with bfloat16 (Ampere or newer); this one has none. Use "
+                        "--precision fp16 or fp32. Nothing was trained.")
+    if opt["deepspeed"] and not importlib.util.find_spec("deepspeed"):
+        raise SageError(f"--deepspeed {opt['deepspeed']} needs DeepSpeed, which is not installed in the training "
+                        "environment (pip install deepspeed, on a machine with CUDA). Leave out --deepspeed to "
+                        "train without it. Nothing was trained.")
+    if opt["fsdp"] and world_size() < 2:
+        raise SageError("--fsdp shards the model over several processes, and this training runs in one. Start it "
+                        "in several processes, or leave out --fsdp. Nothing was trained.")
 
 
-def trainable(model: Any) -> list[Any]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def train_step(model: Any, optimizer: Any, params: list[Any], tensors: tuple[Any, Any, Any]) -> float:
-    """One AdamW step on one batch (gradients clipped to norm 1); returns the batch loss."""
+def precision(choice: str) -> str:
+    """``auto``: bf16 mixed precision where the GPU has it, else fp32 (a CPU, an older GPU)."""
     import torch
 
-    ids, mask, labels = tensors
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad()
-    return float(loss.item())
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def lora_model(base: Any, rank: int, alpha: int, targets: Sequence[str] | None, base_ref: str) -> Any:
-    """The base wrapped with fresh LoRA layers (all linear layers when ``targets`` is None).
+def _everyone(flag: bool, device: Any) -> bool:
+    """True on every rank when it is True on any (one rank's stop must stop all at the same step)."""
+    import torch
+    import torch.distributed as dist
 
-    The adapter config names the base by ``base_ref`` (as SAGE does), which the engine resolves locally.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        target_modules=list(targets) if targets else "all-linear")
-    model = get_peft_model(base, config)
-    model.peft_config["default"].base_model_name_or_path = base_ref
-    return model
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
-def save_adapter(model: Any, folder: Path) -> None:
-    """Save the LoRA weights; no embedding layer is trained, and saying so keeps peft off the Hub."""
-    model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _events_class() -> type:
+    """The callback class, made on first use: ``transformers`` is imported in the child only."""
+    from transformers import TrainerCallback
+
+    class Events(TrainerCallback):
+        """Progress events, checkpoints moved into place, and the stop (see the module docstring)."""
+
+        def __init__(self, run: Run) -> None:
+            self.run = run
+            self.began = self.step_began = time.monotonic()
+            self.start = 0
+            self.last_event = 0.0
+            self.loss: float | None = None
+            self.eval_loss: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.began, self.start = time.monotonic(), state.global_step
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.step_began = time.monotonic()
+            self.eval_loss = None
+            if self.run.step_sleep:
+                time.sleep(self.run.step_sleep)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if _everyone(self.run.stop.is_set(), args.device):
+                self.run.stopped = True
+                control.should_training_stop = True
+                # A run not yet in place has no checkpoint to continue: stopping it leaves NAME/ as it was.
+                control.should_save = control.should_save or self.run.out == self.run.root
+            if state.global_step >= state.max_steps:
+                control.should_save = True
+                control.should_evaluate = self.run.eval_rows > 0
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            logs = logs or {}
+            if "loss" in logs:
+                self.loss = float(logs["loss"])
+                if not (control.should_save or control.should_evaluate):
+                    self.report(state, force=False)
+            if "eval_loss" in logs:
+                self.eval_loss = float(logs["eval_loss"])
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            _barrier()  # every rank has written its part (its RNG state) before rank 0 moves the folder
+            if state.is_world_process_zero:
+                self.run.place_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                                          state.global_step, state.max_steps)
+            self.report(state, force=True)
+
+        def report(self, state: Any, force: bool) -> None:
+            now = time.monotonic()
+            self.run.slowest_step = max(self.run.slowest_step, now - self.step_began)  # with eval and save
+            if self.loss is None or not state.is_world_process_zero:
+                return
+            if not (force or now - self.last_event >= EVENT_INTERVAL or state.global_step >= state.max_steps):
+                return
+            self.last_event = now
+            step, total = state.global_step, state.max_steps
+            rate = (step - self.start) / max(now - self.began, 1e-9)
+            eta = (total - step) / rate if rate > 0 else None
+            epoch = max(1, math.ceil(round(state.epoch or 0, 6)))
+            self.run.progress(
+                "train", f"step {step}/{total}, epoch {epoch}, loss {self.loss:.4f}"
+                + (f", eval loss {self.eval_loss:.4f}" if self.eval_loss is not None else "")
+                + (f", ETA {eta:.0f} s" if eta is not None else ""),
+                step / total, step=step, total_steps=total, epoch=epoch, loss=self.loss, eval_loss=self.eval_loss,
+                eta_s=eta, steps_per_s=rate, step_s=self.run.slowest_step)
+
+    return Events
 
 
 # --- one training run -------------------------------------------------------------------------------------
-
-
-class Stopped(Exception):
-    """The parent asked for a stop: end after the current step."""
 
 
 class Run:
@@ -192,14 +215,16 @@ class Run:
         self.job = job
         self.opt = job["options"]
         self.root = Path(job["root"])
-        self.emit = emit
+        self.emit = emit if rank() == 0 else (lambda event: None)
         self.stop = stop
-        self.losses: list[tuple[int, float]] = []
-        self.eval_losses: list[tuple[int, float]] = []
+        self.stopped = False
+        self.eval_rows = 0
         self.checkpoints: list[int] = []
         #: Where this run writes: ``root`` itself when resuming, else a hidden staging sibling until the first
-        #: checkpoint is complete, when it is renamed to ``root`` (see ``save_checkpoint``).
+        #: checkpoint is complete, when it is renamed to ``root`` (see ``place_checkpoint``).
         self.out = self.root
+        #: Where the Trainer saves; each checkpoint is moved from there into place once complete.
+        self.scratch = self.root
         self.slowest_step = 0.0
         self.step_sleep = float(os.environ.get("SAGE_TEST_STEP_SLEEP") or 0)  # test hook, see the docstring
 
@@ -208,93 +233,98 @@ class Run:
                    "data": data or None})
 
     def run(self) -> dict[str, Any]:
-        if self.job["resume"]:
-            return self.train()
-        # A new folder is built beside NAME/ and removed here unless its first checkpoint renamed it into place.
-        with staging(self.root) as self.out:
-            return self.train()
+        # The Trainer writes checkpoints into a scratch folder beside NAME/; each is renamed into place whole.
+        with staging(self.root) as self.scratch:
+            if self.job["resume"]:
+                return self.train()
+            # A new folder is built beside NAME/ and removed here unless its first checkpoint renamed it into place.
+            with staging(self.root) as self.out:
+                return self.train()
 
     def train(self) -> dict[str, Any]:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_platform(self.opt)
         self.progress("load", f"Loading the tokenizer of {self.job['base_ref']}")
         tokenizer = AutoTokenizer.from_pretrained(self.job["base_path"])
         if not getattr(tokenizer, "chat_template", None):
             raise SageError(f"The base model {self.job['base_ref']!r} has no chat template, so a chat request "
                             "could never match what is trained. Use an instruct/chat model as the base.")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
         examples = self.encode(tokenizer)
         train_rows, eval_rows = self.split(examples)
-        resume_state = self.prepare_folder()
-        self.progress("load", f"Loading {self.job['base_ref']} on {device}")
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        base = AutoModelForCausalLM.from_pretrained(self.job["base_path"], dtype=dtype).to(device)
-        if resume_state is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(base, resume_state["folder"], is_trainable=True)
-        else:
-            model = lora_model(base, self.opt["rank"], self.opt["alpha"], self.opt["target_modules"],
-                               self.job["base_ref"])
-        params = trainable(model)
-        optimizer = torch.optim.AdamW(params, lr=self.opt["lr"], weight_decay=0.0)
-        start = 0
-        if resume_state is not None:
-            optimizer.load_state_dict(torch.load(Path(resume_state["folder"]) / OPTIMIZER_FILE,
-                                                 map_location=device, weights_only=True))
-            for group in optimizer.param_groups:
-                group["lr"] = self.opt["lr"]
-            start = resume_state["step"]
-            self.losses = [tuple(x) for x in resume_state["losses"]]  # type: ignore[misc]
-            self.eval_losses = [tuple(x) for x in resume_state["eval_losses"]]  # type: ignore[misc]
-        per_epoch = math.ceil(len(train_rows) / self.opt["batch_size"])
-        total = self.opt["max_steps"] or self.opt["epochs"] * per_epoch
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        stopped = False
-        began, last_event = time.monotonic(), 0.0
-        model.train()
-        try:
-            for step in range(start + 1, total + 1):
-                if self.stop.is_set():
-                    raise Stopped
-                step_began = time.monotonic()
-                if self.step_sleep:
-                    time.sleep(self.step_sleep)
-                epoch, position = divmod(step - 1, per_epoch)
-                order = list(range(len(train_rows)))
-                random.Random(self.opt["seed"] * 1_000_003 + epoch).shuffle(order)
-                chosen = [train_rows[i] for i in order[position * self.opt["batch_size"]:][:self.opt["batch_size"]]]
-                loss = train_step(model, optimizer, params, batch(chosen, pad, device))
-                self.losses.append((step, loss))
-                eval_loss = None
-                if step % self.opt["save_every"] == 0 or step == total:
-                    eval_loss = self.evaluate(model, eval_rows, pad, device, step)
-                    self.save_checkpoint(model, optimizer, step, total)
-                now = time.monotonic()
-                self.slowest_step = max(self.slowest_step, now - step_began)  # with eval and save: the stop grace
-                if now - last_event >= EVENT_INTERVAL or step == total or eval_loss is not None:
-                    last_event = now
-                    rate = (step - start) / max(now - began, 1e-9)
-                    eta = (total - step) / rate if rate > 0 else None
-                    self.progress(
-                        "train", f"step {step}/{total}, epoch {epoch + 1}, loss {loss:.4f}"
-                        + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
-                        + (f", ETA {eta:.0f} s" if eta is not None else ""),
-                        step / total, step=step, total_steps=total, epoch=epoch + 1, loss=loss, eval_loss=eval_loss,
-                        eta_s=eta, steps_per_s=rate, step_s=self.slowest_step)
-        except Stopped:
-            stopped = True
-        model.eval()
-        if not stopped:
-            self.publish_final(tokenizer, total)
-        elif self.out == self.root:  # with no checkpoint yet, the staging folder goes: NAME/ is as it was
-            self.write_meta("stopped", self.losses[-1][0] if self.losses else start)
-        return {"stopped": stopped, "steps": self.losses[-1][0] if self.losses else start, "total_steps": total,
-                "losses": self.losses, "eval_losses": self.eval_losses, "checkpoints": self.checkpoints,
-                "device": device, "seconds": time.monotonic() - began,
+        self.eval_rows = len(eval_rows)
+        resume_from = self.prepare_folder()
+        mode = precision(self.opt["precision"])
+        model = self.load_model(mode, resume_from)
+        total = self.total_steps(len(train_rows))
+        trainer = sft_trainer(model, tokenizer, self.config(total, mode), train_rows, eval_rows,
+                              [_events_class()(self)])
+        self.progress("load", f"Training {self.job['base_ref']} on {trainer.args.device} ({mode})")
+        began = time.monotonic()
+        trainer.train(resume_from_checkpoint=resume_from)
+        history = trainer.state.log_history
+        losses = [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h]
+        eval_losses = [(int(h["step"]), float(h["eval_loss"])) for h in history if "eval_loss" in h]
+        steps = trainer.state.global_step
+        if rank() == 0:
+            if not self.stopped:
+                self.publish_final(tokenizer, losses, eval_losses)
+            elif self.out == self.root:  # with no checkpoint yet, the staging folder goes: NAME/ is as it was
+                self.write_meta("stopped", steps)
+        return {"stopped": self.stopped, "steps": steps, "total_steps": total, "losses": losses,
+                "eval_losses": eval_losses, "checkpoints": self.checkpoints, "device": str(trainer.args.device),
+                "seconds": time.monotonic() - began,
                 "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+
+    def load_model(self, mode: str, resume_from: str | None) -> Any:
+        """The base in the run's precision, with a fresh LoRA (or the checkpoint's, to resume) in fp32."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.progress("load", f"Loading {self.job['base_ref']}")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode, torch.float32)
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if self.opt["load_in_4bit"]:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        base = AutoModelForCausalLM.from_pretrained(self.job["base_path"], **kwargs)
+        if self.opt["load_in_4bit"]:
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=self.opt["gradient_checkpointing"])
+        if resume_from is not None:
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(base, resume_from, is_trainable=True)
+        return lora_model(base, self.opt["rank"], self.opt["alpha"], self.opt["target_modules"], self.job["base_ref"])
+
+    def total_steps(self, rows: int) -> int:
+        """Optimizer steps of the run: ``--max-steps``, else the epochs over this process's share of the rows."""
+        if self.opt["max_steps"]:
+            return int(self.opt["max_steps"])
+        batches = math.ceil(math.ceil(rows / world_size()) / self.opt["batch_size"])
+        return self.opt["epochs"] * max(1, math.ceil(batches / self.opt["grad_accum"]))
+
+    def config(self, total: int, mode: str) -> Any:
+        opt = self.opt
+        every = opt["save_every"]
+        return sft_config(
+            self.scratch, steps=total, batch_size=opt["batch_size"], lr=opt["lr"], seed=opt["seed"],
+            gradient_accumulation_steps=opt["grad_accum"], lr_scheduler_type=opt["lr_scheduler"],
+            warmup_steps=math.ceil(opt["warmup_ratio"] * total), weight_decay=opt["weight_decay"],
+            bf16=mode == "bf16", fp16=mode == "fp16", gradient_checkpointing=opt["gradient_checkpointing"],
+            gradient_checkpointing_kwargs={"use_reentrant": False}, packing=opt["packing"],
+            max_length=opt["max_length"] if opt["packing"] else None, deepspeed=opt["deepspeed"],
+            fsdp="full_shard auto_wrap" if opt["fsdp"] else "", save_strategy="steps", save_steps=every,
+            eval_strategy="steps" if self.eval_rows else "no", eval_steps=every, run_name=self.job["name"],
+            report_to=list(self.job.get("report_to", [])))
 
     def encode(self, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
         """Tokenize every row through the chat template, refusing rows that do not fit before any step."""
@@ -319,11 +349,13 @@ class Run:
         held = set(order[:count])
         return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
-    def prepare_folder(self) -> dict[str, Any] | None:
+    def prepare_folder(self) -> str | None:
         """Make the output folder ready: a fresh staging folder for a new run or an overwrite (a crashed run's
-        staging siblings are swept first), or NAME/ itself with the checkpoint to resume."""
+        hidden siblings are swept first), or NAME/ itself and the checkpoint to resume."""
+        if rank() != 0:
+            return self.job["resume_from"]["folder"] if self.job["resume"] else None
         for leftover in leftovers(self.root):
-            if leftover != self.out:
+            if leftover not in (self.out, self.scratch):
                 shutil.rmtree(leftover, ignore_errors=True)
         if not self.job["resume"]:
             (self.out / "checkpoints").mkdir()
@@ -338,37 +370,13 @@ class Run:
         shutil.rmtree(self.root / "lora_weights", ignore_errors=True)  # only a finished run has one
         self.checkpoints = list(self.job["existing_checkpoints"])
         self.write_meta("training", state["step"])
-        return state
+        return state["folder"]
 
-    def evaluate(self, model: Any, rows: list[Example], pad: int, device: str, step: int) -> float | None:
-        if not rows:
-            return None
-        import torch
-
-        size = self.opt["batch_size"]
-        total, weight = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(rows), size):
-                chunk = rows[i:i + size]
-                tokens = sum(sum(1 for x in lab if x != -100) for _, lab in chunk)
-                ids, mask, labels = batch(chunk, pad, device)
-                total += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()) * tokens
-                weight += tokens
-        loss = total / max(weight, 1)
-        self.eval_losses.append((step, loss))
-        return loss
-
-    def save_checkpoint(self, model: Any, optimizer: Any, step: int, total: int) -> None:
-        import torch
-
+    def place_checkpoint(self, saved: Path, step: int, total: int) -> None:
+        """Move the Trainer's complete checkpoint into ``checkpoints/checkpoint-N`` (one rename), and the whole
+        new fine-tune into place at its first checkpoint."""
         target = self.out / "checkpoints" / f"checkpoint-{step}"
-        with staging(target) as tmp:
-            save_adapter(model, tmp)
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            state = {"step": step, "total_steps": total, "losses": self.losses, "eval_losses": self.eval_losses,
-                     "options": self.opt, "saved_at": utc_now()}
-            write_json_atomic(tmp / STATE_FILE, state, mode=0o644)
-            publish(tmp, target)
+        publish(saved, target)
         if step not in self.checkpoints:
             self.checkpoints.append(step)
         self.write_meta("training", step)
@@ -377,31 +385,35 @@ class Run:
             self.out = self.root
         self.progress("checkpoint", f"checkpoint-{step} saved", step / total, step=step)
 
-    def publish_final(self, tokenizer: Any, total: int) -> None:
+    def publish_final(self, tokenizer: Any, losses: list[tuple[int, float]],
+                      eval_losses: list[tuple[int, float]]) -> None:
         """lora_weights/ = the last checkpoint's adapter plus the tokenizer; then the log and the final meta."""
         newest = self.out / "checkpoints" / f"checkpoint-{max(self.checkpoints)}"
         target = self.root / "lora_weights"
         with staging(target) as tmp:
             for item in newest.iterdir():
-                if item.name not in (OPTIMIZER_FILE, STATE_FILE):
+                if item.is_file() and item.name not in TRAINING_STATE_FILES and not item.name.startswith("rng_state"):
                     shutil.copy2(item, tmp / item.name)
             tokenizer.save_pretrained(tmp)
             publish(tmp, target)
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
-        lines = [f"{utc_now()} LoRA r={self.opt['rank']} alpha={self.opt['alpha']} on {self.job['base_ref']}, "
-                 f"lr={self.opt['lr']}, batch={self.opt['batch_size']}"]
-        lines += [f"step {s} loss {loss:.4f}" for s, loss in self.losses]
-        lines += [f"step {s} eval_loss {loss:.4f}" for s, loss in self.eval_losses]
+        opt = self.opt
+        lines = [f"{utc_now()} LoRA r={opt['rank']} alpha={opt['alpha']} on {self.job['base_ref']}, lr={opt['lr']} "
+                 f"({opt['lr_scheduler']}), batch={opt['batch_size']} x {opt['grad_accum']} accumulated"]
+        lines += [f"step {s} loss {loss:.4f}" for s, loss in losses]
+        lines += [f"step {s} eval_loss {loss:.4f}" for s, loss in eval_losses]
         (logs / "train.log").write_text("\n".join(lines) + "\n")
-        self.write_meta("done", total)
+        self.write_meta("done", max(self.checkpoints))
 
     def write_meta(self, status: str, steps: int) -> None:
+        opt = self.opt
         meta = {"model": self.job["base_ref"], "task": "sft", "status": status, "updated_at": utc_now(),
-                "lora_r": self.opt["rank"], "lora_alpha": self.opt["alpha"],
-                "target_modules": self.opt["target_modules"] or "all-linear", "learning_rate": self.opt["lr"],
-                "batch_size": self.opt["batch_size"], "max_length": self.opt["max_length"],
-                "seed": self.opt["seed"], "steps": steps, "rows": len(self.job["examples"])}
+                "lora_r": opt["rank"], "lora_alpha": opt["alpha"],
+                "target_modules": opt["target_modules"] or "all-linear", "learning_rate": opt["lr"],
+                "lr_scheduler": opt["lr_scheduler"], "batch_size": opt["batch_size"], "grad_accum": opt["grad_accum"],
+                "max_length": opt["max_length"], "precision": opt["precision"], "seed": opt["seed"], "steps": steps,
+                "rows": len(self.job["examples"])}
         write_json_atomic(self.out / META_FILE, meta, mode=0o644)
 
 

@@ -1,0 +1,95 @@
+"""The trainer options on real parts (the training child on the demo base, no vLLM server): what a user would
+check after setting each one.
+
+Marked ``vllm`` like test_finetune_control.py: each test loads torch in a training child, too slow for the
+fast suite. The option checks that need no child are in test_finetune_data.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sage_magic.core.config import Settings
+from sage_magic.core.errors import SageError
+from sage_magic.core.progress import Progress
+from sage_magic.core.staging import leftovers
+from sage_magic.finetune.demo import DEMO_BASE, DEMO_PROMPT, greedy_answer
+from sage_magic.finetune.train import TrainOptions, train
+
+from .test_finetune_loop import _workers
+
+pytestmark = pytest.mark.vllm
+
+PHRASE = "I am a parrot."
+
+
+@pytest.fixture
+def name(settings: Settings) -> Iterator[str]:
+    """A new fine-tune name, removed afterwards with its hidden siblings: the demo home is shared."""
+    fresh = f"opt_{uuid.uuid4().hex[:8]}"
+    yield fresh
+    root = settings.finetune_root / fresh
+    for folder in [root, *leftovers(root)]:
+        shutil.rmtree(folder, ignore_errors=True)
+    (settings.finetune_root / f".{fresh}.train.lock").unlink(missing_ok=True)
+    assert not _workers()
+
+
+def _trainer_state(root: Path, step: int) -> dict:
+    return json.loads((root / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+
+
+def test_grad_accum_counts_steps_and_the_schedule_shows_in_trainer_state(settings: Settings, name: str) -> None:
+    """4 rows, batch 1, 3 epochs: 12 batches, 6 optimizer steps with --grad-accum 2. Cosine with a third of the
+    steps warming up: the learning rate rises to --lr at step 2, then falls every step."""
+    rows = [(f"{DEMO_PROMPT} ({i})", PHRASE) for i in range(4)]
+    options = TrainOptions(epochs=3, lr=2e-3, batch_size=1, grad_accum=2, lr_scheduler="cosine",
+                           warmup_ratio=1 / 3, save_every=50)
+    result = train(settings, name, DEMO_BASE, rows, options)
+    assert not result.stopped and result.total_steps == result.steps == 6 and result.checkpoints == [6]
+    state = _trainer_state(result.root, 6)
+    rates = [entry["learning_rate"] for entry in state["log_history"] if "loss" in entry]
+    assert len(rates) == 6 and rates[1] == pytest.approx(2e-3)
+    assert rates[0] < rates[1] and all(a > b for a, b in zip(rates[1:], rates[2:]))
+    assert state["global_step"] == 6 and state["epoch"] == pytest.approx(3)
+
+
+def test_gradient_checkpointing_and_weight_decay_still_learn_the_phrase(settings: Settings, name: str) -> None:
+    options = TrainOptions(max_steps=40, lr=2e-3, batch_size=1, save_every=40, gradient_checkpointing=True,
+                           weight_decay=0.01, precision="fp32")
+    result = train(settings, name, DEMO_BASE, [(DEMO_PROMPT, PHRASE)], options)
+    assert result.adapter_dir is not None
+    assert greedy_answer(settings.models_root / DEMO_BASE, DEMO_PROMPT, result.adapter_dir) == PHRASE
+    assert json.loads((result.root / "finetune_meta.json").read_text())["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("options, message", [
+    (TrainOptions(load_in_4bit=True), r"--load-in-4bit \(QLoRA\) needs a CUDA GPU"),
+    (TrainOptions(precision="fp16"), "--precision fp16 needs a CUDA GPU"),
+    (TrainOptions(fsdp=True), "--fsdp shards the model over several processes"),
+])
+def test_what_this_machine_cannot_do_is_one_error_before_the_model_loads(settings: Settings, name: str,
+                                                                          options: TrainOptions, message: str) -> None:
+    if shutil.which("nvidia-smi"):
+        pytest.skip("a CUDA machine can do these")
+    events: list[Progress] = []
+    with pytest.raises(SageError, match=message):
+        train(settings, name, DEMO_BASE, [(DEMO_PROMPT, PHRASE)], options, progress=events.append)
+    assert not [e for e in events if e.phase in ("load", "train")]  # nothing was loaded, not even the tokenizer
+    assert not (settings.finetune_root / name).exists() and not leftovers(settings.finetune_root / name)
+
+
+def test_deepspeed_without_deepspeed_installed_is_one_error(settings: Settings, name: str, tmp_path: Path) -> None:
+    if shutil.which("deepspeed"):
+        pytest.skip("DeepSpeed is installed here")
+    config = tmp_path / "ds_zero2.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
+    with pytest.raises(SageError, match=r"--deepspeed .*ds_zero2\.json needs DeepSpeed, which is not installed"):
+        train(settings, name, DEMO_BASE, [(DEMO_PROMPT, PHRASE)], TrainOptions(deepspeed=str(config)))
+    assert not (settings.finetune_root / name).exists()
