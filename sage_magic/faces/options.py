@@ -251,6 +251,16 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true", help="continue NAME from its newest checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace an existing fine-tune NAME")
     add_report_to(group, TRACKERS, "the run (named NAME; tensorboard: NAME/runs/)")
+    spread = parser.add_argument_group("several processes and machines (torchrun)")
+    spread.add_argument("--processes", type=int, default=d.processes, metavar="N",
+                        help="data-parallel training processes on this machine: one per GPU (NCCL), or on CPU "
+                             "(gloo) a share of the cores each (default 1)")
+    spread.add_argument("--nnodes", type=int, default=d.nnodes, metavar="N",
+                        help="machines training together; run the same command on each (default 1)")
+    spread.add_argument("--node-rank", type=int, default=d.node_rank, metavar="R",
+                        help="this machine's number, 0 to N-1; machine 0 writes the fine-tune (default 0)")
+    spread.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                        help="where the machines meet: machine 0's address and a free port, the same on each")
 
 
 def train_options(args: argparse.Namespace) -> TrainOptions:
@@ -264,7 +274,8 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
                         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, precision=args.precision,
                         gradient_checkpointing=args.gradient_checkpointing, packing=args.packing,
                         load_in_4bit=args.load_in_4bit, deepspeed=args.deepspeed, fsdp=args.fsdp,
-                        report_to=tuple(args.report_to))
+                        report_to=tuple(args.report_to), processes=args.processes, nnodes=args.nnodes,
+                        node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint)
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
