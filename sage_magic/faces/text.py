@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     from ..evals.evaluate import EvalResult
+    from ..finetune.train import TrainResult
     from ..serving.servers import ServerStatus
 
 SERVER_HEADERS = ("ID", "NAME", "MODE", "ADAPTERS", "PORT", "PID", "OWNERS", "UP", "MEMORY", "STATE", "UNTIL")
@@ -87,3 +88,13 @@ def summary_notes(result: EvalResult) -> list[str]:
 
 def saved_note(path: object) -> str:
     return f"Saved to {path}"
+
+
+def adapter_note(result: "TrainResult") -> str:
+    """Where a training's adapter is, or why this caller has none: a helper machine of a several-machine run
+    (machine 0 writes it), or a run stopped before its first checkpoint."""
+    if result.adapter_dir is not None:
+        return str(result.adapter_dir)
+    if result.options.node_rank > 0:
+        return f"on machine 0 of {result.options.nnodes} (this is --node-rank {result.options.node_rank})"
+    return "none (stopped before its first checkpoint)"

@@ -42,7 +42,7 @@ from ..core.errors import NotFound, SageError
 from ..core.files import LockBusy, exclusive
 from ..core.processes import death_signal
 from ..core.progress import Progress, ProgressCallback, silent
-from ..core.staging import sweep_leftovers
+from ..core.staging import staging, sweep_leftovers
 from ..core.tables import Table, is_missing
 from ..tracking.report import check_installed, trackers, training_env
 from . import launch
@@ -303,7 +303,10 @@ def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
     root = Path(job["root"])
     with _training_lock(settings, name):
         try:
-            result = _run_child(settings, job, progress, cancel, kill)
+            # The Trainer's checkpoints are written here, beside NAME/, and each is renamed into place whole; one
+            # folder for all the child's processes (each saves its RNG state into the checkpoint).
+            with staging(root) as scratch:
+                result = _run_child(settings, {**job, "scratch": str(scratch)}, progress, cancel, kill)
         finally:  # a killed child leaves its hidden scratch and staging folders; the lock is still ours
             sweep_leftovers(root)
     state = "stopped" if result["stopped"] else "done"

@@ -234,8 +234,9 @@ class Run:
         #: Where this run writes: ``root`` itself when resuming, else a hidden staging sibling until the first
         #: checkpoint is complete, when it is renamed to ``root`` (see ``place_checkpoint``).
         self.out = self.root
-        #: Where the Trainer saves; each checkpoint is moved from there into place once complete.
-        self.scratch = self.root
+        #: Where the Trainer saves; each checkpoint is moved from there into place once complete. Made by the
+        #: parent, so that every process of this machine saves its part (its RNG state) into the same folder.
+        self.scratch = Path(job["scratch"])
         self.slowest_step = 0.0
         self.trainer: Any = None
         self.step_sleep = float(os.environ.get("SAGE_TEST_STEP_SLEEP") or 0)  # test hook, see the docstring
@@ -245,13 +246,11 @@ class Run:
                    "data": data or None})
 
     def run(self) -> dict[str, Any]:
-        # The Trainer writes checkpoints into a scratch folder beside NAME/; each is renamed into place whole.
-        with staging(self.root) as self.scratch:
-            if self.job["resume"]:
-                return self.train()
-            # A new folder is built beside NAME/ and removed here unless its first checkpoint renamed it into place.
-            with staging(self.root) as self.out:
-                return self.train()
+        if self.job["resume"]:
+            return self.train()
+        # A new folder is built beside NAME/ and removed here unless its first checkpoint renamed it into place.
+        with staging(self.root) as self.out:
+            return self.train()
 
     def train(self) -> dict[str, Any]:
         from transformers import AutoTokenizer
