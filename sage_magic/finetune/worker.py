@@ -172,8 +172,9 @@ def _events_class() -> type:
             if _everyone(self.run.stop.is_set(), args.device):
                 self.run.stopped = True
                 control.should_training_stop = True
-                # A run not yet in place has no checkpoint to continue: stopping it leaves NAME/ as it was.
-                control.should_save = control.should_save or self.run.out == self.run.root
+                # A run not yet in place has no checkpoint to continue: stopping it leaves NAME/ as it was. Asked
+                # of every rank alike (saving is collective): only rank 0 knows where NAME/ is.
+                control.should_save = control.should_save or self.run.in_place
             if state.global_step >= state.max_steps:
                 control.should_save = True
                 control.should_evaluate = self.run.eval_rows > 0
@@ -188,6 +189,7 @@ def _events_class() -> type:
                 self.eval_loss = float(logs["eval_loss"])
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.run.in_place = True
             _barrier()  # every rank has written its part (its RNG state) before rank 0 moves the folder
             if state.is_world_process_zero:
                 self.run.place_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}",
@@ -238,6 +240,8 @@ class Run:
         #: parent, so that every process of this machine saves its part (its RNG state) into the same folder.
         self.scratch = Path(job["scratch"])
         self.slowest_step = 0.0
+        #: Whether NAME/ holds a checkpoint of this run (resumed, or one saved), known alike on every rank.
+        self.in_place = bool(job["resume"])
         self.trainer: Any = None
         self.step_sleep = float(os.environ.get("SAGE_TEST_STEP_SLEEP") or 0)  # test hook, see the docstring
 
