@@ -26,16 +26,14 @@ EXPERT = DEMO_ANSWERS["demo_expert"]
 
 READ_RUN = """
 import json, sys
-import mlflow
 from mlflow.tracking import MlflowClient
 uri, experiment = sys.argv[1], sys.argv[2]
 client = MlflowClient(uri)
 found = client.get_experiment_by_name(experiment)
 runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"])
 run = runs[0]
-mlflow.set_tracking_uri(uri)
-tables = {name: mlflow.load_table(name, run_ids=[run.info.run_id], experiment_ids=[found.experiment_id])
-          .drop(columns=["run_id"]).to_dict("list") for name in ("summary.json", "rows.json")}
+tables = {name: client.load_table(found.experiment_id, name, run_ids=[run.info.run_id])
+          .to_dict("list") for name in ("summary.json", "rows.json")}
 print(json.dumps({"runs": len(runs), "name": run.info.run_name, "metrics": run.data.metrics,
                   "params": run.data.params, "tags": run.data.tags, "tables": tables,
                   "artifacts": found.artifact_location}, default=str))
@@ -83,7 +81,7 @@ def test_report_to_accepts_the_trackers_and_refuses_others_in_both_faces(tmp_pat
 
 
 def test_a_tracker_the_training_python_cannot_import_is_one_paragraph_before_anything_starts(
-        shell: InteractiveShell, tmp_path: Path) -> None:
+        shell: InteractiveShell, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bare = _python_without_site_packages(tmp_path)
     with pytest.raises(SageError) as caught:
         check_installed(bare, ["none", "tensorboard", "mlflow"])
@@ -93,8 +91,8 @@ def test_a_tracker_the_training_python_cannot_import_is_one_paragraph_before_any
     check_installed(sys.executable, ["tensorboard", "mlflow"])  # this venv has the tracking extra
 
     # through the magic: refused before the (missing) base is even looked at
-    shell.run_cell("import os, pandas as pd; rows = pd.DataFrame({'prompt': ['hi'], 'response': ['there']})")
-    shell.run_cell(f"os.environ['SAGE_PYTHON'] = {bare!r}")
+    shell.run_cell("import pandas as pd; rows = pd.DataFrame({'prompt': ['hi'], 'response': ['there']})")
+    monkeypatch.setenv("SAGE_PYTHON", bare)
     result = shell.run_cell("%sage finetune train n --base no-such-base --data rows --report-to mlflow")
     assert isinstance(result.error_in_exec, SageError) and "needs mlflow-skinny" in str(result.error_in_exec)
 
