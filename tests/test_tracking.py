@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,52 @@ def test_a_tracker_the_training_python_cannot_import_is_one_paragraph_before_any
     monkeypatch.setenv("SAGE_PYTHON", bare)
     result = shell.run_cell("%sage finetune train n --base no-such-base --data rows --report-to mlflow")
     assert isinstance(result.error_in_exec, SageError) and "needs mlflow-skinny" in str(result.error_in_exec)
+
+
+# --- training runs logged to TensorBoard and MLflow, read back --------------------------------------------
+
+
+READ_LOSS = """
+import json, sys
+from mlflow.tracking import MlflowClient
+client = MlflowClient(sys.argv[1])
+found = client.get_experiment_by_name(sys.argv[2])
+(run,) = client.search_runs([found.experiment_id])
+print(json.dumps({"name": run.info.run_name, "tags": run.data.tags, "params": run.data.params,
+                  "loss": [[m.step, m.value] for m in client.get_metric_history(run.info.run_id, "loss")]}))
+"""
+
+
+@pytest.mark.vllm  # no server: marked with the other training tests, as slow
+def test_training_report_to_tensorboard_and_mlflow_logs_every_loss(demo_home: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sage_magic.finetune.train import TrainOptions, train
+
+    home = tmp_path / "home"
+    shutil.copytree(demo_home / "models", home / "models")
+    settings = make_settings(home, tmp_path / "run")
+    options = TrainOptions(max_steps=6, lr=2e-3, batch_size=1, save_every=3, report_to=("tensorboard", "mlflow"))
+    result = train(settings, "tracked", DEMO_BASE, [(DEMO_PROMPT, EXPERT)], options)
+    steps, losses = [s for s, _ in result.losses], [loss for _, loss in result.losses]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+    # TensorBoard: in the fine-tune's runs/ folder, every step's loss, across the rename at the first checkpoint
+    (logdir,) = (home / "finetune_output" / "tracked" / "runs").iterdir()
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    logged = events.Scalars("train/loss")
+    assert [s.step for s in logged] == steps and [s.value for s in logged] == pytest.approx(losses)
+
+    # MLflow: SAGE_HOME's database, a run named after the fine-tune, the same losses
+    out = subprocess.run([sys.executable, "-c", READ_LOSS, settings.tracking_uri, "sage-finetune"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    run = json.loads(out.stdout)
+    assert run["name"] == "tracked" and run["tags"]["sage.finetune"] == "tracked"
+    assert run["tags"]["sage.base"] == DEMO_BASE and run["params"]["max_steps"] == "6"
+    assert [s for s, _ in run["loss"]] == steps and [v for _, v in run["loss"]] == pytest.approx(losses)
+    assert not list(Path.cwd().glob("mlruns")) and (home / "mlflow.db").is_file()
 
 
 # --- eval runs logged to MLflow, read back -------------------------------------------------------------------
