@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytest.importorskip("trl")
@@ -25,7 +28,7 @@ from sage_magic.evals.evaluate import ask
 from sage_magic.finetune.demo import DEMO_BASE, DEMO_PROMPT
 from sage_magic.finetune.train import TrainOptions, TrainResult, train
 from sage_magic.serving.manager import Manager
-from tests.conftest import make_settings
+from tests.conftest import env_for, make_settings, wait_until
 
 PHRASE = "I am a parrot."
 #: The recipe the demo base learns one phrase with (see test_finetune_loop), here over two processes.
@@ -114,6 +117,40 @@ def test_a_stop_reaches_both_processes_at_the_same_step(settings: Settings, monk
     assert not resumed.stopped and resumed.steps == result.steps + 4
     steps = [s for s, _ in resumed.losses]  # the curve goes on from the stop: no step twice, none missing
     assert steps == list(range(1, result.steps + 5))
+
+
+def _training_processes(home: Path) -> list[psutil.Process]:
+    """torchrun and its workers training under ``home`` (found by their environment: they outlive the caller)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("SAGE_HOME") == str(home) and "sage_magic.finetune.worker" in " ".join(
+                    proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.vllm  # no server: marked with the other training tests, as slow
+def test_the_callers_death_ends_every_training_process(demo_home: Path, tmp_path: Path) -> None:
+    """A kernel killed outright (SIGKILL: no code of ours runs) while two processes train: none outlives it."""
+    home = tmp_path / "home"
+    shutil.copytree(demo_home / "models", home / "models")
+    data = tmp_path / "rows.csv"
+    data.write_text(f"prompt,response\n{DEMO_PROMPT},{PHRASE}\n")
+    env = {**env_for(make_settings(home, tmp_path / "run")), "SAGE_TEST_STEP_SLEEP": "0.5"}
+    caller = subprocess.Popen([sys.executable, "-m", "sage_magic.cli.main", "finetune", "train", "dying", "--base",
+                               DEMO_BASE, "--data", str(data), "--max-steps", "500", "--processes", "2"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert caller.stdout is not None
+    for line in caller.stdout:  # until the first step: torchrun and both workers are up
+        if "step 1/500" in line:
+            break
+    assert len(_training_processes(home)) == 3  # torchrun and its two workers
+    caller.kill()
+    caller.wait()
+    assert wait_until(lambda: not _training_processes(home), 20), _training_processes(home)
 
 
 # --- two machines (here: two homes on the loopback address) ---------------------------------------------
