@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Union
@@ -240,7 +240,7 @@ def _job(settings: Settings, name: str, base: str | None, rows: Sequence[Row], o
     examples = normalize_rows(rows)
     root = settings.finetune_root / name
     resume_from, existing = None, []
-    if root.exists() and not (options.overwrite or options.resume):
+    if root.exists() and not (options.overwrite or options.resume or options.node_rank > 0):
         raise SageError(f"A fine-tune named {name!r} already exists at {root}. Pick another name, add --resume to "
                         "continue its training from its newest checkpoint, or --overwrite to replace it.")
     if options.resume:
@@ -301,14 +301,19 @@ def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
     """Train LoRA fine-tune NAME on ``base`` from ``rows`` in a child process; see the module docstring."""
     job = _job(settings, name, base, rows, options)
     root = Path(job["root"])
-    with _training_lock(settings, name):
+    # A helper machine of a several-machine run (--node-rank above 0) never writes NAME/: it takes no lock and
+    # sweeps nothing, so that a SAGE_HOME shared with machine 0 (a cluster's network file system) stays its.
+    helper = options.node_rank > 0
+    settings.finetune_root.mkdir(parents=True, exist_ok=True)
+    with nullcontext() if helper else _training_lock(settings, name):
         try:
             # The Trainer's checkpoints are written here, beside NAME/, and each is renamed into place whole; one
             # folder for all the child's processes (each saves its RNG state into the checkpoint).
             with staging(root) as scratch:
                 result = _run_child(settings, {**job, "scratch": str(scratch)}, progress, cancel, kill)
         finally:  # a killed child leaves its hidden scratch and staging folders; the lock is still ours
-            sweep_leftovers(root)
+            if not helper:
+                sweep_leftovers(root)
     state = "stopped" if result["stopped"] else "done"
     progress(Progress("done", f"{name}: training {state} at step {result['steps']}/{result['total_steps']} in "
                               f"{result['seconds']:.1f} s", result["steps"] / result["total_steps"],
