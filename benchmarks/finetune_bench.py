@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,8 +117,9 @@ def torch_child(*args: str) -> dict:
 
 def engine_speed(settings: Settings, name: str, base: str, steps: int, row: tuple[str, str] = SPEED_ROW,
                  **options: Any) -> tuple[float, Any]:
-    """Steps per second of the engine's steady state: between the first progress event after two warm-up
-    steps and the last one before the final step (whose event comes after the final save)."""
+    """Steps per second of the engine's median step, from the times of its progress events for consecutive
+    steps from step 2 to the one before the last (start-up and the final save left out). Events come at most
+    every 0.2 s, so on a tiny model an interval spans several steps: it counts as their mean."""
     seen: list[tuple[float, int]] = []
 
     def on_progress(event: Progress) -> None:
@@ -129,8 +131,8 @@ def engine_speed(settings: Settings, name: str, base: str, steps: int, row: tupl
                                                             save_every=10 * steps, max_length=1024, **options),
                    on_progress)
     window = [(t, s) for t, s in seen if 2 <= s < result.total_steps]
-    (t0, s0), (t1, s1) = window[0], window[-1]
-    return (s1 - s0) / (t1 - t0), result
+    per_step = [(t1 - t0) / (s1 - s0) for (t0, s0), (t1, s1) in zip(window, window[1:])]
+    return 1 / statistics.median(per_step), result
 
 
 def bench_speed(settings: Settings, short: bool) -> None:

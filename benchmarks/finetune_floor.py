@@ -8,7 +8,8 @@ template (offline, seconds): big enough that a per-step cost of the training eng
 for 2 CPUs. ``floor`` is the throughput floor the engine is measured against: a bare PyTorch loop (forward,
 backward, AdamW) on the same LoRA model (every linear layer, as the engine's default), batch and row (the
 conversation through the chat template, so the same sequence length), with nothing else (no data pipeline, no
-callbacks, no clipping, no logging). It prints one JSON line, with the row's length in tokens.
+callbacks, no clipping, no logging). It prints one JSON line: the median step's tokens/s, and the row's
+length in tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,11 +67,14 @@ def floor(base: Path, prompt: str, response: str, batch: int, steps: int, thread
 
     for _ in range(2):  # warm-up: allocator, AdamW state
         step()
-    began = time.perf_counter()
+    times = []
     for _ in range(steps):
+        began = time.perf_counter()
         step()
-    seconds = time.perf_counter() - began
-    print(json.dumps({"seq": len(row), "tokens_per_s": steps * batch * len(row) / seconds, "step_s": seconds / steps,
+        times.append(time.perf_counter() - began)
+    # the median step: a burst of other work on a shared machine moves the mean, hardly the median
+    median = statistics.median(times)
+    print(json.dumps({"seq": len(row), "tokens_per_s": batch * len(row) / median, "step_s": median,
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
