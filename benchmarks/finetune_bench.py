@@ -213,6 +213,58 @@ def bench_stop(settings: Settings) -> None:
            seconds <= 1.0)
 
 
+class WorkerPeaks:
+    """Peak RSS of every training process (the worker, or each one torchrun starts), polled every 50 ms from
+    outside: a process's own ru_maxrss reaches the caller from rank 0 only. torchrun itself is left out."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[int, int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    line = " ".join(proc.cmdline())
+                    if "sage_magic.finetune.worker" in line and "torch.distributed.run" not in line:
+                        self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), proc.memory_info().rss)
+                except psutil.Error:
+                    pass
+
+    def __enter__(self) -> "WorkerPeaks":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def bench_processes(settings: Settings, steps: int) -> None:
+    """--processes 2 (torchrun, gloo) against one process, same rows and steps: the peak RSS of each training
+    process (each holds a whole model: data parallel), and the rows per second of the whole run."""
+    big = settings.models_root / "bench-60m"
+    base, label = (str(big), "60M base") if big.is_dir() else (DEMO_BASE, "demo base")
+    rows = [SPEED_ROW] * (4 * SPEED_BATCH)
+    figures = {}
+    for processes in (1, 2):
+        with WorkerPeaks() as peaks:
+            result = train(settings, f"bench_procs_{processes}", base, rows,
+                           TrainOptions(max_steps=steps, lr=1e-4, batch_size=SPEED_BATCH, save_every=10 * steps,
+                                        processes=processes))
+        figures[processes] = (sorted(peaks.peaks.values()), processes * SPEED_BATCH * result.steps / result.seconds)
+    (floor,), rows_1 = figures[1]
+    several, rows_2 = figures[2]
+    assert len(several) == 2, f"expected 2 training processes, saw {len(several)}"
+    worst = max(several)
+    report(f"--processes 2 peak RSS per process ({label})",
+           f"{' / '.join(f'{p / MIB:.0f}' for p in several)} vs 1 process {floor / MIB:.0f} MiB "
+           f"({worst / floor:.2f}x)", "<= 1.10x (each holds one model)", worst <= 1.10 * floor)
+    report(f"--processes 2 rows/s ({label}, batch {SPEED_BATCH} each)",
+           f"{rows_2:.1f} vs 1 process {rows_1:.1f} ({rows_2 / rows_1:.2f}x, {os.cpu_count()} CPUs)", "report", None)
+
+
 def bench_handover(manager: Manager) -> None:
     manager.serve_finetune("demo_expert")  # the base server, running (its start is not what is measured)
     started = time.monotonic()
@@ -292,6 +344,7 @@ def main() -> int:
             bench_checkpointing(settings)
             bench_resume(settings)
             bench_stop(settings)
+            bench_processes(settings, 6 if args.short else 12)
         if args.only != "train":
             if args.only == "serve":
                 bench_train(settings, 4)  # the adapter handed over

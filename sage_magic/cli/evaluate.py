@@ -14,6 +14,7 @@ from ..evals.evaluate import EvalInterrupted, EvalResult, check_save_path, evalu
 from ..faces.options import add_eval_options, model_names
 from ..faces.text import SUMMARY_HEADERS, saved_note, summary_notes, summary_rows, summary_title, table
 from ..serving.manager import Manager
+from ..tracking.report import check_installed, log_eval, trackers
 from .output import TerminalProgress
 
 
@@ -26,11 +27,12 @@ def define(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Print the results (partial after Ctrl-C: exit 130), then save them: a failed save is reported after the
-    results it could not write (exit 2), never instead of them."""
+    """Print the results (partial after Ctrl-C: exit 130), then save and log them: a failed save or log is
+    reported after the results it could not keep (exit 2), never instead of them."""
     items = items_from_table(read_table(args.data), args.prompt_col, args.expected_col)
     if args.save:
         check_save_path(args.save)
+    check_installed(settings.python, args.report_to)
     progress = TerminalProgress()
     manager = Manager(settings)
     try:
@@ -45,9 +47,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         manager.close(wait=True)
     print(json.dumps(result.to_json(), indent=1) if args.json else render_summary(result), flush=True)
     status = 130 if result.cancelled else 0
-    if args.save:
+    keep = [lambda: saved_note(result.save(args.save))] if args.save else []
+    if "mlflow" in trackers(args.report_to):
+        keep.append(lambda: log_eval(settings, result))
+    for step in keep:
         try:
-            print(saved_note(result.save(args.save)), file=sys.stderr)
+            print(step(), file=sys.stderr)
         except SageError as error:
             print(f"sage: {error}", file=sys.stderr)
             status = status or 2

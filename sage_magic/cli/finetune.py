@@ -7,7 +7,7 @@ import json
 
 from ..core.config import Settings
 from ..faces.options import add_train_options, port, train_options
-from ..faces.text import table
+from ..faces.text import adapter_note, table
 from ..finetune.catalog import get_finetune, list_finetunes
 from . import chat
 from .output import TerminalProgress
@@ -68,8 +68,9 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     last = f", last loss {result.losses[-1][1]:.4f}" if result.losses else ""
     evals = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
     print(f"{args.name}: {result.steps}/{result.total_steps} steps on {result.device} in {result.seconds:.1f} s"
-          f"{last}{evals}; adapter at {result.adapter_dir}")
-    print(f"Try: sage chat --finetune-model {args.name}")
+          f"{last}{evals}; adapter: {adapter_note(result)}")
+    if result.adapter_dir is not None:
+        print(f"Try: sage chat --finetune-model {args.name}")
     return 0
 
 

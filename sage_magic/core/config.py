@@ -200,6 +200,7 @@ class Settings:
     prewarm: tuple[str, ...] = ()  # fine-tunes a notebook starts (or reuses) in the background at %load_ext
     stop_grace: float = 10.0
     start_log: Path | None = None  # every server start appends JSON lines here (its start, readiness, exit)
+    mlflow_uri: str | None = field(default=None, repr=False)  # MLFLOW_TRACKING_URI: may carry a password
     extra_env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold tokens: never in a repr
 
     @property
@@ -218,6 +219,12 @@ class Settings:
     def embedder_cache(self) -> Path:
         """Embedding models converted for a faster backend (the int8 ONNX exports), made once per model."""
         return self.home / "cache" / "embedders"
+
+    @property
+    def tracking_uri(self) -> str:
+        """Where ``--report-to mlflow`` logs: MLFLOW_TRACKING_URI, else a SQLite file in SAGE_HOME (MLflow 3
+        refuses its old folder store unless told otherwise, and its SQL store needs no server)."""
+        return self.mlflow_uri or f"sqlite:///{(self.home / 'mlflow.db').absolute()}"
 
     def with_(self, **changes: object) -> "Settings":
         """A copy with some fields changed (faces apply command-line options this way)."""
@@ -267,6 +274,7 @@ class Settings:
             debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,
             prewarm=tuple(name.strip() for name in (env.get("SAGE_PREWARM") or "").split(",") if name.strip()),
             start_log=Path(env["SAGE_START_LOG"]) if env.get("SAGE_START_LOG") else None,
+            mlflow_uri=env.get("MLFLOW_TRACKING_URI") or None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("home", "runtime_dir"):

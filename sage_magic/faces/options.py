@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..core.config import MAX_TOP_K, MIN_TOP_K, Settings, check_port, parse_duration, split_vllm_args
 from ..core.errors import SageError
+from ..tracking.report import TRACKERS
 
 if TYPE_CHECKING:
     from ..finetune.train import TrainOptions
@@ -188,6 +189,13 @@ def _modules(text: str) -> tuple[str, ...]:
     return names
 
 
+def add_report_to(parser: Any, choices: tuple[str, ...], what: str) -> None:
+    """``--report-to``, repeatable, for training (every tracker) and evaluation (MLflow): one definition."""
+    parser.add_argument("--report-to", action="append", choices=choices, default=[], metavar="TRACKER",
+                        help=f"log {what} to {'|'.join(choices)}; repeatable (default none). MLflow: "
+                             "MLFLOW_TRACKING_URI, else $SAGE_HOME/mlflow.db")
+
+
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """Flags of `sage finetune train` and `%sage finetune train` (the data source itself is the face's)."""
     from ..finetune.train import LR_SCHEDULERS, PRECISIONS, TrainOptions
@@ -243,6 +251,17 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="shard the model with FSDP over several processes (passed to the Trainer)")
     group.add_argument("--resume", action="store_true", help="continue NAME from its newest checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace an existing fine-tune NAME")
+    add_report_to(group, TRACKERS, "the run (named NAME; tensorboard: NAME/runs/)")
+    spread = parser.add_argument_group("several processes and machines (torchrun)")
+    spread.add_argument("--processes", type=int, default=d.processes, metavar="N",
+                        help="data-parallel training processes on this machine: one per GPU (NCCL), or on CPU "
+                             "(gloo) a share of the cores each (default 1)")
+    spread.add_argument("--nnodes", type=int, default=d.nnodes, metavar="N",
+                        help="machines training together; run the same command on each (default 1)")
+    spread.add_argument("--node-rank", type=int, default=d.node_rank, metavar="R",
+                        help="this machine's number, 0 to N-1; machine 0 writes the fine-tune (default 0)")
+    spread.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                        help="where the machines meet: machine 0's address and a free port, the same on each")
 
 
 def train_options(args: argparse.Namespace) -> TrainOptions:
@@ -255,7 +274,9 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
                         overwrite=args.overwrite, grad_accum=args.grad_accum, lr_scheduler=args.lr_scheduler,
                         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, precision=args.precision,
                         gradient_checkpointing=args.gradient_checkpointing, packing=args.packing,
-                        load_in_4bit=args.load_in_4bit, deepspeed=args.deepspeed, fsdp=args.fsdp)
+                        load_in_4bit=args.load_in_4bit, deepspeed=args.deepspeed, fsdp=args.fsdp,
+                        report_to=tuple(args.report_to), processes=args.processes, nnodes=args.nnodes,
+                        node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint)
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -275,6 +296,7 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", metavar="URL", help="endpoint of openai:MODEL entries, e.g. http://host:8000/v1")
     _add_api_key(parser, "the API key of --base-url")
     parser.add_argument("--save", metavar="PATH", help="write results and model fingerprints as JSON")
+    add_report_to(parser, ("none", "mlflow"), "the summary, every row and the models' fingerprints as a run")
 
 
 def model_names(text: str) -> list[str]:

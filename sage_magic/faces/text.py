@@ -13,6 +13,7 @@ from ..core.errors import fold
 
 if TYPE_CHECKING:
     from ..evals.evaluate import EvalResult
+    from ..finetune.train import TrainResult
     from ..serving.servers import ServerStatus
 
 SERVER_HEADERS = ("ID", "NAME", "MODE", "ADAPTERS", "PORT", "PID", "OWNERS", "UP", "MEMORY", "STATE", "UNTIL")
@@ -123,3 +124,13 @@ def feedback_summary(rows: Sequence[dict]) -> list[tuple[str, ...]]:
         return value if len(value) <= 40 else value[:39] + "…"
     return [(r["time"], r["finetune"] or r["model"], r["rating"] or "-", cut(r["prompt"]), cut(r["answer"]),
              cut(r["correction"]) or "-") for r in rows]
+
+
+def adapter_note(result: "TrainResult") -> str:
+    """Where a training's adapter is, or why this caller has none: a helper machine of a several-machine run
+    (machine 0 writes it), or a run stopped before its first checkpoint."""
+    if result.adapter_dir is not None:
+        return str(result.adapter_dir)
+    if result.options.node_rank > 0:
+        return f"on machine 0 of {result.options.nnodes} (this is --node-rank {result.options.node_rank})"
+    return "none (stopped before its first checkpoint)"

@@ -49,7 +49,8 @@ def torch_session(seed: int) -> Iterator[None]:
 
     threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     idle = (os.cpu_count() or 1) - int(os.getloadavg()[0])
-    torch.set_num_threads(max(1, min(4, idle)))
+    share = idle // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes split the idle cores
+    torch.set_num_threads(max(1, min(4, share)))
     hf_logging.disable_progress_bar()
     try:
         with torch.random.fork_rng(devices=[]):

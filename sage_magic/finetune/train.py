@@ -2,7 +2,8 @@
 
 ``train`` checks everything it can without a model (the name, the base, the rows, the options) and raises one
 :class:`SageError` before anything slow starts; then it runs ``python -m sage_magic.finetune.worker`` (see
-there for the file layout and the stop protocol), turns its JSON-line events into :class:`Progress` events
+there for the file layout and the stop protocol; with ``--processes``/``--nnodes``, torchrun starts it, see
+``launch``), turns its JSON-line events into :class:`Progress` events
 (``data`` holds step, epoch, loss, eval loss, ETA) and returns a :class:`TrainResult`. The engine in the child
 is TRL's SFTTrainer (``engine``); ``--resume`` goes through the Trainer's own resume from the newest checkpoint.
 The child tokenizes every row before the first step, so a row longer than ``max_length`` is also refused
@@ -31,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Union
@@ -41,8 +42,10 @@ from ..core.errors import NotFound, SageError
 from ..core.files import LockBusy, exclusive
 from ..core.processes import death_signal
 from ..core.progress import Progress, ProgressCallback, silent
-from ..core.staging import sweep_leftovers
+from ..core.staging import staging, sweep_leftovers
 from ..core.tables import Table, is_missing
+from ..tracking.report import check_installed, trackers, training_env
+from . import launch
 from .catalog import META_FILE, checkpoints_of, get_finetune, read_json, resolve_base
 
 Messages = list[dict[str, str]]
@@ -94,6 +97,11 @@ class TrainOptions:
     load_in_4bit: bool = False
     deepspeed: str | None = None
     fsdp: bool = False
+    report_to: tuple[str, ...] = ()  # trackers (sage_magic.tracking.report.TRACKERS); the run is named NAME
+    processes: int = 1  # per machine (sage_magic.finetune.launch)
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None  # HOST:PORT of machine 0, when nnodes > 1
 
 
 @dataclass
@@ -205,6 +213,7 @@ def _check_options(settings: Settings, options: TrainOptions) -> None:
         problems += _deepspeed_problems(options.deepspeed)
     if options.resume and options.overwrite:
         problems.append("--resume continues a run and --overwrite replaces it: give one of them")
+    problems.extend(launch.problems(options))
     if problems:
         raise SageError("Cannot train with these options: " + "; ".join(problems) + ".")
     if options.rank > settings.max_lora_rank:
@@ -227,10 +236,11 @@ def _job(settings: Settings, name: str, base: str | None, rows: Sequence[Row], o
     """Validate everything that needs no model and build the child's job."""
     check_name(name)
     _check_options(settings, options)
+    check_installed(settings.python, options.report_to)
     examples = normalize_rows(rows)
     root = settings.finetune_root / name
     resume_from, existing = None, []
-    if root.exists() and not (options.overwrite or options.resume):
+    if root.exists() and not (options.overwrite or options.resume or options.node_rank > 0):
         raise SageError(f"A fine-tune named {name!r} already exists at {root}. Pick another name, add --resume to "
                         "continue its training from its newest checkpoint, or --overwrite to replace it.")
     if options.resume:
@@ -256,7 +266,7 @@ def _job(settings: Settings, name: str, base: str | None, rows: Sequence[Row], o
     opts["target_modules"] = list(options.target_modules) if options.target_modules else None
     opts["deepspeed"] = str(Path(options.deepspeed).resolve()) if options.deepspeed else None
     return {"root": str(root), "name": name, "base_ref": base, "base_path": str(base_path), "examples": examples,
-            "report_to": [],  # tracking integrations for the Trainer (SFTConfig.report_to)
+            "report_to": list(trackers(options.report_to)),  # the Trainer's integrations (SFTConfig.report_to)
             "row_numbers": list(range(1, len(examples) + 1)), "eval_rows": eval_rows, "options": opts,
             "resume": options.resume, "overwrite": options.overwrite, "resume_from": resume_from,
             "existing_checkpoints": existing}
@@ -291,11 +301,19 @@ def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
     """Train LoRA fine-tune NAME on ``base`` from ``rows`` in a child process; see the module docstring."""
     job = _job(settings, name, base, rows, options)
     root = Path(job["root"])
-    with _training_lock(settings, name):
+    # A helper machine of a several-machine run (--node-rank above 0) never writes NAME/: it takes no lock and
+    # sweeps nothing, so that a SAGE_HOME shared with machine 0 (a cluster's network file system) stays its.
+    helper = options.node_rank > 0
+    settings.finetune_root.mkdir(parents=True, exist_ok=True)
+    with nullcontext() if helper else _training_lock(settings, name):
         try:
-            result = _run_child(settings, job, progress, cancel, kill)
+            # The Trainer's checkpoints are written here, beside NAME/, and each is renamed into place whole; one
+            # folder for all the child's processes (each saves its RNG state into the checkpoint).
+            with staging(root) as scratch:
+                result = _run_child(settings, {**job, "scratch": str(scratch)}, progress, cancel, kill)
         finally:  # a killed child leaves its hidden scratch and staging folders; the lock is still ours
-            sweep_leftovers(root)
+            if not helper:
+                sweep_leftovers(root)
     state = "stopped" if result["stopped"] else "done"
     progress(Progress("done", f"{name}: training {state} at step {result['steps']}/{result['total_steps']} in "
                               f"{result['seconds']:.1f} s", result["steps"] / result["total_steps"],
@@ -313,26 +331,19 @@ def train(settings: Settings, name: str, base: str | None, rows: Sequence[Row],
 class _Child:
     """The running worker: its events as they arrive, and the way to ask it to stop."""
 
-    def __init__(self, settings: Settings, log: IO[bytes]) -> None:
-        env = {**os.environ, **settings.extra_env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.proc = subprocess.Popen([settings.python, "-m", "sage_magic.finetune.worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True,
-                                     preexec_fn=death_signal())
+    def __init__(self, settings: Settings, log: IO[bytes], job_file: str, options: dict[str, Any],
+                 tracking: dict[str, str]) -> None:
+        env = {**os.environ, **settings.extra_env, **tracking, launch.JOB_ENV: job_file, "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1"}
+        command = launch.command(settings.python, options["processes"], options["nnodes"], options["node_rank"],
+                                 options["rdzv_endpoint"])
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
+                                     start_new_session=True, preexec_fn=death_signal())
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._fd = self.proc.stdout.fileno()
         self._buffer = b""
         self.eof = False
         self.stop_sent = False
-
-    def send(self, job: dict) -> None:
-        """The job, on the child's stdin. A child that died first (at import) closes the pipe: the caller
-        then reads its log for the cause, so a broken pipe is not an error here."""
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write((json.dumps(job) + "\n").encode())
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            pass
 
     def events(self, timeout: float) -> list[dict]:
         """Events that arrived within ``timeout`` seconds ([] if none); sets ``eof`` when the child is done."""
@@ -387,12 +398,14 @@ def stop_grace(slowest_step: float | None) -> float:
 
 def _run_child(settings: Settings, job: dict, progress: ProgressCallback,
                cancel: threading.Event | None, kill: threading.Event | None) -> dict:
-    with tempfile.TemporaryFile() as log:
-        child = _Child(settings, log)
+    with tempfile.TemporaryFile() as log, tempfile.NamedTemporaryFile("w", suffix=".json") as job_file:
+        json.dump(job, job_file)  # a file, not stdin: under torchrun every process reads it (0600: mkstemp's)
+        job_file.flush()
+        child = _Child(settings, log, job_file.name, job["options"],
+                       training_env(settings, job["report_to"], job["name"], job["base_ref"]))
         interrupted, killed, outcome = False, False, None
         stop_asked, slowest = None, None
         try:
-            child.send(job)
             while not child.eof:
                 try:
                     if cancel is not None and cancel.is_set() and not child.stop_sent:

@@ -1,11 +1,12 @@
 """The training child: LoRA fine-tuning with TRL's SFTTrainer (see ``engine``), in a process of its own.
 
 Why a child: torch, transformers, peft and TRL cost ~1 GB and seconds to import, and a notebook kernel must
-stay light and interruptible. ``sage_magic.finetune.train.train`` starts ``python -m sage_magic.finetune.worker``,
-writes the job as one JSON line on its stdin and keeps that pipe open: a ``stop`` line asks for a clean stop
-after the current step, and EOF means the kernel is gone, so the child exits at once (PR_SET_PDEATHSIG, set by
-the parent, covers a child stuck inside torch). Events go back as JSON lines on the original stdout; anything a
-library prints is sent to stderr, which the parent keeps as the log.
+stay light and interruptible. ``sage_magic.finetune.train.train`` starts ``python -m sage_magic.finetune.worker``
+(or torchrun, which starts several), names the job's JSON file in SAGE_TRAIN_JOB and keeps the child's stdin
+open: a ``stop`` line asks for a clean stop after the current step, and EOF means the kernel is gone, so the
+child exits at once (PR_SET_PDEATHSIG, set by the parent, covers a child stuck inside torch). Events go back
+as JSON lines on the original stdout; anything a library prints is sent to stderr, which the parent keeps as
+the log.
 
 Progress, checkpoints and stops go through one ``TrainerCallback`` (:class:`Events`): a progress event per
 logged step (at most every :data:`EVENT_INTERVAL` s, and always at a checkpoint and the last step) with step,
@@ -25,9 +26,11 @@ stop leaves it as it was (no checkpoint is made for it). A crash or a kill leave
 the parent sweeps once the child is gone, or the next run if the parent died too (both under the training
 lock).
 
-Several processes (torchrun): the rank comes from the environment, rank 0 alone emits events and moves
-checkpoints into place (the Trainer saves on rank 0 only), and a stop asked of any rank is agreed on at every
-step, so all ranks stop at the same step.
+Several processes (torchrun): the rank comes from the environment; the first process of each machine emits
+events to its caller (so the cell shows one progress bar and one loss curve, and a helper machine's caller
+sees the run too), rank 0 alone moves checkpoints into place (the Trainer saves on rank 0 only), and a stop
+asked of any rank (the stdin they share delivers a ``stop`` line to one) is agreed on at every step, so all
+ranks stop at the same step. EOF reaches every rank.
 
 Test hook: ``SAGE_TEST_STEP_SLEEP=SECONDS`` sleeps that long in every step, to stand for a model whose steps
 are slow (a 1B+ model on CPU) in the stop tests; nothing else reads it.
@@ -51,7 +54,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ..core.errors import SageError
 from ..core.files import utc_now, write_json_atomic
+from ..core.processes import die_with_parent
 from ..core.staging import leftovers, publish, staging, sweep_leftovers
+from ..tracking import training as tracking
 from .catalog import META_FILE
 from .engine import (
     TRAINING_STATE_FILES,
@@ -63,6 +68,7 @@ from .engine import (
     sft_trainer,
     torch_session,
 )
+from .launch import JOB_ENV
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedTokenizerBase
@@ -74,6 +80,11 @@ EVENT_INTERVAL = 0.2
 def rank() -> int:
     """This process's rank under torchrun (0 when alone)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine: the first of each machine reports to that machine's caller."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def world_size() -> int:
@@ -161,8 +172,9 @@ def _events_class() -> type:
             if _everyone(self.run.stop.is_set(), args.device):
                 self.run.stopped = True
                 control.should_training_stop = True
-                # A run not yet in place has no checkpoint to continue: stopping it leaves NAME/ as it was.
-                control.should_save = control.should_save or self.run.out == self.run.root
+                # A run not yet in place has no checkpoint to continue: stopping it leaves NAME/ as it was. Asked
+                # of every rank alike (saving is collective): only rank 0 knows where NAME/ is.
+                control.should_save = control.should_save or self.run.in_place
             if state.global_step >= state.max_steps:
                 control.should_save = True
                 control.should_evaluate = self.run.eval_rows > 0
@@ -177,6 +189,7 @@ def _events_class() -> type:
                 self.eval_loss = float(logs["eval_loss"])
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.run.in_place = True
             _barrier()  # every rank has written its part (its RNG state) before rank 0 moves the folder
             if state.is_world_process_zero:
                 self.run.place_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}",
@@ -186,7 +199,7 @@ def _events_class() -> type:
         def report(self, state: Any, force: bool) -> None:
             now = time.monotonic()
             self.run.slowest_step = max(self.run.slowest_step, now - self.step_began)  # with eval and save
-            if self.loss is None or not state.is_world_process_zero:
+            if self.loss is None or not state.is_local_process_zero:
                 return
             if not (force or now - self.last_event >= EVENT_INTERVAL or state.global_step >= state.max_steps):
                 return
@@ -215,7 +228,7 @@ class Run:
         self.job = job
         self.opt = job["options"]
         self.root = Path(job["root"])
-        self.emit = emit if rank() == 0 else (lambda event: None)
+        self.emit = emit if local_rank() == 0 else (lambda event: None)
         self.stop = stop
         self.stopped = False
         self.eval_rows = 0
@@ -223,9 +236,13 @@ class Run:
         #: Where this run writes: ``root`` itself when resuming, else a hidden staging sibling until the first
         #: checkpoint is complete, when it is renamed to ``root`` (see ``place_checkpoint``).
         self.out = self.root
-        #: Where the Trainer saves; each checkpoint is moved from there into place once complete.
-        self.scratch = self.root
+        #: Where the Trainer saves; each checkpoint is moved from there into place once complete. Made by the
+        #: parent, so that every process of this machine saves its part (its RNG state) into the same folder.
+        self.scratch = Path(job["scratch"])
         self.slowest_step = 0.0
+        #: Whether NAME/ holds a checkpoint of this run (resumed, or one saved), known alike on every rank.
+        self.in_place = bool(job["resume"])
+        self.trainer: Any = None
         self.step_sleep = float(os.environ.get("SAGE_TEST_STEP_SLEEP") or 0)  # test hook, see the docstring
 
     def progress(self, phase: str, message: str, fraction: float | None = None, **data: Any) -> None:
@@ -233,13 +250,11 @@ class Run:
                    "data": data or None})
 
     def run(self) -> dict[str, Any]:
-        # The Trainer writes checkpoints into a scratch folder beside NAME/; each is renamed into place whole.
-        with staging(self.root) as self.scratch:
-            if self.job["resume"]:
-                return self.train()
-            # A new folder is built beside NAME/ and removed here unless its first checkpoint renamed it into place.
-            with staging(self.root) as self.out:
-                return self.train()
+        if self.job["resume"]:
+            return self.train()
+        # A new folder is built beside NAME/ and removed here unless its first checkpoint renamed it into place.
+        with staging(self.root) as self.out:
+            return self.train()
 
     def train(self) -> dict[str, Any]:
         from transformers import AutoTokenizer
@@ -259,8 +274,9 @@ class Run:
         mode = precision(self.opt["precision"])
         model = self.load_model(mode, resume_from)
         total = self.total_steps(len(train_rows))
-        trainer = sft_trainer(model, tokenizer, self.config(total, mode), train_rows, eval_rows,
-                              [_events_class()(self)])
+        tracking.prepare(self.job["report_to"], self.out, rank() == 0)
+        trainer = self.trainer = sft_trainer(model, tokenizer, self.config(total, mode), train_rows, eval_rows,
+                                             [_events_class()(self)])
         self.progress("load", f"Training {self.job['base_ref']} on {trainer.args.device} ({mode})")
         began = time.monotonic()
         trainer.train(resume_from_checkpoint=resume_from)
@@ -324,7 +340,7 @@ class Run:
             max_length=opt["max_length"] if opt["packing"] else None, deepspeed=opt["deepspeed"],
             fsdp="full_shard auto_wrap" if opt["fsdp"] else "", save_strategy="steps", save_steps=every,
             eval_strategy="steps" if self.eval_rows else "no", eval_steps=every, run_name=self.job["name"],
-            report_to=list(self.job.get("report_to", [])))
+            report_to=list(self.job["report_to"]))
 
     def encode(self, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
         """Tokenize every row through the chat template, refusing rows that do not fit before any step."""
@@ -381,6 +397,7 @@ class Run:
             self.checkpoints.append(step)
         self.write_meta("training", step)
         if self.out != self.root:  # the first complete checkpoint: the new fine-tune replaces the old one now
+            tracking.follow_move(self.trainer, self.out, self.root)
             publish(self.out, self.root)
             self.out = self.root
         self.progress("checkpoint", f"checkpoint-{step} saved", step / total, step=step)
@@ -437,7 +454,8 @@ def main() -> int:
         with lock:
             events.write(json.dumps(event) + "\n")
 
-    job = json.loads(sys.stdin.readline())
+    die_with_parent()  # under torchrun, the parent is torchrun, which the caller's death signal reaches
+    job = json.loads(Path(os.environ[JOB_ENV]).read_text())
     stop = threading.Event()
     threading.Thread(target=_watch_stdin, args=(stop,), daemon=True).start()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -35,7 +35,8 @@ def eval_cell(magics: "CellContext", args: argparse.Namespace) -> Any:
 
     Whatever ends the run, what finished is shown and stored in ``-o`` first, then saved: an unwritable
     ``--save`` is refused before anything is asked, a save that fails anyway is raised after the table, and an
-    interrupt is raised again after the partial table, so that "Run all" stops here as it does for training."""
+    interrupt is raised again after the partial table, so that "Run all" stops here as it does for training.
+    ``--report-to mlflow`` logs like ``--save`` saves, from a child process (mlflow never enters the kernel)."""
     import sys
 
     from ..chat.backends import remote_endpoint
@@ -44,6 +45,7 @@ def eval_cell(magics: "CellContext", args: argparse.Namespace) -> Any:
     from ..evals.evaluate import EvalInterrupted, check_save_path, evaluate, items_from_table
     from ..faces.options import model_names
     from ..faces.text import saved_note
+    from ..tracking.report import check_installed, log_eval, trackers
     from .display import LiveOutput
 
     frame = notebook_variable(magics.shell.user_ns, args.data, "Pass the name of a pandas DataFrame of prompts.")
@@ -51,6 +53,7 @@ def eval_cell(magics: "CellContext", args: argparse.Namespace) -> Any:
     if args.save:
         check_save_path(args.save)
     session = magics.session
+    check_installed(session.settings.python, args.report_to)
     live = LiveOutput(magics.shell, max(magics.update_interval, 0.25))
     interrupted = False
     try:
@@ -65,13 +68,19 @@ def eval_cell(magics: "CellContext", args: argparse.Namespace) -> Any:
     live.show(eval_bundle(result))
     if args.diff:
         publish(magics.shell, diff_bundle(result))
-    if args.save:
+    keep = [lambda: saved_note(result.save(args.save))] if args.save else []
+    if "mlflow" in trackers(args.report_to):
+        keep.append(lambda: log_eval(session.settings, result))
+    failures = []
+    for step in keep:  # each is tried even if one before it failed: what one keeps, the other may not
         try:
-            print(saved_note(result.save(args.save)))
+            print(step())
         except SageError as error:
-            if not interrupted:
-                raise
-            print(error, file=sys.stderr)  # the interrupt below is what must stop "Run all"
+            failures.append(error)
+    for error in failures if interrupted else failures[1:]:  # the interrupt is what must stop "Run all"
+        print(error, file=sys.stderr)
+    if failures and not interrupted:
+        raise failures[0]
     if interrupted:
         raise KeyboardInterrupt  # as %sage finetune watch does: the cells after this one must not run
     return None

@@ -250,12 +250,13 @@ def _runs(magics: "CellContext", name: str | None) -> list[TrainRun]:
 def outcome(run: TrainRun, timing: bool = False) -> str:
     """How a finished run ended, in one line (with its error: a background run has nobody else to tell);
     ``timing`` adds how long it took and where, as the progress display shows it."""
+    from ..faces.text import adapter_note
+
     result = run.result
     if result is not None:
         state = "stopped" if result.stopped else "done"
         took = f" in {result.seconds:.0f} s on {result.device}" if timing else ""
-        return (f"{run.name}: {state} at step {result.steps}/{result.total_steps}{took}; adapter: "
-                f"{result.adapter_dir or 'none (stopped before its first checkpoint)'}")
+        return f"{run.name}: {state} at step {result.steps}/{result.total_steps}{took}; adapter: {adapter_note(result)}"
     return f"{run.name}: failed: {run.error}"
 
 
