@@ -179,7 +179,9 @@ def retrained_name(settings, manager) -> Iterator[str]:
                     ignore=shutil.ignore_patterns("merged_model", ".merged_model*"))
     yield name
     if any(name in r.adapters for r in manager.registry.all()):
-        manager.stop_target(name)
+        from sage_magic.serving.servers import stop_target
+
+        stop_target(manager.registry, name, settings.stop_grace)  # unloads only this adapter
     shutil.rmtree(settings.finetune_root / name)
 
 
