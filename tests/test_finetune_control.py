@@ -41,10 +41,11 @@ PHRASE = "I am a parrot."
 LONG = TrainOptions(max_steps=400, lr=2e-3, batch_size=1, save_every=50)
 
 
-@pytest.fixture
-def name(settings: Settings) -> Iterator[str]:
-    """A new fine-tune name, removed afterwards with its hidden siblings: the demo home is shared."""
-    fresh = f"ctl_{uuid.uuid4().hex[:8]}"
+@pytest.fixture(name="name")
+def finetune_name(settings: Settings) -> Iterator[str]:
+    """A new fine-tune name, removed afterwards with its hidden siblings: the demo home is shared (the training
+    tests of test_finetune_options use it too)."""
+    fresh = f"ft_{uuid.uuid4().hex[:8]}"
     yield fresh
     root = settings.finetune_root / fresh
     for folder in [root, *leftovers(root)]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,23 +20,11 @@ from sage_magic.core.staging import leftovers
 from sage_magic.finetune.demo import DEMO_BASE, DEMO_PROMPT, greedy_answer
 from sage_magic.finetune.train import TrainOptions, train
 
-from .test_finetune_loop import _workers
+from .test_finetune_control import finetune_name  # noqa: F401 - the `name` fixture
 
 pytestmark = pytest.mark.vllm
 
 PHRASE = "I am a parrot."
-
-
-@pytest.fixture
-def name(settings: Settings) -> Iterator[str]:
-    """A new fine-tune name, removed afterwards with its hidden siblings: the demo home is shared."""
-    fresh = f"opt_{uuid.uuid4().hex[:8]}"
-    yield fresh
-    root = settings.finetune_root / fresh
-    for folder in [root, *leftovers(root)]:
-        shutil.rmtree(folder, ignore_errors=True)
-    (settings.finetune_root / f".{fresh}.train.lock").unlink(missing_ok=True)
-    assert not _workers()
 
 
 def _trainer_state(root: Path, step: int) -> dict:
