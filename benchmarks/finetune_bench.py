@@ -357,7 +357,15 @@ def main() -> int:
     finally:
         if manager is not None:
             manager.close(wait=True)
-    time.sleep(0.5)
+    return finish(runtime, workdir, failed, patience=0.5)
+
+
+def finish(runtime: Path, workdir: Path, failed: bool, patience: float) -> int:
+    """The exit status: 1 if the run failed or a process of ours is still there after ``patience`` seconds
+    (the supervisors stop what nobody uses any more); the temp dir is removed only after a clean run."""
+    deadline = time.monotonic() + patience
+    while leftovers(runtime) and time.monotonic() < deadline:
+        time.sleep(0.25)
     left = leftovers(runtime)
     if left:
         print(f"LEFT RUNNING: {[p.pid for p in left]}", file=sys.stderr)

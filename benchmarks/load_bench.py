@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_bench import VLLM_ARGS, eval_rate, eval_rows, leftovers, prepare_home, report
+from finetune_bench import VLLM_ARGS, eval_rate, eval_rows, finish, prepare_home, report
 
 from sage_magic.core.config import Settings
 from sage_magic.evals.evaluate import evaluate
@@ -184,16 +184,7 @@ def main() -> int:
             kernel.close()
         if manager is not None:
             manager.close()
-    deadline = time.monotonic() + 30  # the supervisors stop the server once the kernels are gone
-    while leftovers(runtime) and time.monotonic() < deadline:
-        time.sleep(1)
-    left = leftovers(runtime)
-    if left:
-        print(f"LEFT RUNNING: {[p.pid for p in left]}", file=sys.stderr)
-        failed = True
-    if not failed:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 1 if failed else 0
+    return finish(runtime, workdir, failed, patience=30)  # the server stops once the kernels are gone
 
 
 if __name__ == "__main__":
