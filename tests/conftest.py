@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -211,3 +216,69 @@ def ip(settings: Settings, expert, monkeypatch: pytest.MonkeyPatch):
     shell = new_shell()
     yield shell
     shell.extension_manager.unload_extension("sage_magic")
+
+
+# --- the team's server: a vLLM sage_magic did not start ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeamServer:
+    """A plain vLLM as a team runs it, started by the suite itself (not through the manager): LoRA on, the
+    filesystem resolver reading ``publish_dir``, runtime loading allowed, an API key, a loopback TCP port."""
+
+    base_url: str
+    api_key: str
+    publish_dir: Path
+    model: str  # its --model: what the resolver compares an adapter's base_model_name_or_path with
+    process: subprocess.Popen
+
+
+def start_team_server(model: Path, folder: Path, port: int) -> TeamServer:
+    """Start the team's server in its own session (stopped as a group); its IPC files stay in ``folder``."""
+    from sage_magic.core.http import healthy
+
+    publish_dir, private = folder / "published", folder / "tmp"
+    publish_dir.mkdir(parents=True, exist_ok=True)
+    private.mkdir(exist_ok=True)
+    key = secrets.token_urlsafe(16)
+    env = {**os.environ, "VLLM_PLUGINS": "lora_filesystem_resolver", "VLLM_LORA_RESOLVER_CACHE_DIR": str(publish_dir),
+           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_OFFLINE": "1", "TMPDIR": str(private),
+           "VLLM_RPC_BASE_PATH": str(private), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--enable-lora",
+               "--max-lora-rank", "16", "--api-key", key, "--host", "127.0.0.1", "--port", str(port),
+               "--max-model-len", "512", *TEST_VLLM_ARGS]
+    with open(folder / "vllm.log", "ab") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    server = TeamServer(f"http://127.0.0.1:{port}/v1", key, publish_dir, str(model), process)
+    if not wait_until(lambda: process.poll() is not None or healthy(server.base_url[:-3]), 300, step=1.0) \
+            or process.poll() is not None:
+        stop_team_server(server)
+        raise RuntimeError(f"the team's server did not start: {(folder / 'vllm.log').read_text()[-2000:]}")
+    return server
+
+
+def stop_team_server(server: TeamServer) -> None:
+    """SIGTERM the group (vLLM's engine processes outlive a killed API server), SIGKILL what stays."""
+    try:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(server.process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def team_server(demo_home: Path) -> Iterator[TeamServer]:
+    """The team's server, shared by every test of a server we do not own (one start per session)."""
+    from sage_magic.serving.launch import port_free
+
+    port = next(p for p in range(TEST_PORT + 50, TEST_PORT + 100) if port_free(p))
+    folder = Path(tempfile.mkdtemp(prefix="sage-team-", dir="/tmp"))
+    server = start_team_server(demo_home / "models" / "sage-demo-base", folder, port)
+    yield server
+    stop_team_server(server)
+    shutil.rmtree(folder, ignore_errors=True)

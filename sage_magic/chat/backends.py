@@ -1,7 +1,8 @@
 """Which endpoint a chat talks to, and what each question asks of it, from parsed chat options.
 
 The options are the ones faces/options.py defines (``sage chat``'s flags, read as attributes): a fine-tune
-served by the manager, a local model folder, or an outside OpenAI-compatible server. Every face (the CLI,
+served by the manager, a local model folder, an outside OpenAI-compatible server, or a local fine-tune put
+onto such a server (serving/remote.py). Every face (the CLI,
 the session the notebook shares) goes through these, so a flag means the same thing everywhere.
 """
 
@@ -11,13 +12,16 @@ import argparse
 import os
 import shlex
 import threading
+from pathlib import Path
 from typing import Any, Mapping
 
+from ..core.config import Settings
 from ..core.endpoint import Endpoint
 from ..core.errors import SageError
 from ..core.progress import ProgressCallback, silent
 from ..serving.leases import Lease
 from ..serving.manager import Manager
+from ..serving.remote import AttachOptions
 
 #: Where an outside endpoint's key is read when neither --api-key nor --api-key-env is given (as the openai
 #: client does).
@@ -40,10 +44,24 @@ def open_endpoint(manager: Manager, args: argparse.Namespace, *, progress: Progr
         if not args.model:
             raise SageError("--backend vllm needs --model PATH: the folder of a local model to serve.")
         return manager.serve_model(args.model, **common)
-    if not args.base_url or not args.model:
-        raise SageError("--backend openai needs --base-url URL (e.g. http://host:8000/v1) and --model NAME; "
-                        "add --api-key-env NAME if the endpoint wants a key.")
-    return Lease.unmanaged(Endpoint(args.base_url.rstrip("/"), api_key(args), args.model))
+    if not args.base_url or not (args.model or args.finetune_model):
+        raise SageError("--backend openai needs --base-url URL (e.g. http://host:8000/v1) and --model NAME (a model "
+                        "it serves) or --finetune-model NAME (a local fine-tune to put there); add --api-key-env "
+                        "NAME if the endpoint wants a key.")
+    server = Endpoint(args.base_url.rstrip("/"), api_key(args), args.model or "")
+    if args.model:
+        return Lease.unmanaged(server)
+    from ..serving.remote import attach_lease
+
+    return attach_lease(manager.settings, server, args.finetune_model, attach_options(args, manager.settings))
+
+
+def attach_options(args: argparse.Namespace, settings: Settings) -> AttachOptions:
+    """How --finetune-model reaches a server not ours: --publish-dir (else SAGE_PUBLISH_DIR) or runtime loading."""
+    publish_dir = args.publish_dir or settings.publish_dir
+    return AttachOptions(publish_dir=Path(publish_dir).expanduser() if publish_dir else None,
+                         remote_root=args.remote_root, publish_as=getattr(args, "publish_as", None),
+                         replace=args.replace, unload_on_exit=args.unload_on_exit)
 
 
 def remote_endpoint(args: argparse.Namespace) -> Endpoint | None:

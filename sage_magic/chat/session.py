@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
 #: The chat options that pick a server: a lease is cached per combination (see :func:`_lease_key`).
 _SERVING_OPTIONS = ("backend", "finetune_model", "merge", "model", "base_url", "api_key", "api_key_env",
-                    "finetune_port", "vllm_arg")
+                    "finetune_port", "vllm_arg", "publish_dir", "remote_root", "publish_as", "replace",
+                    "unload_on_exit")
 #: Keys the API key's digest in lease keys, so the digest cannot be looked up in a table of common keys.
 _KEY_SALT = secrets.token_bytes(16)
 
@@ -190,7 +191,7 @@ class Session:
         (keep-alive 0), which would break an answer streaming now and make the next ask wait for a cold start.
         """
         with self._lock:
-            self._stale.update(key for key in self._leases if key[0] == "finetune" and key[1] == name)
+            self._stale.update(key for key in self._leases if key[0] in ("finetune", "openai") and key[1] == name)
         self.catalog_changed("finetunes")
 
     def catalog_changed(self, what: str) -> None:

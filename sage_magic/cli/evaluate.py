@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..chat.backends import remote_endpoint
+from ..chat.backends import attach_options, remote_endpoint
 from ..core.config import Settings
 from ..core.errors import SageError
 from ..core.tables import read_table
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     manager = Manager(settings)
     try:
         result = evaluate(items, model_names(args.models), manager=manager, remote=remote_endpoint(args),
+                          attach=attach_options(args, settings),
                           metrics=args.metrics, concurrency=args.concurrency, seed=args.seed,
                           max_tokens=args.max_tokens, temperature=args.temperature, system=args.system,
                           embedder=settings.embedder, progress=progress)

@@ -1,4 +1,4 @@
-"""`sage finetune demo|train|list|merge|chat`: the fine-tunes under $SAGE_HOME/finetune_output."""
+"""`sage finetune demo|train|list|merge|publish|chat`: the fine-tunes under $SAGE_HOME/finetune_output."""
 
 from __future__ import annotations
 
@@ -28,6 +28,18 @@ def define(parser: argparse.ArgumentParser) -> None:
     merge = commands.add_parser("merge", help="merge a fine-tune's adapter into its base (cached)")
     merge.add_argument("name")
     merge.set_defaults(run=run_merge)
+
+    publishing = commands.add_parser("publish", help="copy fine-tune NAME's adapter into the folder a vLLM server's "
+                                                     "LoRA filesystem resolver reads (a server you do not own)")
+    publishing.add_argument("name")
+    publishing.add_argument("--to", metavar="DIR", default=None, help="the publish folder (default SAGE_PUBLISH_DIR)")
+    publishing.add_argument("--publish-as", metavar="NAME", default=None,
+                            help="the model name to publish under (default NAME-<fingerprint>)")
+    publishing.add_argument("--replace", action="store_true", help="replace a same-named adapter of another fine-tune")
+    publishing.add_argument("--server-base", metavar="MODEL", default=None,
+                            help="the server's --model value, which the resolver compares with the adapter's base "
+                                 "(default: the base's local path, as a server on this machine has it)")
+    publishing.set_defaults(run=run_publish)
 
     training = commands.add_parser("train", help="train a LoRA fine-tune NAME from a .csv/.jsonl/.parquet table")
     training.add_argument("name")
@@ -98,6 +110,24 @@ def run_merge(args: argparse.Namespace, settings: Settings) -> int:
     path = ensure_merged(settings, get_finetune(settings, args.name), progress)
     progress.close()
     print(f"{args.name}: merged model at {path}")
+    return 0
+
+
+def run_publish(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from ..core.errors import SageError
+    from ..finetune.publish import publish, published_name, server_settings
+
+    folder = args.to or settings.publish_dir
+    if folder is None:
+        raise SageError("Say where to publish: --to DIR (or set SAGE_PUBLISH_DIR), the folder the server's "
+                        "VLLM_LORA_RESOLVER_CACHE_DIR points at.")
+    ft = get_finetune(settings, args.name)
+    done = publish(ft, Path(folder).expanduser(), server_base=args.server_base or str(ft.base_path),
+                   name=published_name(ft, args.publish_as), replace=args.replace)
+    print(f"{args.name}: {'published' if done.copied else 'already published'} as {done.name} at {done.path}")
+    print(f"Ask for model {done.name!r}; the server needs {server_settings(done)}.")
     return 0
 
 

@@ -197,6 +197,7 @@ class Settings:
     embed_backend: str | None = None  # "onnx" | "torch"; None: auto (see EMBED_BACKENDS)
     debug_backend: str | None = None
     debug_finetune_model: str | None = None
+    publish_dir: Path | None = None  # SAGE_PUBLISH_DIR: where fine-tunes are published for a server not ours
     prewarm: tuple[str, ...] = ()  # fine-tunes a notebook starts (or reuses) in the background at %load_ext
     stop_grace: float = 10.0
     start_log: Path | None = None  # every server start appends JSON lines here (its start, readiness, exit)
@@ -272,6 +273,7 @@ class Settings:
             embed_backend=check_embed_backend(env.get("SAGE_EMBED_BACKEND")),
             debug_backend=env.get("SAGE_DEBUG_BACKEND") or None,
             debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,
+            publish_dir=Path(env["SAGE_PUBLISH_DIR"]).expanduser() if env.get("SAGE_PUBLISH_DIR") else None,
             prewarm=tuple(name.strip() for name in (env.get("SAGE_PREWARM") or "").split(",") if name.strip()),
             start_log=Path(env["SAGE_START_LOG"]) if env.get("SAGE_START_LOG") else None,
             mlflow_uri=env.get("MLFLOW_TRACKING_URI") or None,

@@ -52,3 +52,28 @@ class MergeFailed(SageError):
 class Cancelled(SageError):
     """The user stopped a long call (a cancel Event was set): an answer, whose partial text the caller keeps,
     or a serve_* call waiting for a merge, a lock or a server, which releases whatever it had taken."""
+
+
+class RemoteServerError(SageError):
+    """A server sage_magic did not start (``--backend openai``) that cannot take a fine-tune as asked: the
+    message names the setting to change on that server or the flag to change here."""
+
+
+class Unreachable(RemoteServerError):
+    """No answer at --base-url: a wrong address, a server down, or a firewall."""
+
+
+class Unauthorized(RemoteServerError):
+    """The server refused the API key (HTTP 401): a wrong or missing key."""
+
+
+class NoLoraSupport(RemoteServerError):
+    """The server cannot load LoRA adapters: started without --enable-lora or runtime LoRA updating."""
+
+
+class ResolverBlind(RemoteServerError):
+    """A published adapter the server's LoRA filesystem resolver did not find (it looks in another folder)."""
+
+
+class AdapterConflict(RemoteServerError):
+    """A published or loaded adapter of the same name that is another fine-tune (a colleague's): never used."""

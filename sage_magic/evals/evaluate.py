@@ -1,13 +1,15 @@
 """Evaluating models side by side: every (prompt, model) pair sent concurrently, scored, summarised.
 
-Models are fine-tune names, ``base`` (the base model of the fine-tunes named) or ``openai:MODEL`` on a remote
-endpoint. All fine-tunes of one base are adapters on ONE vLLM server, so comparing N of them costs one server,
-and vLLM batches the concurrent requests (``concurrency`` bounds how many are in flight). Requests are greedy
-by default. One failed request marks its own answer (``Answer.error``) and the run goes on; so does a metric
-that cannot be computed (``Answer.score_errors``: the answers and the other metrics stay). A set ``cancel``
-keeps the rows already finished and returns them (``EvalResult.cancelled``); a KeyboardInterrupt keeps them
-too, but is raised again as :class:`EvalInterrupted` carrying that result, so that a script or a notebook's
-"Run all" stops there instead of going on as if the evaluation had finished.
+Models are fine-tune names, ``base`` (the base model of the fine-tunes named), ``openai:MODEL`` on a remote
+endpoint, or ``remote:NAME``: local fine-tune NAME put onto that endpoint (serving/remote.py), so that a local
+and a remote copy of one fine-tune can be compared. All fine-tunes of one base are adapters on ONE vLLM
+server, so comparing N of them costs one server, and vLLM batches the concurrent requests (``concurrency``
+bounds how many are in flight). Requests are greedy by default. One failed request marks its own answer
+(``Answer.error``) and the run goes on; so does a metric that cannot be computed (``Answer.score_errors``: the
+answers and the other metrics stay). A set ``cancel`` keeps the rows already finished and returns them
+(``EvalResult.cancelled``); a KeyboardInterrupt keeps them too, but is raised again as
+:class:`EvalInterrupted` carrying that result, so that a script or a notebook's "Run all" stops there instead
+of going on as if the evaluation had finished.
 
 Only the standard library is used in the caller: HTTP through ``sage_magic.core.http`` (Unix sockets for our
 servers), metrics from ``sage_magic.evals.metrics`` (``embedding`` runs in a child process).
@@ -34,6 +36,7 @@ from ..core.progress import Progress, ProgressCallback, silent
 from ..core.tables import Table, is_missing, require_pandas
 from ..feedback.data import context_and_prompt, is_feedback
 from ..finetune.catalog import get_finetune
+from ..serving.remote import AttachOptions, attach_lease
 from .metrics import (
     EMBEDDING,
     JUDGE_PREFIX,
@@ -48,6 +51,7 @@ from .metrics import (
 
 BASE = "base"
 OPENAI_PREFIX = "openai:"
+REMOTE_PREFIX = "remote:"
 REQUEST_TIMEOUT = 300.0
 
 
@@ -290,9 +294,10 @@ def _lease(manager: Any, name: str, progress: ProgressCallback,
 
 @contextmanager
 def open_models(names: Sequence[str], *, manager: Any = None, remote: Endpoint | None = None,
-                progress: ProgressCallback = silent,
+                attach: AttachOptions | None = None, progress: ProgressCallback = silent,
                 cancel: threading.Event | None = None) -> Iterator[dict[str, Target]]:
-    """Targets for model names: fine-tune names, ``base`` and ``openai:MODEL`` (on ``remote``), released on exit.
+    """Targets for model names: fine-tune names, ``base``, ``openai:MODEL`` and ``remote:NAME`` (on ``remote``,
+    put there as ``attach`` says), released on exit.
 
     Fine-tunes of one base share one server; ``base`` is that server's base model, so it needs at least one
     fine-tune named, all on the same base.
@@ -300,9 +305,12 @@ def open_models(names: Sequence[str], *, manager: Any = None, remote: Endpoint |
     names = list(dict.fromkeys(names))
     if not names:
         raise SageError("Say which models to evaluate: --models A,B,base (fine-tune names, base, openai:MODEL).")
-    finetunes = [n for n in names if n != BASE and not n.startswith(OPENAI_PREFIX)]
-    if any(n.startswith(OPENAI_PREFIX) for n in names) and remote is None:
-        raise SageError("openai:MODEL needs the endpoint: --base-url URL (and --api-key KEY if it wants one).")
+    finetunes = [n for n in names if n != BASE and not n.startswith((OPENAI_PREFIX, REMOTE_PREFIX))]
+    if any(n.startswith((OPENAI_PREFIX, REMOTE_PREFIX)) for n in names) and remote is None:
+        raise SageError("openai:MODEL and remote:NAME need the endpoint: --base-url URL (and --api-key-env NAME if "
+                        "it wants a key).")
+    if any(n.startswith(REMOTE_PREFIX) for n in names) and manager is None:
+        raise SageError("remote:NAME entries read the local fine-tune through a manager: pass manager=.")
     if finetunes and manager is None:
         raise SageError(f"Fine-tunes ({', '.join(finetunes)}) are served by a manager: pass manager=.")
     found = {n: get_finetune(manager.settings, n) for n in finetunes} if finetunes else {}
@@ -332,6 +340,14 @@ def open_models(names: Sequence[str], *, manager: Any = None, remote: Endpoint |
                 assert remote is not None
                 targets[name] = Target(name, remote.for_model(model),
                                        {"kind": "openai", "base_url": remote.base_url, "model": model})
+            elif name.startswith(REMOTE_PREFIX):
+                assert remote is not None
+                lease = attach_lease(manager.settings, remote, name[len(REMOTE_PREFIX):], attach or AttachOptions())
+                releases.append(lease.release)
+                ft = get_finetune(manager.settings, name[len(REMOTE_PREFIX):])
+                targets[name] = Target(name, lease.endpoint,
+                                       {"kind": "remote", "adapter": adapter_digest(ft.adapter_dir),
+                                        "base_url": remote.base_url, "model": lease.endpoint.model})
         yield {name: targets[name] for name in names}
     finally:
         for release in releases:
@@ -365,7 +381,8 @@ def ask(endpoint: Endpoint, prompt: str, *, max_tokens: int, temperature: float,
 
 
 def evaluate(rows: Sequence[Any], models: Sequence[str | Target], *, manager: Any = None,
-             remote: Endpoint | None = None, metrics: Sequence[str] | None = None, concurrency: int = 8,
+             remote: Endpoint | None = None, attach: AttachOptions | None = None,
+             metrics: Sequence[str] | None = None, concurrency: int = 8,
              seed: int | None = None, max_tokens: int = 128, temperature: float = 0.0, system: str | None = None,
              python: str | None = None, embedder: str | None = None, progress: ProgressCallback = silent,
              cancel: threading.Event | None = None) -> EvalResult:
@@ -386,8 +403,8 @@ def evaluate(rows: Sequence[Any], models: Sequence[str | Target], *, manager: An
     named = [m for m in models if isinstance(m, str)]
     judges = [m[len(JUDGE_PREFIX):] for m in metrics if m.startswith(JUDGE_PREFIX)]
     wanted = named + [j for j in judges if j not in named]
-    opening = open_models(wanted, manager=manager, remote=remote, progress=progress, cancel=cancel) if wanted \
-        else _nothing()
+    opening = (open_models(wanted, manager=manager, remote=remote, attach=attach, progress=progress, cancel=cancel)
+               if wanted else _nothing())
     with opening as opened:
         targets = [opened[m] if isinstance(m, str) else m for m in models]
         graders = {f"{JUDGE_PREFIX}{j}": opened[j] for j in judges}

@@ -113,6 +113,25 @@ def join_option_values(argv: list[str]) -> list[str]:
     return joined
 
 
+def add_attach_options(group: Any, one_finetune: bool = True) -> None:
+    """How a local fine-tune reaches a server sage_magic did not start (``--backend openai --finetune-model``,
+    ``sage eval``'s remote:NAME): serving/remote.py. ``one_finetune`` adds --publish-as (a name for one)."""
+    group.add_argument("--publish-dir", metavar="DIR", default=None,
+                       help="with --base-url: publish the adapter into DIR, the folder the server's LoRA "
+                            "filesystem resolver reads (default: SAGE_PUBLISH_DIR; unset: load it at runtime)")
+    group.add_argument("--remote-root", metavar="PREFIX", default=None,
+                       help="with --base-url, runtime loading: SAGE_HOME as the server mounts it (default: the "
+                            "same path, the same machine)")
+    if one_finetune:
+        group.add_argument("--publish-as", metavar="NAME", default=None,
+                           help="with --base-url: the model name to publish or load the fine-tune under "
+                                "(default NAME-<fingerprint>)")
+    group.add_argument("--replace", action="store_true",
+                       help="with --base-url: replace a same-named adapter that is another fine-tune")
+    group.add_argument("--unload-on-exit", action="store_true",
+                       help="with --base-url: unload the adapter when done, if this process loaded it")
+
+
 def add_serving_options(parser: argparse.ArgumentParser, settings: Settings | None = None) -> None:
     """Flags that choose and start the model (all faces)."""
     backend_default = settings.debug_backend if settings and settings.debug_backend else "finetune"
@@ -122,7 +141,8 @@ def add_serving_options(parser: argparse.ArgumentParser, settings: Settings | No
                        help="finetune: a fine-tune by name; vllm: a plain local model; openai: an existing "
                             "endpoint (default: SAGE_DEBUG_BACKEND or finetune)")
     group.add_argument("--finetune-model", default=model_default, metavar="NAME",
-                       help="fine-tune under $SAGE_HOME/finetune_output (default: SAGE_DEBUG_FINETUNE_MODEL)")
+                       help="fine-tune under $SAGE_HOME/finetune_output (default: SAGE_DEBUG_FINETUNE_MODEL); with "
+                            "--backend openai --base-url and no --model: put it onto that server")
     group.add_argument("--finetune-port", type=port, default=None, metavar="PORT",
                        help="also serve on this TCP port of 127.0.0.1, behind the server's API key (default: "
                             "SAGE_FINETUNE_PORT, else none: a private Unix socket only; a busy port is "
@@ -133,6 +153,7 @@ def add_serving_options(parser: argparse.ArgumentParser, settings: Settings | No
                        help="--backend vllm: local model folder; --backend openai: the model name to request")
     group.add_argument("--base-url", metavar="URL", help="--backend openai: e.g. http://host:8000/v1")
     _add_api_key(group, "the endpoint's API key", "--backend openai: ")
+    add_attach_options(group)
     group.add_argument("--keep-alive", type=keep_alive, default=None, metavar="DURATION",
                        help="how long the server outlives its last user: 0, 30s, 5m, 1h, -1 for ever")
     group.add_argument("--vllm-arg", action="append", type=vllm_arg, default=[], metavar="ARGS",
@@ -282,7 +303,8 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
     """Flags of `sage eval` and `%sage eval` (the table itself is the face's: a file or a DataFrame)."""
     parser.add_argument("--models", required=True, metavar="A,B,base",
-                        help="fine-tune names, base (the base of the fine-tunes named), openai:MODEL (on --base-url)")
+                        help="fine-tune names, base (the base of the fine-tunes named), openai:MODEL (on --base-url), "
+                             "remote:NAME (local fine-tune NAME put onto --base-url)")
     parser.add_argument("--prompt-col", default="prompt", metavar="COL", help="column of prompts (default prompt)")
     parser.add_argument("--expected-col", default="expected", metavar="COL",
                         help="column of expected answers (default expected, if present)")
@@ -295,6 +317,7 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", metavar="TEXT", help="system prompt sent with every prompt")
     parser.add_argument("--base-url", metavar="URL", help="endpoint of openai:MODEL entries, e.g. http://host:8000/v1")
     _add_api_key(parser, "the API key of --base-url")
+    add_attach_options(parser, one_finetune=False)
     parser.add_argument("--save", metavar="PATH", help="write results and model fingerprints as JSON")
     add_report_to(parser, ("none", "mlflow"), "the summary, every row and the models' fingerprints as a run")
 

@@ -39,7 +39,7 @@ def eval_cell(magics: "CellContext", args: argparse.Namespace) -> Any:
     ``--report-to mlflow`` logs like ``--save`` saves, from a child process (mlflow never enters the kernel)."""
     import sys
 
-    from ..chat.backends import remote_endpoint
+    from ..chat.backends import attach_options, remote_endpoint
     from ..core.errors import SageError
     from ..core.tables import from_dataframe
     from ..evals.evaluate import EvalInterrupted, check_save_path, evaluate, items_from_table
@@ -58,6 +58,7 @@ def eval_cell(magics: "CellContext", args: argparse.Namespace) -> Any:
     interrupted = False
     try:
         result = evaluate(items, model_names(args.models), manager=session.manager, remote=remote_endpoint(args),
+                          attach=attach_options(args, session.settings),
                           metrics=args.metrics, concurrency=args.concurrency, seed=args.seed,
                           max_tokens=args.max_tokens, temperature=args.temperature, system=args.system,
                           embedder=session.settings.embedder, progress=live.progress)
