@@ -31,7 +31,7 @@ from ..core.errors import (
     Unauthorized,
     Unreachable,
 )
-from ..core.http import HttpError, request_json
+from ..core.http import HttpError, request_json, request_text
 from ..finetune.catalog import FineTune, get_finetune
 from .leases import Lease
 
@@ -89,7 +89,12 @@ def attach(settings: Settings, server: Endpoint, name: str, options: AttachOptio
     else:
         expected = remote_path(ft.adapter_dir, settings.home, options.remote_root)
         loaded_here = _load(server, served, expected, listed, options.replace, fingerprint)
-    _check_listed(server, served, base["id"], expected, fingerprint)
+    try:
+        _check_listed(server, served, base["id"], expected, fingerprint)
+    except RemoteServerError:
+        if loaded_here:  # not usable as ours: leave the server as it was
+            _unload(server.for_model(served))
+        raise
     return Attached(server.for_model(served), fingerprint, loaded_here)
 
 
@@ -213,13 +218,19 @@ def _published_there(entry: dict[str, Any], served: str) -> bool:
 
 
 def _is_ours(entry: dict[str, Any], paths: set[str], fingerprint: str) -> bool:
-    """Whether a listed adapter is this fine-tune: loaded from one of ``paths``, or from a folder whose publish
-    marker (readable when the server's path is visible here) carries its fingerprint."""
+    """Whether a listed adapter is this fine-tune: loaded from one of ``paths``, or (when the server's path is
+    visible here) from a folder whose publish marker or own files carry its fingerprint."""
+    from ..core.fingerprint import adapter_digest
     from ..finetune.publish import read_marker
 
     root = str(entry.get("root") or "")
-    marker = read_marker(Path(root)) if root else None
-    return root in paths or (marker is not None and marker.get("fingerprint") == fingerprint)
+    if root in paths:
+        return True
+    folder = Path(root)
+    if not root or not folder.is_dir():
+        return False
+    marker = read_marker(folder)
+    return (marker or {}).get("fingerprint") == fingerprint or adapter_digest(folder) == fingerprint
 
 
 def _conflict(served: str, entry: dict[str, Any], how: str) -> AdapterConflict:
@@ -230,8 +241,9 @@ def _conflict(served: str, entry: dict[str, Any], how: str) -> AdapterConflict:
 
 
 def _post(server: Endpoint, route: str, payload: dict[str, Any], served: str) -> None:
+    """POST to vLLM's adapter routes (they answer 200 with plain text, errors as JSON)."""
     try:
-        request_json(f"{server.base_url}/{route}", server.api_key, payload, timeout=LOAD_TIMEOUT)
+        request_text(f"{server.base_url}/{route}", server.api_key, payload, timeout=LOAD_TIMEOUT)
     except HttpError as error:
         if error.status == 404 and '"detail"' in error.body:  # the route itself is missing
             raise NoLoraSupport(
@@ -270,14 +282,17 @@ _pending_lock = threading.Lock()
 
 
 def _unload_now(lease: Lease) -> None:
-    """Unload the lease's adapter (the lease's release): a server already gone or a network down is no
-    reason to fail an exit."""
+    """The release of a lease that unloads its adapter."""
     with _pending_lock:
         if lease in _pending:
             _pending.remove(lease)
-    endpoint = lease.endpoint
+    _unload(lease.endpoint)
+
+
+def _unload(endpoint: Endpoint) -> None:
+    """Unload the endpoint's adapter: a server already gone or a network down is no reason to fail an exit."""
     try:
-        request_json(f"{endpoint.base_url}/unload_lora_adapter", endpoint.api_key, {"lora_name": endpoint.model},
+        request_text(f"{endpoint.base_url}/unload_lora_adapter", endpoint.api_key, {"lora_name": endpoint.model},
                      timeout=15.0)
     except HttpError:
         pass
