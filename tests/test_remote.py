@@ -17,7 +17,7 @@ import pytest
 from sage_magic.core.config import Settings
 from sage_magic.core.errors import AdapterConflict
 from sage_magic.core.fingerprint import adapter_digest
-from sage_magic.core.http import healthy, request_json
+from sage_magic.core.http import healthy, request_json, request_text
 from sage_magic.finetune.catalog import get_finetune
 from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_PROMPT
 from sage_magic.finetune.publish import MARKER, publish, published_name
@@ -167,7 +167,7 @@ def test_a_colleagues_loaded_adapter_is_never_used_silently(settings, team_serve
     """A colleague loaded their demo_poet as `colleague_model`; asking for our demo_expert under that name is
     refused, and the colleague's adapter keeps answering."""
     poet = get_finetune(settings, "demo_poet")
-    request_json(f"{team_server.base_url}/load_lora_adapter", team_server.api_key,
+    request_text(f"{team_server.base_url}/load_lora_adapter", team_server.api_key,
                  {"lora_name": "colleague_model", "lora_path": str(poet.adapter_dir)})
     out = sage("chat", "--backend", "openai", "--base-url", team_server.base_url, "--api-key-env", KEY_VAR,
                "--finetune-model", "demo_expert", "--publish-as", "colleague_model", "--ask", DEMO_PROMPT,
@@ -183,7 +183,7 @@ def _run(client, code: str, timeout: float = 300) -> str:
     def hook(msg: dict) -> None:
         if msg["msg_type"] == "stream":
             outputs.append(msg["content"]["text"])
-        elif msg["msg_type"] in ("execute_result", "display_data"):
+        elif msg["msg_type"] in ("execute_result", "display_data", "update_display_data"):  # a live answer too
             outputs.append(msg["content"]["data"].get("text/plain", ""))
         elif msg["msg_type"] == "error":
             outputs.append("\n".join(msg["content"]["traceback"]))
