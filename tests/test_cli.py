@@ -193,11 +193,13 @@ def test_the_footer_says_when_old_turns_were_dropped(capsys: pytest.CaptureFixtu
 #: are defined lazily (cli/main.py imports only the one that runs), so each must stay reachable on its own.
 CHAT_OPTIONS = ("--backend", "--finetune-model", "--finetune-port", "--merge", "--model", "--base-url", "--api-key",
                 "--api-key-env", "--keep-alive", "--vllm-arg", "--index", "--top-k", "--mode", "--show-context",
-                "--system", "--max-tokens", "--temperature", "--seed", "--param", "--ask")
+                "--system", "--max-tokens", "--temperature", "--seed", "--param", "--ask", "--publish-dir",
+                "--remote-root", "--publish-as", "--replace", "--unload-on-exit")
 HELP: dict[tuple[str, ...], tuple[str, ...]] = {
     (): ("--home", "chat", "finetune", "eval", "ps", "stop", "logs", "index", "feedback"),
     ("chat",): CHAT_OPTIONS,
-    ("finetune",): ("demo", "list", "merge", "train", "chat"),
+    ("finetune",): ("demo", "list", "merge", "publish", "train", "chat"),
+    ("finetune", "publish"): ("name", "--to", "--publish-as", "--replace", "--server-base"),
     ("finetune", "demo"): ("--force",),
     ("finetune", "list"): ("--json",),
     ("finetune", "merge"): ("name",),
@@ -206,7 +208,8 @@ HELP: dict[tuple[str, ...], tuple[str, ...]] = {
                             "--max-length", "--seed", "--eval-split", "--save-every", "--resume", "--overwrite"),
     ("finetune", "chat"): ("--port", *CHAT_OPTIONS),
     ("eval",): ("--models", "--prompt-col", "--expected-col", "--metric", "--concurrency", "--seed", "--max-tokens",
-                "--temperature", "--system", "--base-url", "--api-key", "--api-key-env", "--save", "--json"),
+                "--temperature", "--system", "--base-url", "--api-key", "--api-key-env", "--publish-dir",
+                "--remote-root", "--replace", "--unload-on-exit", "--save", "--json"),
     ("ps",): ("--json",),
     ("stop",): ("id", "--all"),
     ("logs",): ("id", "-n", "--lines"),

@@ -130,7 +130,8 @@ OPTION_WORDS = ["--backend", "finetune", "openai", "--finetune-model", "--finetu
                 "--api-key", "--merge", "--keep-alive", "--index", "--top-k", "--mode", "--system", "--temperature",
                 "--max-tokens", "--seed", "-f", "code", "-o", "--output", "--compare", "--new-chat",
                 "--no-interpolate", "--vllm-arg", "-h", "--", "-", "'", '"', "5m", "-1", "0", "21", "x", "nan",
-                "status", "stop", "--all", "logs", "-n", "export", "index", "finetune", "list", "add", "help"]
+                "status", "stop", "--all", "logs", "-n", "export", "index", "finetune", "list", "add", "help",
+                "--publish-dir", "--remote-root", "--publish-as", "--replace", "--unload-on-exit", "publish"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -22,7 +22,7 @@ from sage_magic.finetune.catalog import get_finetune
 from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_PROMPT
 from sage_magic.finetune.publish import MARKER, publish, published_name
 from sage_magic.serving.remote import remote_path
-from tests.conftest import env_for, make_settings
+from tests.conftest import env_for, make_settings, new_shell
 
 KEY_VAR = "TEAM_VLLM_KEY"
 
@@ -63,6 +63,19 @@ def test_publish_copies_the_adapter_under_its_fingerprint_for_the_resolver(setti
     again = sage("finetune", "publish", "demo_expert", "--to", str(tmp_path), "--server-base", "/srv/base",
                  env=env_for(settings))
     assert "already published" in again.stdout
+
+
+def test_the_publish_magic_does_the_same_copy(settings, tmp_path: Path, monkeypatch, capsys) -> None:
+    for key, value in env_for(settings).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SAGE_PUBLISH_DIR", str(tmp_path))  # the default of --to
+    shell = new_shell()
+    try:
+        shell.run_line_magic("sage", "finetune publish demo_poet --publish-as team_poet")
+    finally:
+        shell.extension_manager.unload_extension("sage_magic")
+    assert "published as team_poet" in capsys.readouterr().out
+    assert json.loads((tmp_path / "team_poet" / MARKER).read_text())["finetune"] == "demo_poet"
 
 
 def test_a_colleagues_adapter_of_the_same_name_is_refused_then_replaced_when_asked(settings, tmp_path) -> None:

@@ -317,7 +317,8 @@ class Session:
                     on_delta(text)
                 self._emit("delta", call, text)
 
-            finetune = args.finetune_model if args.backend == "finetune" else None
+            attached = args.backend == "openai" and not args.model  # a local fine-tune on a server not ours
+            finetune = args.finetune_model if args.backend == "finetune" or attached else None
             try:
                 answer = conversation.ask(prompt, **ask_options(args), on_delta=delta, cancel=cancel)
             except StreamInterrupted as interrupt:  # the partial answer is in the history: keep it for export too
