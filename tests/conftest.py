@@ -251,11 +251,22 @@ def start_team_server(model: Path, folder: Path, port: int) -> TeamServer:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
     server = TeamServer(f"http://127.0.0.1:{port}/v1", key, publish_dir, str(model), process)
+    started = time.time()
+    _note_start("start", served="team server", kind="not ours", at=started)
     if not wait_until(lambda: process.poll() is not None or healthy(server.base_url[:-3]), 300, step=1.0) \
             or process.poll() is not None:
         stop_team_server(server)
+        _note_start("exit", after=round(time.time() - started, 2), status=1)
         raise RuntimeError(f"the team's server did not start: {(folder / 'vllm.log').read_text()[-2000:]}")
+    _note_start("ready", seconds=round(time.time() - started, 2))
     return server
+
+
+def _note_start(event: str, **facts: object) -> None:
+    """The team's server in the run's start summary, as a supervisor notes ours (SAGE_START_LOG)."""
+    if os.environ.get(START_LOG):
+        with open(os.environ[START_LOG], "a") as log:
+            log.write(json.dumps({"event": event, "id": "team", **facts}) + "\n")
 
 
 def stop_team_server(server: TeamServer) -> None:

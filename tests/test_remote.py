@@ -176,6 +176,15 @@ def test_a_wrong_key_is_one_paragraph_naming_the_key(settings, team_server) -> N
 
 
 @pytest.mark.vllm
+def test_a_publish_folder_the_resolver_does_not_read_names_the_setting(settings, team_server, tmp_path) -> None:
+    out = sage("chat", "--backend", "openai", "--base-url", team_server.base_url, "--api-key-env", KEY_VAR,
+               "--finetune-model", "demo_poet", "--publish-dir", str(tmp_path), "--ask", DEMO_PROMPT,
+               env=team_env(settings, team_server))
+    assert out.returncode != 0 and one_paragraph(out.stderr), out.stderr
+    assert "VLLM_LORA_RESOLVER_CACHE_DIR" in out.stderr and str(tmp_path) in out.stderr
+
+
+@pytest.mark.vllm
 def test_a_colleagues_loaded_adapter_is_never_used_silently(settings, team_server) -> None:
     """A colleague loaded their demo_poet as `colleague_model`; asking for our demo_expert under that name is
     refused, and the colleague's adapter keeps answering."""
