@@ -293,3 +293,16 @@ def team_server(demo_home: Path) -> Iterator[TeamServer]:
     yield server
     stop_team_server(server)
     shutil.rmtree(folder, ignore_errors=True)
+    assert wait_until(lambda: not _team_processes(server), 20), "the team's server outlived the tests"
+
+
+def _team_processes(server: TeamServer) -> list[psutil.Process]:
+    """The team's server's processes (its engine's too), found by the publish folder in their environment."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("VLLM_LORA_RESOLVER_CACHE_DIR") == str(server.publish_dir):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
