@@ -2,8 +2,8 @@
 
 The options are the ones faces/options.py defines (``sage chat``'s flags, read as attributes): a fine-tune
 served by the manager, a local model folder, an outside OpenAI-compatible server, or a local fine-tune put
-onto such a server (serving/remote.py). Every face (the CLI,
-the session the notebook shares) goes through these, so a flag means the same thing everywhere.
+onto such a server (serving/remote.py). Every face (the CLI, the session the notebook shares) goes through
+these, so a flag means the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..core.errors import SageError
 from ..core.progress import ProgressCallback, silent
 from ..serving.leases import Lease
 from ..serving.manager import Manager
-from ..serving.remote import AttachOptions
+from ..serving.remote import AttachOptions, attach_lease
 
 #: Where an outside endpoint's key is read when neither --api-key nor --api-key-env is given (as the openai
 #: client does).
@@ -51,8 +51,6 @@ def open_endpoint(manager: Manager, args: argparse.Namespace, *, progress: Progr
     server = Endpoint(args.base_url.rstrip("/"), api_key(args), args.model or "")
     if args.model:
         return Lease.unmanaged(server)
-    from ..serving.remote import attach_lease
-
     return attach_lease(manager.settings, server, args.finetune_model, attach_options(args, manager.settings))
 
 
