@@ -53,11 +53,10 @@ class AttachOptions:
 
 @dataclass(frozen=True)
 class Attached:
-    """A fine-tune answering on a server not ours: the endpoint to ask, its fingerprint, and whether this
-    process put it there (only then may it unload it)."""
+    """A fine-tune answering on a server not ours: the endpoint to ask, and whether this process put it there
+    (only then may it unload it)."""
 
     endpoint: Endpoint
-    fingerprint: str
     loaded_here: bool
 
 
@@ -95,7 +94,7 @@ def attach(settings: Settings, server: Endpoint, name: str, options: AttachOptio
         if loaded_here:  # not usable as ours: leave the server as it was
             _unload(server.for_model(served))
         raise
-    return Attached(server.for_model(served), fingerprint, loaded_here)
+    return Attached(server.for_model(served), loaded_here)
 
 
 def remote_path(local: Path, home: Path, remote_root: str | None) -> str:
