@@ -105,8 +105,9 @@ def publish(ft: FineTune, publish_dir: Path, *, server_base: str, name: str, rep
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename the finished copy to ``target``; an older folder there is moved aside first and removed after,
-    so a reader sees the old adapter or the new one, never a mix."""
+    """Rename the finished copy to ``target``; an older folder there (``--replace``) is moved aside first and
+    removed after, so a reader sees the old adapter or the new one, never a mix (between the two renames, for
+    an instant, neither: a request then is told the model does not exist and can be asked again)."""
     old = target.with_name(f".{target.name}.{os.getpid()}.old")
     if target.exists():
         os.replace(target, old)
