@@ -33,6 +33,8 @@ def _run(client, code: str, timeout: float) -> str:
     def hook(msg: dict) -> None:
         if msg["msg_type"] == "stream":
             outputs.append(msg["content"]["text"])
+        elif msg["msg_type"] in ("execute_result", "display_data", "update_display_data"):  # a live answer too
+            outputs.append(msg["content"]["data"].get("text/plain", ""))
         elif msg["msg_type"] == "error":
             outputs.append("\n".join(msg["content"]["traceback"]))
 

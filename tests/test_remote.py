@@ -7,8 +7,6 @@ from __future__ import annotations
 import http.server
 import json
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -23,13 +21,10 @@ from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_PROMPT
 from sage_magic.finetune.publish import MARKER, publish, published_name
 from sage_magic.serving.remote import remote_path
 from tests.conftest import env_for, make_settings, new_shell
+from tests.test_cli import sage
+from tests.test_lifetime import _run
 
 KEY_VAR = "TEAM_VLLM_KEY"
-
-
-def sage(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sage_magic.cli.main", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def served(team) -> dict[str, dict]:
@@ -199,22 +194,6 @@ def test_a_colleagues_loaded_adapter_is_never_used_silently(settings, team_serve
     assert served(team_server)["colleague_model"]["root"] == str(poet.adapter_dir)
 
 
-def _run(client, code: str, timeout: float = 300) -> str:
-    outputs: list[str] = []
-
-    def hook(msg: dict) -> None:
-        if msg["msg_type"] == "stream":
-            outputs.append(msg["content"]["text"])
-        elif msg["msg_type"] in ("execute_result", "display_data", "update_display_data"):  # a live answer too
-            outputs.append(msg["content"]["data"].get("text/plain", ""))
-        elif msg["msg_type"] == "error":
-            outputs.append("\n".join(msg["content"]["traceback"]))
-
-    reply = client.execute_interactive(code, timeout=timeout, output_hook=hook)
-    assert reply["content"]["status"] == "ok", "".join(outputs)
-    return "".join(outputs)
-
-
 @pytest.mark.vllm
 @pytest.mark.kernel
 def test_a_kernel_asks_there_and_its_shutdown_unloads_only_what_it_was_told_to(settings, team_server,
@@ -234,12 +213,12 @@ def test_a_kernel_asks_there_and_its_shutdown_unloads_only_what_it_was_told_to(s
     client.start_channels()
     try:
         client.wait_for_ready(timeout=60)
-        _run(client, "%load_ext sage_magic")
+        _run(client, "%load_ext sage_magic", timeout=60)
         text = _run(client, f"%%sage {remote} --finetune-model demo_poet --publish-dir {team_server.publish_dir}\n"
-                            f"{DEMO_PROMPT}")
+                            f"{DEMO_PROMPT}", timeout=300)
         assert DEMO_ANSWERS["demo_poet"] in text
         text = _run(client, f"%%sage {remote} --finetune-model demo_expert --publish-as expert_loaded_at_runtime "
-                            f"--remote-root {mount} --unload-on-exit\n{DEMO_PROMPT}")
+                            f"--remote-root {mount} --unload-on-exit\n{DEMO_PROMPT}", timeout=300)
         assert DEMO_ANSWERS["demo_expert"] in text
         models = served(team_server)
         assert models[expert]["root"] == f"{mount}/finetune_output/demo_expert/lora_weights"
