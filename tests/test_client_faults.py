@@ -236,3 +236,20 @@ def test_cancel_from_another_thread_ends_a_hung_search(tmp_path) -> None:
     answer = chat.ask("hi", index="notes", cancel=cancel)
     assert answer.cancelled and answer.text == "" and chat.history == []
     release.set()
+
+
+def test_an_answer_that_arrives_in_one_burst_shows_no_rate_rather_than_a_wrong_one() -> None:
+    """A buffering proxy (or a busy reader) hands over a whole short answer at once: a real local vLLM streams
+    token by token, so only a stand-in shows it. The footer once read "49225.3 tok/s" for such an answer."""
+    def burst(conn: socket.socket) -> None:
+        usage = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
+                 "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+        events = [_chunk("One"), _chunk(" two"), _chunk(" three"), f"data: {json.dumps(usage)}\n\n".encode(),
+                  b"data: [DONE]\n\n"]
+        conn.sendall(STREAM_HEAD + b"".join(_http_chunk(e) for e in events) + b"0\r\n\r\n")
+
+    port, thread = _serve_once(burst)
+    result = ChatClient(Endpoint(f"http://127.0.0.1:{port}/v1", "k", "m")).stream([{"role": "user", "content": "hi"}])
+    thread.join(5)
+    assert result.text == "One two three" and result.completion_tokens == 3
+    assert result.tokens_per_second is None

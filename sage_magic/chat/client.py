@@ -29,6 +29,10 @@ from ..core.http import HttpError, error_text, request_json, route
 
 # How often a waiting caller looks at its cancel event: well inside the 0.5 s a Stop button may take.
 POLL = 0.05
+# The shortest stretch from first to last token that gives a decode rate: a short answer can reach the
+# reader in one burst (a remote server's buffering, a busy kernel), and a rate over a few microseconds read
+# "49225.3 tok/s". Shorter answers show no rate rather than a wrong one.
+MIN_RATE_WINDOW = 0.05
 
 
 @dataclass
@@ -268,7 +272,7 @@ def _result(parts: list[str], finish: str | None, usage: Any, started: float, fi
     ended = time.monotonic()
     completion = usage.get("completion_tokens") if usage else None
     rate = None
-    if completion and first is not None and ended > first and completion > 1:
+    if completion and first is not None and ended - first >= MIN_RATE_WINDOW and completion > 1:
         rate = (completion - 1) / (ended - first)
     return StreamResult("".join(parts), finish, usage.get("prompt_tokens") if usage else None, completion,
                         None if first is None else first - started, rate, ended - started, cancelled)
