@@ -101,7 +101,8 @@ def test_the_supervisor_exits_cleanly_while_its_launcher_pipe_is_still_open(tmp_
     try:
         supervisor = subprocess.run(
             [sys.executable, "-m", "sage_magic.serving.supervisor", "--runtime-dir", str(registry.root), "--id",
-             "gone", "--", "sleep", "5"], stdin=launcher.stdout, capture_output=True, text=True, timeout=60)
+             "gone", "--", "sleep", "5"], stdin=launcher.stdout, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "SAGE_SERVER_ID": "gone"})  # the mark a launcher puts on a server's processes
     finally:
         launcher.kill()
         launcher.wait()
@@ -197,3 +198,26 @@ def test_a_confirmed_server_is_trusted_unasked_only_while_its_processes_and_reco
         for proc in (server, supervisor):
             proc.kill()
             proc.wait()
+
+
+def test_a_pid_is_published_only_once_its_process_shows_as_ours() -> None:
+    """CI once failed a first chat with "The supervisor process ... exited after 0 s" while the supervisor
+    ran on: Popen returns before Linux has set up the new program's environment, so a record saved at once
+    named a supervisor whose SAGE_SERVER_ID mark could not be read yet, and wait_ready took it for gone.
+    That gap lasts microseconds (about one raw spawn in a thousand is read inside it), too rarely to catch
+    through a launch; this stand-in shows no mark for 0.3 s (an empty environment, then an exec with it),
+    the same view of /proc that a launcher got inside the gap. Launches call wait_marked before saving a pid."""
+    from sage_magic.core.processes import is_ours, wait_marked
+
+    server_id = new_server_id()
+    child = subprocess.Popen(["/bin/sh", "-c", f"sleep 0.3; exec env SAGE_SERVER_ID={server_id} sleep 60"], env={})
+    try:
+        assert not is_ours(child.pid, server_id)  # what the launcher's readers saw
+        wait_marked(child, server_id)
+        assert is_ours(child.pid, server_id)
+    finally:
+        child.kill()
+        child.wait()
+    gone = subprocess.Popen(["/bin/sh", "-c", "exit 3"], env={})  # one that dies at start (no sage_magic there)
+    wait_marked(gone, server_id)
+    assert gone.returncode == 3  # seen exited, not waited on for the whole timeout

@@ -13,8 +13,12 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from subprocess import Popen
 
 
 def death_signal() -> Callable[[], None]:
@@ -67,6 +71,20 @@ def is_ours(pid: int | None, server_id: str) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("SAGE_SERVER_ID") == server_id
     except psutil.Error:
         return False
+
+
+def wait_marked(child: Popen, server_id: str, timeout: float = 5.0) -> None:
+    """Return once a child just spawned with SAGE_SERVER_ID shows as ours (:func:`is_ours`), or has exited,
+    or ``timeout`` has passed. Call it before publishing the child's pid.
+
+    Why: Popen returns as soon as exec has swapped in the child's new memory, but Linux sets up the new
+    program's environment (what /proc/PID/environ shows) a moment later; read in between, the environment
+    is empty. A record saved in that gap named a supervisor (or server) that every reader took for gone, so
+    a start failed at once with "The supervisor process ... exited after 0 s" (seen about once in a
+    thousand spawns, and once in CI)."""
+    deadline = time.monotonic() + timeout
+    while not is_ours(child.pid, server_id) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def watch(pid: int | None, server_id: str) -> psutil.Process | None:
