@@ -119,8 +119,11 @@ def terminate_and_wait(pid: int, server_id: str, timeout: float) -> None:
         pass
 
 
-def wait_gone(pid: int, timeout: float) -> None:
-    """Wait (at most ``timeout``) for a process to exit; a process already gone returns at once."""
+def wait_gone(pid: int, server_id: str, timeout: float) -> None:
+    """Wait (at most ``timeout``) for a process of server ``server_id`` to exit; one already gone (or a
+    stranger that got its pid since) returns at once."""
+    if not is_ours(pid, server_id):
+        return
     try:
         psutil.Process(pid).wait(timeout=max(0.1, timeout))
     except (psutil.NoSuchProcess, psutil.TimeoutExpired):
