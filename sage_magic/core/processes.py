@@ -13,12 +13,8 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import psutil
-
-if TYPE_CHECKING:
-    from subprocess import Popen
 
 
 def death_signal() -> Callable[[], None]:
@@ -61,30 +57,33 @@ def _nothing() -> None:
     """The preexec function where prctl does not exist."""
 
 
+#: How long an empty environment is read again before its process counts as not ours (see is_ours).
+EXEC_GAP = 1.0
+
+
 def is_ours(pid: int | None, server_id: str) -> bool:
     """True when ``pid`` still runs a process of server ``server_id`` (its supervisor or vLLM), not a
-    stranger that got a recycled pid: the launcher marks them all with SAGE_SERVER_ID in the environment."""
+    stranger that got a recycled pid: the launcher marks them all with SAGE_SERVER_ID in the environment.
+
+    An empty environment is read again for up to :data:`EXEC_GAP` seconds. Linux swaps in a new program
+    (and lets Popen return) before it sets up that program's environment, and /proc/PID/environ reads
+    empty in between: a supervisor just spawned, or a serving interpreter that is a wrapper exec'ing the
+    real one (a pyenv shim), sits in that gap for a moment, and was taken for dead ("The supervisor
+    process ... exited after 0 s", once in CI). Only a stranger with no environment at all pays the wait."""
     if not pid:
         return False
+    deadline = time.monotonic() + EXEC_GAP
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("SAGE_SERVER_ID") == server_id
+        while True:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            env = proc.environ()
+            if env or time.monotonic() >= deadline:
+                return env.get("SAGE_SERVER_ID") == server_id
+            time.sleep(0.005)
     except psutil.Error:
         return False
-
-
-def wait_marked(child: Popen, server_id: str, timeout: float = 5.0) -> None:
-    """Return once a child just spawned with SAGE_SERVER_ID shows as ours (:func:`is_ours`), or has exited,
-    or ``timeout`` has passed. Call it before publishing the child's pid.
-
-    Why: Popen returns as soon as exec has swapped in the child's new memory, but Linux sets up the new
-    program's environment (what /proc/PID/environ shows) a moment later; read in between, the environment
-    is empty. A record saved in that gap named a supervisor (or server) that every reader took for gone, so
-    a start failed at once with "The supervisor process ... exited after 0 s" (seen about once in a
-    thousand spawns, and once in CI)."""
-    deadline = time.monotonic() + timeout
-    while not is_ours(child.pid, server_id) and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
 
 
 def watch(pid: int | None, server_id: str) -> psutil.Process | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..core.config import MAX_RUNTIME_DIR_LEN, Settings, check_port, check_vllm_args
 from ..core.errors import LOG_TAIL_HEADING, Cancelled, SageError, ServerFailed
 from ..core.http import healthy
-from ..core.processes import is_ours, wait_marked
+from ..core.processes import is_ours
 from ..core.progress import Progress, ProgressCallback
 from ..core.vllm_env import require_vllm
 from . import logs as server_logs
@@ -168,22 +168,18 @@ def spawn_supervised(settings: Settings, registry: Registry, record: ServerRecor
     """Start the supervisor in its own session; we keep the write end of its stdin (see supervisor.py).
     With a ``listener``, the supervisor serves the authenticating TCP gateway on it (see gateway.py).
 
-    Call with the registry lock held, and save ``record`` with ``supervisor_pid`` before releasing it. It
-    returns once the supervisor shows as ours (see processes.wait_marked): a record saved earlier could name
-    a supervisor that readers (wait_ready, another process's reaper) take for gone.
+    Call with the registry lock held, and save ``record`` with ``supervisor_pid`` before releasing it.
     """
     gateway = (["--gateway-fd", str(listener.fileno()), "--gateway-connections", str(settings.gateway_connections)]
                if listener is not None else [])
     start_log = ["--start-log", str(settings.start_log)] if settings.start_log is not None else []
     with open(record.log_path, "ab") as log:
-        supervisor = subprocess.Popen(
+        return subprocess.Popen(
             [settings.python, "-m", "sage_magic.serving.supervisor", "--runtime-dir", str(registry.root), "--id",
              record.id, "--grace", str(settings.stop_grace), *gateway, *start_log, "--", *command],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, env=env,
             pass_fds=(listener.fileno(),) if listener is not None else (),
         )
-    wait_marked(supervisor, record.id)
-    return supervisor
 
 
 # An exception line, after vLLM's optional "(EngineCore pid=N) ERROR 11-27 13:55:43 [file.py:953] " prefix.

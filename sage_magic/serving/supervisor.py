@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..core.config import DEFAULT_GATEWAY_CONNECTIONS
-from ..core.processes import death_signal, kill_group, wait_marked
+from ..core.processes import death_signal, kill_group
 from .gateway import Gateway
 from .registry import Owner, Registry, ServerRecord, live_owners
 
@@ -52,7 +52,6 @@ class Supervisor:
         with open(log_path, "ab", buffering=0) as log:
             proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, preexec_fn=death_signal())
-        wait_marked(proc, self.server_id)  # a pid saved before the server shows as ours reads as a dead server
         with self.registry.locked():
             record = self.registry.get(self.server_id)
             if record is not None:
