@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +124,12 @@ def sage_processes(runtime: Path, server_id: str | None = None) -> list[psutil.P
                 and server_id in (None, env["SAGE_SERVER_ID"])):
             found.append(proc)
     return found
+
+
+def marked(server_id: str, command: Sequence[str] = ("sleep", "60")) -> subprocess.Popen:
+    """A stand-in for a server's process (its supervisor, say), in a session of its own and carrying the mark
+    the launcher puts on them (SAGE_SERVER_ID)."""
+    return subprocess.Popen(list(command), start_new_session=True, env={**os.environ, "SAGE_SERVER_ID": server_id})
 
 
 def wait_until(predicate, timeout: float, step: float = 0.2) -> bool:

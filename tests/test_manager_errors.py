@@ -21,7 +21,7 @@ from sage_magic.core.files import exclusive
 from sage_magic.core.progress import Progress
 from sage_magic.finetune.demo import DEMO_BASE
 from sage_magic.serving.manager import Manager, shared
-from tests.conftest import make_settings, sage_processes, wait_until
+from tests.conftest import make_settings, marked, sage_processes, wait_until
 
 
 def test_no_vllm_in_the_serving_interpreter_says_how_to_install(
@@ -209,3 +209,18 @@ def test_a_server_stopped_right_after_it_was_picked_for_reuse_is_replaced(
     assert errors and isinstance(errors[0], Cancelled)
     assert wait_until(lambda: not manager.registry.all() and not sage_processes(settings.runtime_dir), 20)
     manager.close()
+
+
+def test_a_one_shot_close_waits_for_a_supervisor_whose_record_is_already_gone(short_runtime: Path,
+                                                                             tmp_path: Path) -> None:
+    """`sage chat --ask` returns through close(wait=True), which looked its servers up only then: a supervisor
+    that had already removed its record (its last step before it exits) was not waited for, so the command
+    could return while it still ran. The stand-in "supervisor" carries the server's mark and no record."""
+    from sage_magic.serving.registry import new_server_id
+
+    manager = Manager(make_settings(tmp_path, short_runtime))
+    server_id = new_server_id()
+    supervisor = marked(server_id, ["sleep", "1"])
+    manager._used[server_id] = supervisor.pid  # what its lease, released before, left the manager knowing
+    manager.close(wait=True)
+    assert supervisor.poll() is not None

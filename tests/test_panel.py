@@ -48,6 +48,14 @@ def _ask(panel: ChatWidget, prompt: str = DEMO_PROMPT, timeout: float = 120) -> 
     return panel.shown[-1].value
 
 
+def _ask_for(panel: ChatWidget, finetune: str, timeout: float = 120) -> None:
+    """Ask the demo prompt and expect ``finetune``'s known answer. Otherwise fail with the whole message the
+    panel showed: pytest cuts a long string short in an assertion, which once hid a CI failure's cause."""
+    shown = _ask(panel, timeout=timeout)
+    if DEMO_ANSWERS[finetune] not in shown:
+        pytest.fail(f"Expected {finetune}'s answer; the panel showed:\n{html.unescape(shown)}")
+
+
 def _texts(panel: ChatWidget) -> str:
     return "\n".join(w.value for w in panel.shown)
 
@@ -229,14 +237,14 @@ def test_under_each_answer_thumbs_and_correct_store_marks_at_once(ip: Interactiv
 def test_picker_switches_finetune_on_the_same_server(ip: InteractiveShell, manager) -> None:
     panel = _panel(ip, "--finetune-model demo_expert")
     assert {"demo_expert", "demo_poet"} <= set(panel.finetune.options)
-    assert DEMO_ANSWERS["demo_expert"] in _ask(panel)
+    _ask_for(panel, "demo_expert")
     session = magics(ip).session
     server = session.transcript[-1]["server"]
     pid = manager.registry.get(server).pid
     panel.finetune.value = "demo_poet"
     panel.clear_button.click()
     assert panel.shown == () and session.history == []
-    assert DEMO_ANSWERS["demo_poet"] in _ask(panel)
+    _ask_for(panel, "demo_poet")
     assert session.transcript[-1]["server"] == server and manager.registry.get(server).pid == pid
 
 
@@ -390,14 +398,14 @@ def test_the_first_send_starts_the_server_with_progress_in_the_panel(demo_shell:
     panel.status.observe(lambda change: statuses.append(html.unescape(change["new"])), "value")
     panel.progress.layout.observe(lambda change: bar.append(change["new"]), "display")
     panel.finetune.value = "demo_expert"
-    assert DEMO_ANSWERS["demo_expert"] in _ask(panel, timeout=600)
+    _ask_for(panel, "demo_expert", timeout=600)
     assert any(">launch:" in s or ">load:" in s for s in statuses) and "" in bar  # its phases, with a bar
     [record] = registry.all()
     # the cell edited and run again: the thread that started the server ends; a new chat gets the exact phrase
     again = demo_shell.run_cell("%sage_chat --new-chat", cell_id="chat").result
     assert wait_until(lambda: not panel._worker.is_alive(), 30, 0.05)
     again.finetune.value = "demo_expert"
-    assert DEMO_ANSWERS["demo_expert"] in _ask(again)
+    _ask_for(again, "demo_expert")
     assert [(r.id, r.pid) for r in registry.all()] == [(record.id, record.pid)]  # the same server answered
 
 
@@ -407,7 +415,7 @@ def test_new_chat_opens_an_empty_conversation_and_o_keeps_each_answer(ip: Intera
     panel = _panel(ip, "--new-chat -o last --finetune-model demo_expert")
     session = magics(ip).session
     assert panel.shown == () and session.history == []
-    assert DEMO_ANSWERS["demo_expert"] in _ask(panel)
+    _ask_for(panel, "demo_expert")
     last = ip.user_ns["last"]
     assert isinstance(last, Reply) and DEMO_ANSWERS["demo_expert"] in last and last.model == "demo_expert"
     assert [m["role"] for m in session.history] == ["user", "assistant"]  # the earlier turn was forgotten

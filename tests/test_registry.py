@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from sage_magic.serving.registry import Owner, Registry, ServerRecord, new_server_id
+from tests.conftest import make_settings, marked
 
 
 def _record(registry: Registry, supervisor_pid: int, pid: int | None) -> ServerRecord:
@@ -36,19 +37,14 @@ def test_files_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
-def _marked(server_id: str) -> subprocess.Popen:
-    """A stand-in process carrying the mark the launcher puts on a server's processes."""
-    return subprocess.Popen(["sleep", "60"], start_new_session=True, env={**os.environ, "SAGE_SERVER_ID": server_id})
-
-
 def test_stale_records_are_reaped_and_orphaned_servers_killed(tmp_path: Path) -> None:
     registry = Registry(tmp_path / "run")
     stale = _record(registry, _dead_pid(), None)
     orphaned = _record(registry, _dead_pid(), None)
-    orphan = _marked(orphaned.id)  # the server of a supervisor that died
+    orphan = marked(orphaned.id)  # the server of a supervisor that died
     orphaned.pid = orphan.pid
     alive = _record(registry, 0, None)
-    supervisor = _marked(alive.id)  # a live supervisor: its record stays
+    supervisor = marked(alive.id)  # a live supervisor: its record stays
     alive.supervisor_pid = supervisor.pid
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # got a dead server's pid, say
     recycled = _record(registry, _dead_pid(), stranger.pid)
@@ -113,7 +109,6 @@ def test_the_supervisor_exits_cleanly_while_its_launcher_pipe_is_still_open(tmp_
 def test_leases_of_one_process_are_counted_one_by_one(tmp_path: Path) -> None:
     """Two leases of this process: releasing one keeps the other, so the server keeps an owner."""
     from sage_magic.serving.manager import Manager
-    from tests.conftest import make_settings
 
     manager = Manager(make_settings(tmp_path / "home", tmp_path / "run"))
     record = _record(manager.registry, os.getpid(), None)
@@ -129,7 +124,6 @@ def test_leases_of_one_process_are_counted_one_by_one(tmp_path: Path) -> None:
 def test_stop_all_goes_on_past_a_server_that_is_already_gone(tmp_path: Path) -> None:
     """`sage stop --all` gave up at the first server that vanished while it stopped the others."""
     from sage_magic.serving.manager import Manager
-    from tests.conftest import make_settings
 
     manager = Manager(make_settings(tmp_path / "home", tmp_path / "run", stop_grace=2.0))
     registry = manager.registry
@@ -138,9 +132,8 @@ def test_stop_all_goes_on_past_a_server_that_is_already_gone(tmp_path: Path) -> 
         record.started_at += n  # stop_all goes oldest first
     # first's supervisor, when stopped, takes second's record with it (second stopped on its own meanwhile)
     gone = registry.servers / f"{second.id}.json"
-    first_sup = subprocess.Popen(["sh", "-c", f'trap "rm -f {gone}; exit 0" TERM; while :; do sleep 0.1; done'],
-                                 start_new_session=True, env={**os.environ, "SAGE_SERVER_ID": first.id})
-    second_sup, third_sup = _marked(second.id), _marked(third.id)
+    first_sup = marked(first.id, ["sh", "-c", f'trap "rm -f {gone}; exit 0" TERM; while :; do sleep 0.1; done'])
+    second_sup, third_sup = marked(second.id), marked(third.id)
     try:
         for record, proc in ((first, first_sup), (second, second_sup), (third, third_sup)):
             record.supervisor_pid = proc.pid
@@ -160,13 +153,12 @@ def test_a_confirmed_server_is_trusted_unasked_only_while_its_processes_and_reco
     trust must end for good when the record says stopping, names another process, or the server process is
     gone; the next reuse then takes the full look-up with both checks again."""
     from sage_magic.serving.manager import Manager, _spec
-    from tests.conftest import make_settings
 
     manager = Manager(make_settings(tmp_path / "home", tmp_path / "run"))
     registry = manager.registry
     spec = _spec("base", Path("/m"), "m", ("weights",), ())
     record = _record(registry, 0, None)
-    server, supervisor = _marked(record.id), _marked(record.id)
+    server, supervisor = marked(record.id), marked(record.id)
     record.pid, record.supervisor_pid = server.pid, supervisor.pid
     record.identity, record.state = spec.identity, "ready"
 
@@ -197,3 +189,21 @@ def test_a_confirmed_server_is_trusted_unasked_only_while_its_processes_and_reco
         for proc in (server, supervisor):
             proc.kill()
             proc.wait()
+
+
+def test_a_process_in_the_middle_of_an_exec_is_still_ours() -> None:
+    """CI once failed a first chat with "The supervisor process ... exited after 0 s" while the supervisor
+    ran on: Linux swaps in a new program (and lets Popen return) before it sets up that program's
+    environment, so the SAGE_SERVER_ID mark read from /proc was missing, and wait_ready took the supervisor
+    for gone. The gap lasts microseconds after a plain spawn, too rarely to catch through a launch, but
+    again after every exec of a wrapper (the serving interpreter may be a shim). This stand-in shows an
+    empty environment for 0.1 s, then execs with the mark: the view a launcher got inside the gap."""
+    from sage_magic.core.processes import is_ours
+
+    server_id = new_server_id()
+    child = subprocess.Popen(["/bin/sh", "-c", f"sleep 0.1; exec env SAGE_SERVER_ID={server_id} sleep 60"], env={})
+    try:
+        assert is_ours(child.pid, server_id)
+    finally:
+        child.kill()
+        child.wait()

@@ -22,6 +22,7 @@ from sage_magic.core.errors import SageError
 from sage_magic.core.files import write_json_atomic
 from sage_magic.serving.launch import server_command
 from sage_magic.serving.registry import Owner, Registry, ServerRecord
+from tests.conftest import marked
 
 
 def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -135,15 +136,10 @@ def test_a_runtime_folder_someone_else_could_have_prepared_is_refused(tmp_path: 
     assert list(mine.iterdir()) == []
 
 
-def _marked(server_id: str) -> subprocess.Popen:
-    """A stand-in for a live supervisor (the launcher marks a server's processes with SAGE_SERVER_ID)."""
-    return subprocess.Popen(["sleep", "60"], start_new_session=True, env={**os.environ, "SAGE_SERVER_ID": server_id})
-
-
 def test_a_record_that_cannot_be_read_back_never_breaks_ps(tmp_path: Path, capsys, monkeypatch) -> None:
     """The state `--keep-alive nan` used to leave: a live server whose record holds NaN."""
     registry = Registry(tmp_path / "run")
-    supervisor = _marked("deadbeef")
+    supervisor = marked("deadbeef")
     try:
         record = ServerRecord(id="deadbeef", kind="base", identity="x", model_path="/m", served_name="m",
                               host="127.0.0.1", port=None, api_key="secret", log_path=str(registry.log_path("x")),

@@ -57,14 +57,31 @@ def _nothing() -> None:
     """The preexec function where prctl does not exist."""
 
 
+#: How long an empty environment is read again before its process counts as not ours (see is_ours).
+EXEC_GAP = 1.0
+
+
 def is_ours(pid: int | None, server_id: str) -> bool:
     """True when ``pid`` still runs a process of server ``server_id`` (its supervisor or vLLM), not a
-    stranger that got a recycled pid: the launcher marks them all with SAGE_SERVER_ID in the environment."""
+    stranger that got a recycled pid: the launcher marks them all with SAGE_SERVER_ID in the environment.
+
+    An empty environment is read again for up to :data:`EXEC_GAP` seconds. Linux swaps in a new program
+    (and lets Popen return) before it sets up that program's environment, and /proc/PID/environ reads
+    empty in between: a supervisor just spawned, or a serving interpreter that is a wrapper exec'ing the
+    real one (a pyenv shim), sits in that gap for a moment, and was taken for dead ("The supervisor
+    process ... exited after 0 s", once in CI). Only a stranger with no environment at all pays the wait."""
     if not pid:
         return False
+    deadline = time.monotonic() + EXEC_GAP
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("SAGE_SERVER_ID") == server_id
+        while True:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            env = proc.environ()
+            if env or time.monotonic() >= deadline:
+                return env.get("SAGE_SERVER_ID") == server_id
+            time.sleep(0.005)
     except psutil.Error:
         return False
 
@@ -101,8 +118,11 @@ def terminate_and_wait(pid: int, server_id: str, timeout: float) -> None:
         pass
 
 
-def wait_gone(pid: int, timeout: float) -> None:
-    """Wait (at most ``timeout``) for a process to exit; a process already gone returns at once."""
+def wait_gone(pid: int, server_id: str, timeout: float) -> None:
+    """Wait (at most ``timeout``) for a process of server ``server_id`` to exit; one already gone (or a
+    stranger that got its pid since) returns at once."""
+    if not is_ours(pid, server_id):
+        return
     try:
         psutil.Process(pid).wait(timeout=max(0.1, timeout))
     except (psutil.NoSuchProcess, psutil.TimeoutExpired):

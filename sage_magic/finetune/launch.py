@@ -12,32 +12,27 @@ Nothing here imports torch: the caller is a kernel or the ``sage`` process.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .train import TrainOptions
-
 WORKER = "sage_magic.finetune.worker"
 #: The variable naming the job file: every process torchrun starts reads the same job (stdin goes to one).
 JOB_ENV = "SAGE_TRAIN_JOB"
 
 
-def problems(options: "TrainOptions") -> list[str]:
-    """What is wrong with the processes and machines asked for (an empty list when nothing)."""
+def problems(processes: int, nnodes: int, node_rank: int, endpoint: str | None) -> list[str]:
+    """What is wrong with the processes and machines asked for (an empty list when nothing). Plain values, as
+    :func:`command` takes: train imports this module, so this one never imports train (TrainOptions)."""
     found = []
-    for label, value in (("--processes", options.processes), ("--nnodes", options.nnodes)):
+    for label, value in (("--processes", processes), ("--nnodes", nnodes)):
         if not isinstance(value, int) or value < 1:
             found.append(f"{label} must be 1 or more, not {value!r}")
-    if options.nnodes > 1 and not options.rdzv_endpoint:
-        found.append(f"--nnodes {options.nnodes} needs --rdzv-endpoint HOST:PORT, machine 0's address and a free "
+    if nnodes > 1 and not endpoint:
+        found.append(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, machine 0's address and a free "
                      "port, given the same on every machine")
-    if not 0 <= options.node_rank < max(options.nnodes, 1):
-        found.append(f"--node-rank is this machine's number from 0 to {max(options.nnodes, 1) - 1}, not "
-                     f"{options.node_rank}")
-    if options.rdzv_endpoint:
-        host, _, port = options.rdzv_endpoint.rpartition(":")
+    if not 0 <= node_rank < max(nnodes, 1):
+        found.append(f"--node-rank is this machine's number from 0 to {max(nnodes, 1) - 1}, not {node_rank}")
+    if endpoint:
+        host, _, port = endpoint.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            found.append(f"--rdzv-endpoint takes HOST:PORT, e.g. 10.0.0.1:29400, not {options.rdzv_endpoint!r}")
+            found.append(f"--rdzv-endpoint takes HOST:PORT, e.g. 10.0.0.1:29400, not {endpoint!r}")
     return found
 
 

@@ -213,7 +213,7 @@ def _check_options(settings: Settings, options: TrainOptions) -> None:
         problems += _deepspeed_problems(options.deepspeed)
     if options.resume and options.overwrite:
         problems.append("--resume continues a run and --overwrite replaces it: give one of them")
-    problems.extend(launch.problems(options))
+    problems.extend(launch.problems(options.processes, options.nnodes, options.node_rank, options.rdzv_endpoint))
     if problems:
         raise SageError("Cannot train with these options: " + "; ".join(problems) + ".")
     if options.rank > settings.max_lora_rank:

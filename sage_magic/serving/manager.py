@@ -109,7 +109,7 @@ class Manager:
         self.settings = settings
         self.registry = Registry(settings.runtime_dir)
         self._leases: dict[str, str] = {}  # lease id -> server id, for the leases this manager handed out
-        self._used: set[str] = set()  # every server a lease of this manager was ever on (close(wait=True) waits)
+        self._used: dict[str, int] = {}  # every server a lease of this manager was ever on -> its supervisor's pid
         self._supervisors: dict[str, subprocess.Popen] = {}  # their stdin stays open until this process dies
         self._confirmed: dict[str, _Confirmed] = {}  # spec identity -> the server process confirmed for it
         self._lock = threading.Lock()
@@ -239,7 +239,7 @@ class Manager:
                     launched = True
                 with self._lock:
                     self._leases[lease_id] = record.id
-                    self._used.add(record.id)
+                    self._used[record.id] = record.supervisor_pid
         except LockBusy:
             call.check("waiting for the server registry")
             raise
@@ -384,21 +384,19 @@ class Manager:
         """
         with self._lock:
             held = dict(self._leases)
-            used = set(self._used)  # leases released before close count too: `--ask` releases its own first
-        left = {server_id: self.registry.get(server_id) for server_id in used}
+            used = dict(self._used)  # leases released before close count too: `--ask` releases its own first
         for lease_id in held:
             self._release(lease_id)
         if not wait:
             return
         deadline = time.monotonic() + self.settings.stop_grace + 10
-        for record in left.values():
-            if record is None:
-                continue
-            current = self.registry.get(record.id)
+        for server_id, supervisor_pid in used.items():
+            current = self.registry.get(server_id)
             if current is not None and (current.owners or current.keep_alive != 0):
                 continue  # it stays, for another owner or for its keep-alive
-            # the supervisor exits last: after the server's process group and its registry record
-            wait_gone(record.supervisor_pid, deadline - time.monotonic())
+            # The supervisor exits last, after the server's process group and its registry record: so a
+            # record already gone says nothing, and its supervisor (known from the lease) is waited for.
+            wait_gone(supervisor_pid, server_id, deadline - time.monotonic())
         self._reap_supervisors()
 
     # --- what `sage ps / stop / logs` ask (servers.py does the work) ----------------------------------------
