@@ -29,7 +29,6 @@ T = TypeVar("T")
 # (index, query, top_k, mode) -> list[rag.Hit]: in-process by default, a helper process's in a notebook
 Search = Callable[[str, str, int, str], list]
 
-DEFAULT_INDEX = "docs-public"  # SAGE's default index name
 # Tokens held back for the chat template's own markers, which /tokenize of the messages already counts
 # only approximately on some servers.
 _TEMPLATE_MARGIN = 16

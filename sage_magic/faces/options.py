@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from ..finetune.train import TrainOptions
 
 BACKENDS = ("finetune", "vllm", "openai")
+#: What a bare ``--index`` grounds answers in: SAGE's default index name.
+DEFAULT_INDEX = "docs-public"
 T = TypeVar("T")
 
 
@@ -163,8 +165,6 @@ def add_serving_options(parser: argparse.ArgumentParser, settings: Settings | No
 
 def add_chat_options(parser: argparse.ArgumentParser) -> None:
     """Flags that shape one answer (all faces)."""
-    from ..chat.conversation import DEFAULT_INDEX  # here, not above: `sage ps` imports this module, not chat
-
     group = parser.add_argument_group("answer")
     group.add_argument("--index", nargs="?", const=DEFAULT_INDEX, default=None, metavar="NAME",
                        help=f"ground answers in a document index (bare --index: {DEFAULT_INDEX})")
