@@ -124,9 +124,9 @@ def test_openai_backend_uses_a_given_endpoint_and_never_stops_it(settings, exper
     env = env_for(settings)
     url = Registry(settings.runtime_dir).get(expert.server_id).tcp_url
     out = sage("chat", "--backend", "openai", "--base-url", url, "--api-key", expert.api_key,
-               "--model", "demo_poet", "--ask", DEMO_PROMPT, env=env)
+               "--model", "demo_expert", "--ask", DEMO_PROMPT, env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == DEMO_ANSWERS["demo_poet"]
+    assert out.stdout.strip() == DEMO_ANSWERS["demo_expert"]
     assert Registry(settings.runtime_dir).get(expert.server_id) is not None
 
 
