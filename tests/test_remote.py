@@ -250,6 +250,20 @@ def test_eval_compares_the_local_and_remote_copies_of_one_finetune(ip, team_serv
     assert answers["demo_expert"].iloc[0] == DEMO_ANSWERS["demo_expert"]
 
 
+@pytest.mark.vllm
+def test_a_mark_on_a_remote_answer_names_the_weights_that_answered(ip, settings, team_server, monkeypatch) -> None:
+    """The team's server is not in our registry, so the mark's fingerprint (which weights gave the answer, kept
+    with the training row) comes from the adapter we published there; it was empty before."""
+    monkeypatch.setenv(KEY_VAR, team_server.api_key)
+    ip.run_cell(f"%%sage --backend openai --base-url {team_server.base_url} --api-key-env {KEY_VAR} "
+                f"--finetune-model demo_expert --publish-dir {team_server.publish_dir} --new-chat\n"
+                f"{DEMO_PROMPT}\n").raise_error()
+    ip.run_cell("%sage rate good").raise_error()
+    ip.run_cell("%sage feedback demo_expert -o fb").raise_error()
+    fb = ip.user_ns["fb"]
+    assert fb["fingerprint"].iloc[-1] == adapter_digest(get_finetune(settings, "demo_expert").adapter_dir)
+
+
 def test_settings_read_the_publish_dir_from_the_environment(tmp_path: Path) -> None:
     assert make_settings(tmp_path, tmp_path).publish_dir is None
     assert Settings.from_env(environ={"SAGE_PUBLISH_DIR": str(tmp_path)}).publish_dir == tmp_path

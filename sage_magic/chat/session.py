@@ -494,10 +494,11 @@ class Session:
 
     def _fingerprint(self, endpoint: "Endpoint") -> str | None:
         """What identifies the weights that answered: the adapter's digest on a base server, the served
-        model's identity otherwise (merged fine-tune, base), None for a server sage_magic did not start."""
+        model's identity otherwise (merged fine-tune, base); on a server sage_magic did not start, the digest
+        of the fine-tune it put there, or None when it only asks that server's own model."""
         record = self.manager.registry.get(endpoint.server_id) if endpoint.server_id else None
         if record is None:
-            return None
+            return endpoint.fingerprint
         adapter = record.adapters.get(endpoint.model)
         return adapter["fingerprint"] if adapter else record.identity
 

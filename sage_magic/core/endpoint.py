@@ -17,7 +17,9 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 @dataclass(frozen=True)
 class Endpoint:
     """``base_url`` ends in ``/v1``. With ``socket`` set, requests travel over that Unix domain socket and the
-    URL's host is only nominal. ``server_id`` is None for an endpoint sage_magic did not start."""
+    URL's host is only nominal. ``server_id`` is None for an endpoint sage_magic did not start; there the
+    registry cannot say which weights answer, so ``fingerprint`` carries the digest of the fine-tune
+    sage_magic published or loaded onto it (marks made on its answers train on what really answered)."""
 
     base_url: str
     api_key: str | None = field(default=None, repr=False)
@@ -25,6 +27,7 @@ class Endpoint:
     server_id: str | None = None
     reused: bool = False
     socket: str | None = None
+    fingerprint: str | None = None
 
     @property
     def root_url(self) -> str:
@@ -38,4 +41,4 @@ class Endpoint:
 
     def for_model(self, model: str) -> "Endpoint":
         """The same server, asked for another model it serves (a sibling adapter, or the base)."""
-        return replace(self, model=model)
+        return replace(self, model=model, fingerprint=None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import atexit
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -94,7 +94,7 @@ def attach(settings: Settings, server: Endpoint, name: str, options: AttachOptio
         if loaded_here:  # not usable as ours: leave the server as it was
             _unload(server.for_model(served))
         raise
-    return Attached(server.for_model(served), loaded_here)
+    return Attached(replace(server.for_model(served), fingerprint=fingerprint), loaded_here)
 
 
 def remote_path(local: Path, home: Path, remote_root: str | None) -> str:
