@@ -411,7 +411,9 @@ def _run_child(settings: Settings, job: dict, progress: ProgressCallback,
         interrupted, killed, outcome = False, False, None
         stop_asked, slowest = None, None
         try:
-            while not child.eof:
+            # Not waiting past the child's answer: what is left of it is its interpreter's exit (torch's teardown,
+            # ~1.5 s), which closing its stdin cuts short (a child with nothing left to save exits at EOF).
+            while not child.eof and outcome is None:
                 try:
                     if cancel is not None and cancel.is_set() and not child.stop_sent:
                         child.stop()
