@@ -491,7 +491,7 @@ def main() -> int:
     except SageError as error:
         emit({"event": "error", "message": str(error)})
         return 2
-    emit({"event": "done", "result": result})
+    run.emit({"event": "done", "result": result})  # the first process of this machine's: the others know no checkpoint
     return 0
 
 
