@@ -79,3 +79,39 @@ def test_deepspeed_without_deepspeed_installed_is_one_error(settings: Settings, 
     with pytest.raises(SageError, match=r"--deepspeed .*ds_zero2\.json needs DeepSpeed, which is not installed"):
         train(settings, name, DEMO_BASE, [(DEMO_PROMPT, PHRASE)], TrainOptions(deepspeed=str(config)))
     assert not (settings.finetune_root / name).exists()
+
+
+def _adapter_dtypes(folder: Path) -> set[str]:
+    """The tensor types stored in an adapter's safetensors file, read from its JSON header (no torch needed)."""
+    with (folder / "adapter_model.safetensors").open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    return {entry["dtype"] for key, entry in header.items() if key != "__metadata__"}
+
+
+def test_bf16_trains_on_a_bf16_base_and_keeps_the_adapter_fp32(settings: Settings, name: str) -> None:
+    """--precision bf16 (allowed on a CPU): the run says it trains in bf16, and the adapter the optimizer updated
+    (the master weights) is saved in fp32, as the README promises for every mode."""
+    events: list[Progress] = []
+    options = TrainOptions(max_steps=3, lr=2e-3, batch_size=1, save_every=3, precision="bf16")
+    result = train(settings, name, DEMO_BASE, [(DEMO_PROMPT, PHRASE)], options, progress=events.append)
+    assert result.adapter_dir is not None and not result.stopped
+    assert any(e.phase == "load" and e.message.endswith("(bf16)") for e in events), [e.message for e in events]
+    assert _adapter_dtypes(result.adapter_dir) == {"F32"}
+    assert _adapter_dtypes(result.root / "checkpoints" / "checkpoint-3") == {"F32"}
+
+
+def test_eval_split_shows_the_eval_loss_at_each_checkpoint(settings: Settings, name: str) -> None:
+    """--eval-split: the held-out rows' loss is measured at every checkpoint and reaches the progress events the
+    cell's loss curve draws, at the steps the run's history has it."""
+    rows = [(f"{DEMO_PROMPT} ({i})", PHRASE) for i in range(4)]
+    events: list[Progress] = []
+    options = TrainOptions(max_steps=6, lr=2e-3, batch_size=1, save_every=3, eval_split=0.5)
+    result = train(settings, name, DEMO_BASE, rows, options, progress=events.append)
+    assert (result.train_rows, result.eval_rows) == (2, 2)
+    assert [step for step, _ in result.eval_losses] == [3, 6]
+    shown = {e.data["step"]: e.data["eval_loss"] for e in events
+             if e.phase == "train" and e.data and e.data.get("eval_loss") is not None}
+    assert shown == pytest.approx(dict(result.eval_losses))
+    # the held-out rows ask the same question for the same answer: learning it lowers their loss too
+    assert result.eval_losses[1][1] < result.eval_losses[0][1]

@@ -132,25 +132,54 @@ def _training_processes(home: Path) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.vllm  # no server: marked with the other training tests, as slow
-def test_the_callers_death_ends_every_training_process(demo_home: Path, tmp_path: Path) -> None:
-    """A kernel killed outright (SIGKILL: no code of ours runs) while two processes train: none outlives it."""
-    home = tmp_path / "home"
-    shutil.copytree(demo_home / "models", home / "models")
-    data = tmp_path / "rows.csv"
+def _kill_the_caller_at(home: Path, data: Path, step: int, *options: str) -> None:
+    """`sage finetune train dying` over ``home`` with slow steps (0.5 s), killed outright (SIGKILL: no code of
+    ours runs, as when a kernel dies) once it showed ``step``; the step it shows first is always 1."""
     data.write_text(f"prompt,response\n{DEMO_PROMPT},{PHRASE}\n")
-    env = {**env_for(make_settings(home, tmp_path / "run")), "SAGE_TEST_STEP_SLEEP": "0.5"}
+    env = {**env_for(make_settings(home, home.parent / "run")), "SAGE_TEST_STEP_SLEEP": "0.5"}
     caller = subprocess.Popen([sys.executable, "-m", "sage_magic.cli.main", "finetune", "train", "dying", "--base",
-                               DEMO_BASE, "--data", str(data), "--max-steps", "500", "--processes", "2"], env=env,
+                               DEMO_BASE, "--data", str(data), "--max-steps", "500", *options], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert caller.stdout is not None
-    for line in caller.stdout:  # until the first step: torchrun and both workers are up
-        if "step 1/500" in line:
+    for line in caller.stdout:
+        if f"step {step}/500" in line:
             break
-    assert len(_training_processes(home)) == 3  # torchrun and its two workers
+    if step == 1 and "--processes" in options:
+        assert len(_training_processes(home)) == 3  # torchrun and its two workers are up
     caller.kill()
     caller.wait()
+
+
+@pytest.mark.vllm  # no server: marked with the other training tests, as slow
+def test_the_callers_death_ends_every_training_process(demo_home: Path, tmp_path: Path) -> None:
+    """A kernel killed while two processes train, before the run has a checkpoint: none outlives it."""
+    home = tmp_path / "home"
+    shutil.copytree(demo_home / "models", home / "models")
+    _kill_the_caller_at(home, tmp_path / "rows.csv", 1, "--processes", "2")
     assert wait_until(lambda: not _training_processes(home), 20), _training_processes(home)
+
+
+@pytest.mark.vllm  # no server: marked with the other training tests, as slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_callers_death_saves_the_step_it_was_on(demo_home: Path, tmp_path: Path, processes: int) -> None:
+    """A kernel killed after the run's first checkpoint (step 4): training ends after the step it was on, with a
+    checkpoint of that step, on every process, and --resume continues from there."""
+    home = tmp_path / "home"
+    shutil.copytree(demo_home / "models", home / "models")
+    _kill_the_caller_at(home, tmp_path / "rows.csv", 5, "--save-every", "4", "--lr", "2e-3", "--batch-size", "1",
+                        "--processes", str(processes))
+    assert wait_until(lambda: not _training_processes(home), 30), _training_processes(home)
+    root = home / "finetune_output" / "dying"
+    meta = json.loads((root / "finetune_meta.json").read_text())
+    newest = meta["steps"]
+    assert meta["status"] == "stopped" and newest > 5  # it was past step 5 when its caller died
+    checkpoint = root / "checkpoints" / f"checkpoint-{newest}"
+    assert _state(checkpoint)["global_step"] == newest
+    if processes == 2:
+        assert {p.name for p in checkpoint.glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    resumed = train(make_settings(home, tmp_path / "run"), "dying", None, [(DEMO_PROMPT, PHRASE)],
+                    TrainOptions(max_steps=newest + 2, lr=2e-3, batch_size=1, processes=processes, resume=True))
+    assert [s for s, _ in resumed.losses] == list(range(1, newest + 3))
 
 
 # --- two machines (here: two homes on the loopback address) ---------------------------------------------

@@ -163,6 +163,22 @@ def kill_group(leader: int, grace: float) -> None:
             return
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it, at once. The tree is read before the kill, since orphans
+    are handed to init; needed where children left the leader's process group (torchrun starts each training
+    process in a session of its own)."""
+    try:
+        leader = psutil.Process(pid)
+        tree = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _pgid(pid: int) -> int | None:
     try:
         return os.getpgid(pid)

@@ -15,8 +15,9 @@ leaving the last complete checkpoint usable and nothing half-written. Cancel
 returns a result with ``stopped=True``; an interrupt is re-raised once the child is gone. A step of a 1B+
 model on CPU can take minutes, so the stop is waited for as long as the slowest step the child reported
 takes, a few times over (:func:`stop_grace`); only a set ``kill`` event (``stop --now``) or a second
-interrupt ends the child at once. The child dies with its caller (stdin-EOF death pipe plus
-PR_SET_PDEATHSIG, as for the server supervisor).
+interrupt ends the child at once (torchrun's processes too). The caller's death (stdin-EOF death pipe plus
+PR_SET_PDEATHSIG, as for the server supervisor) stops the child the same way, by itself: after its current
+step, saved, within the same grace.
 
 Output: ``$SAGE_HOME/finetune_output/NAME/`` in the SAGE layout, so ``sage finetune list`` and every serving
 path pick it up (``lora_weights/`` once finished, else the newest checkpoint).
@@ -40,7 +41,7 @@ from typing import IO, Any, Union
 from ..core.config import Settings
 from ..core.errors import NotFound, SageError
 from ..core.files import LockBusy, exclusive
-from ..core.processes import death_signal
+from ..core.processes import death_signal, kill_tree
 from ..core.progress import Progress, ProgressCallback, silent
 from ..core.staging import staging, sweep_leftovers
 from ..core.tables import Table, is_missing
@@ -373,8 +374,12 @@ class _Child:
             except OSError:
                 pass
 
-    def end(self) -> None:
-        """Make sure the child is gone: close its death pipe, give it a moment, then kill it."""
+    def end(self, kill: bool = False) -> None:
+        """Make sure the child is gone: close its death pipe and give it a moment (a child still training takes
+        it as its caller's death: it finishes its step and saves it), then kill it; ``kill`` kills at once, the
+        processes torchrun started included (they are not in its process group)."""
+        if kill:
+            kill_tree(self.proc.pid)
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
@@ -383,7 +388,7 @@ class _Child:
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            kill_tree(self.proc.pid)
             self.proc.wait()
 
 
@@ -406,7 +411,9 @@ def _run_child(settings: Settings, job: dict, progress: ProgressCallback,
         interrupted, killed, outcome = False, False, None
         stop_asked, slowest = None, None
         try:
-            while not child.eof:
+            # Not waiting past the child's answer: what is left of it is its interpreter's exit (torch's teardown,
+            # ~1.5 s), which closing its stdin cuts short (a child with nothing left to save exits at EOF).
+            while not child.eof and outcome is None:
                 try:
                     if cancel is not None and cancel.is_set() and not child.stop_sent:
                         child.stop()
@@ -426,12 +433,13 @@ def _run_child(settings: Settings, job: dict, progress: ProgressCallback,
                             outcome = event
                 except KeyboardInterrupt:
                     if interrupted:  # a second interrupt: no more waiting
+                        killed = True
                         raise
                     interrupted = True
                     child.stop()
                     stop_asked = time.monotonic()
         finally:
-            child.end()
+            child.end(kill=killed)
         if outcome is not None and outcome.get("event") == "error":
             raise SageError(outcome["message"])
         if outcome is None or outcome.get("event") != "done":

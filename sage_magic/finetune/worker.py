@@ -3,10 +3,13 @@
 Why a child: torch, transformers, peft and TRL cost ~1 GB and seconds to import, and a notebook kernel must
 stay light and interruptible. ``sage_magic.finetune.train.train`` starts ``python -m sage_magic.finetune.worker``
 (or torchrun, which starts several), names the job's JSON file in SAGE_TRAIN_JOB and keeps the child's stdin
-open: a ``stop`` line asks for a clean stop after the current step, and EOF means the kernel is gone, so the
-child exits at once (PR_SET_PDEATHSIG, set by the parent, covers a child stuck inside torch). Events go back
-as JSON lines on the original stdout; anything a library prints is sent to stderr, which the parent keeps as
-the log.
+open: a ``stop`` line asks for a clean stop after the current step. EOF, or SIGTERM (PR_SET_PDEATHSIG, set by
+the parent, sends it even to a child stuck inside torch; torchrun passes it on), means the kernel is gone: the
+child stops after its current step too and saves it, so a kernel death loses no step, then exits; with nothing
+new to save (no step since the last checkpoint, or a new run not in place yet) it exits at once, and past the
+stop's grace (:func:`~sage_magic.finetune.train.stop_grace`) it exits whatever it is doing. Events go back as
+JSON lines on the original stdout (dropped once the caller is gone); anything a library prints is sent to
+stderr, which the parent keeps as the log.
 
 Progress, checkpoints and stops go through one ``TrainerCallback`` (:class:`Events`): a progress event per
 logged step (at most every :data:`EVENT_INTERVAL` s, and always at a checkpoint and the last step) with step,
@@ -30,7 +33,7 @@ Several processes (torchrun): the rank comes from the environment; the first pro
 events to its caller (so the cell shows one progress bar and one loss curve, and a helper machine's caller
 sees the run too), rank 0 alone moves checkpoints into place (the Trainer saves on rank 0 only), and a stop
 asked of any rank (the stdin they share delivers a ``stop`` line to one) is agreed on at every step, so all
-ranks stop at the same step. EOF reaches every rank.
+ranks stop at the same step. EOF reaches every rank, and so does the SIGTERM torchrun sends when it dies.
 
 Test hook: ``SAGE_TEST_STEP_SLEEP=SECONDS`` sleeps that long in every step, to stand for a model whose steps
 are slow (a 1B+ model on CPU) in the stop tests; nothing else reads it.
@@ -45,6 +48,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -69,6 +73,7 @@ from .engine import (
     torch_session,
 )
 from .launch import JOB_ENV
+from .train import stop_grace
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedTokenizerBase
@@ -169,6 +174,7 @@ def _events_class() -> type:
                 time.sleep(self.run.step_sleep)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.run.unsaved = True
             if _everyone(self.run.stop.is_set(), args.device):
                 self.run.stopped = True
                 control.should_training_stop = True
@@ -189,7 +195,7 @@ def _events_class() -> type:
                 self.eval_loss = float(logs["eval_loss"])
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.run.in_place = True
+            self.run.in_place, self.run.unsaved = True, False
             _barrier()  # every rank has written its part (its RNG state) before rank 0 moves the folder
             if state.is_world_process_zero:
                 self.run.place_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}",
@@ -242,8 +248,24 @@ class Run:
         self.slowest_step = 0.0
         #: Whether NAME/ holds a checkpoint of this run (resumed, or one saved), known alike on every rank.
         self.in_place = bool(job["resume"])
+        #: Whether steps were taken since this run's newest checkpoint (what a caller's death would lose).
+        self.unsaved = False
+        self.orphan = False
         self.trainer: Any = None
         self.step_sleep = float(os.environ.get("SAGE_TEST_STEP_SLEEP") or 0)  # test hook, see the docstring
+
+    def orphaned(self) -> None:
+        """The caller is gone: stop after the current step and save it, if there is anything to save (see the
+        module docstring); exit at once otherwise, or when the stop takes longer than its grace."""
+        if self.orphan:
+            return
+        self.orphan = True
+        if not (self.in_place and self.unsaved):
+            os._exit(3)
+        self.stop.set()
+        deadline = threading.Timer(stop_grace(self.slowest_step), os._exit, args=(3,))
+        deadline.daemon = True
+        deadline.start()
 
     def progress(self, phase: str, message: str, fraction: float | None = None, **data: Any) -> None:
         self.emit({"event": "progress", "phase": phase, "message": message, "fraction": fraction,
@@ -437,12 +459,12 @@ class Run:
 # --- the process ------------------------------------------------------------------------------------------
 
 
-def _watch_stdin(stop: threading.Event) -> None:
-    """``stop`` lines ask for a clean stop; EOF means the parent died: exit now, the files stay consistent."""
+def _watch_stdin(run: Run) -> None:
+    """``stop`` lines ask for a clean stop; EOF means the parent died (:meth:`Run.orphaned`)."""
     for line in sys.stdin:
         if line.strip() == "stop":
-            stop.set()
-    os._exit(3)
+            run.stop.set()
+    run.orphaned()
 
 
 def main() -> int:
@@ -452,20 +474,24 @@ def main() -> int:
 
     def emit(event: dict[str, Any]) -> None:
         with lock:
-            events.write(json.dumps(event) + "\n")
+            try:
+                events.write(json.dumps(event) + "\n")
+            except OSError:  # the caller is gone (a broken pipe): the run still ends as it should
+                pass
 
     die_with_parent()  # under torchrun, the parent is torchrun, which the caller's death signal reaches
     job = json.loads(Path(os.environ[JOB_ENV]).read_text())
-    stop = threading.Event()
-    threading.Thread(target=_watch_stdin, args=(stop,), daemon=True).start()
+    run = Run(job, emit, threading.Event())
+    signal.signal(signal.SIGTERM, lambda *_: run.orphaned())
+    threading.Thread(target=_watch_stdin, args=(run,), daemon=True).start()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         with torch_session(job["options"]["seed"]):
-            result = Run(job, emit, stop).run()
+            result = run.run()
     except SageError as error:
         emit({"event": "error", "message": str(error)})
         return 2
-    emit({"event": "done", "result": result})
+    run.emit({"event": "done", "result": result})  # the first process of this machine's: the others know no checkpoint
     return 0
 
 
