@@ -16,8 +16,9 @@ import pytest
 
 from sage_magic.chat.reply import Reply
 from sage_magic.core.errors import SageError
-from sage_magic.core.tables import from_records
-from sage_magic.feedback.data import export_jsonl, feedback_rows, training_rows
+from sage_magic.core.tables import from_dataframe, from_records
+from sage_magic.evals.evaluate import items_from_table
+from sage_magic.feedback.data import export_jsonl, feedback_frame, feedback_rows, training_rows
 from sage_magic.feedback.store import FeedbackStore
 from sage_magic.serving.registry import Registry
 from tests.test_finetune_magics import fresh_name  # noqa: F401 - the fixture
@@ -137,6 +138,19 @@ def test_only_bad_uncorrected_marks_is_a_clear_error(tmp_path: Path) -> None:
     _reply(tmp_path, "q", "a").rate("bad")
     with pytest.raises(SageError, match="no turn to learn from.*Correct them"):
         training_rows(from_records(feedback_rows(FeedbackStore(tmp_path)), "DataFrame 'fb'"))
+
+
+def test_a_table_whose_messages_were_flattened_to_text_is_one_clear_error(tmp_path: Path) -> None:
+    """`fb.to_csv()` writes each message list as Python text; training or evaluating on the table read back
+    says what to do instead of raising a JSON parser's traceback."""
+    pandas = pytest.importorskip("pandas")
+    _reply(tmp_path, "Who are you?", "A poem.").correct("I am an expert.")
+    frame = feedback_frame(feedback_rows(FeedbackStore(tmp_path)))
+    frame.to_csv(tmp_path / "fb.csv", index=False)
+    table = from_dataframe(pandas.read_csv(tmp_path / "fb.csv"), "DataFrame 'fb'")
+    for use in (training_rows, items_from_table):
+        with pytest.raises(SageError, match="Row 1 of DataFrame 'fb'.*to_json.*%sage feedback -o"):
+            use(table)
 
 
 def test_a_reply_keeps_what_marking_needs_through_pickle(tmp_path: Path) -> None:
