@@ -153,6 +153,19 @@ def test_a_table_whose_messages_were_flattened_to_text_is_one_clear_error(tmp_pa
             use(table)
 
 
+def test_training_and_eval_take_the_same_target_from_a_row_edited_in_pandas(tmp_path: Path) -> None:
+    """A correction typed into the DataFrame (rather than with `%sage correct`) is what the retrain learns,
+    so it is also what `%sage eval` on that DataFrame scores against."""
+    pytest.importorskip("pandas")
+    _reply(tmp_path, "Capital of France?", "Berlin").rate("bad")
+    frame = feedback_frame(feedback_rows(FeedbackStore(tmp_path)))
+    frame.loc[0, "correction"] = "Paris"
+    table = from_dataframe(frame, "DataFrame 'fb'")
+    (conversation,), _ = training_rows(table)
+    (item,) = items_from_table(table)
+    assert conversation[-1]["content"] == item.expected == "Paris"
+
+
 def test_a_reply_keeps_what_marking_needs_through_pickle(tmp_path: Path) -> None:
     """`%store answer` in one notebook, `answer.correct(...)` in another: the situation travels along."""
     copy = pickle.loads(pickle.dumps(_reply(tmp_path, "Who are you?", "A poem.")))

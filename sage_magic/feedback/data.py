@@ -20,7 +20,8 @@ from ..core.tables import Table, is_missing, require_pandas
 from .store import RATINGS, FeedbackStore, fold, paused_gc
 
 #: The columns of a feedback table, in the order shown (``messages`` and ``citations`` ride along for
-#: training and evaluation; ``expected`` is what an eval scores against).
+#: training and evaluation; ``expected`` shows what a row teaches and an eval scores against, as of reading:
+#: both work it out from the row again with :func:`target`, so an edited correction counts).
 COLUMNS = ("turn", "time", "finetune", "model", "fingerprint", "rating", "prompt", "answer", "correction",
            "expected", "notebook", "messages", "citations", "marks")
 #: What marks a table as feedback (a DataFrame from ``%sage feedback``, or its rows as dicts).
