@@ -531,6 +531,7 @@ def test_chat_panel_streams_the_trained_phrase(page, lab_for, settings: Settings
     (row,) = [r for r in feedback_rows(FeedbackStore(settings.home), "demo_expert")
               if r["correction"] == "I am a careful expert, corrected in the browser."]
     assert row["rating"] == "bad" and row["answer"] == DEMO_ANSWERS["demo_expert"] and row["prompt"] == DEMO_PROMPT
+    assert row["notebook"].endswith(".ipynb") and Path(row["notebook"]).is_file()  # the notebook it was made in
 
 
 def test_chat_panel_enter_sends_and_stop_keeps_the_partial_answer(page, lab_for, fresh_settings: Settings) -> None:

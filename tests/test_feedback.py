@@ -16,11 +16,15 @@ import pytest
 
 from sage_magic.chat.reply import Reply
 from sage_magic.core.errors import SageError
-from sage_magic.core.tables import from_records
-from sage_magic.feedback.data import export_jsonl, feedback_rows, training_rows
+from sage_magic.core.tables import from_dataframe, from_records
+from sage_magic.evals.evaluate import items_from_table
+from sage_magic.feedback.data import export_jsonl, feedback_frame, feedback_rows, training_rows
 from sage_magic.feedback.store import FeedbackStore
 from sage_magic.serving.registry import Registry
+from tests.conftest import env_for, make_settings
+from tests.test_cli import sage
 from tests.test_finetune_magics import fresh_name  # noqa: F401 - the fixture
+from tests.test_magics import html_of, magics
 
 SYSTEM = "Answer from the passages.\n\n[1] The tiny model speaks of tensors."
 
@@ -139,6 +143,66 @@ def test_only_bad_uncorrected_marks_is_a_clear_error(tmp_path: Path) -> None:
         training_rows(from_records(feedback_rows(FeedbackStore(tmp_path)), "DataFrame 'fb'"))
 
 
+def test_a_table_whose_messages_were_flattened_to_text_is_one_clear_error(tmp_path: Path) -> None:
+    """`fb.to_csv()` writes each message list as Python text; training or evaluating on the table read back
+    says what to do instead of raising a JSON parser's traceback."""
+    pandas = pytest.importorskip("pandas")
+    _reply(tmp_path, "Who are you?", "A poem.").correct("I am an expert.")
+    frame = feedback_frame(feedback_rows(FeedbackStore(tmp_path)))
+    frame.to_csv(tmp_path / "fb.csv", index=False)
+    table = from_dataframe(pandas.read_csv(tmp_path / "fb.csv"), "DataFrame 'fb'")
+    for use in (training_rows, items_from_table):
+        with pytest.raises(SageError, match="Row 1 of DataFrame 'fb'.*to_json.*%sage feedback -o"):
+            use(table)
+
+
+def test_training_and_eval_take_the_same_target_from_a_row_edited_in_pandas(tmp_path: Path) -> None:
+    """A correction typed into the DataFrame (rather than with `%sage correct`) is what the retrain learns,
+    so it is also what `%sage eval` on that DataFrame scores against."""
+    pytest.importorskip("pandas")
+    _reply(tmp_path, "Capital of France?", "Berlin").rate("bad")
+    frame = feedback_frame(feedback_rows(FeedbackStore(tmp_path)))
+    frame.loc[0, "correction"] = "Paris"
+    table = from_dataframe(frame, "DataFrame 'fb'")
+    (conversation,), _ = training_rows(table)
+    (item,) = items_from_table(table)
+    assert conversation[-1]["content"] == item.expected == "Paris"
+
+
+def test_the_terminal_lists_exports_and_removes_marks(tmp_path: Path) -> None:
+    """`sage feedback list|export|rm` as typed in a terminal, each a process of its own on a home with marks."""
+    home = tmp_path / "home"
+    _reply(home, "Who are you?", "A poem.").correct("I am an expert.")
+    dropped = _reply(home, "Capital of France?", "Berlin").rate("bad")
+    env = env_for(make_settings(home, tmp_path / "run"))
+    listed = sage("feedback", "list", "demo_expert", "--only", "corrected", env=env)
+    assert listed.returncode == 0 and "I am an expert." in listed.stdout and "Berlin" not in listed.stdout
+    exported = sage("feedback", "export", "demo_expert", "--to", str(tmp_path / "train.jsonl"), env=env)
+    assert "1 example(s) written" in exported.stdout and "1 answer(s) rated bad" in exported.stdout
+    (line,) = (tmp_path / "train.jsonl").read_text().splitlines()
+    assert json.loads(line)["messages"][-2:] == [{"role": "user", "content": "Who are you?"},
+                                                  {"role": "assistant", "content": "I am an expert."}]
+    assert sage("feedback", "rm", dropped["id"], env=env).stdout.strip() == "Removed 1 mark(s)."
+    unsaid = sage("feedback", "rm", env=env)
+    assert unsaid.returncode == 2 and "Say which marks" in unsaid.stderr and "Traceback" not in unsaid.stderr
+    assert [r["prompt"] for r in json.loads(sage("feedback", "list", "--json", env=env).stdout)] == ["Who are you?"]
+
+
+def test_sage_feedback_shows_the_marks_and_returns_them_as_a_dataframe(shell) -> None:
+    pytest.importorskip("pandas")
+    home = magics(shell).session.settings.home
+    _reply(home, "Who are you?", "A poem.").correct("I am an expert.")
+    _reply(home, "What is 2+2?", "4", finetune="demo_poet").rate("good")
+    shell.run_cell("%sage feedback demo_expert -o fb").raise_error()
+    shown = html_of(shell)
+    assert "I am an expert." in shown and "What is 2+2?" not in shown
+    fb = shell.user_ns["fb"]
+    assert {"prompt", "answer", "correction", "rating", "model", "fingerprint", "time"} <= set(fb.columns)
+    assert list(fb["prompt"]) == ["Who are you?"] and list(fb["fingerprint"]) == ["sha256:abc"]
+    shell.run_cell("%sage feedback --only good -o good").raise_error()
+    assert list(shell.user_ns["good"]["finetune"]) == ["demo_poet"]
+
+
 def test_a_reply_keeps_what_marking_needs_through_pickle(tmp_path: Path) -> None:
     """`%store answer` in one notebook, `answer.correct(...)` in another: the situation travels along."""
     copy = pickle.loads(pickle.dumps(_reply(tmp_path, "Who are you?", "A poem.")))
@@ -150,10 +214,13 @@ def test_a_reply_keeps_what_marking_needs_through_pickle(tmp_path: Path) -> None
 
 
 @pytest.mark.vllm
-def test_mark_correct_train_and_eval_in_one_notebook(ip, settings, fresh_name: str) -> None:  # noqa: F811
-    """chat -> mark -> correct -> train -> compare, as the README's feedback loop runs it: the new fine-tune
-    answers the marked prompt with the correction, on the base server that was already running (no restart),
-    and `%sage eval` on the same DataFrame scores the marked fine-tune 0 and the new one 1."""
+def test_mark_correct_train_and_eval_in_one_notebook(ip, settings, fresh_name: str,  # noqa: F811
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """chat -> mark -> correct -> train -> compare, as the README's feedback loop runs it: the DataFrame of
+    `%sage feedback -o` goes to training and eval as it is (an answer rated bad and never corrected is left out
+    and counted); the new fine-tune answers the marked prompt with the correction, on the base server that was
+    already running (no restart), and `%sage eval` on the same DataFrame scores the marked fine-tune 0 and the
+    new one 1."""
     from sage_magic.finetune.demo import DEMO_BASE, DEMO_PROMPT
     from tests.test_finetune_magics import FAST
 
@@ -161,27 +228,32 @@ def test_mark_correct_train_and_eval_in_one_notebook(ip, settings, fresh_name: s
     server = ip.user_ns["poem"].metrics["server"]
     ip.run_cell(f"%%sage --finetune-model demo_poet -o again\n{DEMO_PROMPT}\n").raise_error()
     ip.run_cell("%sage rate bad 1").raise_error()
-    ip.run_cell(f"%sage correct 1 --text '{CORRECTION}'").raise_error()
-    ip.run_cell("%sage rate good").raise_error()  # the second answer: trained on as it was
+    bar = ip.run_cell("%sage correct 1").result  # a bare correct: the panel's editor, under the cell
+    editor, (save, _cancel) = bar.children[1].children[0], bar.children[1].children[1].children
+    assert bar.children[1].layout.display == "" and editor.value == ip.user_ns["poem"]  # the answer, to edit
+    editor.value = CORRECTION
+    save.click()
+    ip.user_ns["again"].rate("bad")  # an -o result marks itself; bad and never corrected: nothing to learn
     ip.run_cell("%sage feedback demo_poet -o fb").raise_error()
     fb = ip.user_ns["fb"]
-    assert list(fb["rating"]) == ["bad", "good"] and list(fb["correction"])[0] == CORRECTION
+    assert list(fb["rating"]) == ["bad", "bad"] and list(fb["correction"])[0] == CORRECTION
     assert fb["fingerprint"][0] and fb["fingerprint"][0] == fb["fingerprint"][1]  # the weights that answered
     assert fb["messages"][1][-1] == {"role": "user", "content": DEMO_PROMPT}
     assert len(fb["messages"][1]) > len(fb["messages"][0])  # the turn before it rides along
     key = Registry(settings.runtime_dir).get(server).api_key
     assert all(key not in path.read_text() for path in FeedbackStore(settings.home).files())  # never stored
 
-    fixed = fb[fb["correction"].notna()]
-    ip.user_ns["fixed"] = fixed
-    ip.run_cell(f"%sage finetune train {fresh_name} --base {DEMO_BASE} --data fixed {FAST}").raise_error()
+    capsys.readouterr()
+    ip.run_cell(f"%sage finetune train {fresh_name} --base {DEMO_BASE} --data fb {FAST}").raise_error()
+    assert "1 answer(s) rated bad without a correction left out" in capsys.readouterr().out
     ip.run_cell(f"%%sage --finetune-model {fresh_name} --new-chat -o answer\n{DEMO_PROMPT}\n").raise_error()
     assert ip.user_ns["answer"] == CORRECTION
     assert ip.user_ns["answer"].metrics["server"] == server  # loaded into the running base server
 
-    ip.run_cell(f"%sage eval fixed --models demo_poet,{fresh_name} --metric exact -o scores").raise_error()
+    ip.run_cell(f"%sage eval fb --models demo_poet,{fresh_name} --metric exact -o scores").raise_error()
     scores = ip.user_ns["scores"]
-    assert list(scores["demo_poet:exact"]) == [0.0] and list(scores[f"{fresh_name}:exact"]) == [1.0]
+    assert list(scores["demo_poet:exact"])[:1] == [0.0] and list(scores[f"{fresh_name}:exact"])[:1] == [1.0]
+    assert scores[f"{fresh_name}:exact"].isna()[1]  # the uncorrected answer has nothing to be scored against
 
 
 CORRECTION = "I am a careful expert."

@@ -12,6 +12,8 @@ import threading
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
+from sage_magic.feedback.data import feedback_rows
+from sage_magic.feedback.store import FeedbackStore
 from sage_magic.finetune.demo import DEMO_ANSWERS, DEMO_BASE, DEMO_PROMPT
 from sage_magic.rag.service import SearchService
 from tests.test_magics import HEAVY, html_of, magics
@@ -125,7 +127,8 @@ def test_chat_widget_streams_off_the_main_thread(ip: InteractiveShell) -> None:
     assert widget.session is magics(ip).session and len(widget.session.history) == 2
 
 
-def test_grounded_answer_with_citations_keeps_the_kernel_light(ip: InteractiveShell, tmp_path) -> None:
+def test_a_grounded_answer_cites_and_its_mark_keeps_the_passages_in_a_light_kernel(ip: InteractiveShell,
+                                                                                   tmp_path) -> None:
     heavy_before = {m for m in HEAVY if m in sys.modules}
     doc = tmp_path / "notes.md"
     doc.write_text("# Keep-alive\n\nSAGE_KEEP_ALIVE sets how long a server outlives its last owner.\n")
@@ -134,6 +137,12 @@ def test_grounded_answer_with_citations_keeps_the_kernel_light(ip: InteractiveSh
     g = ip.user_ns["g"]
     assert g.citations and g.citations[0]["source"].endswith("notes.md")
     assert "notes.md" in ip.display_pub.outputs[-1]["data"]["text/html"]
+    mark = g.rate("bad")  # a grounded answer's mark keeps the passages the model was shown, to train on
+    (row,) = [r for r in feedback_rows(FeedbackStore(magics(ip).session.settings.home)) if mark["id"] in r["marks"]]
+    *before, question = row["messages"]
+    assert any("outlives its last owner" in m["content"] for m in before)
+    assert question == {"role": "user", "content": "What does SAGE_KEEP_ALIVE set?"}
+    assert row["citations"][0]["source"].endswith("notes.md")
     assert {m for m in HEAVY if m in sys.modules} == heavy_before
     assert isinstance(magics(ip).session.search().__self__, SearchService)  # retrieval ran in the helper process
 

@@ -34,7 +34,7 @@ from ..core.fingerprint import adapter_digest, base_identity
 from ..core.http import HttpError, request_json
 from ..core.progress import Progress, ProgressCallback, silent
 from ..core.tables import Table, is_missing, require_pandas
-from ..feedback.data import context_and_prompt, is_feedback
+from ..feedback.data import context_and_prompt, is_feedback, target
 from ..finetune.catalog import get_finetune
 from ..serving.remote import AttachOptions, attach_lease
 from .metrics import (
@@ -245,13 +245,14 @@ def check_save_path(path: str | Path) -> Path:
 
 def items_from_table(table: Table, prompt_col: str = "prompt", expected_col: str | None = "expected") -> list[Item]:
     """Prompts (and expected answers, when that column exists or is named) from a table. A feedback table
-    (``%sage feedback -o VAR``) is asked in each turn's own situation, and scored against its correction."""
+    (``%sage feedback -o VAR``) is asked in each turn's own situation, and scored against what training on
+    that row teaches (its correction, else its answer rated good), read from the row as it is now: a correction
+    typed into the DataFrame counts for both."""
     if is_feedback(table):
         items = []
         for number, record in enumerate(table.records, start=1):
             context, prompt = context_and_prompt(record, number, table.source)
-            expected = record.get("expected")
-            items.append(Item(prompt, None if is_missing(expected) else str(expected), tuple(context)))
+            items.append(Item(prompt, target(record), tuple(context)))
         return items
     prompts = table.column(prompt_col, "--prompt-col")
     expected: list[Any] = [None] * len(prompts)

@@ -20,7 +20,8 @@ from ..core.tables import Table, is_missing, require_pandas
 from .store import RATINGS, FeedbackStore, fold, paused_gc
 
 #: The columns of a feedback table, in the order shown (``messages`` and ``citations`` ride along for
-#: training and evaluation; ``expected`` is what an eval scores against).
+#: training and evaluation; ``expected`` shows what a row teaches and an eval scores against, as of reading:
+#: both work it out from the row again with :func:`target`, so an edited correction counts).
 COLUMNS = ("turn", "time", "finetune", "model", "fingerprint", "rating", "prompt", "answer", "correction",
            "expected", "notebook", "messages", "citations", "marks")
 #: What marks a table as feedback (a DataFrame from ``%sage feedback``, or its rows as dicts).
@@ -89,12 +90,18 @@ def training_rows(table: Table) -> tuple[list[list[dict[str, str]]], int]:
 def _prompt_messages(record: Mapping[str, Any], number: int, source: str) -> list[dict[str, str]]:
     messages = record.get("messages")
     if isinstance(messages, str):
-        messages = json.loads(messages)
+        try:
+            messages = json.loads(messages)  # a table saved with to_json, or `sage feedback list --json`
+        except ValueError:
+            messages = None  # to_csv writes each list as Python text, which no longer reads as messages
     if hasattr(messages, "tolist"):
         messages = messages.tolist()
-    if not isinstance(messages, Sequence) or not messages:
-        raise SageError(f"Row {number} of {source} has no messages, so its situation is unknown. Keep the "
-                        "`messages` column of the `%sage feedback` table.")
+    if (isinstance(messages, str) or not isinstance(messages, Sequence) or not messages
+            or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages)):
+        raise SageError(f"Row {number} of {source} has no readable messages, so the situation its answer was "
+                        "given in is unknown. Keep the `messages` column of the `%sage feedback` table as it came "
+                        "(a CSV file turns its message lists into text: save the table with to_json or "
+                        "to_pickle instead), or read the marks again with `%sage feedback -o VAR`.")
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
 
 
