@@ -151,10 +151,11 @@ def restart_figures(finetune: str, restarts: int, env: dict[str, str]) -> tuple[
     return fresh, again, server
 
 
-def kernel_env(workdir: str, bytecode: bool) -> dict[str, str]:
-    """The kernels' environment: this one, with compiled modules cached under ``workdir`` when ``bytecode``
-    (an installed package ships them; a checkout run with PYTHONDONTWRITEBYTECODE compiles every module
-    again in every new kernel, which is what --no-bytecode-cache measures)."""
+def bytecode_env(workdir: str, bytecode: bool) -> dict[str, str]:
+    """The environment of child interpreters (kernels here, `sage` processes in cli_bench.py): this one, with
+    compiled modules cached under ``workdir`` when ``bytecode`` (an installed package ships them; a checkout
+    run with PYTHONDONTWRITEBYTECODE compiles every module again in every new process, which is what
+    --no-bytecode-cache measures)."""
     import os
 
     env = {k: v for k, v in os.environ.items() if not (bytecode and k == "PYTHONDONTWRITEBYTECODE")}
@@ -285,7 +286,7 @@ def report_restarts(finetune: str, restarts: int, bytecode: bool) -> int:
 
     running = {r.id for r in Registry(Settings.from_env().runtime_dir).all()}
     with tempfile.TemporaryDirectory(prefix="sage-nb-bench-") as workdir:
-        fresh, again, kept = restart_figures(finetune, restarts, kernel_env(workdir, bytecode))
+        fresh, again, kept = restart_figures(finetune, restarts, bytecode_env(workdir, bytecode))
     if kept not in running:  # a server that ran before this benchmark is someone else's
         subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "stop", kept], capture_output=True)
     extras = [first - ttft for first, ttft in again]
