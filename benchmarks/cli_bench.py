@@ -7,7 +7,7 @@ load on the machine hits all alike; median, min and max are printed with the rat
 the goal. A missed goal does not fail the run; a command that fails or prints the wrong thing does (exit 1).
 Compiled modules are cached for the children (in the temp dir), as an installed package has them; the
 warm-up run fills that cache. `--no-bytecode-cache` measures a checkout run with PYTHONDONTWRITEBYTECODE
-instead, where every process compiles sage_magic's modules again (~30 ms on this 2-CPU box).
+instead, where every process compiles sage_magic's modules again.
 
 Everything runs on a private, empty registry and home in a temp dir (a finished server's log is planted
 there, so `sage logs ID` has one to show), except the list commands, which read --home when given.
