@@ -5,6 +5,9 @@ whole process: interpreter start, imports, parsing, the registry, output. Each c
 child process, round-robin with the floors (`python -c pass` and `python -c "import sage_magic"`) so that
 load on the machine hits all alike; median, min and max are printed with the ratio to `python -c pass` and
 the goal. A missed goal does not fail the run; a command that fails or prints the wrong thing does (exit 1).
+Compiled modules are cached for the children (in the temp dir), as an installed package has them; the
+warm-up run fills that cache. `--no-bytecode-cache` measures a checkout run with PYTHONDONTWRITEBYTECODE
+instead, where every process compiles sage_magic's modules again.
 
 Everything runs on a private, empty registry and home in a temp dir (a finished server's log is planted
 there, so `sage logs ID` has one to show), except the list commands, which read --home when given.
@@ -14,6 +17,7 @@ there, so `sage logs ID` has one to show), except the list commands, which read 
     python benchmarks/cli_bench.py --runtime-dir /tmp/sage_magic-0  # also `sage ps` beside servers running there
     python benchmarks/cli_bench.py --serve --home /tmp/mydemo     # start the demo base for that (~1 min)
     python benchmarks/cli_bench.py --compare /path/to/other/checkout  # the same commands on other code, beside
+    python benchmarks/cli_bench.py --short --no-bytecode-cache    # every process compiles sage_magic again
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from notebook_bench import bytecode_env
 
 if TYPE_CHECKING:
     from sage_magic.serving.leases import Lease
@@ -91,9 +97,11 @@ def entry_script() -> str | None:
     return str(beside) if beside.exists() else shutil.which("sage")
 
 
-def child_env(code: Path, runtime: Path, home: Path) -> dict[str, str]:
-    """The children run the sage_magic of ``code`` (PYTHONPATH wins over an installed copy), on our folders."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_DEBUG_")}
+def child_env(code: Path, runtime: Path, home: Path, cache: Path | None) -> dict[str, str]:
+    """The children run the sage_magic of ``code`` (PYTHONPATH wins over an installed copy), on our folders,
+    with compiled modules cached in ``cache`` (None: compiled again in every run, see bytecode_env)."""
+    env = {k: v for k, v in bytecode_env(str(cache), cache is not None).items()
+           if not k.startswith("SAGE_DEBUG_")}
     env.update(PYTHONPATH=str(code), SAGE_RUNTIME_DIR=str(runtime), SAGE_HOME=str(home))
     return env
 
@@ -111,8 +119,9 @@ def plant_log(runtime: Path) -> None:
         log.write(f"INFO the server starts\n{PLANTED_LINE}\n")
 
 
-def rows_for(code: Path, runtime: Path, home: Path, list_home: Path, tag: str = "") -> list[Timed]:
-    env, list_env = child_env(code, runtime, home), child_env(code, runtime, list_home)
+def rows_for(code: Path, runtime: Path, home: Path, list_home: Path, cache: Path | None,
+             tag: str = "") -> list[Timed]:
+    env, list_env = child_env(code, runtime, home, cache), child_env(code, runtime, list_home, cache)
     python = [sys.executable, "-m", "sage_magic.cli.main"]
     rows = [Timed(f"{label}{tag}", [*python, *argv], list_env if "list" in argv else env, goal and not tag, status,
                   expect) for label, argv, status, expect, goal in COMMANDS]
@@ -122,14 +131,14 @@ def rows_for(code: Path, runtime: Path, home: Path, list_home: Path, tag: str = 
     return rows
 
 
-def running_rows(code: Path, runtime: Path, home: Path) -> list[Timed]:
+def running_rows(code: Path, runtime: Path, home: Path, cache: Path | None) -> list[Timed]:
     """`sage ps` and `sage logs ID` beside the servers of ``runtime`` (read only: nothing is stopped there)."""
     from sage_magic.serving.registry import Registry
 
     records = Registry(runtime).all()
     if not records:
         return []
-    env = child_env(code, runtime, home)
+    env = child_env(code, runtime, home, cache)
     python = [sys.executable, "-m", "sage_magic.cli.main"]
     first = records[0].id
     return [Timed(f"sage ps ({len(records)} server(s) running)", [*python, "ps"], env, True, 0, first),
@@ -195,6 +204,8 @@ def main() -> int:
     parser.add_argument("--serve", action="store_true", help="start the demo base in a private registry for those "
                                                              "rows (needs --home with the demo, and vLLM)")
     parser.add_argument("--compare", type=Path, help="another checkout: its sage_magic is timed beside this one")
+    parser.add_argument("--no-bytecode-cache", action="store_true",
+                        help="every process compiles sage_magic again, as a checkout with PYTHONDONTWRITEBYTECODE does")
     args = parser.parse_args()
     runs = args.runs or (9 if args.short else 21)
     if args.serve and args.home is None:
@@ -206,20 +217,21 @@ def main() -> int:
         home.mkdir()
         plant_log(runtime)
         list_home = args.home or home
-        floors = [Timed("python -c pass", [sys.executable, "-c", "pass"], child_env(ROOT, runtime, home), False),
-                  Timed("python -c 'import sage_magic'", [sys.executable, "-c", "import sage_magic"],
-                        child_env(ROOT, runtime, home), False)]
-        rows = rows_for(ROOT, runtime, home, list_home)
+        cache = None if args.no_bytecode_cache else workdir / "pycache"
+        env = child_env(ROOT, runtime, home, cache)
+        floors = [Timed("python -c pass", [sys.executable, "-c", "pass"], env, False),
+                  Timed("python -c 'import sage_magic'", [sys.executable, "-c", "import sage_magic"], env, False)]
+        rows = rows_for(ROOT, runtime, home, list_home, cache)
         if args.compare:
-            rows += rows_for(args.compare.resolve(), runtime, home, list_home, tag=" [compare]")
+            rows += rows_for(args.compare.resolve(), runtime, home, list_home, cache, tag=" [compare]")
         manager = lease = None
         try:
             if args.serve:
                 served = workdir / "served"
                 manager, lease = serve(args.home, served, workdir)
-                rows += running_rows(ROOT, served, home)
+                rows += running_rows(ROOT, served, home, cache)
             if args.runtime_dir:
-                found = running_rows(ROOT, args.runtime_dir, home)
+                found = running_rows(ROOT, args.runtime_dir, home, cache)
                 if not found:
                     print(f"(no server runs in {args.runtime_dir}: no running-server rows)")
                 rows += found
@@ -237,9 +249,8 @@ def main() -> int:
                 manager.stop_all()
                 manager.close(wait=True)
         print(f"{runs} runs each, round-robin, on {os.cpu_count()} CPUs (load {os.getloadavg()[0]:.1f}); "
-              f"sage_magic from {ROOT}")
+              f"sage_magic from {ROOT}; bytecode {'compiled in every run' if cache is None else 'cached (installed)'}")
         all_met = report(rows, floors)
-        env = child_env(ROOT, runtime, home)
         for argv in (["ps"], ["logs", PLANTED]):
             print(f"`sage {' '.join(argv)}` imports beyond the standard library: {loaded_modules(env, argv)}")
         print(f"goal (sage ps, stop, logs <= {GOAL_MS:.0f} ms median): {'met' if all_met else 'MISSED'}")
