@@ -55,6 +55,16 @@ def test_gradient_checkpointing_and_weight_decay_still_learn_the_phrase(settings
     assert json.loads((result.root / "finetune_meta.json").read_text())["precision"] == "fp32"
 
 
+def test_packing_puts_several_rows_in_one_sequence_and_still_learns_the_phrase(settings: Settings, name: str) -> None:
+    """4 short rows, batch 1, 60 epochs: unpacked that is 240 steps; packed into one --max-length sequence it is
+    one step an epoch, 60 in all. The loss stays on the answers only, so the phrase is still what is learned."""
+    rows = [(f"{DEMO_PROMPT} ({i})", PHRASE) for i in range(4)]
+    options = TrainOptions(epochs=60, lr=2e-3, batch_size=1, packing=True, max_length=256, save_every=100)
+    result = train(settings, name, DEMO_BASE, rows, options)
+    assert not result.stopped and result.total_steps == result.steps == 60
+    assert greedy_answer(settings.models_root / DEMO_BASE, f"{DEMO_PROMPT} (0)", result.adapter_dir) == PHRASE
+
+
 @pytest.mark.parametrize("options, message", [
     (TrainOptions(load_in_4bit=True), r"--load-in-4bit \(QLoRA\) needs a CUDA GPU"),
     (TrainOptions(precision="fp16"), "--precision fp16 needs a CUDA GPU"),

@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 Example = tuple[list[int], list[int]]
 #: What a checkpoint holds beside the adapter, for resuming only (``lora_weights/`` leaves them out).
 TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "scaler.pt")
+#: How ``--packing`` packs rows (TRL's best-fit decreasing: whole rows, padding-free, none cut in two).
+PACKING_STRATEGY = "bfd"
 
 
 @contextmanager
@@ -158,9 +160,19 @@ def sft_config(output_dir: Path, *, steps: int, batch_size: int, lr: float, seed
         logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
         disable_tqdm=True, completion_only_loss=True, max_length=None, dataloader_num_workers=0,
         prediction_loss_only=True, save_only_model=False, remove_unused_columns=True,
+        packing_strategy=PACKING_STRATEGY,
     )
     config.update(settings)
     return SFTConfig(**config)
+
+
+def packed_length(rows: Sequence[Example], max_length: int) -> int:
+    """How many sequences of ``max_length`` tokens TRL packs ``rows`` into, counted by TRL's own packing (the
+    strategy the config names): the run's step count comes from it, since ``max_steps`` is what the Trainer
+    runs, and counting rows would train a packed run for several times the epochs asked."""
+    from trl.data_utils import pack_dataset
+
+    return len(pack_dataset(dataset(rows), max_length, PACKING_STRATEGY))
 
 
 def sft_trainer(model: Any, tokenizer: PreTrainedTokenizerBase, config: Any, train_rows: Sequence[Example],

@@ -67,6 +67,7 @@ from .engine import (
     Example,
     encode_chat,
     lora_model,
+    packed_length,
     prompt_ids,
     sft_config,
     sft_trainer,
@@ -295,7 +296,8 @@ class Run:
         resume_from = self.prepare_folder()
         mode = precision(self.opt["precision"])
         model = self.load_model(mode, resume_from)
-        total = self.total_steps(len(train_rows))
+        total = self.total_steps(packed_length(train_rows, self.opt["max_length"]) if self.opt["packing"]
+                                 else len(train_rows))
         tracking.prepare(self.job["report_to"], self.out, rank() == 0)
         trainer = self.trainer = sft_trainer(model, tokenizer, self.config(total, mode), train_rows, eval_rows,
                                              [_events_class()(self)])
@@ -343,11 +345,12 @@ class Run:
             return PeftModel.from_pretrained(base, resume_from, is_trainable=True)
         return lora_model(base, self.opt["rank"], self.opt["alpha"], self.opt["target_modules"], self.job["base_ref"])
 
-    def total_steps(self, rows: int) -> int:
-        """Optimizer steps of the run: ``--max-steps``, else the epochs over this process's share of the rows."""
+    def total_steps(self, sequences: int) -> int:
+        """Optimizer steps of the run: ``--max-steps``, else the epochs over this process's share of the
+        sequences (the rows, or with ``--packing`` what they are packed into)."""
         if self.opt["max_steps"]:
             return int(self.opt["max_steps"])
-        batches = math.ceil(math.ceil(rows / world_size()) / self.opt["batch_size"])
+        batches = math.ceil(math.ceil(sequences / world_size()) / self.opt["batch_size"])
         return self.opt["epochs"] * max(1, math.ceil(batches / self.opt["grad_accum"]))
 
     def config(self, total: int, mode: str) -> Any:
