@@ -28,6 +28,19 @@ def test_finetune_list_json(settings) -> None:
     assert rows["demo_expert"]["rank"] == 8 and rows["demo_poet"]["problem"] is None
 
 
+def test_a_reader_that_closes_the_pipe_gets_no_traceback(settings) -> None:
+    """`sage finetune list --json | head -c 1`: the pipe is closed before sage writes (the surest way to make the
+    write fail), which a shell pipeline does whenever the reader has had enough."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "wb") as closed:
+        out = subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "finetune", "list", "--json"],
+                             stdout=closed, stderr=subprocess.PIPE, text=True, env=env_for(settings), timeout=60)
+    assert out.stderr == "" and out.returncode == 141
+
+
 def test_unknown_finetune_is_one_clear_paragraph(settings) -> None:
     out = sage("chat", "--finetune-model", "demo_exprt", "--ask", "hi", env=env_for(settings))
     assert out.returncode == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -83,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sage: interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `sage finetune list --json | head`: the reader took what it wanted and closed the pipe. Nothing is
+        # wrong, so no traceback; stdout goes to /dev/null so that the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a command whose pipe was closed
 
 
 if __name__ == "__main__":
