@@ -264,6 +264,21 @@ def test_a_mark_on_a_remote_answer_names_the_weights_that_answered(ip, settings,
     assert fb["fingerprint"].iloc[-1] == adapter_digest(get_finetune(settings, "demo_expert").adapter_dir)
 
 
+@pytest.mark.vllm
+def test_the_chat_panel_asks_a_finetune_on_the_team_server(ip, team_server, monkeypatch) -> None:
+    """`%sage_chat` takes the same remote options as `%%sage`: the panel's answer comes from the published
+    adapter, and the panel's footer names it."""
+    from tests.test_panel import _ask_for, _panel
+
+    monkeypatch.setenv(KEY_VAR, team_server.api_key)
+    panel = _panel(ip, f"--backend openai --base-url {team_server.base_url} --api-key-env {KEY_VAR} "
+                       f"--finetune-model demo_expert --publish-dir {team_server.publish_dir}")
+    try:
+        _ask_for(panel, "demo_expert")
+    finally:
+        panel.close()
+
+
 def test_settings_read_the_publish_dir_from_the_environment(tmp_path: Path) -> None:
     assert make_settings(tmp_path, tmp_path).publish_dir is None
     assert Settings.from_env(environ={"SAGE_PUBLISH_DIR": str(tmp_path)}).publish_dir == tmp_path
