@@ -112,13 +112,14 @@ def test_stopping_an_adapter_by_name_unloads_only_that_adapter(manager: Manager,
 
 def test_the_same_base_under_another_name_gets_a_server_its_launcher_can_leave_and_come_back_to(
         expert: Endpoint, settings, tmp_path: Path) -> None:
-    """Two promises on one server start (they were two tests, each starting a server of its own).
+    """Three promises on one server start (they were three tests, each starting a server of its own).
 
     The served name is part of what a server is: reusing the running base server under another name failed
     its check and told the user to `sage stop` it, killing someone else's session. Leaving is not dying: the
     launching process releases the server, asks again before the keep-alive runs out, and stays an owner (the
-    supervisor must not mistake the release for the launcher's death). A manager of its own is the launcher,
-    on the shared registry; the shared server must come through untouched."""
+    supervisor must not mistake the release for the launcher's death). And `sage stop ID` stops a server even
+    while its owner still runs. A manager of its own is the launcher, on the shared registry; the shared
+    server must come through untouched."""
     link = tmp_path / "my-base"
     link.symlink_to(settings.models_root / DEMO_BASE)
     manager = Manager(settings.with_(keep_alive=60.0))
@@ -134,6 +135,11 @@ def test_the_same_base_under_another_name_gets_a_server_its_launcher_can_leave_a
         record = manager.registry.get(again.server_id)
         assert record.owners and record.idle_until is None
         assert ask(again) == DEMO_ANSWERS[DEMO_BASE]
+        out = subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "stop", first.server_id],
+                             env=env_for(settings), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and first.server_id in out.stdout, out.stderr
+        assert manager.registry.get(first.server_id) is None
+        assert not sage_processes(settings.runtime_dir, first.server_id)
     finally:
         if manager.registry.get(first.server_id) is not None:  # stopped by id: the shared server stays
             manager.stop(first.server_id)
