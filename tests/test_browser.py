@@ -305,14 +305,18 @@ def test_sidebar_lists_a_server_shows_its_log_and_stops_it_and_stop_all_asks_fir
         assert sorted(r.id for r in manager.registry.all()) == sorted([endpoint.server_id, other_id])
         assert row.is_visible() and _status_text(page) == "SAGE: 2 servers"
 
-        # the row's Stop stops that server, vLLM and all, and only that one
+        # the row's Stop stops that server, vLLM and all, and only that one: checked once its request has
+        # been answered (the real server's row goes before a stop of every server would reach the stand-in)
         started = time.monotonic()
-        row.locator("button.sage-magic-stop").click()
+        with page.expect_response(lambda r: r.url.split("?")[0].endswith(f"/servers/{endpoint.server_id}/stop"),
+                                  timeout=60_000) as stop:
+            row.locator("button.sage-magic-stop").click()
+        assert stop.value.ok
         row.wait_for(state="detached", timeout=60_000)
         print(f"sidebar Stop -> row gone: {time.monotonic() - started:.1f} s")
-        assert wait_until(lambda: _status_text(page) == "SAGE: 1 server", 10)
+        assert [r.id for r in manager.registry.all()] == [other_id] and other.poll() is None
+        assert wait_until(lambda: _status_text(page) == "SAGE: 1 server", 10) and other_row.is_visible()
         _shot(page, "4-stopped-one-count-one")
-        assert [r.id for r in manager.registry.all()] == [other_id] and other_row.is_visible()
         assert wait_until(lambda: not sage_processes(fresh_settings.runtime_dir, endpoint.server_id), 20)
 
         # the palette command asks the same; confirming stops every server
