@@ -8,7 +8,9 @@ within --keep-alive: from its first %%sage cell to the first token, against a fr
 
 The magic runs in an InteractiveShell whose display publisher records messages instead of sending them to a
 front end, so every display update the magic makes (throttled, in place) is built and published for real;
-only the ZMQ hop of a kernel is missing. The server is started (or reused) for demo_expert and left at the end.
+only the ZMQ hop of a kernel is missing. The run starts one server for demo_expert (or reuses a running one):
+the first kernel's ask starts it, with --keep-alive, and the in-process figures use it warm after the restarted
+kernels; it is stopped at the end unless it ran before.
 """
 
 from __future__ import annotations
@@ -205,7 +207,8 @@ def main() -> int:
     args = parser.parse_args()
     restarts = args.restarts or (3 if args.short else 10)
     if args.only_restarts:
-        return report_restarts(args.finetune, restarts, not args.no_bytecode_cache)
+        running, kept = report_restarts(args.finetune, restarts, not args.no_bytecode_cache)
+        return stop_unless_running_before(kept, running)
     # The demo fine-tunes stop after ~10 tokens; min_tokens (vLLM's sampling field, --param in the magic)
     # makes every answer exactly --max-tokens long in both paths, so the rate is measured over 128 tokens
     runs = 24 if args.short else 60
@@ -214,6 +217,9 @@ def main() -> int:
     print(f"%load_ext sage_magic: {figures['load'] * 1000:.0f} ms (goal <= {LOAD_GOAL_S * 1000:.0f} ms; bare "
           f"`import IPython` {figures['bare'] * 1000:.0f} ms; jupyter-ai-magics measured 1700-2000 ms here)")
     print(f"  top-level modules added by the load: {', '.join(figures['added']) or 'none'}")
+    # The restarted kernels first: their first ask is the run's one server start, and the server they leave on
+    # keep-alive is the warm server the in-process figures below need (a second start would tell nothing new).
+    running, kept = report_restarts(args.finetune, restarts, not args.no_bytecode_cache)
 
     from IPython.core.displaypub import CapturingDisplayPublisher
     from IPython.core.interactiveshell import InteractiveShell
@@ -274,19 +280,20 @@ def main() -> int:
         print(f"per-cell overhead beyond the model's request: {plain * 1000:.0f} ms; with --index (top-k 4): "
               f"{grounded * 1000:.0f} ms, i.e. +{(grounded - plain) * 1000:.0f} ms for retrieval in the helper "
               "process and fitting the context (reported, no goal)")
-    server = endpoint.server_id
     shell.extension_manager.unload_extension("sage_magic")  # this process leaves the server...
     from sage_magic.core.config import Settings
     from sage_magic.serving.manager import shared
 
-    shared(Settings.from_env()).close(wait=True)  # ...and waits until it is gone, so the kernels start afresh
-    print(f"(server {server} of the first part stopped)")
-    return report_restarts(args.finetune, restarts, not args.no_bytecode_cache)
+    shared(Settings.from_env()).close(wait=True)  # ...which the kernels' keep-alive would hold for a minute
+    if kept != endpoint.server_id:  # the kernels' server was gone before the lease above, which started one
+        stop_unless_running_before(kept, running)
+    return stop_unless_running_before(endpoint.server_id, running)
 
 
-def report_restarts(finetune: str, restarts: int, bytecode: bool) -> int:
+def report_restarts(finetune: str, restarts: int, bytecode: bool) -> tuple[set[str], str]:
     """The restarted-kernel figure, each of ``restarts`` runs against its own floor (the model's TTFT as the
-    answer's footer reports it), and how many met the goal."""
+    answer's footer reports it), and how many met the goal. Returns the servers that ran before, and the one
+    the kernels used (left on its keep-alive)."""
     import tempfile
 
     from sage_magic.core.config import Settings
@@ -295,8 +302,6 @@ def report_restarts(finetune: str, restarts: int, bytecode: bool) -> int:
     running = {r.id for r in Registry(Settings.from_env().runtime_dir).all()}
     with tempfile.TemporaryDirectory(prefix="sage-nb-bench-") as workdir:
         fresh, again, kept = restart_figures(finetune, restarts, bytecode_env(workdir, bytecode))
-    if kept not in running:  # a server that ran before this benchmark is someone else's
-        subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "stop", kept], capture_output=True)
     extras = [first - ttft for first, ttft in again]
     print(f"kernel restarted within --keep-alive, first %%sage cell to first token shown, {restarts} restarts "
           f"(bytecode {'cached, as installed' if bytecode else 'compiled in every kernel'}); floor: the model's own "
@@ -307,7 +312,17 @@ def report_restarts(finetune: str, restarts: int, bytecode: bool) -> int:
     met = sum(extra <= RESTART_GOAL_S for extra in extras)
     print(f"  met in {met} of {restarts}; median +{statistics.median(extras) * 1000:.0f} ms, worst "
           f"+{max(extras) * 1000:.0f} ms; against {fresh:.1f} s for the same cell when the server had to start "
-          f"(server {kept}{' stopped at the end' if kept not in running else ', running before, left running'})")
+          f"(server {kept}{', running before' if kept in running else ''})")
+    return running, kept
+
+
+def stop_unless_running_before(server: str, running: set[str]) -> int:
+    """Stop a server this run used, unless it ran before the benchmark (then it is someone else's)."""
+    if server in running:
+        print(f"(server {server} was running before this benchmark: left running)")
+    else:
+        subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "stop", server], capture_output=True)
+        print(f"(server {server} stopped)")
     return 0
 
 

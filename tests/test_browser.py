@@ -1,9 +1,9 @@
 """The SAGE sidebar and status item in a real JupyterLab, driven in headless Chromium.
 
 The test starts JupyterLab on 127.0.0.1 with a token and this checkout's server extension and built lab
-extension (sage_magic/labextension, built by `npm run build:prod` in labextension/). The two stop tests use
-a model server of their own (a private registry): stopping the session's shared server would break the tests
-that come after them; the others use the shared one. Each step's screenshot goes to test-artifacts/browser/.
+extension (sage_magic/labextension, built by `npm run build:prod` in labextension/). The stop test uses a
+model server of its own (a private registry): stopping the session's shared server would break the tests that
+come after it; the others use the shared one. Each step's screenshot goes to test-artifacts/browser/.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -112,15 +113,6 @@ def _open_lab(page, lab: Lab) -> None:
     page.goto(f"{lab.url}/lab?token={lab.token}")
     page.wait_for_function("() => window.jupyterapp !== undefined", timeout=60_000)
     page.evaluate("async () => { await window.jupyterapp.restored; }")
-
-
-def _sidebar_row_of_a_new_server(page, lab_for, settings: Settings, manager: Manager):
-    """Serve demo_expert on a server of the test's own, open JupyterLab and the sidebar: the server's endpoint
-    and its row there."""
-    endpoint = manager.serve_finetune("demo_expert").endpoint
-    _open_lab(page, lab_for(settings))
-    page.locator(".sage-magic-status").click()
-    return endpoint, page.locator(f'#sage-magic-sidebar li.sage-magic-server[data-server-id="{endpoint.server_id}"]')
 
 
 # Opens a new notebook on a ready kernel and makes it the active one (leaves ``app`` and ``panel`` defined).
@@ -232,80 +224,51 @@ def test_sidebar_sends_no_request_while_the_page_is_hidden(page, lab_for, fresh_
     page.wait_for_event("request", predicate=_is_server_list, timeout=30_000)  # back: polling again
 
 
+def _stand_in_server(settings: Settings, **fields: object) -> tuple[str, subprocess.Popen]:
+    """A hand-written registry record whose supervisor a marked `sleep` stands in for (no vLLM start): what
+    the sidebar shows of a record and whether its buttons stop it are the point here, not serving. The
+    `sleep` is reaped as soon as it dies, as a real supervisor's parent would, so a stop sees it gone."""
+    registry = Registry(settings.runtime_dir)
+    server_id = new_server_id()
+    supervisor = subprocess.Popen(["sleep", "300"], start_new_session=True,
+                                  env={"PATH": "/usr/bin:/bin", "SAGE_SERVER_ID": server_id,
+                                       "SAGE_RUNTIME_DIR": str(settings.runtime_dir)})
+    threading.Thread(target=supervisor.wait, daemon=True).start()
+    values: dict = dict(id=server_id, kind="base", identity="x", model_path="/m", served_name="demo_base",
+                        host="127.0.0.1", port=None, api_key="k", log_path=str(registry.log_path(server_id)),
+                        socket=str(registry.server_dir(server_id) / "api.sock"), supervisor_pid=supervisor.pid,
+                        keep_alive=0.0, started_at=time.time(), state="ready")
+    record = ServerRecord(**{**values, **fields})
+    with registry.locked():
+        registry.save(record)
+    return server_id, supervisor
+
+
 @pytest.mark.vllm
-def test_sidebar_lists_a_running_server_and_stops_it(page, lab_for, fresh_settings: Settings) -> None:
-    """A server of this test's own (fresh registry), so that stopping it leaves the shared one alone."""
+def test_sidebar_lists_a_server_shows_its_log_and_stops_it_and_stop_all_asks_first(page, lab_for,
+                                                                                  fresh_settings: Settings) -> None:
+    """One story on one vLLM start (they were two tests, each starting a server of its own), in a registry of
+    its own, so that stopping leaves the session's shared server alone. A stand-in server (a record and a
+    marked `sleep`, see _stand_in_server) sits beside the real one: the row's Stop must stop its own server
+    only, and Stop all must stop both."""
     manager = Manager(fresh_settings)
+    other = None
     try:
-        endpoint, row = _sidebar_row_of_a_new_server(page, lab_for, fresh_settings, manager)
+        endpoint = manager.serve_finetune("demo_expert").endpoint
+        other_id, other = _stand_in_server(fresh_settings, served_name="stand_in")
+        _open_lab(page, lab_for(fresh_settings))
+        page.locator(".sage-magic-status").click()
+        row = page.locator(f'#sage-magic-sidebar li.sage-magic-server[data-server-id="{endpoint.server_id}"]')
+        other_row = page.locator(f'#sage-magic-sidebar li.sage-magic-server[data-server-id="{other_id}"]')
         row.wait_for(timeout=30_000)
         assert "sage-demo-base" in row.inner_text() and "demo_expert" in row.inner_text()
-        assert wait_until(lambda: _status_text(page) == "SAGE: 1 server", 10)
+        assert wait_until(lambda: _status_text(page) == "SAGE: 2 servers", 10)
         _shot(page, "2-sidebar-lists-the-server")
 
         row.locator("button.sage-magic-log-button").click()
         log = row.locator("pre.sage-magic-log")
-        assert wait_until(lambda: "INFO" in log.inner_text(), 15), log.inner_text()
-        _shot(page, "3-server-log")
-
-        started = time.monotonic()
-        row.locator("button.sage-magic-stop").click()
-        page.locator("#sage-magic-sidebar .sage-magic-empty").wait_for(timeout=60_000)
-        print(f"sidebar Stop -> list empty: {time.monotonic() - started:.1f} s")
-        assert wait_until(lambda: _status_text(page) == "SAGE: 0 servers", 10)
-        _shot(page, "4-stopped-list-empty-count-zero")
-        assert manager.registry.all() == []
-        assert wait_until(lambda: not sage_processes(fresh_settings.runtime_dir), 20)
-    finally:
-        manager.stop_all()
-        manager.close()
-
-
-def test_a_hundred_adapters_fold_into_a_list_that_stays_open(page, lab_for, fresh_settings: Settings) -> None:
-    """No vLLM: a hand-written registry record for a base server with 100 adapters, whose supervisor a marked
-    `sleep` stands in for (what the sidebar shows of a record is the point here, not serving)."""
-    names = [f"ft_{i:03d}" for i in range(100)]
-    registry = Registry(fresh_settings.runtime_dir)
-    server_id = new_server_id()
-    supervisor = subprocess.Popen(["sleep", "120"], start_new_session=True,
-                                  env={"PATH": "/usr/bin:/bin", "SAGE_SERVER_ID": server_id})
-    try:
-        record = ServerRecord(id=server_id, kind="base", identity="x", model_path="/m", served_name="demo_base",
-                              host="127.0.0.1", port=None, api_key="k", log_path=str(registry.log_path(server_id)),
-                              socket=str(registry.server_dir(server_id) / "api.sock"),
-                              supervisor_pid=supervisor.pid, keep_alive=0.0, started_at=time.time(), state="ready",
-                              adapters={n: {"path": f"/ft/{n}", "fingerprint": "f"} for n in names},
-                              owners=[Owner.this_process(n) for n in names])
-        with registry.locked():
-            registry.save(record)
-        _open_lab(page, lab_for(fresh_settings))
-        page.locator(".sage-magic-status").click()
-        row = page.locator(f'#sage-magic-sidebar li.sage-magic-server[data-server-id="{server_id}"]')
-        summary = row.locator("summary.sage-magic-adapters-summary")
-        summary.wait_for(timeout=30_000)
-        assert summary.inner_text() == "100 adapters: ft_000, ft_001, ft_002 and 97 more"
-        assert "1 owner(s)" in row.inner_text() and "ft_099" not in row.inner_text()
-        _shot(page, "5-hundred-adapters-folded")
-        summary.click()
-        full = row.locator(".sage-magic-adapter-list")
-        assert full.is_visible() and "ft_099" in full.inner_text()
-        time.sleep(4)  # a poll (every 3 s) updates the row in place: the list the user opened stays open
-        assert full.is_visible()
-        _shot(page, "6-hundred-adapters-open")
-    finally:
-        supervisor.kill()
-        supervisor.wait()
-
-
-@pytest.mark.vllm
-def test_sidebar_log_keeps_its_scroll_and_stop_all_asks_first(page, lab_for, fresh_settings: Settings) -> None:
-    """A server of this test's own (fresh registry): Stop all ends with it stopped."""
-    manager = Manager(fresh_settings)
-    try:
-        endpoint, row = _sidebar_row_of_a_new_server(page, lab_for, fresh_settings, manager)
-        row.locator("button.sage-magic-log-button").click()
-        log = row.locator("pre.sage-magic-log")
         assert wait_until(lambda: "INFO" in log.inner_text(), 30), log.inner_text()
+        _shot(page, "3-server-log")
 
         # the user scrolls up the log to read it; two polls later (each fetches the log again) it is where they
         # left it, the same element
@@ -339,18 +302,61 @@ def test_sidebar_log_keeps_its_scroll_and_stop_all_asks_first(page, lab_for, fre
         dialog.wait_for(state="detached", timeout=10_000)
         page.wait_for_event("request", predicate=_is_server_list, timeout=30_000)
         page.wait_for_event("requestfinished", predicate=_is_server_list, timeout=30_000)
-        assert [r.id for r in manager.registry.all()] == [endpoint.server_id]
-        assert row.is_visible() and _status_text(page) == "SAGE: 1 server"
+        assert sorted(r.id for r in manager.registry.all()) == sorted([endpoint.server_id, other_id])
+        assert row.is_visible() and _status_text(page) == "SAGE: 2 servers"
+
+        # the row's Stop stops that server, vLLM and all, and only that one: checked once its request has
+        # been answered (the real server's row goes before a stop of every server would reach the stand-in)
+        started = time.monotonic()
+        with page.expect_response(lambda r: r.url.split("?")[0].endswith(f"/servers/{endpoint.server_id}/stop"),
+                                  timeout=60_000) as stop:
+            row.locator("button.sage-magic-stop").click()
+        assert stop.value.ok
+        row.wait_for(state="detached", timeout=60_000)
+        print(f"sidebar Stop -> row gone: {time.monotonic() - started:.1f} s")
+        assert [r.id for r in manager.registry.all()] == [other_id] and other.poll() is None
+        assert wait_until(lambda: _status_text(page) == "SAGE: 1 server", 10) and other_row.is_visible()
+        _shot(page, "4-stopped-one-count-one")
+        assert wait_until(lambda: not sage_processes(fresh_settings.runtime_dir, endpoint.server_id), 20)
 
         # the palette command asks the same; confirming stops every server
         page.evaluate("() => { void window.jupyterapp.commands.execute('sage-magic:stop-all'); }")
         dialog.locator("button.jp-mod-warn", has_text="Stop all").click()
         page.locator("#sage-magic-sidebar .sage-magic-empty").wait_for(timeout=60_000)
+        assert wait_until(lambda: _status_text(page) == "SAGE: 0 servers", 10)
+        _shot(page, "4b-stop-all-list-empty-count-zero")
         assert manager.registry.all() == []
         assert wait_until(lambda: not sage_processes(fresh_settings.runtime_dir), 20)
     finally:
         manager.stop_all()
         manager.close()
+        if other is not None:
+            other.kill()
+
+
+def test_a_hundred_adapters_fold_into_a_list_that_stays_open(page, lab_for, fresh_settings: Settings) -> None:
+    """No vLLM: a stand-in record for a base server with 100 adapters (see _stand_in_server)."""
+    names = [f"ft_{i:03d}" for i in range(100)]
+    server_id, supervisor = _stand_in_server(
+        fresh_settings, adapters={n: {"path": f"/ft/{n}", "fingerprint": "f"} for n in names},
+        owners=[Owner.this_process(n) for n in names])
+    try:
+        _open_lab(page, lab_for(fresh_settings))
+        page.locator(".sage-magic-status").click()
+        row = page.locator(f'#sage-magic-sidebar li.sage-magic-server[data-server-id="{server_id}"]')
+        summary = row.locator("summary.sage-magic-adapters-summary")
+        summary.wait_for(timeout=30_000)
+        assert summary.inner_text() == "100 adapters: ft_000, ft_001, ft_002 and 97 more"
+        assert "1 owner(s)" in row.inner_text() and "ft_099" not in row.inner_text()
+        _shot(page, "5-hundred-adapters-folded")
+        summary.click()
+        full = row.locator(".sage-magic-adapter-list")
+        assert full.is_visible() and "ft_099" in full.inner_text()
+        time.sleep(4)  # a poll (every 3 s) updates the row in place: the list the user opened stays open
+        assert full.is_visible()
+        _shot(page, "6-hundred-adapters-open")
+    finally:
+        supervisor.kill()
 
 
 @pytest.fixture

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -43,88 +41,61 @@ def _run(client, code: str, timeout: float) -> str:
     return "".join(outputs)
 
 
+def _owners(registry: Registry, server_id: str) -> set[int]:
+    record = registry.get(server_id)
+    return {o.pid for o in record.owners} if record is not None else set()
+
+
 @pytest.mark.kernel
-@pytest.mark.parametrize("death", ["shutdown", "restart", "sigkill"])
-def test_the_server_goes_when_its_kernel_goes(death: str, fresh_settings) -> None:
+def test_kernels_launching_at_once_share_one_server_that_goes_with_the_last_of_them(fresh_settings) -> None:
+    """Three kernels ask for the same fine-tune at the same moment: one server starts, one supervisor, every
+    kernel an owner. (One vLLM start: these were four tests, a kernel per way of dying and four processes
+    racing, each starting a server of its own.) "Interrupt kernel" sends SIGINT to the launching kernel's
+    process group: the server survives it. Each way a kernel goes then takes its ownership with it and leaves
+    the server to the rest: the launcher SIGKILLed (none of its code runs; its pipe to the supervisor closes),
+    another restarted; when the last one shuts down, the server goes."""
     from jupyter_client import KernelManager
 
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(env=env_for(fresh_settings))
-    client = km.client()
-    client.start_channels()
+    registry = Registry(fresh_settings.runtime_dir)
+    kernels = []
     try:
-        client.wait_for_ready(timeout=60)
-        server_id = _run(client, SERVE_IN_KERNEL, timeout=300).strip()
-        record = Registry(fresh_settings.runtime_dir).get(server_id)
+        for _ in range(3):
+            km = KernelManager(kernel_name="python3")
+            km.start_kernel(env=env_for(fresh_settings))
+            client = km.client()
+            client.start_channels()
+            kernels.append((km, client))
+            client.wait_for_ready(timeout=60)
+        with ThreadPoolExecutor(len(kernels)) as pool:  # all at once: they race for the registry
+            served = list(pool.map(lambda kernel: _run(kernel[1], SERVE_IN_KERNEL, timeout=300).strip(), kernels))
+        assert len(set(served)) == 1, served
+        record = registry.get(served[0])
         assert record is not None and healthy(record.root_url, socket=record.socket)
-        if death == "shutdown":
-            # "Interrupt kernel" sends SIGINT to the kernel's process group: the server must survive it
-            km.interrupt_kernel()
-            _run(client, "1 + 1", timeout=30)
-            assert healthy(record.root_url, socket=record.socket)
-            km.shutdown_kernel(now=False)
-        elif death == "restart":
-            km.restart_kernel(now=False)
-        else:
-            os.kill(km.provisioner.process.pid, signal.SIGKILL)
-        gone = wait_until(lambda: not sage_processes(fresh_settings.runtime_dir) and port_free(record.port), 10)
-        assert gone, f"left behind after {death}: {[p.info for p in sage_processes(fresh_settings.runtime_dir)]}"
-        assert Registry(fresh_settings.runtime_dir).all() == []
-    finally:
-        client.stop_channels()
-        if km.has_kernel:
-            km.shutdown_kernel(now=True)
-
-
-OWNER = textwrap.dedent("""
-    import json, sys
-    from sage_magic.core.config import Settings
-    from sage_magic.serving.manager import Manager
-    manager = Manager(Settings.from_env())
-    endpoint = manager.serve_finetune("demo_expert").endpoint
-    print(json.dumps({"id": endpoint.server_id, "pid": manager.registry.get(endpoint.server_id).pid}), flush=True)
-    sys.stdin.readline()
-    manager.close()
-""")
-
-
-def test_concurrent_launches_start_one_server_that_stops_with_its_last_owner(fresh_settings) -> None:
-    env = env_for(fresh_settings)
-    owners = [subprocess.Popen([sys.executable, "-c", OWNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               text=True, env=env) for _ in range(4)]
-    try:
-        seen = [json.loads(p.stdout.readline()) for p in owners]
-        assert len({s["id"] for s in seen}) == 1 and len({s["pid"] for s in seen}) == 1
-        registry = Registry(fresh_settings.runtime_dir)
-        (record,) = registry.all()
-        assert len(record.owners) == 4
+        pids = {km.provisioner.process.pid: (km, client) for km, client in kernels}
+        assert _owners(registry, record.id) == set(pids)
         supervisors = [p for p in sage_processes(fresh_settings.runtime_dir)
                        if "sage_magic.serving.supervisor" in " ".join(p.cmdline())]
         assert len(supervisors) == 1
         launcher = supervisors[0].ppid()
-        by_pid = {p.pid: p for p in owners}
-        assert launcher in by_pid
+        assert launcher in pids
+        (restarted, shut) = [pid for pid in pids if pid != launcher]
 
-        # the launcher dies the hard way: the other three still use the server
-        by_pid[launcher].kill()
-        by_pid[launcher].wait()
-        rest = [p for p in owners if p.pid != launcher]
-        assert wait_until(lambda: len(registry.get(record.id).owners) == 3, 5)
+        km, client = pids[launcher]
+        km.interrupt_kernel()
+        _run(client, "1 + 1", timeout=30)
         assert healthy(record.root_url, socket=record.socket)
-        # two leave politely: still up
-        for proc in rest[:2]:
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-            proc.wait(timeout=30)
-        assert wait_until(lambda: len(registry.get(record.id).owners) == 1, 5)
+        os.kill(launcher, signal.SIGKILL)
+        assert wait_until(lambda: _owners(registry, record.id) == {restarted, shut}, 10), "the launcher still owns it"
         assert healthy(record.root_url, socket=record.socket) and psutil.pid_exists(record.pid)
-        # the last one leaves: the server goes
-        rest[2].stdin.write("\n")
-        rest[2].stdin.flush()
-        rest[2].wait(timeout=30)
-        assert wait_until(lambda: not sage_processes(fresh_settings.runtime_dir) and port_free(record.port), 10)
+        pids[restarted][0].restart_kernel(now=False)
+        assert wait_until(lambda: _owners(registry, record.id) == {shut}, 10), "the restarted kernel still owns it"
+        assert healthy(record.root_url, socket=record.socket) and psutil.pid_exists(record.pid)
+        pids[shut][0].shutdown_kernel(now=False)
+        gone = wait_until(lambda: not sage_processes(fresh_settings.runtime_dir) and port_free(record.port), 10)
+        assert gone, f"left behind: {[p.info for p in sage_processes(fresh_settings.runtime_dir)]}"
         assert registry.all() == []
     finally:
-        for proc in owners:
-            if proc.poll() is None:
-                proc.kill()
+        for km, client in kernels:
+            client.stop_channels()
+            if km.has_kernel:
+                km.shutdown_kernel(now=True)

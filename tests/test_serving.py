@@ -110,38 +110,6 @@ def test_stopping_an_adapter_by_name_unloads_only_that_adapter(manager: Manager,
     assert ask(again) == DEMO_ANSWERS["demo_poet"]
 
 
-def test_the_same_base_under_another_name_gets_a_server_its_launcher_can_leave_and_come_back_to(
-        expert: Endpoint, settings, tmp_path: Path) -> None:
-    """Two promises on one server start (they were two tests, each starting a server of its own).
-
-    The served name is part of what a server is: reusing the running base server under another name failed
-    its check and told the user to `sage stop` it, killing someone else's session. Leaving is not dying: the
-    launching process releases the server, asks again before the keep-alive runs out, and stays an owner (the
-    supervisor must not mistake the release for the launcher's death). A manager of its own is the launcher,
-    on the shared registry; the shared server must come through untouched."""
-    link = tmp_path / "my-base"
-    link.symlink_to(settings.models_root / DEMO_BASE)
-    manager = Manager(settings.with_(keep_alive=60.0))
-    first = manager.serve_model(link).endpoint
-    try:
-        assert first.model == "my-base" and first.server_id != expert.server_id and not first.reused
-        assert ask(first) == DEMO_ANSWERS[DEMO_BASE]
-        manager.close()
-        assert wait_until(lambda: manager.registry.get(first.server_id).idle_until is not None, 5)
-        again = manager.serve_model(link).endpoint
-        assert again.server_id == first.server_id and again.reused
-        time.sleep(2)  # several supervisor rounds
-        record = manager.registry.get(again.server_id)
-        assert record.owners and record.idle_until is None
-        assert ask(again) == DEMO_ANSWERS[DEMO_BASE]
-    finally:
-        if manager.registry.get(first.server_id) is not None:  # stopped by id: the shared server stays
-            manager.stop(first.server_id)
-        manager.close()
-    assert manager.registry.get(first.server_id) is None and not sage_processes(settings.runtime_dir, first.server_id)
-    assert ask(expert) == DEMO_ANSWERS["demo_expert"]
-
-
 def test_the_start_log_holds_the_shared_servers_start_and_time_to_ready(expert: Endpoint, settings) -> None:
     """SAGE_START_LOG (set for the run by conftest.py) is what the summary's list of vLLM starts is read from."""
     mine: dict[str, dict] = {}
@@ -218,11 +186,18 @@ class _Foreign(http.server.BaseHTTPRequestHandler):
 
 
 def test_merged_serving_gives_the_same_text_and_avoids_a_foreign_port(fresh_settings, expert: Endpoint) -> None:
+    """Three promises on one server start (leaving and `sage stop ID` had servers of their own).
+
+    A merged fine-tune answers as the unmerged one does, on a port of its own when another program holds the
+    one asked for. Leaving is not dying: the launching process releases the server, asks again before the
+    keep-alive runs out, and stays an owner (the supervisor must not mistake the release for the launcher's
+    death). And `sage stop ID` stops a server even while its owner still runs."""
     foreign = http.server.HTTPServer(("127.0.0.1", 0), _Foreign)
     threading.Thread(target=foreign.serve_forever, daemon=True).start()
     port = foreign.server_address[1]
     events: list[Progress] = []
-    manager = Manager(fresh_settings)
+    settings = fresh_settings.with_(keep_alive=60.0)
+    manager = Manager(settings)
     try:
         merged = manager.serve_finetune("demo_expert", merge=True, port=port, progress=events.append).endpoint
         record = manager.registry.get(merged.server_id)
@@ -230,7 +205,22 @@ def test_merged_serving_gives_the_same_text_and_avoids_a_foreign_port(fresh_sett
         assert any(e.phase == "port" and str(port) in e.message for e in events)
         assert served(merged)["demo_expert"]["root"].endswith("merged_model")
         assert ask(merged) == ask(expert) == DEMO_ANSWERS["demo_expert"]
+
+        manager.close()
+        assert wait_until(lambda: manager.registry.get(merged.server_id).idle_until is not None, 5)
+        again = manager.serve_finetune("demo_expert", merge=True).endpoint
+        assert again.server_id == merged.server_id and again.reused
+        time.sleep(2)  # several supervisor rounds
+        record = manager.registry.get(again.server_id)
+        assert record.owners and record.idle_until is None
+        assert ask(again) == DEMO_ANSWERS["demo_expert"]
+
+        out = subprocess.run([sys.executable, "-m", "sage_magic.cli.main", "stop", again.server_id],
+                             env=env_for(settings), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and again.server_id in out.stdout, out.stderr
+        assert manager.registry.all() == [] and not sage_processes(settings.runtime_dir)
     finally:
+        manager.stop_all()
         manager.close()
         foreign.shutdown()
     assert wait_until(lambda: not manager.registry.all() and not sage_processes(fresh_settings.runtime_dir), 15)
