@@ -136,8 +136,8 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps([{k: v for k, v in asdict(i).items() if k != "sources"} for i in infos], indent=2))
         return 0
     if not infos:
-        where = "" if args.store is None else f" in {args.store}"
-        print(f"No indexes{where} in {settings.index_root}. Create one with `sage index add NAME PATH...`.")
+        where = "" if args.store is None else f" in store {args.store}"
+        print(f"No indexes{where} under {settings.index_root}. Create one with `sage index add NAME PATH...`.")
         return 0
     rows = [(i.name, i.store, i.files, i.chunks, i.embedder, i.search, _size(i.disk_bytes), i.updated) for i in infos]
     print(table(rows, ("NAME", "STORE", "FILES", "CHUNKS", "EMBEDDER", "SEARCH", "SIZE", "UPDATED")))
