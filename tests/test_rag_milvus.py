@@ -100,6 +100,8 @@ def test_a_search_helper_finds_the_index_and_the_asking_process_never_imports_py
         "from sage_magic.chat.session import Session\n"
         f"settings = Settings.from_env(environ={{}}, home={str(tmp_path / 'home')!r})\n"
         "Session(settings)._check_index('docs')\n"
+        "from sage_magic.rag import list_indexes\n"
+        f"assert [(i.name, i.store) for i in list_indexes(settings)] == [('docs', {milvus_uri!r})]\n"
         f"hits = SearchService(settings).search('docs', {QUESTION!r}, 3)\n"
         "heavy = [m for m in ('pymilvus', 'faiss', 'torch', 'onnxruntime') if m in sys.modules]\n"
         "print(json.dumps({'hits': [h.chunk_id for h in hits], 'heavy': heavy}))\n"
