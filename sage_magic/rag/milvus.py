@@ -106,6 +106,9 @@ class MilvusStore:
             stale = [chunk_id for chunk_id in _all_ids(client, collection) if chunk_id not in keep]
             for start in range(0, len(stale), IDS_PER_CALL):
                 client.delete(collection, ids=stale[start : start + IDS_PER_CALL])
+            # Seal what was written so that Milvus indexes it: Milvus Lite searches unsealed rows by brute force
+            # (measured at 10k chunks: ~600 ms per query before, ~40 ms after; milvus_bench.py).
+            client.flush(collection)
         manifest = replace(manifest, dim=dim, generation="")
         write_manifest(folder, manifest)
         return manifest
