@@ -37,9 +37,10 @@ from rag_bench import percentiles, real_paragraphs, texts, tiled_vectors, timed 
 from sage_magic import rag  # noqa: E402
 from sage_magic.core.config import Settings  # noqa: E402
 from sage_magic.rag.chunker import ChunkSettings  # noqa: E402
-from sage_magic.rag.embedder import ONNX, load_embedder, resolve_embedder  # noqa: E402
+from sage_magic.rag.embedder import load_embedder  # noqa: E402
 from sage_magic.rag.local import LocalStore  # noqa: E402
 from sage_magic.rag.milvus import MilvusStore  # noqa: E402
+from sage_magic.rag.model_ref import ONNX, resolve_embedder  # noqa: E402
 from sage_magic.rag.records import Chunk, Manifest, Planned, new_collection, parse_store  # noqa: E402
 from tests.conftest import start_milvus_lite, stop_milvus_lite  # noqa: E402
 from tests.test_rag_index import DOCS, QUESTIONS  # noqa: E402

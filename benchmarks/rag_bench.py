@@ -41,7 +41,8 @@ from sage_magic import rag
 from sage_magic.core.config import Settings
 from sage_magic.rag import dense, indexer, local, records, store
 from sage_magic.rag.chunker import ChunkSettings
-from sage_magic.rag.embedder import ONNX, TORCH, load_embedder, onnx_missing, resolve_embedder
+from sage_magic.rag.embedder import load_embedder
+from sage_magic.rag.model_ref import ONNX, TORCH, onnx_missing, resolve_embedder
 
 RNG = np.random.default_rng(0)
 SYLLABLES = [a + b for a in "bcdfghklmnprstvz" for b in ("a", "e", "i", "o", "u", "ar", "en", "is", "on")]

@@ -24,7 +24,8 @@ from ..core.files import LockBusy, exclusive, utc_now
 from ..core.progress import Progress, ProgressCallback, silent
 from . import loaders, store
 from .chunker import ChunkSettings, chunk_spans
-from .embedder import ONNX, Embedder, EmbedderRef, load_for_build, resolve_embedder
+from .embedder import Embedder, load_for_build
+from .model_ref import ONNX, EmbedderRef, resolve_embedder
 from .records import (
     Chunk,
     FileEntry,

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from ..core.errors import NotFound, SageError
 from ..core.files import subfolders, write_json_atomic
 from .chunker import ChunkSettings
-from .embedder import TORCH
+from .model_ref import TORCH
 
 if TYPE_CHECKING:
     import numpy as np

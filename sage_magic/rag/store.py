@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..core.config import Settings
 from ..core.errors import SageError
-from .embedder import DEFAULT_EMBEDDER_ID, ONNX, EmbedderRef, onnx_missing, resolve_embedder
+from .model_ref import DEFAULT_EMBEDDER_ID, ONNX, EmbedderRef, onnx_missing, resolve_embedder
 from .records import (
     IndexStore,
     Manifest,
