@@ -21,6 +21,7 @@ from sage_magic.core.errors import NotFound, SageError
 from sage_magic.rag import embedder as embedder_module
 from sage_magic.rag import lexical
 from sage_magic.rag.encoders import TorchEncoder
+from sage_magic.rag.model_ref import resolve_embedder
 from sage_magic.rag.store import read_manifest
 
 pytestmark = pytest.mark.rag
@@ -272,7 +273,7 @@ def test_searches_from_several_threads_at_once_agree_and_leave_thread_counts_alo
 
     # A slow model makes two searches overlap for sure: the first waits inside the model until the second
     # arrives (or 2 s pass, when searches cannot overlap there), and the second then finishes last.
-    ref = embedder_module.resolve_embedder(None, built.embed_backend, built.embedder_cache)  # type: ignore[arg-type]
+    ref = resolve_embedder(None, built.embed_backend, built.embedder_cache)  # type: ignore[arg-type]
     encoder = embedder_module.load_embedder(ref)._encoder
     model = encoder.model if isinstance(encoder, TorchEncoder) else encoder  # torch: inside its thread-count lock
     meeting, original = threading.Barrier(2, timeout=2), model.encode
