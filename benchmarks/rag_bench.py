@@ -39,9 +39,10 @@ import numpy as np
 
 from sage_magic import rag
 from sage_magic.core.config import Settings
-from sage_magic.rag import dense, indexer, store
+from sage_magic.rag import dense, indexer, local, records, store
 from sage_magic.rag.chunker import ChunkSettings
-from sage_magic.rag.embedder import ONNX, TORCH, load_embedder, onnx_missing, resolve_embedder
+from sage_magic.rag.embedder import load_embedder
+from sage_magic.rag.model_ref import ONNX, TORCH, onnx_missing, resolve_embedder
 
 RNG = np.random.default_rng(0)
 SYLLABLES = [a + b for a in "bcdfghklmnprstvz" for b in ("a", "e", "i", "o", "u", "ar", "en", "is", "on")]
@@ -139,7 +140,7 @@ def bench_throughput(settings: Settings, files: int, rounds: int, queries: list[
         print(f"  {backend:5s} first build in this process: {seconds:.1f} s (model load"
               f"{', ONNX export if not cached' if backend == ONNX else ''}, imports)")
     first = rag.add(settings.with_(embed_backend=TORCH), "texts", [str(folder)])
-    texts = [store.search_text(c) for c in store.open_generation(settings, "texts").chunks]
+    texts = [records.search_text(c) for c in local.open_generation(store.index_dir(settings, "texts")).chunks]
     rates: dict[str, list[float]] = {"floor": [], **{b: [] for b in backends}}
     for round_ in range(rounds):
         seconds, _ = timed(lambda: floor_model.encode(texts, batch_size=32, normalize_embeddings=True))
@@ -251,7 +252,7 @@ def bench_queries(settings: Settings, base_texts: list[str], base: np.ndarray, c
     """End-to-end rag.search latency on a ``count``-chunk index, IVF (as built) vs forced exact search."""
     section(f"end-to-end query (embed + search): {count:,}-chunk index, {queries} queries")
     bodies = base_texts + texts(count - len(base_texts), words=30)
-    chunks = [store.Chunk(f"f{i // 10}.md:0:{i % 10}", f"f{i // 10}.md", f"Part {i % 10}", b)
+    chunks = [records.Chunk(f"f{i // 10}.md:0:{i % 10}", f"f{i // 10}.md", f"Part {i % 10}", b)
               for i, b in enumerate(bodies)]
     vectors = np.concatenate([base, tiled_vectors(base, count - len(base))])
     asked = texts(queries, words=8)
@@ -264,13 +265,13 @@ def bench_queries(settings: Settings, base_texts: list[str], base: np.ndarray, c
         folder.mkdir(parents=True)
         saved, dense.FLAT_LIMIT = dense.FLAT_LIMIT, limit
         try:
-            seconds, generation = timed(store.write_generation, folder, 1, chunks, vectors)
+            seconds, generation = timed(local.write_generation, folder, 1, chunks, vectors)
         finally:
             dense.FLAT_LIMIT = saved
-        manifest = store.Manifest(name, ref.id, vectors.shape[1], ChunkSettings(), "/", ["/"], generation, {}, "",
-                                  "", ref.backend)
-        store.write_manifest(folder, manifest)
-        opened, _ = timed(store.open_generation, settings, name)
+        manifest = records.Manifest(name, ref.id, vectors.shape[1], ChunkSettings(), "/", ["/"], generation, {}, "",
+                                    "", ref.backend)
+        records.write_manifest(folder, manifest)
+        opened, _ = timed(local.open_generation, folder)
         print(f"{label:5s} write {seconds:.1f} s, first open {opened:.1f} s")
         embed = [timed(load_embedder(ref).encode, [q])[0] for q in asked]
         print(f"  query embedding alone       {percentiles(embed)}")

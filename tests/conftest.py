@@ -312,3 +312,45 @@ def _team_processes(server: TeamServer) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+# --- a Milvus server: Milvus Lite's own gRPC server, as `milvus-lite server` runs it on a laptop --------------
+
+
+def start_milvus_lite(folder: Path) -> tuple[subprocess.Popen, str]:
+    """`milvus-lite server` on a free loopback port with its data in ``folder`` (its own process group), as a
+    laptop runs it; returns the process and its ``milvus://127.0.0.1:PORT``. Used by the tests and milvus_bench."""
+    from sage_magic.serving.launch import port_free
+
+    port = next(p for p in range(TEST_PORT + 100, TEST_PORT + 150) if port_free(p))
+    command = [os.path.join(os.path.dirname(sys.executable), "milvus-lite"), "server", "--data-dir",
+               str(folder / "data"), "--host", "127.0.0.1", "--port", str(port)]
+    with open(folder / "server.log", "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    if not wait_until(lambda: process.poll() is not None or not port_free(port), 60) or process.poll() is not None:
+        stop_milvus_lite(process)
+        raise RuntimeError(f"milvus-lite server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+    return process, f"milvus://127.0.0.1:{port}"
+
+
+def stop_milvus_lite(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``milvus://127.0.0.1:PORT`` of a real Milvus Lite server started for the session (the `milvus` extra);
+    stopped at the end of the session."""
+    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "milvus-lite")):
+        pytest.skip("milvus-lite is not installed (pip install 'sage-magic[milvus]')")
+    process, uri = start_milvus_lite(tmp_path_factory.mktemp("milvus"))
+    yield uri
+    stop_milvus_lite(process)

@@ -8,7 +8,7 @@ import pytest
 
 from sage_magic.rag import Citation, GroundedContext, Hit, build_context
 from sage_magic.rag.context import INSTRUCTION
-from sage_magic.rag.search import rrf
+from sage_magic.rag.local import rrf
 
 
 def hit(n: int, text: str = "x" * 100, location: str = "Install > GPU") -> Hit:

@@ -21,6 +21,8 @@ from sage_magic.core.errors import NotFound, SageError
 from sage_magic.rag import embedder as embedder_module
 from sage_magic.rag import lexical
 from sage_magic.rag.encoders import TorchEncoder
+from sage_magic.rag.model_ref import resolve_embedder
+from sage_magic.rag.store import read_manifest
 
 pytestmark = pytest.mark.rag
 
@@ -44,14 +46,18 @@ def settings_for(home: Path, **changes: object) -> Settings:
     return Settings.from_env(environ={}, home=home).with_(**changes)
 
 
-@pytest.fixture(scope="module", params=["onnx", "torch"])
+@pytest.fixture(scope="module", params=["onnx", "torch", "milvus"])
 def built(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Settings:
-    """One index of the docs corpus per embedding backend, shared by the read-only tests: retrieval quality
-    must not depend on the backend (the int8 ONNX model puts the same files in the top 3)."""
-    settings = settings_for(tmp_path_factory.mktemp("home"), embed_backend=request.param)
-    report = rag.add(settings, "docs", [str(DOCS)])
+    """One index of the docs corpus per embedding backend and store, shared by the read-only tests: retrieval
+    quality must not depend on the backend (the int8 ONNX model puts the same files in the top 3) nor on the
+    store ("milvus": ONNX vectors in a collection on a real Milvus Lite server, searched by Milvus itself)."""
+    backend = "onnx" if request.param == "milvus" else request.param
+    store = request.getfixturevalue("milvus_uri") if request.param == "milvus" else None
+    settings = settings_for(tmp_path_factory.mktemp("home"), embed_backend=backend)
+    report = rag.add(settings, "docs", [str(DOCS)], store_uri=store)
     assert report.files == 6 and report.chunks == report.chunks_embedded > 0
-    assert rag.describe(settings, "docs").backend == request.param
+    info = rag.describe(settings, "docs")
+    assert info.backend == backend and info.store == (store or "local")
     return settings
 
 
@@ -113,12 +119,19 @@ def test_another_embedder_is_refused_with_the_way_to_rebuild(built: Settings, tm
         rag.add(built, "docs", [str(DOCS)], embedder=str(other))
 
 
+@pytest.fixture(params=["local", "milvus"])
+def store(request: pytest.FixtureRequest) -> str | None:
+    """Where a test's own index lives: local files (None), or the session's Milvus server."""
+    return request.getfixturevalue("milvus_uri") if request.param == "milvus" else None
+
+
 def test_update_reembeds_only_changed_files_and_forgets_deleted_ones(
-    tmp_path: Path, corpus: Path, encoded: list[int]
+    tmp_path: Path, corpus: Path, encoded: list[int], store: str | None
 ) -> None:
     settings = settings_for(tmp_path / "home")
-    first = rag.add(settings, "docs", [str(corpus)])
+    first = rag.add(settings, "docs", [str(corpus)], store_uri=store)
     assert sum(encoded) == first.chunks
+    copied = dict((path, chunks) for path, _, chunks in rag.describe(settings, "docs").sources)["finetune.md"]
 
     encoded.clear()
     assert rag.update(settings, "docs").chunks_embedded == 0 and encoded == []  # nothing changed: no model work
@@ -127,16 +140,25 @@ def test_update_reembeds_only_changed_files_and_forgets_deleted_ones(
     (corpus / "keep-alive.md").unlink()
     (corpus / "new.md").write_text("# Quantization\n\nAWQ and GPTQ shrink weights to four bits.\n")
     os.utime(corpus / "install.md")  # touched, same bytes: hashed, not re-embedded
+    shutil.copy(corpus / "finetune.md", corpus / "tuning.md")  # known bytes under a new path: vectors reused
     report = rag.update(settings, "docs")
-    assert report.changed == ("gpu.md",) and report.removed == ("keep-alive.md",) and report.added == ("new.md",)
+    assert report.changed == ("gpu.md",) and report.removed == ("keep-alive.md",)
+    assert sorted(report.added) == ["new.md", "tuning.md"]
     assert sum(encoded) == report.chunks_embedded == 2  # one chunk each for gpu.md and new.md
-    assert report.chunks == first.chunks - 3 - 3 + 2
+    assert report.chunks == first.chunks - 3 - 3 + 2 + copied
 
     sources = {h.source for h in rag.search(settings, "docs", "keep-alive duration 5m SAGE_KEEP_ALIVE", top_k=10)}
     assert "keep-alive.md" not in sources
     assert rag.search(settings, "docs", "ZEPHYRIUM accelerator", top_k=1)[0].source == "gpu.md"
     assert rag.search(settings, "docs", "four-bit GPTQ quantization", top_k=1)[0].source == "new.md"
-    assert [p.name for p in (settings.index_root / "docs").iterdir() if p.name.startswith("gen-")] == ["gen-000002"]
+    tuning = rag.search(settings, "docs", "learning rate for training adapters", top_k=4)
+    assert {"finetune.md", "tuning.md"} <= {h.source for h in tuning}  # the copy answers, as its own source
+    every = rag.search(settings, "docs", "the", top_k=20, mode="lexical") + rag.search(
+        settings, "docs", "model server GPU training", top_k=20, mode="dense")
+    listed = {chunk_id for entry in read_manifest(settings, "docs").files.values() for chunk_id in entry.chunks}
+    assert {h.chunk_id for h in every} <= listed  # the old chunks of gpu.md and keep-alive.md are gone
+    if store is None:
+        assert [p.name for p in (settings.index_root / "docs").iterdir() if p.name.startswith("gen-")] == ["gen-000002"]
 
 
 def test_a_failed_update_leaves_the_old_index_serving(
@@ -251,7 +273,7 @@ def test_searches_from_several_threads_at_once_agree_and_leave_thread_counts_alo
 
     # A slow model makes two searches overlap for sure: the first waits inside the model until the second
     # arrives (or 2 s pass, when searches cannot overlap there), and the second then finishes last.
-    ref = embedder_module.resolve_embedder(None, built.embed_backend, built.embedder_cache)  # type: ignore[arg-type]
+    ref = resolve_embedder(None, built.embed_backend, built.embedder_cache)  # type: ignore[arg-type]
     encoder = embedder_module.load_embedder(ref)._encoder
     model = encoder.model if isinstance(encoder, TorchEncoder) else encoder  # torch: inside its thread-count lock
     meeting, original = threading.Barrier(2, timeout=2), model.encode

@@ -195,6 +195,7 @@ class Settings:
     vllm_args: tuple[str, ...] = ()
     embedder: str | None = None
     embed_backend: str | None = None  # "onnx" | "torch"; None: auto (see EMBED_BACKENDS)
+    index_store: str | None = None  # SAGE_INDEX_STORE: where new indexes go (None: local files; milvus://...)
     debug_backend: str | None = None
     debug_finetune_model: str | None = None
     publish_dir: Path | None = None  # SAGE_PUBLISH_DIR: where fine-tunes are published for a server not ours
@@ -271,6 +272,7 @@ class Settings:
                        else _default_vllm_args()),
             embedder=env.get("SAGE_EMBEDDER") or None,
             embed_backend=check_embed_backend(env.get("SAGE_EMBED_BACKEND")),
+            index_store=env.get("SAGE_INDEX_STORE") or None,
             debug_backend=env.get("SAGE_DEBUG_BACKEND") or None,
             debug_finetune_model=env.get("SAGE_DEBUG_FINETUNE_MODEL") or None,
             publish_dir=Path(env["SAGE_PUBLISH_DIR"]).expanduser() if env.get("SAGE_PUBLISH_DIR") else None,

@@ -17,7 +17,8 @@ def main() -> int:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # library chatter must not corrupt the answer
     from ..core.errors import SageError
-    from ..rag.embedder import load_embedder, resolve_embedder
+    from ..rag.embedder import load_embedder
+    from ..rag.model_ref import resolve_embedder
 
     try:
         embedder = load_embedder(resolve_embedder(job["embedder"]))

@@ -78,8 +78,8 @@ def index(magics: CellContext, args: argparse.Namespace) -> None:
 
         return publish(magics.shell, {"application/json": [asdict(i) for i in infos],
                               "text/plain": json.dumps([asdict(i) for i in infos], indent=2)})
-    rows = [(i.name, i.files, i.chunks, i.embedder, i.search, i.updated) for i in infos]
-    publish(magics.shell, render.table(rows, ("NAME", "FILES", "CHUNKS", "EMBEDDER", "SEARCH", "UPDATED"),
+    rows = [(i.name, i.store, i.files, i.chunks, i.embedder, i.search, i.updated) for i in infos]
+    publish(magics.shell, render.table(rows, ("NAME", "STORE", "FILES", "CHUNKS", "EMBEDDER", "SEARCH", "UPDATED"),
                                "No indexes yet. `%sage index add NAME PATH...` builds one."))
 
 def child(magics: CellContext, argv: list[str]) -> None:

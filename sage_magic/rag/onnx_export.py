@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.files import exclusive
-from .embedder import BackendUnavailable, EmbedderRef
+from .model_ref import BackendUnavailable, EmbedderRef
 
 if TYPE_CHECKING:
     from .encoders import OnnxEncoder, TorchEncoder

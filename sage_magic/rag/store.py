@@ -1,108 +1,31 @@
-"""Where an index lives on disk and how a new version replaces the old one without a half-written moment.
+"""Indexes by name: where each lives, what it is, and the store that holds its chunks and vectors.
 
-Layout of ``settings.index_root / NAME``::
-
-    manifest.json        what the index is (embedder, chunking, patterns, files) and which generation serves
-    gen-000007/          one complete generation: chunks.jsonl (row order), vectors.npy, bm25/, dense.faiss (IVF)
-    .lock                held by the one process writing this index
-
-A writer builds the next generation in a hidden temporary folder, renames it to ``gen-N``, then replaces
-``manifest.json`` with ``os.replace``: until that instant readers see the old generation, after it the new
-one. A killed writer leaves only hidden leftovers, which the next writer removes.
+Every index has a folder ``settings.index_root / NAME`` holding its manifest (see records.py). Its chunks and
+vectors live in one of two stores behind one interface (:class:`~.records.IndexStore`): local files (FAISS +
+BM25, the default: local.py) or a Milvus collection (milvus.py), named by the folder's pointer file. The
+indexer, search and `sage index` ask :func:`store_for` and never care which.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import re
 import shutil
-import threading
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from ..core.config import Settings
-from ..core.errors import NotFound, SageError
-from ..core.files import subfolders, write_json_atomic
-from . import dense, lexical
-from .chunker import ChunkSettings
-from .embedder import DEFAULT_EMBEDDER_ID, ONNX, TORCH, EmbedderRef, onnx_missing, resolve_embedder
-
-if TYPE_CHECKING:
-    import numpy as np
-
-MANIFEST = "manifest.json"
-FORMAT = 1
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One searchable row: the text shown to people and models, and where it came from."""
-
-    id: str
-    source: str
-    location: str
-    text: str
-
-
-@dataclass
-class FileEntry:
-    """What an index knows about one file: enough to tell, by stat then hash, whether it changed."""
-
-    size: int
-    mtime_ns: int
-    sha256: str
-    chunks: list[str]
-
-
-@dataclass
-class Manifest:
-    """The description of an index; ``generation`` names the folder that currently serves it."""
-
-    name: str
-    embedder: str
-    dim: int
-    chunking: ChunkSettings
-    root: str
-    patterns: list[str]
-    generation: str = ""
-    files: dict[str, FileEntry] = field(default_factory=dict)
-    created: str = ""
-    updated: str = ""
-    backend: str = TORCH  # what computed the vectors; indexes from before backends existed are all torch
-
-    @property
-    def chunk_count(self) -> int:
-        return sum(len(entry.chunks) for entry in self.files.values())
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["format"] = FORMAT
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        values = {k: v for k, v in data.items() if k != "format"}
-        values["chunking"] = ChunkSettings(**data["chunking"])
-        values["files"] = {path: FileEntry(**entry) for path, entry in data["files"].items()}
-        return cls(**values)
-
-
-# ---------------------------------------------------------------------------------------------- names
-
-
-def check_name(name: str) -> str:
-    """Index names become folder names: letters, digits, '-', '_' and '.', not starting with a dot."""
-    if not _NAME.fullmatch(name or ""):
-        raise SageError(
-            f"{name!r} is not a valid index name. Use 1 to 64 letters, digits, '-', '_' or '.', starting with a "
-            "letter or digit (for example `docs` or `project-notes`)."
-        )
-    return name
+from ..core.errors import SageError
+from .model_ref import DEFAULT_EMBEDDER_ID, ONNX, EmbedderRef, onnx_missing, resolve_embedder
+from .records import (
+    IndexStore,
+    Manifest,
+    Reader,
+    StoreRef,
+    check_name,
+    known,
+    parse_store,
+    read_manifest_in,
+    read_pointer,
+)
 
 
 def index_dir(settings: Settings, name: str) -> Path:
@@ -111,61 +34,71 @@ def index_dir(settings: Settings, name: str) -> Path:
 
 def index_exists(settings: Settings, name: str) -> bool:
     """Whether a complete index of that name exists (a first build killed midway does not count)."""
-    return (index_dir(settings, name) / MANIFEST).is_file()
+    return (index_dir(settings, name) / "manifest.json").is_file()
 
 
 def known_names(settings: Settings) -> list[str]:
-    return _known(settings.index_root)
-
-
-def _known(root: Path) -> list[str]:
-    """Complete indexes under ``root``: folders with a manifest and a name `check_name` accepts."""
-    return [name for name in subfolders(root, MANIFEST) if _NAME.fullmatch(name)]
+    return known(settings.index_root)
 
 
 def read_manifest(settings: Settings, name: str) -> Manifest:
     """The manifest of an existing index, or NotFound naming the indexes that do exist."""
-    return _read_manifest(index_dir(settings, name))
+    return read_manifest_in(index_dir(settings, name))
 
 
-def _read_manifest(folder: Path) -> Manifest:
-    path, name = folder / MANIFEST, folder.name
-    try:
-        return Manifest.from_json(json.loads(path.read_text()))
-    except FileNotFoundError:
-        known = _known(folder.parent)
-        listing = f"Known indexes: {', '.join(known)}." if known else "There are no indexes yet."
-        raise NotFound(
-            f"There is no index named {name!r} in {folder.parent}. {listing} "
-            f"Create it with `sage index add {name} PATH...`."
-        ) from None
-    except (ValueError, KeyError, TypeError) as error:
+# ---------------------------------------------------------------------------------------------- stores
+
+
+def open_store(ref: StoreRef | None) -> IndexStore:
+    """The store for a pointer: local files for None, else the Milvus server it names. Opening a store loads
+    nothing heavy; FAISS or pymilvus load on its first search or write, in the process doing it (never in a
+    kernel, which searches through its helper process and builds through a `sage` child)."""
+    if ref is None:
+        from .local import LocalStore
+
+        return LocalStore()
+    from .milvus import MilvusStore
+
+    return MilvusStore(ref)
+
+
+def store_for(settings: Settings, name: str) -> IndexStore:
+    """The store holding index ``name`` now, as its folder's pointer says."""
+    return open_store(read_pointer(index_dir(settings, name)))
+
+
+def open_reader(settings: Settings, name: str) -> Reader:
+    """Index ``name`` opened for searching (NotFound, listing the known ones, when there is none)."""
+    folder = index_dir(settings, name)
+    return open_store(read_pointer(folder)).reader(folder)
+
+
+def check_store(settings: Settings, name: str, uri: str | None) -> None:
+    """Refuse ``--store URI`` on an existing index that lives elsewhere (its pointer decides, not the flag)."""
+    if uri is None:
+        return
+    asked = parse_store(uri)
+    read_manifest(settings, name)  # NotFound first
+    lives = store_label(read_pointer(index_dir(settings, name)))
+    if store_label(asked) != lives:
         raise SageError(
-            f"The manifest of index {name!r} ({path}) is unreadable ({error}). Rebuild the index with "
-            f"`sage index add {name} PATH... --rebuild`."
-        ) from None
+            f"Index {name!r} lives in {lives}, not {store_label(asked)}. Leave --store out: an existing index is "
+            "always found where it was built."
+        )
 
 
-def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Replace the manifest atomically: readers see the old or the new one, whole (see files.py)."""
-    write_json_atomic(folder / MANIFEST, manifest.to_json())
+def store_label(ref: StoreRef | None) -> str:
+    """Where an index lives, as people read it: "local" or its server's URI."""
+    return "local" if ref is None else ref.uri
 
 
 def remove_index(settings: Settings, name: str) -> None:
-    read_manifest(settings, name)  # NotFound with the known names
-    shutil.rmtree(index_dir(settings, name))
-    _open_cached.cache_clear()
-
-
-def clean_leftovers(folder: Path, keep: str) -> None:
-    """Delete generations other than ``keep`` and temporaries of killed writers (call with the lock held)."""
-    for entry in folder.iterdir():
-        if entry.name in (MANIFEST, ".lock", keep):
-            continue
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+    """Delete an index: its chunks and vectors in its store, then its folder (the documents are not touched)."""
+    folder = index_dir(settings, name)
+    if not (folder / "manifest.json").is_file() and read_pointer(folder) is None:
+        read_manifest_in(folder)  # NotFound with the known names
+    store_for(settings, name).remove(folder)
+    shutil.rmtree(folder)
 
 
 @dataclass(frozen=True)
@@ -173,6 +106,7 @@ class IndexInfo:
     """What `sage index list/show` print: an index's settings, size and files (source, bytes, chunks)."""
 
     name: str
+    store: str
     files: int
     chunks: int
     embedder: str
@@ -181,7 +115,7 @@ class IndexInfo:
     chunk_size: int
     chunk_overlap: int
     search: str
-    disk_bytes: int
+    disk_bytes: int | None  # None: the vectors are on a server
     root: str
     patterns: tuple[str, ...]
     created: str
@@ -190,10 +124,14 @@ class IndexInfo:
 
 
 def describe(settings: Settings, name: str) -> IndexInfo:
+    """An index as its manifest describes it: no store is opened, so a server index needs no network."""
     manifest = read_manifest(settings, name)
-    generation = index_dir(settings, name) / manifest.generation
+    folder = index_dir(settings, name)
+    store = open_store(read_pointer(folder))
+    search, size = store.footprint(folder, manifest)
     return IndexInfo(
         name=manifest.name,
+        store=store.kind,
         files=len(manifest.files),
         chunks=manifest.chunk_count,
         embedder=manifest.embedder,
@@ -201,8 +139,8 @@ def describe(settings: Settings, name: str) -> IndexInfo:
         dim=manifest.dim,
         chunk_size=manifest.chunking.size,
         chunk_overlap=manifest.chunking.overlap,
-        search="exact" if manifest.chunk_count <= dense.FLAT_LIMIT else "ivf",
-        disk_bytes=sum(p.stat().st_size for p in generation.rglob("*") if p.is_file()),
+        search=search,
+        disk_bytes=size,
         root=manifest.root,
         patterns=tuple(manifest.patterns),
         created=manifest.created,
@@ -259,86 +197,3 @@ def embedder_for(manifest: Manifest, settings: Settings, embedder: str | None = 
             f"back there, or rebuild the index with another one: `sage index add {manifest.name} PATH... --rebuild`."
         )
     return resolve_embedder(str(path), backend, cache)
-
-
-# ---------------------------------------------------------------------------------------------- generations
-
-
-def write_generation(
-    folder: Path,
-    number: int,
-    chunks: Sequence[Chunk],
-    vectors: np.ndarray,
-    previous_dense: Any | None = None,
-) -> str:
-    """Write a complete generation under a hidden name, then rename it into place; returns its name.
-
-    The manifest still points at the old generation afterwards: switching is the caller's atomic step.
-    """
-    import numpy as np
-
-    name = f"gen-{number:06d}"
-    temporary = folder / f".{name}.{os.getpid()}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    with open(temporary / "chunks.jsonl", "w") as handle:
-        for chunk in chunks:
-            handle.write(json.dumps(asdict(chunk), ensure_ascii=False) + "\n")
-    np.save(temporary / "vectors.npy", vectors)
-    if chunks:  # BM25 cannot index an empty corpus; an index whose files are all gone answers nothing
-        lexical.save(lexical.build([search_text(c) for c in chunks]), temporary / "bm25")
-    if len(chunks) > dense.FLAT_LIMIT:
-        dense.save(dense.build(vectors, previous_dense), temporary / "dense.faiss")
-    os.replace(temporary, folder / name)
-    return name
-
-
-def search_text(chunk: Chunk) -> str:
-    """What is embedded and keyword-indexed: the location (a heading path says what a chunk is about) + text."""
-    return f"{chunk.location}\n{chunk.text}" if chunk.location else chunk.text
-
-
-class Generation:
-    """A generation opened for reading, with both search structures in memory.
-
-    Everything is loaded up front: a writer may delete this folder right after, and open files (the
-    memory-mapped vectors) survive that while files opened later would not.
-    """
-
-    def __init__(self, folder: Path, manifest: Manifest) -> None:
-        import numpy as np
-
-        self.manifest = manifest
-        with open(folder / "chunks.jsonl") as handle:
-            self.chunks = [Chunk(**json.loads(line)) for line in handle]
-        self.vectors = np.load(folder / "vectors.npy", mmap_mode="r")
-        saved = folder / "dense.faiss"
-        self.dense = dense.load(saved) if saved.exists() else dense.build(np.ascontiguousarray(self.vectors))
-        self.lexical = lexical.load(folder / "bm25") if self.chunks else None
-        self.rows = {chunk.id: row for row, chunk in enumerate(self.chunks)}
-
-
-def open_generation(settings: Settings, name: str) -> Generation:
-    """The generation serving an index now, shared across calls until the manifest is replaced."""
-    folder = index_dir(settings, name)
-    for _ in range(3):  # a writer may delete the generation we just read about: read the manifest again
-        try:
-            stat = (folder / MANIFEST).stat()
-        except FileNotFoundError:
-            _read_manifest(folder)  # raises NotFound naming the known indexes
-            continue  # the manifest appeared meanwhile
-        try:
-            with _OPENING:  # two threads asking for a cold index load it once
-                return _open_cached(folder, stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        except FileNotFoundError:
-            continue
-    raise SageError(f"Index {name!r} is being rewritten too often to be read; try again in a moment.")
-
-
-_OPENING = threading.Lock()
-
-
-@functools.lru_cache(maxsize=4)
-def _open_cached(folder: Path, _ino: int, _mtime_ns: int, _size: int) -> Generation:
-    manifest = _read_manifest(folder)
-    return Generation(folder / manifest.generation, manifest)

@@ -53,8 +53,8 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
             answer["hits"] = [asdict(hit) for hit in hits]
         elif request["op"] == "warm":
             if request.get("index"):
-                generation = store.open_generation(settings, request["index"])
-                load_embedder(store.embedder_for(generation.manifest, settings))
+                reader = store.open_reader(settings, request["index"])
+                load_embedder(store.embedder_for(reader.manifest, settings))
             answer["pid"] = os.getpid()
         else:
             raise ValueError(f"unknown op {request['op']!r}")
