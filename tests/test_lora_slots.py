@@ -11,8 +11,8 @@ import pytest
 
 from sage_magic.core.config import Settings
 from sage_magic.core.errors import SageError
-from sage_magic.serving.launch import server_command
 from sage_magic.core.progress import Progress
+from sage_magic.serving.launch import server_command
 from sage_magic.serving.lora_slots import MAX_AUTO_SLOTS, MIN_AUTO_SLOTS, plan, slot_bytes
 from sage_magic.serving.manager import Manager, _joins, _reusable, _Spec
 from sage_magic.serving.registry import ServerRecord
