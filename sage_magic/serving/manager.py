@@ -202,9 +202,11 @@ class Manager:
                     raise _WentAway
             except _WentAway:
                 self._release(lease_id)
+                self._unreserve(record.id, spec.adapter)
                 continue
             except BaseException as error:
                 self._release(lease_id)
+                self._unreserve(record.id, spec.adapter)
                 if not launched and isinstance(error, ServerFailed) and not self._still_held(record.id, None):
                     continue  # the server we were about to reuse was stopped meanwhile: start another
                 raise
@@ -280,7 +282,8 @@ class Manager:
     def _grown(self, record: ServerRecord, spec: _Spec, settings: Settings,
                events: list[Progress]) -> lora_slots.LoraSlots | None:
         """The sizing of a bigger server for ``spec.adapter``, which would fill ``record``'s last slot
-        (registry lock held); None when the slots cannot grow: it then joins ``record``, with a warning."""
+        (registry lock held); None when the slots cannot grow: it then joins ``record``, and the join that
+        takes the last slot warns what that means for the base's answers."""
         carried = len(record.adapters) + 1
         now = (record.lora_slots or {}).get("max_loras", 1)
         given = (*settings.vllm_args, *spec.extra_args)
@@ -290,6 +293,8 @@ class Manager:
                                            f"{bigger.max_loras} adapter slots for {spec.adapter}; the old "
                                            "server keeps its current users and stops when the last leaves"))
             return bigger
+        if carried != now:
+            return None  # the join that took the last slot has warned already
         if settings.max_loras or lora_slots.fixed_slots(given):
             why = "the number is fixed by SAGE_MAX_LORAS or --max-loras: raise it"
         elif bigger.max_loras >= lora_slots.MAX_AUTO_SLOTS:
@@ -314,7 +319,10 @@ class Manager:
                 self.registry.save(old)
 
     def _unreserve(self, server_id: str, name: str) -> None:
-        """Give back the slot ``_take`` counted for an adapter whose loading failed (nobody loaded it since)."""
+        """Give back the slot ``_take`` counted for an adapter that was not loaded after all (its server failed
+        or went away, the call was cancelled, vLLM refused it), unless another call has loaded it since."""
+        if not name:
+            return
         with self.registry.locked():
             record = self.registry.get(server_id)
             if record is not None and record.adapters.get(name, {}).get("fingerprint") == "":
