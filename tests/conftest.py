@@ -156,9 +156,13 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """The shared server's registry: SAGE_RUNTIME_DIR when set, so `sage ps` after the run (.ci/run) sees it."""
+    """The shared server's registry: SAGE_RUNTIME_DIR when set, so `sage ps` after the run (.ci/run) sees it.
+    Its 8 adapter slots hold every fine-tune the suite asks of it (the demo's two, then those trained in the
+    tests): sized from the two known at its start, it would grow into a second server midway (one more vLLM
+    start, and tests that check a fine-tune joins the running server would depend on the order they run in).
+    Growing is test_mixed_batch's story."""
     runtime = os.environ.get("SAGE_RUNTIME_DIR")
-    return make_settings(demo_home, Path(runtime) if runtime else tmp_path_factory.mktemp("run"))
+    return make_settings(demo_home, Path(runtime) if runtime else tmp_path_factory.mktemp("run"), max_loras=8)
 
 
 @pytest.fixture(scope="session")

