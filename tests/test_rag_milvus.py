@@ -154,6 +154,7 @@ def test_an_unreachable_server_is_one_paragraph_and_a_failed_first_build_leaves_
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"Cannot reach the Milvus server at milvus://127.0.0.1:{port}" in done.stderr
     assert "milvus-lite server --data-dir" in done.stderr
+    assert "embed:" not in done.stderr  # said before minutes of embedding, not after
     assert not (home / "indexes" / "docs").exists()
 
 

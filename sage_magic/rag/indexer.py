@@ -208,6 +208,7 @@ def _refresh(
     else:
         embedded = None
         if plan.fresh or old is None:
+            where.check(manifest.name)  # an unreachable server fails now, not after minutes of embedding
             ticker("embed", f"loading the embedding model {ref.id} ({ref.backend})", None, force=True)
             model, note = load_for_build(ref, fall_back)
             notes = (note,) if note else ()

@@ -48,6 +48,9 @@ class LocalStore:
     def reader(self, folder: Path) -> Generation:
         return open_generation(folder)
 
+    def check(self, name: str) -> None:
+        """Local files need nothing running."""
+
     def commit(self, folder: Path, manifest: Manifest, old: Manifest | None, rows: list[Planned],
                fresh: list[Chunk], embedded: np.ndarray) -> Manifest:
         """Write the next generation (copied rows from the old one, fresh rows from ``embedded``), then switch."""

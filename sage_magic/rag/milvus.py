@@ -71,6 +71,11 @@ class MilvusStore:
             _check_meta(client, self.ref, manifest)
         return MilvusReader(client, self.ref, manifest)
 
+    def check(self, name: str) -> None:
+        """pymilvus is here and the server answers (the client connects when made)."""
+        with _talking(self.ref, name, "store chunks"):
+            _client(self.ref)
+
     def commit(self, folder: Path, manifest: Manifest, old: Manifest | None, rows: list[Planned],
                fresh: list[Chunk], embedded: np.ndarray) -> Manifest:
         name, collection = manifest.name, self.ref.collection

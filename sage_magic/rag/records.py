@@ -257,6 +257,10 @@ class IndexStore(Protocol):
         """The index's current state, for searching (NotFound when there is none)."""
         ...
 
+    def check(self, name: str) -> None:
+        """Fail now if the store cannot take a write: called before embedding, which can take minutes."""
+        ...
+
     def commit(self, folder: Path, manifest: Manifest, old: Manifest | None, rows: list[Planned],
                fresh: list[Chunk], embedded: np.ndarray) -> Manifest:
         """Make ``rows`` the index's content (``fresh[k]`` has the vector ``embedded[k]``) and publish
