@@ -46,7 +46,8 @@ def open_encoder(ref: EmbedderRef) -> Encoder:
 class TorchEncoder:
     """sentence-transformers on PyTorch: the reference, and the fallback where ONNX Runtime is absent."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, attention: str | None = None) -> None:
+        """``attention`` picks transformers' attention implementation (the ONNX export traces "eager")."""
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
@@ -58,7 +59,8 @@ class TorchEncoder:
 
         hf_logging.disable_progress_bar()  # "Loading weights: 100%" would land in the user's terminal or cell
         try:
-            self.model = SentenceTransformer(str(path), local_files_only=True, device="cpu")
+            self.model = SentenceTransformer(str(path), local_files_only=True, device="cpu",
+                                             model_kwargs={"attn_implementation": attention} if attention else None)
         except (OSError, ValueError) as error:
             raise SageError(
                 f"Could not load the embedding model at {path} ({error}). Check that the folder holds a complete "

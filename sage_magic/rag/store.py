@@ -20,7 +20,7 @@ import re
 import shutil
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +74,7 @@ class Manifest:
     created: str = ""
     updated: str = ""
     backend: str = TORCH  # what computed the vectors; indexes from before backends existed are all torch
+    export_format: int = 1  # with backend onnx: the export recipe (embedder.EXPORT_FORMAT); older indexes: 1
 
     @property
     def chunk_count(self) -> int:
@@ -240,6 +241,12 @@ def embedder_for(manifest: Manifest, settings: Settings, embedder: str | None = 
             "Install it with `pip install onnxruntime onnx` (the rag extra has both), or re-embed the index with "
             f"PyTorch: `SAGE_EMBED_BACKEND=torch sage index add {manifest.name} PATH... --rebuild`."
         )
+    ref = _own_model(manifest, asked, backend, cache)
+    return replace(ref, export_format=manifest.export_format) if backend == ONNX else ref
+
+
+def _own_model(manifest: Manifest, asked: str | None, backend: str, cache: Path) -> EmbedderRef:
+    """The index's model (``asked`` must name that one), with ``backend``; see :func:`embedder_for`."""
     if asked is not None:
         ref = resolve_embedder(asked, backend, cache)
         if ref.id != manifest.embedder:
