@@ -73,6 +73,11 @@ class ChatClient:
             self.learn_window({m.get("id"): m for m in entries or [] if isinstance(m, dict)})
         return self._window
 
+    @property
+    def known_window(self) -> int | None:
+        """The window if it is already known (asking for it is :meth:`max_model_len`)."""
+        return self._window
+
     def learn_window(self, by_id: dict) -> None:
         """Take the window from a ``/v1/models`` listing (by model id) already at hand: a lease's, read when
         the manager confirmed the server, saves a fresh kernel's first question one request."""
