@@ -7,6 +7,7 @@ Retrieval quality on both backends is checked in test_rag_index.py (its `built` 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,41 @@ def test_mixing_backends_is_refused_and_a_rebuild_switches(home: Path) -> None:
     rag.add(on_onnx, "old", [str(DOCS)], rebuild=True)
     assert rag.describe(automatic, "old").backend == "onnx"
     assert rag.search(on_onnx, "old", GPU_QUESTION, top_k=1)[0].source == "gpu.md"
+
+
+def test_an_index_keeps_the_export_format_that_embedded_it(home: Path) -> None:
+    """An index from an older export recipe queries with that export while the cache has it (another recipe's
+    vectors would rank its chunks slightly differently); once it is gone the index asks to be rebuilt, and the
+    rebuild uses the current recipe."""
+    import json
+    from dataclasses import replace
+
+    from sage_magic.rag import store
+    from sage_magic.rag.model_ref import EXPORT_FORMAT, resolve_embedder
+    from sage_magic.rag.onnx_export import folder_name
+
+    settings = Settings.from_env(environ={}, home=home)
+    rag.add(settings, "older", [str(DOCS)])
+    manifest = store.index_dir(settings, "older") / "manifest.json"
+    assert json.loads(manifest.read_text())["export_format"] == EXPORT_FORMAT
+    current = resolve_embedder(None, "onnx", settings.embedder_cache)
+    stand_in = settings.embedder_cache / folder_name(replace(current, export_format=EXPORT_FORMAT - 1))
+    shutil.copytree(settings.embedder_cache / folder_name(current), stand_in)  # as a user's cache holds it
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "export_format": EXPORT_FORMAT - 1}))
+    try:
+        assert rag.search(settings, "older", GPU_QUESTION, top_k=1)[0].source == "gpu.md"
+        shutil.rmtree(stand_in)
+        refused = run_cli(home, "index", "query", "older", "gpu")
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert f"earlier ONNX export of all-MiniLM-L6-v2 (format {EXPORT_FORMAT - 1})" in refused.stderr
+        assert "sage index add NAME PATH... --rebuild" in refused.stderr
+        assert not stand_in.exists()  # nothing re-made under the old recipe's name
+        rag.add(settings, "older", [str(DOCS)], rebuild=True)
+        assert json.loads(manifest.read_text())["export_format"] == EXPORT_FORMAT
+        assert rag.search(settings, "older", GPU_QUESTION, top_k=1)[0].source == "gpu.md"
+    finally:
+        shutil.rmtree(stand_in, ignore_errors=True)
 
 
 def test_an_unknown_backend_name_is_refused_with_the_choices() -> None:

@@ -13,7 +13,7 @@ import os
 import shlex
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..core.config import Settings
 from ..core.endpoint import Endpoint
@@ -21,7 +21,9 @@ from ..core.errors import SageError
 from ..core.progress import ProgressCallback, silent
 from ..serving.leases import Lease
 from ..serving.manager import Manager
-from ..serving.remote import AttachOptions, attach_lease
+
+if TYPE_CHECKING:
+    from ..serving.remote import AttachOptions
 
 #: Where an outside endpoint's key is read when neither --api-key nor --api-key-env is given (as the openai
 #: client does).
@@ -51,11 +53,15 @@ def open_endpoint(manager: Manager, args: argparse.Namespace, *, progress: Progr
     server = Endpoint(args.base_url.rstrip("/"), api_key(args), args.model or "")
     if args.model:
         return Lease.unmanaged(server)
+    from ..serving.remote import attach_lease  # loaded for this backend only: a first question skips it
+
     return attach_lease(manager.settings, server, args.finetune_model, attach_options(args, manager.settings))
 
 
 def attach_options(args: argparse.Namespace, settings: Settings) -> AttachOptions:
     """How --finetune-model reaches a server not ours: --publish-dir (else SAGE_PUBLISH_DIR) or runtime loading."""
+    from ..serving.remote import AttachOptions
+
     publish_dir = args.publish_dir or settings.publish_dir
     return AttachOptions(publish_dir=Path(publish_dir).expanduser() if publish_dir else None,
                          remote_root=args.remote_root, publish_as=getattr(args, "publish_as", None),

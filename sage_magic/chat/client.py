@@ -70,11 +70,20 @@ class ChatClient:
             except HttpError:
                 return None
             entries = models.get("data") if isinstance(models, dict) else None
-            by_id = {m.get("id"): m for m in entries or [] if isinstance(m, dict)}
-            model = by_id.get(self.endpoint.model, {})
-            # a LoRA adapter's entry carries no length of its own: it has its base's window
-            self._window = model.get("max_model_len") or by_id.get(model.get("parent"), {}).get("max_model_len")
+            self.learn_window({m.get("id"): m for m in entries or [] if isinstance(m, dict)})
         return self._window
+
+    @property
+    def known_window(self) -> int | None:
+        """The window if it is already known (asking for it is :meth:`max_model_len`)."""
+        return self._window
+
+    def learn_window(self, by_id: dict) -> None:
+        """Take the window from a ``/v1/models`` listing (by model id) already at hand: a lease's, read when
+        the manager confirmed the server, saves a fresh kernel's first question one request."""
+        model = by_id.get(self.endpoint.model, {})
+        # a LoRA adapter's entry carries no length of its own: it has its base's window
+        self._window = model.get("max_model_len") or by_id.get(model.get("parent"), {}).get("max_model_len")
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
         """Prompt tokens for these messages through the served chat template (vLLM's /tokenize)."""

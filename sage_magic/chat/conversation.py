@@ -95,7 +95,8 @@ class Conversation:
         if not question.strip():
             raise SageError("The question is empty. Type a question, or /exit to leave.")
         started = time.monotonic()
-        prepared = _unless_cancelled(lambda: self._prepare(question, index, top_k, mode, max_tokens), cancel)
+        prepared = self._nothing_to_prepare(question, index, max_tokens) or _unless_cancelled(
+            lambda: self._prepare(question, index, top_k, mode, max_tokens), cancel)
         if prepared is None:
             return Answer("", StreamResult("", None, None, None, None, None, time.monotonic() - started, True))
         grounding, citations, dropped, trimmed = prepared
@@ -120,6 +121,17 @@ class Conversation:
         if result.cancelled:
             answer["stopped"] = True
         self.history += [{"role": "user", "content": question}, answer]
+
+    def _nothing_to_prepare(self, question: str, index: str | None,
+                            max_tokens: int) -> tuple[None, list, int, int] | None:
+        """What :meth:`_prepare` returns when it would ask nobody anything (no index, a known window the
+        conversation surely fits), decided here on the caller's thread; None when it must ask the server or
+        retrieve, which runs where a cancel can leave it. Most questions are the first kind, and handing them
+        to a thread and back cost a few ms before every request on a busy machine."""
+        window = self.client.known_window
+        if index is None and window is not None and surely_fits(self.messages_for(question, None), max_tokens, window):
+            return None, [], 0, 0
+        return None
 
     def _prepare(self, question: str, index: str | None, top_k: int, mode: str,
                  max_tokens: int) -> tuple[str | None, list, int, int]:

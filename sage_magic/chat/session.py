@@ -173,6 +173,8 @@ class Session:
             from .backends import open_endpoint
 
             lease = open_endpoint(self.manager, args, progress=progress, cancel=cancel)
+            if lease.listing:
+                self.client(lease.endpoint).learn_window(lease.listing)
             with self._lock:
                 self._leases[key] = lease
                 self._stale.discard(key)

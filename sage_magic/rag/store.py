@@ -9,7 +9,7 @@ indexer, search and `sage index` ask :func:`store_for` and never care which.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..core.config import Settings
@@ -178,6 +178,12 @@ def embedder_for(manifest: Manifest, settings: Settings, embedder: str | None = 
             "Install it with `pip install onnxruntime onnx` (the rag extra has both), or re-embed the index with "
             f"PyTorch: `SAGE_EMBED_BACKEND=torch sage index add {manifest.name} PATH... --rebuild`."
         )
+    ref = _own_model(manifest, asked, backend, cache)
+    return replace(ref, export_format=manifest.export_format) if backend == ONNX else ref
+
+
+def _own_model(manifest: Manifest, asked: str | None, backend: str, cache: Path) -> EmbedderRef:
+    """The index's model (``asked`` must name that one), with ``backend``; see :func:`embedder_for`."""
     if asked is not None:
         ref = resolve_embedder(asked, backend, cache)
         if ref.id != manifest.embedder:

@@ -12,13 +12,11 @@ authenticating gateway there (gateway.py) that checks the key on every route bef
 
 from __future__ import annotations
 
-import getpass
 import os
 import re
 import secrets
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -107,6 +105,9 @@ def server_env(settings: Settings, record: ServerRecord, lora: bool, private_dir
            "SAGE_RUNTIME_DIR": str(settings.runtime_dir), "TMPDIR": str(private_dir),
            "VLLM_RPC_BASE_PATH": str(private_dir)}
     # torch's compile cache is a cache, not a leftover: keep it where it always was, across restarts
+    import getpass  # here, not at the top: wait_ready, which a reuse runs, needs neither
+    import tempfile
+
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
     if lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"

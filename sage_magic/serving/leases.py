@@ -16,11 +16,16 @@ from ..core.endpoint import Endpoint
 
 class Lease:
     """An endpoint plus the duty to give it back. ``release()`` is idempotent and thread-safe; a lease is
-    also a context manager. Until released, the server stays up for this lease (whatever its keep-alive)."""
+    also a context manager. Until released, the server stays up for this lease (whatever its keep-alive).
+
+    ``listing`` is the server's ``/v1/models`` answer (by id) when the manager asked for it while handing the
+    lease out (it checks what a server serves before trusting it), else None: a client can learn the window
+    from it instead of asking the same question again before the first token."""
 
     def __init__(self, endpoint: Endpoint, lease_id: str | None = None,
-                 on_release: Callable[[str], None] | None = None) -> None:
+                 on_release: Callable[[str], None] | None = None, listing: dict[str, dict] | None = None) -> None:
         self.endpoint = endpoint
+        self.listing = listing
         self.id = lease_id
         self._on_release = on_release
         self._lock = threading.Lock()

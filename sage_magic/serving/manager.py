@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -35,13 +36,14 @@ from ..core.processes import still_running, wait_gone, watch
 from ..core.progress import Progress, ProgressCallback, silent
 from ..finetune.catalog import FineTune, check_adapter, get_finetune
 from . import logs as server_logs
-from . import lora_slots, servers
+from . import lora_slots
 from .launch import start_server, wait_ready
 from .leases import Lease
 from .logs import log_tail
-from .merge import ensure_merged, merge_fingerprint
 from .registry import Owner, Registry, ServerRecord
-from .servers import ServerStatus
+
+if TYPE_CHECKING:
+    from .servers import ServerStatus
 
 #: How often a reused server that went away under us (stopped between the lookup and ready) is replaced.
 _REUSE_ATTEMPTS = 3
@@ -134,6 +136,8 @@ class Manager:
         ft = get_finetune(call.settings, name)
         extra = tuple(extra_args)
         if merge:
+            from .merge import ensure_merged, merge_fingerprint
+
             merged = ensure_merged(call.settings, ft, progress, cancel)
             spec = _spec("merged", merged, ft.name, (merge_fingerprint(ft), *call.settings.vllm_args, *extra), extra)
             return self._lease(self._ensure_server(spec, port, keep_alive, call), ft.name)
@@ -177,7 +181,7 @@ class Manager:
     def _lease(self, held: _Held, model: str) -> Lease:
         r = held.record
         endpoint = Endpoint(r.base_url, r.api_key, model, r.id, reused=not held.launched, socket=r.socket)
-        return Lease(endpoint, held.lease_id, self._release)
+        return Lease(endpoint, held.lease_id, self._release, listing=held.models)
 
     # --- servers -----------------------------------------------------------------------------------------
 
@@ -469,14 +473,20 @@ class Manager:
     # --- what `sage ps / stop / logs` ask (servers.py does the work) ----------------------------------------
 
     def servers(self) -> list[ServerStatus]:
+        from . import servers
+
         return servers.statuses(self.registry)
 
     def stop(self, target: str, wait: float | None = None) -> ServerRecord:
         """Stop a server we started, whoever owns it: the supervisor does the stopping."""
+        from . import servers
+
         return self._forget(servers.stop(self.registry, self.registry.find(target), self.settings.stop_grace, wait))
 
     def stop_all(self) -> list[ServerRecord]:
         """Stop every server (see servers.stop_all)."""
+        from . import servers
+
         return [self._forget(r) for r in servers.stop_all(self.registry, self.settings.stop_grace)]
 
     def logs(self, target: str, lines: int = 50) -> str:
