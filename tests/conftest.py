@@ -49,6 +49,8 @@ def env_for(settings: Settings) -> dict[str, str]:
                SAGE_VLLM_ARGS=" ".join(TEST_VLLM_ARGS), HF_HUB_OFFLINE="1")
     if settings.port is not None:  # else: socket only, as when SAGE_FINETUNE_PORT is unset
         env["SAGE_FINETUNE_PORT"] = str(settings.port)
+    if settings.max_loras:  # kernels and `sage` size (and grow) the shared server as the tests' own manager does
+        env["SAGE_MAX_LORAS"] = str(settings.max_loras)
     return env
 
 
