@@ -255,6 +255,9 @@ def bench_queries(settings: Settings, base_texts: list[str], base: np.ndarray, c
     chunks = [records.Chunk(f"f{i // 10}.md:0:{i % 10}", f"f{i // 10}.md", f"Part {i % 10}", b)
               for i, b in enumerate(bodies)]
     vectors = np.concatenate([base, tiled_vectors(base, count - len(base))])
+    files: dict[str, list[str]] = {}
+    for chunk in chunks:  # the manifest lists every chunk, as a built index's does (search counts them)
+        files.setdefault(chunk.source, []).append(chunk.id)
     asked = texts(queries, words=8)
     backend = TORCH if onnx_missing() else ONNX  # what `sage index add` would use
     ref = resolve_embedder(None, backend, settings.embedder_cache)
@@ -268,8 +271,9 @@ def bench_queries(settings: Settings, base_texts: list[str], base: np.ndarray, c
             seconds, generation = timed(local.write_generation, folder, 1, chunks, vectors)
         finally:
             dense.FLAT_LIMIT = saved
-        manifest = records.Manifest(name, ref.id, vectors.shape[1], ChunkSettings(), "/", ["/"], generation, {}, "",
-                                    "", ref.backend)
+        manifest = records.Manifest(name, ref.id, vectors.shape[1], ChunkSettings(), "/", ["/"], generation,
+                                    {f: records.FileEntry(0, 0, "", ids) for f, ids in files.items()}, "", "",
+                                    ref.backend, ref.export_format)
         records.write_manifest(folder, manifest)
         opened, _ = timed(local.open_generation, folder)
         print(f"{label:5s} write {seconds:.1f} s, first open {opened:.1f} s")
