@@ -148,9 +148,10 @@ def start_server(settings: Settings, registry: Registry, *, kind: str, identity:
             owners=[owner], socket=str(private / "api.sock"),
         )
         lora = kind == "base"
-        if lora and slots is None:
+        if not lora:
+            slots = None
+        elif slots is None:
             slots = lora_slots.plan(settings, model_path, (*settings.vllm_args, *extra_args))
-        slots = slots if lora else None
         record.lora_slots = slots.to_json() if slots else None
         command = server_command(settings, model_path, served_name, Path(record.socket), slots, extra_args)
         server_logs.create(Path(record.log_path), server_id, f"{served_name} ({kind}) from {model_path}")

@@ -272,7 +272,7 @@ class Manager:
             return None
         record = self.registry.get(seen.server_id)
         if seen.holds(record, spec.identity):
-            fits = (record.lora_slots or {}).get("max_lora_rank", spec.rank) >= spec.rank and _joins(record, spec)
+            fits = _holds_rank(record, spec) and _joins(record, spec)
             return record if fits else None  # else the full look-up decides: a bigger server, or this one
         self._confirmed.pop(spec.identity, None)
         return None
@@ -514,8 +514,13 @@ def _reusable(records: list[ServerRecord], spec: _Spec) -> ServerRecord | None:
     running = {r.id for r in records}
     fitting = [r for r in records if r.kind == spec.kind and r.identity == spec.identity and r.state != "stopping"
                and r.replaced_by not in running
-               and (r.lora_slots or {}).get("max_lora_rank", spec.rank) >= spec.rank]
+               and _holds_rank(r, spec)]
     return max(fitting, key=lambda r: r.started_at, default=None)
+
+
+def _holds_rank(record: ServerRecord, spec: _Spec) -> bool:
+    """Whether ``record``'s --max-lora-rank holds the rank of the adapter ``spec`` brings (see lora_slots)."""
+    return (record.lora_slots or {}).get("max_lora_rank", spec.rank) >= spec.rank
 
 
 def _joins(record: ServerRecord, spec: _Spec) -> bool:
