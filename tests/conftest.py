@@ -28,9 +28,12 @@ from sage_magic.serving.manager import Manager
 
 # Small, fast servers for tests: float32 like the demo weights, a 64 MB KV cache, no CUDA-graph capture.
 TEST_VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", "64M")
+#: The pytest-xdist worker this process is ("gw0", "gw1", ...; empty when the suite runs in one process).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 #: Test servers ask for a port, so every run also exercises the TCP gateway (gateway.py); SAGE_TEST_PORT moves
-#: it, so that test runs side by side on one machine do not race for the same port.
-TEST_PORT = int(os.environ.get("SAGE_TEST_PORT") or 18400)
+#: it, so that test runs side by side on one machine do not race for the same port. Each xdist worker gets its
+#: own 200 ports (the shared server's, then the team's server and Milvus at +50 and +100).
+TEST_PORT = int(os.environ.get("SAGE_TEST_PORT") or 18400) + 200 * int(WORKER[2:] or 0)
 
 
 def make_settings(home: Path, runtime: Path, **overrides: object) -> Settings:
@@ -54,10 +57,29 @@ def env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
+# --- two workers (python -m pytest -n 2): whole files, the slowest first ---------------------------------------
+# pyproject's addopts say --dist loadfile (a file's module fixtures, and the servers they start, stay on one
+# worker) and --no-loadscope-reorder (xdist would otherwise order files by their number of tests). The files
+# below took a minute or more in a serial run (seconds on 2 cores, December 2026: browser 220, serving 170,
+# mixed_batch 96, finetune_spread 95, cli 89, remote 73, tracking 71); handed out first, they leave the many
+# short files to even out the two workers' ends. A file missing here only runs later.
+
+SLOW_FIRST = ("test_browser.py", "test_serving.py", "test_mixed_batch.py", "test_finetune_spread.py", "test_cli.py",
+              "test_remote.py", "test_tracking.py", "test_finetune_options.py", "test_rag_milvus.py",
+              "test_panel.py", "test_finetune_control.py", "test_lifetime.py", "test_rag_index.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if WORKER:  # each worker collects, and xdist hands out files in the order they did
+        rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
+
+
 # --- the run's server starts, in pytest's terminal summary -------------------------------------------------
 # Every supervisor appends its server's start, readiness and exit to SAGE_START_LOG (set here for the whole
-# run, inherited by kernels, `sage` subprocesses and Jupyter servers through env_for); each start is charged
-# to the test that was running when it happened (a module fixture's start goes to the module's first test).
+# run, inherited by kernels, `sage` subprocesses and Jupyter servers through env_for, and by xdist's workers);
+# each start is charged to the test that was running when it happened (a module fixture's start goes to the
+# module's first test; with two workers, to the one of the two tests running then that began last).
 
 START_LOG = "SAGE_START_LOG"
 _test_starts: list[tuple[float, str]] = []
@@ -164,7 +186,10 @@ def settings(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Setti
     start, and tests that check a fine-tune joins the running server would depend on the order they run in).
     Growing is test_mixed_batch's story."""
     runtime = os.environ.get("SAGE_RUNTIME_DIR")
-    return make_settings(demo_home, Path(runtime) if runtime else tmp_path_factory.mktemp("run"), max_loras=8)
+    if not runtime:
+        return make_settings(demo_home, tmp_path_factory.mktemp("run"), max_loras=8)
+    # Each xdist worker has its own demo home, so its own shared server and registry: SAGE_RUNTIME_DIR/gwN.
+    return make_settings(demo_home, Path(runtime) / WORKER if WORKER else Path(runtime), max_loras=8)
 
 
 @pytest.fixture(scope="session")
