@@ -77,42 +77,48 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # --- the run's server starts, in pytest's terminal summary -------------------------------------------------
 # Every supervisor appends its server's start, readiness and exit to SAGE_START_LOG (set here for the whole
-# run, inherited by kernels, `sage` subprocesses and Jupyter servers through env_for, and by xdist's workers);
-# each start is charged to the test that was running when it happened (a module fixture's start goes to the
-# module's first test; with two workers, to the one of the two tests running then that began last).
+# run, inherited by kernels, `sage` subprocesses and Jupyter servers through env_for). Each xdist worker
+# writes to a log of its own beside the run's (SAGE_START_LOG.gwN), so that each start is charged to the test
+# its own worker was running when it happened (a module fixture's start goes to the module's first test).
 
 START_LOG = "SAGE_START_LOG"
-_test_starts: list[tuple[float, str]] = []
-_own_log: list[Path] = []  # the log this run made (and removes once reported)
+_test_starts: dict[str, list[tuple[float, str]]] = {}  # worker ("" in one process) -> (test's start, test)
+_own_log: list[Path] = []  # the log this run made (and removes once reported, with its workers')
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not os.environ.get(START_LOG):
+    if WORKER:
+        if os.environ.get(START_LOG):
+            os.environ[START_LOG] += f".{WORKER}"
+    elif not os.environ.get(START_LOG):
         fd, path = tempfile.mkstemp(prefix="sage-starts-", suffix=".jsonl")
         os.close(fd)
         os.environ[START_LOG] = path
         _own_log.append(Path(path))
 
 
-def pytest_runtest_logstart(nodeid: str, location: object) -> None:
-    _test_starts.append((time.time(), nodeid))
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "setup":  # in one process, or a worker's report as xdist hands it to the controller
+        worker = getattr(getattr(report, "node", None), "gateway", None)
+        _test_starts.setdefault(worker.id if worker else "", []).append((report.start, report.nodeid))
 
 
-def _charged_to(at: float) -> str:
-    running = [nodeid for started, nodeid in _test_starts if started <= at]
+def _charged_to(worker: str, at: float) -> str:
+    running = [nodeid for started, nodeid in _test_starts.get(worker, []) if started <= at]
     return running[-1] if running else "(before the first test)"
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     if not _own_log:
         return
-    path = _own_log[0]
     starts: dict[str, dict] = {}
-    text = path.read_text()
-    path.unlink()
-    for line in text.splitlines():
-        event = json.loads(line)
-        starts.setdefault(event["id"], {}).update({event["event"]: event})
+    for path in [_own_log[0], *_own_log[0].parent.glob(f"{_own_log[0].name}.gw*")]:
+        worker = path.suffix[1:] if path != _own_log[0] else ""
+        text = path.read_text()
+        path.unlink()
+        for line in text.splitlines():
+            event = json.loads(line)
+            starts.setdefault(event["id"], {"worker": worker}).update({event["event"]: event})
     if not starts:
         return
     # fault tests that run the real supervisor over a fake "vLLM" show too: they end in well under a second
@@ -131,7 +137,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
             how = f"never ready, gone after {seconds:.1f} s"
         total += seconds
         terminalreporter.write_line(f"{how}  {start.get('served')} ({start.get('kind')}, {server_id})  "
-                                    f"{_charged_to(start.get('at', 0.0))}")
+                                    f"{_charged_to(events['worker'], start.get('at', 0.0))}")
     terminalreporter.write_line(f"total time to ready (or to failure): {total:.0f} s")
 
 
