@@ -11,7 +11,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,6 +158,45 @@ def test_an_unreachable_server_is_one_paragraph_and_a_failed_first_build_leaves_
     assert f"Cannot reach the Milvus server at milvus://127.0.0.1:{port}" in done.stderr
     assert "milvus-lite server --data-dir" in done.stderr
     assert "embed:" not in done.stderr  # said before minutes of embedding, not after
+    assert not (home / "indexes" / "docs").exists()
+
+
+@pytest.fixture
+def refusing_milvus() -> Iterator[str]:
+    """A fake Milvus that answers every call as a Milvus with authentication on answers a wrong or missing token
+    (gRPC UNAUTHENTICATED with its words, from Milvus's proxy): Milvus Lite has no authentication, so a real
+    server here cannot be made to show this fault. Yields its ``milvus://127.0.0.1:PORT``."""
+    import grpc
+
+    class Refuse(grpc.GenericRpcHandler):
+        def service(self, handler_call_details: Any) -> Any:
+            def refuse(request: bytes, context: Any) -> None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "auth check failure, please check api key is correct")
+
+            return grpc.unary_unary_rpc_method_handler(refuse)
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((Refuse(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"milvus://127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.mark.parametrize("token", ["not-the-right-token-4f2a", None])
+def test_a_refused_token_is_one_paragraph_about_the_token_and_nothing_is_embedded(
+        tmp_path: Path, refusing_milvus: str, token: str | None) -> None:
+    home = tmp_path / "home"
+    done = sage(home, "index", "add", "docs", str(DOCS), "--store", refusing_milvus,
+                env={"MILVUS_TOKEN": token} if token else {"MILVUS_TOKEN": ""})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    said = " ".join(done.stderr.split())
+    assert f"The Milvus server at {refusing_milvus}" in said and "auth check failure" in said
+    assert ("refused the token in $MILVUS_TOKEN" if token else "$MILVUS_TOKEN is not set") in said
+    assert "--store-token-env VAR" in said and "Cannot reach" not in said
+    if token:
+        assert token not in done.stderr + done.stdout  # the secret is named by its variable, never shown
+    assert "embed:" not in done.stderr  # said before any embedding
     assert not (home / "indexes" / "docs").exists()
 
 

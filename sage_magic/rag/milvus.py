@@ -306,11 +306,40 @@ def _talking(ref: StoreRef, name: str, action: str, forget_hint: Path | None = N
         raise _explained(ref, name, action, error, forget_hint) from None
 
 
+def _grpc_status(error: BaseException) -> tuple[str, str]:
+    """The gRPC status (its name and the server's words) under a pymilvus error. pymilvus reports every failed
+    connect as "Fail connecting to server ... or server unavailable", a refused token too; the server's own
+    answer (UNAUTHENTICATED, "auth check failure, ...") is only in the gRPC error it chains."""
+    seen: BaseException | None = error
+    while seen is not None:
+        code, details = getattr(seen, "code", None), getattr(seen, "details", None)
+        if callable(code) and callable(details):
+            return str(getattr(code(), "name", "")), str(details() or "")
+        seen = seen.__cause__
+    return "", ""
+
+
 def _explained(ref: StoreRef, name: str, action: str, error: Any, forget_hint: Path | None) -> SageError:
     message = str(getattr(error, "message", "") or error)
+    status, said = _grpc_status(error)
     lowered = message.lower()
     forget = (f" To forget the index on this machine anyway, delete the folder {forget_hint}."
               if forget_hint else "")
+    if status == "UNAUTHENTICATED":
+        given = (f"refused the token in ${ref.token_env}" if os.environ.get(ref.token_env)
+                 else f"asks for credentials and ${ref.token_env} is not set")
+        return SageError(
+            f"The Milvus server at {ref.uri} {given} (index {name!r}; it said: {said or status}). Put a valid "
+            f"token (`user:password`, or an API key) in ${ref.token_env} in the environment that runs `sage` "
+            "and the notebook, never in the notebook itself; `--store-token-env VAR` names another "
+            f"variable.{forget}"
+        )
+    if status == "PERMISSION_DENIED":
+        return SageError(
+            f"The Milvus server at {ref.uri} let the user of ${ref.token_env} in but not {action} for index "
+            f"{name!r} (it said: {said or status}). Ask whoever runs Milvus to grant that user read and write "
+            f"on the collection {ref.collection!r}, or use another user's token.{forget}"
+        )
     if "fail connecting" in lowered or "unavailable" in lowered or "deadline" in lowered:
         return SageError(
             f"Cannot reach the Milvus server at {ref.uri} (index {name!r}) to {action}. Start it (on a laptop: "
