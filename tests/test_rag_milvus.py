@@ -166,7 +166,8 @@ def refusing_milvus() -> Iterator[str]:
     """A fake Milvus that answers every call as a Milvus with authentication on answers a wrong or missing token
     (gRPC UNAUTHENTICATED with its words, from Milvus's proxy): Milvus Lite has no authentication, so a real
     server here cannot be made to show this fault. Yields its ``milvus://127.0.0.1:PORT``."""
-    import grpc
+    pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'sage-magic[milvus]')")
+    import grpc  # pymilvus's own transport
 
     class Refuse(grpc.GenericRpcHandler):
         def service(self, handler_call_details: Any) -> Any:
