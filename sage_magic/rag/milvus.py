@@ -311,7 +311,9 @@ def _grpc_status(error: BaseException) -> tuple[str, str]:
     connect as "Fail connecting to server ... or server unavailable", a refused token too; the server's own
     answer (UNAUTHENTICATED, "auth check failure, ...") is only in the gRPC error it chains."""
     seen: BaseException | None = error
-    while seen is not None:
+    visited: set[int] = set()  # pymilvus raises some errors from themselves: a chain can loop
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
         code, details = getattr(seen, "code", None), getattr(seen, "details", None)
         if callable(code) and callable(details):
             return str(getattr(code(), "name", "")), str(details() or "")
