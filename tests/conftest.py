@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from sage_magic.core.config import Settings
+from sage_magic.core.processes import death_signal
 from sage_magic.serving.manager import Manager
 
 # Small, fast servers for tests: float32 like the demo weights, a 64 MB KV cache, no CUDA-graph capture.
@@ -277,7 +278,8 @@ class TeamServer:
 
 
 def start_team_server(model: Path, folder: Path, port: int) -> TeamServer:
-    """Start the team's server in its own session (stopped as a group); its IPC files stay in ``folder``."""
+    """Start the team's server in its own session (stopped as a group); its IPC files stay in ``folder``. It is
+    SIGTERMed if the process that started it dies without its fixture's teardown (a killed test worker)."""
     from sage_magic.core.http import healthy
 
     publish_dir, private = folder / "published", folder / "tmp"
@@ -292,7 +294,7 @@ def start_team_server(model: Path, folder: Path, port: int) -> TeamServer:
                "--max-model-len", "512", *TEST_VLLM_ARGS]
     with open(folder / "vllm.log", "ab") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=death_signal())
     server = TeamServer(f"http://127.0.0.1:{port}/v1", key, publish_dir, str(model), process)
     started = time.time()
     _note_start("start", served="team server", kind="not ours", at=started)
@@ -356,7 +358,8 @@ def _team_processes(server: TeamServer) -> list[psutil.Process]:
 
 def start_milvus_lite(folder: Path) -> tuple[subprocess.Popen, str]:
     """`milvus-lite server` on a free loopback port with its data in ``folder`` (its own process group), as a
-    laptop runs it; returns the process and its ``milvus://127.0.0.1:PORT``. Used by the tests and milvus_bench."""
+    laptop runs it; returns the process and its ``milvus://127.0.0.1:PORT``. Used by the tests and milvus_bench.
+    Like the team's server, it goes when the process that started it dies."""
     from sage_magic.serving.launch import port_free
 
     port = next(p for p in range(TEST_PORT + 100, TEST_PORT + 150) if port_free(p))
@@ -364,7 +367,7 @@ def start_milvus_lite(folder: Path) -> tuple[subprocess.Popen, str]:
                str(folder / "data"), "--host", "127.0.0.1", "--port", str(port)]
     with open(folder / "server.log", "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=death_signal())
     if not wait_until(lambda: process.poll() is not None or not port_free(port), 60) or process.poll() is not None:
         stop_milvus_lite(process)
         raise RuntimeError(f"milvus-lite server did not start: {(folder / 'server.log').read_text()[-2000:]}")
