@@ -327,33 +327,27 @@ def _explained(ref: StoreRef, name: str, action: str, error: Any, forget_hint: P
     lowered = message.lower()
     forget = (f" To forget the index on this machine anyway, delete the folder {forget_hint}."
               if forget_hint else "")
-    if status == "UNAUTHENTICATED":
+    # A refusal comes as the gRPC status under a connect error, or as words in a Milvus error of its own.
+    if status == "PERMISSION_DENIED" or (not status and any(word in lowered for word in ("permission", "denied"))):
+        return SageError(
+            f"The Milvus server at {ref.uri} let the user of ${ref.token_env} in but not {action} for index "
+            f"{name!r} (it said: {said or message}). Ask whoever runs Milvus to grant that user read and write on "
+            f"the collection {ref.collection!r}, or use another user's token.{forget}"
+        )
+    if status == "UNAUTHENTICATED" or (not status and any(word in lowered for word in ("auth", "credential", "token"))):
         given = (f"refused the token in ${ref.token_env}" if os.environ.get(ref.token_env)
                  else f"asks for credentials and ${ref.token_env} is not set")
         return SageError(
-            f"The Milvus server at {ref.uri} {given} (index {name!r}; it said: {said or status}). Put a valid "
+            f"The Milvus server at {ref.uri} {given} (index {name!r}; it said: {said or message}). Put a valid "
             f"token (`user:password`, or an API key) in ${ref.token_env} in the environment that runs `sage` "
             "and the notebook, never in the notebook itself; `--store-token-env VAR` names another "
             f"variable.{forget}"
-        )
-    if status == "PERMISSION_DENIED":
-        return SageError(
-            f"The Milvus server at {ref.uri} let the user of ${ref.token_env} in but not {action} for index "
-            f"{name!r} (it said: {said or status}). Ask whoever runs Milvus to grant that user read and write "
-            f"on the collection {ref.collection!r}, or use another user's token.{forget}"
         )
     if "fail connecting" in lowered or "unavailable" in lowered or "deadline" in lowered:
         return SageError(
             f"Cannot reach the Milvus server at {ref.uri} (index {name!r}) to {action}. Start it (on a laptop: "
             "`milvus-lite server --data-dir DIR --host 127.0.0.1 --port PORT`; on a cluster, ask whoever runs "
             f"Milvus Standalone or Distributed), or check the address and the network.{forget}"
-        )
-    if any(word in lowered for word in ("auth", "credential", "permission", "denied", "token")):
-        return SageError(
-            f"The Milvus server at {ref.uri} refused the credentials for index {name!r} ({message}). Put a "
-            f"valid token (`user:password` or an API key) in ${ref.token_env} in the environment that runs "
-            "`sage` and the notebook, never in the notebook itself; `--store-token-env VAR` names another "
-            f"variable.{forget}"
         )
     if "not exist" in lowered or "not found" in lowered or "can't find" in lowered:
         return NotFound(
