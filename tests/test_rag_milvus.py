@@ -7,6 +7,7 @@ parametrized over the store).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -161,18 +162,19 @@ def test_an_unreachable_server_is_one_paragraph_and_a_failed_first_build_leaves_
     assert not (home / "indexes" / "docs").exists()
 
 
-@pytest.fixture
-def refusing_milvus() -> Iterator[str]:
-    """A fake Milvus that answers every call as a Milvus with authentication on answers a wrong or missing token
-    (gRPC UNAUTHENTICATED with its words, from Milvus's proxy): Milvus Lite has no authentication, so a real
-    server here cannot be made to show this fault. Yields its ``milvus://127.0.0.1:PORT``."""
+@contextlib.contextmanager
+def refusing_milvus(status: str, words: str) -> Iterator[str]:
+    """A fake Milvus that answers every call with gRPC ``status`` and ``words``, as an auth-enabled Milvus's proxy
+    answers a wrong or missing token (UNAUTHENTICATED) or a user without rights (PERMISSION_DENIED): Milvus Lite
+    has no authentication, so a real server here cannot be made to show these faults. Yields its
+    ``milvus://127.0.0.1:PORT``."""
     pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'sage-magic[milvus]')")
     import grpc  # pymilvus's own transport
 
     class Refuse(grpc.GenericRpcHandler):
         def service(self, handler_call_details: Any) -> Any:
             def refuse(request: bytes, context: Any) -> None:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "auth check failure, please check api key is correct")
+                context.abort(getattr(grpc.StatusCode, status), words)
 
             return grpc.unary_unary_rpc_method_handler(refuse)
 
@@ -180,21 +182,30 @@ def refusing_milvus() -> Iterator[str]:
     server.add_generic_rpc_handlers((Refuse(),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield f"milvus://127.0.0.1:{port}"
-    server.stop(0)
+    try:
+        yield f"milvus://127.0.0.1:{port}"
+    finally:
+        server.stop(0)
 
 
-@pytest.mark.parametrize("token", ["not-the-right-token-4f2a", None])
-def test_a_refused_token_is_one_paragraph_about_the_token_and_nothing_is_embedded(
-        tmp_path: Path, refusing_milvus: str, token: str | None) -> None:
+@pytest.mark.parametrize("status, words, token, says", [
+    ("UNAUTHENTICATED", "auth check failure, please check api key is correct", "not-the-right-token-4f2a",
+     "refused the token in $MILVUS_TOKEN"),
+    ("UNAUTHENTICATED", "auth check failure, please check api key is correct", "",
+     "asks for credentials and $MILVUS_TOKEN is not set"),
+    ("PERMISSION_DENIED", "PrivilegeInsert: permission deny to alice", "alice:secret-pw-4f2a",
+     "let the user of $MILVUS_TOKEN in but not store chunks"),
+])
+def test_a_refused_token_or_user_is_one_paragraph_saying_which_and_nothing_is_embedded(
+        tmp_path: Path, status: str, words: str, token: str, says: str) -> None:
     home = tmp_path / "home"
-    done = sage(home, "index", "add", "docs", str(DOCS), "--store", refusing_milvus,
-                env={"MILVUS_TOKEN": token} if token else {"MILVUS_TOKEN": ""})
+    with refusing_milvus(status, words) as uri:
+        done = sage(home, "index", "add", "docs", str(DOCS), "--store", uri, env={"MILVUS_TOKEN": token})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     said = " ".join(done.stderr.split())
-    assert f"The Milvus server at {refusing_milvus}" in said and "auth check failure" in said
-    assert ("refused the token in $MILVUS_TOKEN" if token else "$MILVUS_TOKEN is not set") in said
-    assert "--store-token-env VAR" in said and "Cannot reach" not in said
+    assert f"The Milvus server at {uri} {says}" in said and words in said and "Cannot reach" not in said
+    if status == "UNAUTHENTICATED":
+        assert "--store-token-env VAR" in said  # how to name another variable
     if token:
         assert token not in done.stderr + done.stdout  # the secret is named by its variable, never shown
     assert "embed:" not in done.stderr  # said before any embedding
